@@ -1,0 +1,8 @@
+//! multiclip: multimodal, multi-label classification on frozen vision-language backbones.
+//!
+//! Data flows one way: [`data`] -> [`backbone`] -> cache -> heads/train -> metrics -> predict.
+//! Stage 1 (`extract`) runs a frozen backbone once and writes a memory-mapped cache; stage 2
+//! trains small heads on that cache many times. The CLI (`src/main.rs`) is a thin layer on top.
+
+pub mod backbone;
+pub mod data;

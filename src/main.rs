@@ -1,0 +1,26 @@
+//! The `multiclip` command line: parse, call the library, print. Each command's arguments and
+//! runner live in `src/cli/<command>.rs`.
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// Multimodal, multi-label classification on frozen vision-language backbones.
+///
+/// Stage 1 (`extract`) runs a frozen backbone once and caches embeddings; stage 2 (`train`,
+/// `evaluate`, `predict`) trains light heads on the cache, many times, on any small machine.
+#[derive(Parser)]
+#[command(name = "multiclip", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {}
+
+fn main() -> anyhow::Result<()> {
+    cli::init_logging();
+    let cli = Cli::parse();
+    match cli.command {}
+}
