@@ -5,4 +5,5 @@
 //! trains small heads on that cache many times. The CLI (`src/main.rs`) is a thin layer on top.
 
 pub mod backbone;
+pub mod cache;
 pub mod data;
