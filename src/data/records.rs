@@ -52,6 +52,15 @@ pub enum CsvSyntax {
     Records,
 }
 
+impl std::fmt::Display for CsvSyntax {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CsvSyntax::Rfc4180 => "RFC-4180 csv",
+            CsvSyntax::Records => "raw competition records",
+        })
+    }
+}
+
 /// Everything read from one csv file.
 #[derive(Clone, Debug)]
 pub struct CsvContents {
