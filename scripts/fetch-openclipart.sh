@@ -21,7 +21,7 @@ for arg in "$@"; do
   case "$arg" in
     --demo) modes+=(demo) ;;
     --full) modes+=(full) ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (expected --demo and/or --full)" >&2; exit 2 ;;
   esac
 done
