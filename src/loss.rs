@@ -160,36 +160,43 @@ impl Loss {
         })
     }
 
-    /// Checks the hyper-parameters' ranges.
+    /// Checks the hyper-parameters' ranges (NaN and infinities are rejected too).
     pub fn validate(&self) -> std::result::Result<(), LossSpecError> {
-        let kind = self.kind();
-        let fail = |message| Err(LossSpecError::OutOfRange { kind, message });
-        match *self {
-            Loss::Bce | Loss::Zlpr => Ok(()),
-            Loss::Smoothing { epsilon } if !(0.0..=1.0).contains(&epsilon) => {
-                fail("epsilon must be in [0, 1]")
+        let non_negative = |x: f64| (0.0..f64::INFINITY).contains(&x);
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        let (valid, message) = match *self {
+            Loss::Bce | Loss::Zlpr => (true, ""),
+            Loss::Smoothing { epsilon } => {
+                ((0.0..=1.0).contains(&epsilon), "epsilon must be in [0, 1]")
             }
-            Loss::Focal { alpha, gamma } if !(0.0..=1.0).contains(&alpha) || !(gamma >= 0.0) => {
-                fail("alpha must be in [0, 1] and gamma >= 0")
-            }
-            Loss::Margin { scale, margin }
-                if !(scale > 0.0) || !(0.0..f64::INFINITY).contains(&margin) =>
-            {
-                fail("scale must be > 0 and margin >= 0")
-            }
-            Loss::Angular { scale, margin }
-                if !(scale > 0.0) || !(0.0..PI / 2.0).contains(&margin) =>
-            {
-                fail("scale must be > 0 and margin (radians) in [0, pi/2)")
-            }
+            Loss::Focal { alpha, gamma } => (
+                (0.0..=1.0).contains(&alpha) && non_negative(gamma),
+                "alpha must be in [0, 1] and gamma >= 0",
+            ),
+            Loss::Margin { scale, margin } => (
+                positive(scale) && non_negative(margin),
+                "scale must be > 0 and margin >= 0",
+            ),
+            Loss::Angular { scale, margin } => (
+                positive(scale) && (0.0..PI / 2.0).contains(&margin),
+                "scale must be > 0 and margin (radians) in [0, pi/2)",
+            ),
             Loss::Asl {
                 gamma_neg,
                 gamma_pos,
                 clip,
-            } if !(gamma_neg >= 0.0) || !(gamma_pos >= 0.0) || !(0.0..1.0).contains(&clip) => {
-                fail("gammas must be >= 0 and clip in [0, 1)")
-            }
-            _ => Ok(()),
+            } => (
+                non_negative(gamma_neg) && non_negative(gamma_pos) && (0.0..1.0).contains(&clip),
+                "gammas must be >= 0 and clip in [0, 1)",
+            ),
+        };
+        if valid {
+            Ok(())
+        } else {
+            Err(LossSpecError::OutOfRange {
+                kind: self.kind(),
+                message,
+            })
         }
     }
 
