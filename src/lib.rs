@@ -8,3 +8,4 @@ pub mod backbone;
 pub mod data;
 pub mod loss;
 pub mod heads;
+pub mod report;
