@@ -6,3 +6,4 @@
 
 pub mod backbone;
 pub mod data;
+pub mod train;
