@@ -33,17 +33,6 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Whether a parameter gets weight decay: not biases, not normalisation gains/shifts, not any
-/// other vector-shaped parameter (rank <= 1). Matrices and larger tensors are decayed.
-pub fn is_decayed(name: &str, var: &Var) -> bool {
-    let leaf = name.rsplit('.').next().unwrap_or(name);
-    let is_norm = name.split('.').any(|part| {
-        let part = part.to_ascii_lowercase();
-        part.contains("norm") || part.starts_with("ln")
-    });
-    var.rank() > 1 && leaf != "bias" && !is_norm
-}
-
 /// Adam's running moments of one parameter.
 enum Moments {
     /// f32 parameters on the CPU: plain vectors, updated in the fused in-place pass.
@@ -76,8 +65,13 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// One parameter group per decay rule ([`is_decayed`]); `vars` are (name, variable) pairs.
-    pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+    /// `vars` are (name, variable) pairs; those for which `exempt_from_decay(name)` holds (biases,
+    /// norms: see `heads::exempt_from_weight_decay`) form the group without weight decay.
+    pub fn new(
+        vars: Vec<(String, Var)>,
+        config: AdamWConfig,
+        exempt_from_decay: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
         let mut params = Vec::with_capacity(vars.len());
         for (name, var) in vars {
             anyhow::ensure!(
@@ -98,7 +92,7 @@ impl AdamW {
                 }
             };
             params.push(Param {
-                decayed: is_decayed(&name, &var),
+                decayed: !exempt_from_decay(&name),
                 name,
                 var,
                 moments,
@@ -297,6 +291,10 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn exempt(name: &str) -> bool {
+        name.ends_with("bias") || name.contains("norm")
+    }
+
     fn var(values: &[f32], shape: &[usize]) -> Var {
         Var::from_tensor(&Tensor::from_slice(values, shape, &Device::Cpu).unwrap()).unwrap()
     }
@@ -323,6 +321,7 @@ mod tests {
                 ("decoder.norm1.weight".into(), norm),
             ],
             AdamWConfig::default(),
+            exempt,
         )
         .unwrap();
         let (decayed, exempt) = opt.groups();
@@ -341,6 +340,7 @@ mod tests {
                 weight_decay: 0.5,
                 ..AdamWConfig::default()
             },
+            exempt,
         )
         .unwrap();
         let mut grads = GradStore::default();
@@ -373,6 +373,7 @@ mod tests {
                 weight_decay: 0.0,
                 ..AdamWConfig::default()
             },
+            exempt,
         )
         .unwrap();
         let grads = quadratic_grads(&[&w]);
@@ -396,8 +397,8 @@ mod tests {
         let fast = var(&values, &[5, 8]);
         let slow = Var::from_tensor(&fast.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
         let config = AdamWConfig::default();
-        let mut fast_opt = AdamW::new(vec![("w".into(), fast.clone())], config).unwrap();
-        let mut slow_opt = AdamW::new(vec![("w".into(), slow.clone())], config).unwrap();
+        let mut fast_opt = AdamW::new(vec![("w".into(), fast.clone())], config, exempt).unwrap();
+        let mut slow_opt = AdamW::new(vec![("w".into(), slow.clone())], config, exempt).unwrap();
         for step in 0..5 {
             let lr = 0.05 / (step + 1) as f64;
             fast_opt
@@ -429,6 +430,7 @@ mod tests {
         let mut opt = AdamW::new(
             vec![("a".into(), a.clone()), ("b".into(), b.clone())],
             AdamWConfig::default(),
+            exempt,
         )
         .unwrap();
         let grads = quadratic_grads(&[&a, &b]);
@@ -449,7 +451,12 @@ mod tests {
     #[test]
     fn non_finite_gradients_are_an_error() {
         let w = var(&[f32::INFINITY, 1.0], &[1, 2]);
-        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
+        let mut opt = AdamW::new(
+            vec![("w".into(), w.clone())],
+            AdamWConfig::default(),
+            exempt,
+        )
+        .unwrap();
         assert!(opt.step(&quadratic_grads(&[&w]), 0.1, None).is_err());
     }
 }
