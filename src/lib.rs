@@ -9,3 +9,4 @@ pub mod data;
 pub mod loss;
 pub mod heads;
 pub mod report;
+pub mod train;
