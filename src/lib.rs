@@ -7,3 +7,4 @@
 pub mod backbone;
 pub mod data;
 pub mod loss;
+pub mod metrics;
