@@ -266,3 +266,246 @@ pub fn apply_thresholds(scores: &[f32], thresholds: &[f32], at_least_one: bool) 
         .map(<[bool]>::to_vec)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{averages, label_counts};
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Noisy validation data: label j is positive with probability (j + 1) / (2 labels) and its
+    /// score is a sigmoid of a shifted normal-ish variable, rounded to 2 decimals half the time
+    /// (ties). The last label has no positives.
+    fn validation(seed: u64, rows: usize, labels: usize) -> (Vec<f32>, Vec<bool>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (mut scores, mut targets) = (Vec::new(), Vec::new());
+        for _ in 0..rows {
+            for j in 0..labels {
+                let positive =
+                    j + 1 < labels && rng.random_bool((j + 1) as f64 / (2 * labels) as f64);
+                let noise: f32 = (0..3).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 3.0;
+                let shift = if positive { 1.0 } else { -1.0 };
+                let mut score = 1.0 / (1.0 + (-(noise + shift)).exp());
+                if rng.random_bool(0.5) {
+                    score = (score * 100.0).round() / 100.0;
+                }
+                scores.push(score);
+                targets.push(positive);
+            }
+        }
+        (scores, targets)
+    }
+
+    fn label_f1(scores: &[f32], targets: &[bool], labels: usize, thresholds: &[f32]) -> Vec<f64> {
+        let predictions = apply_thresholds_flat(scores, thresholds, false);
+        label_counts(&predictions, targets, labels)
+            .iter()
+            .map(|c| c.prf().f1)
+            .collect()
+    }
+
+    fn micro_f1(scores: &[f32], targets: &[bool], labels: usize, thresholds: &[f32]) -> f64 {
+        averages(
+            &apply_thresholds_flat(scores, thresholds, false),
+            targets,
+            labels,
+        )
+        .micro
+        .f1
+    }
+
+    #[test]
+    fn label_f1_tuning_is_the_exact_optimum() {
+        let labels = 4;
+        let (scores, targets) = validation(1, 300, labels);
+        let tuned = tune_thresholds(&scores, &targets, labels, TuneObjective::LabelF1);
+        let tuned_f1 = label_f1(&scores, &targets, labels, &tuned);
+        for j in 0..labels - 1 {
+            // Brute force: every distinct score as a `>=` threshold, plus "predict nothing".
+            let col = column(&scores, labels, j);
+            let mut candidates: Vec<f32> = col.clone();
+            candidates.push(1.0);
+            let best = candidates
+                .iter()
+                .map(|&t| {
+                    let mut thresholds = tuned.clone();
+                    thresholds[j] = t;
+                    label_f1(&scores, &targets, labels, &thresholds)[j]
+                })
+                .fold(0.0, f64::max);
+            assert_eq!(tuned_f1[j], best, "label {j}");
+        }
+    }
+
+    #[test]
+    fn tuning_beats_one_half_on_validation() {
+        for seed in 0..8 {
+            let labels = 5;
+            let (scores, targets) = validation(seed, 200, labels);
+            let half = vec![0.5; labels];
+            let per_label = tune_thresholds(&scores, &targets, labels, TuneObjective::LabelF1);
+            let at_half = label_f1(&scores, &targets, labels, &half);
+            let tuned = label_f1(&scores, &targets, labels, &per_label);
+            for j in 0..labels {
+                assert!(tuned[j] >= at_half[j], "seed {seed} label {j}");
+            }
+            let micro = tune_thresholds(&scores, &targets, labels, TuneObjective::default());
+            let micro_tuned = micro_f1(&scores, &targets, labels, &micro);
+            assert!(
+                micro_tuned >= micro_f1(&scores, &targets, labels, &half),
+                "seed {seed}"
+            );
+            assert!(
+                micro_tuned >= micro_f1(&scores, &targets, labels, &per_label),
+                "seed {seed}"
+            );
+        }
+    }
+
+    #[test]
+    fn thresholds_lie_in_the_open_unit_interval() {
+        let labels = 3;
+        let (mut scores, targets) = validation(3, 100, labels);
+        // Saturated probabilities at both ends.
+        scores[0] = 0.0;
+        scores[1] = 1.0;
+        scores[5] = 1.0;
+        for objective in [TuneObjective::LabelF1, TuneObjective::default()] {
+            for t in tune_thresholds(&scores, &targets, labels, objective) {
+                assert!(t > 0.0 && t < 1.0, "{t}");
+            }
+        }
+        let all_zero = tune_thresholds(
+            &[0.0; 6],
+            &[true, false, true, false, true, false],
+            2,
+            TuneObjective::default(),
+        );
+        assert!(all_zero.iter().all(|&t| t > 0.0 && t < 1.0), "{all_zero:?}");
+        let empty: Vec<bool> = Vec::new();
+        assert_eq!(
+            tune_thresholds(&[], &empty, 2, TuneObjective::default()),
+            vec![0.5; 2]
+        );
+    }
+
+    #[test]
+    fn labels_without_positives_fall_back_to_the_best_shared_threshold() {
+        let labels = 4;
+        let (scores, targets) = validation(4, 200, labels);
+        let tuned = tune_thresholds(&scores, &targets, labels, TuneObjective::default());
+        // The best single threshold for all labels, by brute force over every score.
+        let best_shared = scores
+            .iter()
+            .map(|&t| (micro_f1(&scores, &targets, labels, &[t; 4]), t))
+            .fold((0.0, 0.0), |best, candidate| {
+                if candidate.0 > best.0 {
+                    candidate
+                } else {
+                    best
+                }
+            });
+        let fallback = tuned[labels - 1];
+        assert_eq!(
+            micro_f1(&scores, &targets, labels, &[fallback; 4]),
+            best_shared.0
+        );
+    }
+
+    #[test]
+    fn tuning_is_deterministic_and_ignores_row_order() {
+        let labels = 4;
+        let (scores, targets) = validation(5, 150, labels);
+        let first = tune_thresholds(&scores, &targets, labels, TuneObjective::default());
+        assert_eq!(
+            first,
+            tune_thresholds(&scores, &targets, labels, TuneObjective::default())
+        );
+        let reversed_rows =
+            |m: &[f32]| -> Vec<f32> { m.chunks(labels).rev().flatten().copied().collect() };
+        let reversed_targets: Vec<bool> = targets.chunks(labels).rev().flatten().copied().collect();
+        assert_eq!(
+            first,
+            tune_thresholds(
+                &reversed_rows(&scores),
+                &reversed_targets,
+                labels,
+                TuneObjective::default()
+            )
+        );
+        // f32 and u8 targets mean the same.
+        let as_f32: Vec<f32> = targets.iter().map(|&t| f32::from(u8::from(t))).collect();
+        assert_eq!(
+            first,
+            tune_thresholds(&scores, &as_f32, labels, TuneObjective::default())
+        );
+    }
+
+    /// The tuned threshold of one label, checked against an expected midpoint.
+    fn assert_single_threshold(scores: &[f32], targets: &[bool], expected: f32) {
+        let t = tune_thresholds(scores, targets, 1, TuneObjective::LabelF1);
+        assert!(
+            (t[0] - expected).abs() < 1e-6,
+            "got {t:?}, expected {expected}"
+        );
+    }
+
+    #[test]
+    fn candidates_are_midpoints_and_ties_prefer_one_half() {
+        // Scores 0.2 (+), 0.9 (+): predicting both (F1 1) needs a threshold in (0, 0.2]: 0.1.
+        assert_single_threshold(&[0.2, 0.9], &[true, true], 0.1);
+        // 0.1 (+), 0.95 (-), 0.9 (+), 0.05 (-), P = 2, F1 = 2 tp / (predicted + 2):
+        // t 0.975 -> 0; 0.925 -> {0.95}: 0; 0.5 -> {0.95, 0.9}: 2/4; 0.075 -> +0.1: 4/5;
+        // 0.025 -> all: 4/6. Best 0.075.
+        assert_single_threshold(&[0.1, 0.95, 0.9, 0.05], &[true, false, true, false], 0.075);
+        // A tie: 0.9 (+), 0.4 (-), 0.3 (-), 0.2 (+): t 0.65 -> {0.9}: 2/3; t 0.1 -> all: 4/6 = 2/3.
+        // 0.65 is closer to 0.5.
+        assert_single_threshold(&[0.9, 0.4, 0.3, 0.2], &[true, false, false, true], 0.65);
+        // The mirror tie: 0.99 (+), 0.9 (-), 0.85 (-), 0.4 (+), 0.05 (-): t 0.945 -> 2/3;
+        // t 0.225 -> {0.99, 0.9, 0.85, 0.4}: 4/6. 0.225 is closer to 0.5.
+        assert_single_threshold(
+            &[0.99, 0.9, 0.85, 0.4, 0.05],
+            &[true, false, false, true, false],
+            0.225,
+        );
+    }
+
+    #[test]
+    fn midpoints_separate_adjacent_floats() {
+        let low = 0.3f32;
+        let high = f32::from_bits(low.to_bits() + 1);
+        // Only `high` is positive: the threshold must predict it and not `low`.
+        let t = tune_thresholds(&[low, high], &[false, true], 1, TuneObjective::LabelF1);
+        assert!(t[0] > low && t[0] <= high, "{t:?}");
+    }
+
+    #[test]
+    fn at_least_one_label_per_sample() {
+        let scores = [0.2, 0.45, 0.1, 0.9, 0.1, 0.3, 0.05, 0.3, 0.25];
+        let thresholds = [0.5, 0.5, 0.2];
+        let strict = apply_thresholds(&scores, &thresholds, false);
+        assert_eq!(
+            strict,
+            vec![
+                vec![false, false, false],
+                vec![true, false, true],
+                vec![false, false, true]
+            ]
+        );
+        // Row 0: margins -0.3, -0.05, -0.1 -> label 1 (closest to its threshold, not the highest
+        // ratio: 0.1 / 0.2 = 0.5 < 0.45 / 0.5 = 0.9 agrees here, 0.2 / 0.5 = 0.4 does not).
+        let lenient = apply_thresholds(&scores, &thresholds, true);
+        assert_eq!(lenient[0], vec![false, true, false]);
+        assert_eq!(lenient[1..], strict[1..]);
+        // Ties go to the first label.
+        assert_eq!(
+            apply_thresholds(&[0.1, 0.1], &[0.5, 0.5], true),
+            vec![vec![true, false]]
+        );
+        assert_eq!(
+            apply_thresholds(&[], &[0.5, 0.5], true),
+            Vec::<Vec<bool>>::new()
+        );
+    }
+}
