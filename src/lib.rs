@@ -10,3 +10,4 @@ pub mod heads;
 pub mod loss;
 pub mod report;
 pub mod train;
+pub mod metrics;
