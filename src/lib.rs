@@ -6,3 +6,7 @@
 
 pub mod backbone;
 pub mod data;
+pub mod loss;
+pub mod heads;
+pub mod report;
+pub mod train;
