@@ -6,4 +6,5 @@
 
 pub mod backbone;
 pub mod data;
+pub mod pipeline;
 pub mod report;
