@@ -7,4 +7,7 @@
 pub mod backbone;
 pub mod data;
 pub mod loss;
+pub mod heads;
 pub mod metrics;
+pub mod report;
+pub mod train;

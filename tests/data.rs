@@ -1,0 +1,366 @@
+//! Integration tests of the data layer (`multiclip::data`) and the `multiclip dataset` command.
+//! Fixtures: tests/fixtures/data/ (made by make_fixtures.py there).
+
+use std::path::{Path, PathBuf};
+
+use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, RgbImage, Rgba, RgbaImage};
+use multiclip::data::image::{DEFAULT_MAX_PIXELS, ImageLoadError, image_dimensions, load_rgb};
+use multiclip::data::records::{CsvSyntax, read_csv};
+use multiclip::data::{Dataset, Part, Record};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")
+}
+
+/// The rows every reader must return, from expected.json.
+fn expected(part: Part) -> Vec<Record> {
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    let mut all: std::collections::HashMap<String, Vec<Record>> =
+        serde_json::from_str(&text).unwrap();
+    all.remove(part.name()).unwrap()
+}
+
+#[test]
+fn quirky_competition_csv_is_read_exactly() {
+    for part in Part::ALL {
+        let path = fixtures().join(format!("quirky/{part}.csv"));
+        let contents = read_csv(&path).unwrap();
+        assert_eq!(contents.syntax, CsvSyntax::Records, "{part}");
+        let want = expected(part);
+        assert_eq!(contents.records.len(), want.len(), "{part}: record count");
+        for (got, want) in contents.records.iter().zip(&want) {
+            assert_eq!(got, want);
+        }
+        assert!(
+            contents
+                .problems
+                .iter()
+                .any(|p| p.message.contains("unescaped double quote"))
+        );
+    }
+}
+
+#[test]
+fn quirky_problems_name_their_lines() {
+    let contents = read_csv(&fixtures().join("quirky/train.csv")).unwrap();
+    let lines_with = |needle: &str| -> Vec<usize> {
+        contents
+            .problems
+            .iter()
+            .filter(|p| p.message.contains(needle))
+            .map(|p| p.line)
+            .collect()
+    };
+    // First non-RFC row: `1.jpg` on line 3.
+    assert_eq!(lines_with("RFC-4180"), [3]);
+    assert_eq!(lines_with("spans"), [5, 26]);
+    assert_eq!(lines_with("unescaped"), [3, 4, 22, 24, 25, 26]);
+}
+
+#[test]
+fn rfc4180_csv_gives_the_same_records() {
+    for part in Part::ALL {
+        let path = fixtures().join(format!("rfc4180/{part}.csv"));
+        let contents = read_csv(&path).unwrap();
+        assert_eq!(contents.syntax, CsvSyntax::Rfc4180, "{part}");
+        assert_eq!(contents.records, expected(part), "{part}");
+        assert!(contents.problems.is_empty(), "{:?}", contents.problems);
+    }
+}
+
+#[test]
+fn label_order_and_gaps_are_kept_as_written() {
+    let records = read_csv(&fixtures().join("quirky/train.csv"))
+        .unwrap()
+        .records;
+    let labels = |id: &str| {
+        records
+            .iter()
+            .find(|r| r.id == id)
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(labels("1.jpg"), ["3", "1"]);
+    assert_eq!(labels("2.jpg"), ["19", "2", "13"]);
+    assert!(
+        records
+            .iter()
+            .all(|r| !r.labels.as_ref().unwrap().contains(&"12".into()))
+    );
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn error_of(dir: &Path, text: &str) -> String {
+    let path = write(dir, "train.csv", text);
+    format!("{:#}", read_csv(&path).unwrap_err())
+}
+
+#[test]
+fn rows_without_id_or_caption_are_errors_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let quirky = "ImageID,Labels,Caption\n0.jpg,1,\"a \"b\" c\"\n";
+    for (text, line, what) in [
+        (format!("{quirky},2,\"no id\"\n"), 3, "no image id"),
+        (format!("{quirky}1.jpg,2\n"), 3, "no caption"),
+        (format!("{quirky}1.jpg,2,\"\"\n"), 3, "no caption"),
+        (
+            format!("{quirky}1.jpg,2,\"x\"\nfoo,2,\"y\"\n"),
+            4,
+            "not an image file name",
+        ),
+        (
+            "ImageID,Labels,Caption\n0.jpg,1,a\n,2,b\n".into(),
+            3,
+            "no image id",
+        ),
+        (
+            "ImageID,Labels,Caption\n0.jpg,1,a\n1.jpg,2,\n".into(),
+            3,
+            "no caption",
+        ),
+        ("ImageID,Caption\n0.jpg,a\n1.jpg\n".into(), 3, "no caption"),
+    ] {
+        let msg = error_of(dir.path(), &text);
+        assert!(msg.contains(&format!("line {line}")), "{text:?}: {msg}");
+        assert!(msg.contains(what), "{text:?}: {msg}");
+        assert!(msg.contains("train.csv"), "{text:?}: {msg}");
+    }
+}
+
+#[test]
+fn duplicate_ids_are_an_error_naming_both_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = error_of(
+        dir.path(),
+        "ImageID,Labels,Caption\n0.jpg,1,\"a\"\n1.jpg,1,\"b \"q\"\"\n0.jpg,2,\"c\"\n",
+    );
+    assert!(
+        msg.contains("`0.jpg` appears twice: on line 2 and on line 4"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn dataset_layout() {
+    let ds = Dataset::open(fixtures().join("quirky")).unwrap();
+    assert_eq!(ds.parts(), [Part::Train, Part::Test]);
+    assert_eq!(ds.records(Part::Train).unwrap(), expected(Part::Train));
+    assert_eq!(ds.records(Part::Test).unwrap(), expected(Part::Test));
+    assert_eq!(
+        ds.image_path("science/scale_01.png"),
+        fixtures().join("quirky/data/science/scale_01.png")
+    );
+    assert_eq!(ds.csv_path(Part::Test), fixtures().join("quirky/test.csv"));
+
+    let empty = tempfile::tempdir().unwrap();
+    let msg = format!("{:#}", Dataset::open(empty.path()).unwrap_err());
+    assert!(msg.contains("neither train.csv nor test.csv"), "{msg}");
+    write(empty.path(), "test.csv", "ImageID,Caption\n1.jpg,x\n");
+    let ds = Dataset::open(empty.path()).unwrap();
+    assert_eq!(ds.parts(), [Part::Test]);
+    let msg = format!("{:#}", ds.records(Part::Train).unwrap_err());
+    assert!(msg.contains("train.csv does not exist"), "{msg}");
+}
+
+// ---- images ----
+
+fn save(dir: &Path, name: &str, img: impl Into<image::DynamicImage>) -> PathBuf {
+    let path = dir.join(name);
+    img.into().save(&path).unwrap();
+    path
+}
+
+#[test]
+fn decodes_every_color_layout_to_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let load = |p: &Path| load_rgb(p, DEFAULT_MAX_PIXELS).unwrap();
+
+    let rgb = RgbImage::from_fn(4, 3, |x, y| Rgb([x as u8 * 60, y as u8 * 100, 7]));
+    assert_eq!(load(&save(d, "rgb.png", rgb.clone())), rgb);
+
+    let gray = GrayImage::from_fn(4, 3, |x, _| Luma([x as u8 * 80]));
+    assert_eq!(load(&save(d, "gray.png", gray)).get_pixel(3, 0).0, [240; 3]);
+
+    let rgba = RgbaImage::from_fn(2, 1, |x, _| Rgba([0, 0, 0, if x == 0 { 0 } else { 255 }]));
+    let out = load(&save(d, "rgba.png", rgba));
+    assert_eq!(out.get_pixel(0, 0).0, [255; 3], "transparent -> white");
+    assert_eq!(out.get_pixel(1, 0).0, [0; 3]);
+
+    let la: ImageBuffer<LumaA<u8>, _> = ImageBuffer::from_pixel(1, 1, LumaA([0, 51]));
+    // 255 * (255 - 51) / 255 = 204
+    assert_eq!(load(&save(d, "la.png", la)).get_pixel(0, 0).0, [204; 3]);
+
+    let gray16: ImageBuffer<Luma<u16>, _> =
+        ImageBuffer::from_fn(3, 1, |x, _| Luma([[0, 32896, 65535][x as usize]]));
+    let out = load(&save(d, "gray16.png", gray16));
+    // round(32896 * 255 / 65535) = 128
+    assert_eq!(out.get_pixel(1, 0).0, [128; 3]);
+    assert_eq!(out.get_pixel(2, 0).0, [255; 3]);
+
+    let rgb16: ImageBuffer<Rgb<u16>, _> = ImageBuffer::from_pixel(2, 2, Rgb([65535, 257, 0]));
+    assert_eq!(
+        load(&save(d, "rgb16.png", rgb16)).get_pixel(1, 1).0,
+        [255, 1, 0]
+    );
+
+    let jpeg = RgbImage::from_pixel(16, 16, Rgb([200, 30, 30]));
+    let out = load(&save(d, "rgb.jpg", jpeg));
+    assert_eq!(out.dimensions(), (16, 16));
+    assert!(
+        out.get_pixel(8, 8)
+            .0
+            .iter()
+            .zip([200, 30, 30])
+            .all(|(&a, b)| a.abs_diff(b) <= 4)
+    );
+
+    let gray_jpeg = GrayImage::from_pixel(8, 8, Luma([90]));
+    let out = load(&save(d, "gray.jpg", gray_jpeg));
+    assert!(out.get_pixel(4, 4).0.iter().all(|&v| v.abs_diff(90) <= 2));
+}
+
+/// A palette PNG with a transparent entry (tRNS), written with the png crate.
+#[test]
+fn decodes_palette_png_with_transparency() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("palette.png");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), 3, 1);
+    encoder.set_color(png::ColorType::Indexed);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_palette(vec![255, 0, 0, 0, 0, 255, 9, 9, 9]);
+    encoder.set_trns(vec![255, 255, 0]);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(&[0, 1, 2]).unwrap();
+    writer.finish().unwrap();
+    let out = load_rgb(&path, DEFAULT_MAX_PIXELS).unwrap();
+    assert_eq!(out.get_pixel(0, 0).0, [255, 0, 0]);
+    assert_eq!(out.get_pixel(1, 0).0, [0, 0, 255]);
+    assert_eq!(
+        out.get_pixel(2, 0).0,
+        [255, 255, 255],
+        "transparent entry -> white"
+    );
+}
+
+#[test]
+fn decodes_cmyk_jpeg() {
+    // 16x8, left half CMYK (0, 255, 255, 0) = red, right half no ink = white (made with Pillow).
+    let out = load_rgb(&fixtures().join("cmyk.jpg"), DEFAULT_MAX_PIXELS).unwrap();
+    assert_eq!(out.dimensions(), (16, 8));
+    let near = |p: [u8; 3], q: [u8; 3]| p.iter().zip(q).all(|(&a, b)| a.abs_diff(b) <= 6);
+    assert!(
+        near(out.get_pixel(2, 2).0, [255, 0, 0]),
+        "{:?}",
+        out.get_pixel(2, 2)
+    );
+    assert!(
+        near(out.get_pixel(13, 5).0, [255, 255, 255]),
+        "{:?}",
+        out.get_pixel(13, 5)
+    );
+}
+
+/// PNG bytes with a valid IHDR for `width x height` and then the start of an IDAT chunk that is
+/// cut off: a header that decoders read, with no pixel data.
+fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    bytes.extend(13u32.to_be_bytes());
+    bytes.extend(&ihdr);
+    bytes.extend(crc32fast::hash(&ihdr).to_be_bytes());
+    bytes.extend(1000u32.to_be_bytes());
+    bytes.extend(b"IDAT\x78\x9c");
+    bytes
+}
+
+#[test]
+fn image_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    let missing = d.join("missing.png");
+    let err = load_rgb(&missing, DEFAULT_MAX_PIXELS).unwrap_err();
+    assert!(matches!(err, ImageLoadError::Missing { .. }), "{err}");
+    assert_eq!(err.path(), missing);
+
+    let text = write(d, "notes.jpg", "this is not an image\n");
+    let err = load_rgb(&text, DEFAULT_MAX_PIXELS).unwrap_err();
+    assert!(matches!(err, ImageLoadError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("notes.jpg"), "{err}");
+
+    for (name, img) in [
+        (
+            "cut.png",
+            image::DynamicImage::from(RgbImage::from_fn(64, 64, |x, y| Rgb([x as u8, y as u8, 3]))),
+        ),
+        (
+            "cut.jpg",
+            RgbImage::from_fn(64, 64, |x, y| Rgb([x as u8 * 3, y as u8, 3])).into(),
+        ),
+    ] {
+        let path = save(d, name, img);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = load_rgb(&path, DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(
+            matches!(err, ImageLoadError::Corrupt { .. }),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains(name), "{err}");
+    }
+
+    // 20000 x 30000 with no pixel data: refused from the header, before any decoding.
+    let huge = d.join("huge.png");
+    std::fs::write(&huge, png_header_only(20_000, 30_000)).unwrap();
+    let err = load_rgb(&huge, DEFAULT_MAX_PIXELS).unwrap_err();
+    match &err {
+        ImageLoadError::TooLarge {
+            width,
+            height,
+            limit,
+            ..
+        } => assert_eq!(
+            (*width, *height, *limit),
+            (20_000, 30_000, DEFAULT_MAX_PIXELS)
+        ),
+        other => panic!("expected TooLarge, got {other}"),
+    }
+    assert!(err.to_string().contains("huge.png"), "{err}");
+    assert!(matches!(
+        image_dimensions(&huge, DEFAULT_MAX_PIXELS),
+        Err(ImageLoadError::TooLarge { .. })
+    ));
+    assert_eq!(
+        image_dimensions(&huge, 600_000_000).unwrap(),
+        (20_000, 30_000)
+    );
+    // Under the limit, the header reads fine and decoding then finds the pixel data missing.
+    let empty = d.join("empty.png");
+    std::fs::write(&empty, png_header_only(300, 200)).unwrap();
+    assert_eq!(
+        image_dimensions(&empty, DEFAULT_MAX_PIXELS).unwrap(),
+        (300, 200)
+    );
+    let err = load_rgb(&empty, DEFAULT_MAX_PIXELS).unwrap_err();
+    assert!(matches!(err, ImageLoadError::Corrupt { .. }), "{err}");
+
+    // The limit is inclusive: exactly max_pixels loads.
+    let small = save(d, "small.png", RgbImage::new(10, 10));
+    assert!(load_rgb(&small, 100).is_ok());
+    assert!(matches!(
+        load_rgb(&small, 99),
+        Err(ImageLoadError::TooLarge { .. })
+    ));
+}
