@@ -6,8 +6,8 @@
 
 pub mod backbone;
 pub mod data;
-pub mod loss;
 pub mod heads;
+pub mod loss;
 pub mod metrics;
 pub mod report;
 pub mod train;
