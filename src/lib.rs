@@ -8,7 +8,7 @@ pub mod backbone;
 pub mod data;
 pub mod heads;
 pub mod loss;
+pub mod metrics;
 pub mod pipeline;
 pub mod report;
 pub mod train;
-pub mod metrics;

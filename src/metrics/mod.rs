@@ -60,11 +60,7 @@ fn check_shape(left: usize, right: usize, labels: usize) {
 /// Asserts that `values` form whole rows of `labels`.
 fn check_rows(values: usize, labels: usize) {
     assert!(
-        if labels == 0 {
-            values == 0
-        } else {
-            values % labels == 0
-        },
+        values.is_multiple_of(labels),
         "{values} values do not form rows of {labels} labels"
     );
 }
