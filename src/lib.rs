@@ -7,3 +7,9 @@
 pub mod backbone;
 pub mod cache;
 pub mod data;
+pub mod heads;
+pub mod loss;
+pub mod metrics;
+pub mod pipeline;
+pub mod report;
+pub mod train;
