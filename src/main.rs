@@ -20,6 +20,10 @@ struct Cli {
 enum Command {
     /// Inspect a dataset folder, print its parsed records, or write its train/validation split.
     Dataset(cli::dataset::DatasetArgs),
+    /// Run a frozen backbone over a dataset and write the embedding cache (stage 1).
+    Extract(cli::extract::ExtractArgs),
+    /// Show, verify or merge an embedding cache.
+    Cache(cli::cache::CacheArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,5 +31,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Dataset(args) => cli::dataset::run(args),
+        Command::Extract(args) => cli::extract::run(args),
+        Command::Cache(args) => cli::cache::run(args),
     }
 }

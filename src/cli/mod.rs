@@ -1,6 +1,8 @@
 //! One module per `multiclip` command: its clap arguments and the function that runs it.
 
+pub mod cache;
 pub mod dataset;
+pub mod extract;
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` selects the level (default `info`).
 pub fn init_logging() {
