@@ -26,6 +26,8 @@ pub struct CacheWriter {
     done: BTreeMap<usize, ShardEntry>,
     reused: usize,
     written: usize,
+    /// `manifest.json` of this extraction already existed (the cache was complete or merged).
+    merged: bool,
 }
 
 impl CacheWriter {
@@ -45,7 +47,8 @@ impl CacheWriter {
         let mut known: BTreeMap<usize, ShardEntry> = BTreeMap::new();
         let mut recorded = Vec::new();
         let manifest_path = dir.join(MANIFEST_FILE);
-        if manifest_path.exists() {
+        let merged = manifest_path.exists();
+        if merged {
             recorded.push((manifest_path.clone(), Manifest::load(&manifest_path)?));
         }
         for part in list_parts(dir)? {
@@ -100,6 +103,7 @@ impl CacheWriter {
             done,
             reused,
             written: 0,
+            merged,
         })
     }
 
@@ -169,7 +173,8 @@ impl CacheWriter {
 
     /// Writes the index once all of this worker's shards are done: `manifest.json` for a single
     /// process (removing parts of an earlier multi-worker run of the same extraction), else
-    /// `parts/worker-I-of-N.json`. Returns the path written.
+    /// `parts/worker-I-of-N.json` (unless the cache is already merged and this worker rewrote
+    /// nothing: shards are deterministic, so the manifest stays valid). Returns the index path.
     pub fn finish(self) -> Result<PathBuf> {
         let pending = self.pending();
         if !pending.is_empty() {
@@ -185,6 +190,8 @@ impl CacheWriter {
             manifest.save(&path)?;
             remove_parts(&self.dir)?;
             Ok(path)
+        } else if self.merged && self.written == 0 {
+            Ok(self.dir.join(MANIFEST_FILE))
         } else {
             let parts = self.dir.join(PARTS_DIR);
             fs::create_dir_all(&parts)
