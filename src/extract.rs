@@ -175,6 +175,11 @@ pub struct ExtractSummary {
     /// Skipped rows of this worker's shards (including reused ones).
     pub skipped: Vec<SkippedRow>,
     pub elapsed: Duration,
+    /// Time the model thread spent in [`Backbone::forward`].
+    pub forward: Duration,
+    /// Time the model thread waited for decoded, prepared batches (the input pipeline was the
+    /// bottleneck for that long).
+    pub input_wait: Duration,
     /// `manifest.json` or this worker's part.
     pub index_file: PathBuf,
 }
@@ -247,6 +252,7 @@ pub fn extract(
     );
 
     let bar = progress_bar(pending_rows as u64, options.progress);
+    let (mut input_wait, mut forward) = (Duration::ZERO, Duration::ZERO);
     let (sender, receiver) =
         crossbeam_channel::bounded::<Result<PreparedWindow>>(options.prefetch.max(1));
     let (ranges_ref, pending_ref) = (&ranges, &pending);
@@ -273,7 +279,10 @@ pub fn extract(
         });
         let receiver = receiver; // Dropped on return, which unblocks the producer.
         let mut builder: Option<ShardBuilder> = None;
-        for item in &receiver {
+        loop {
+            let waiting = Instant::now();
+            let Ok(item) = receiver.recv() else { break };
+            input_wait += waiting.elapsed();
             let window = item?;
             let current = match builder.as_mut() {
                 Some(b) if b.index() == window.shard => b,
@@ -284,6 +293,7 @@ pub fn extract(
                 current.skip(skipped)?;
             }
             if let Some(prepared) = window.prepared {
+                let forward_start = Instant::now();
                 let outputs = backbone.forward(prepared).with_context(|| {
                     format!(
                         "backbone forward failed on rows {}..={} of shard {}",
@@ -292,6 +302,7 @@ pub fn extract(
                         window.shard
                     )
                 })?;
+                forward += forward_start.elapsed();
                 current.push(&window.rows, &outputs)?;
             }
             bar.inc(done as u64);
@@ -316,6 +327,8 @@ pub fn extract(
         rows_processed: pending_rows,
         skipped,
         elapsed: start.elapsed(),
+        forward,
+        input_wait,
         index_file,
     })
 }
