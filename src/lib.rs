@@ -6,7 +6,7 @@
 
 pub mod backbone;
 pub mod data;
-pub mod loss;
 pub mod heads;
+pub mod loss;
 pub mod report;
 pub mod train;
