@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, RgbImage, Rgba, RgbaImage};
 use multiclip::data::image::{DEFAULT_MAX_PIXELS, ImageLoadError, image_dimensions, load_rgb};
 use multiclip::data::records::{CsvSyntax, read_csv};
-use multiclip::data::{Dataset, Part, Record};
+use multiclip::data::{Dataset, LabelVocab, Part, Record, Split};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")
@@ -363,4 +363,161 @@ fn image_errors_name_the_file() {
         load_rgb(&small, 99),
         Err(ImageLoadError::TooLarge { .. })
     ));
+}
+
+// ---- vocabulary and split ----
+
+/// Synthetic competition-like rows: 18 integer labels (1..19 without 12), label 1 in ~76% of
+/// rows, a long tail, 1..=4 labels per row.
+fn synthetic_records(n: usize, seed: u64) -> Vec<Record> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let ids: Vec<u32> = (1..=19).filter(|&l| l != 12).collect();
+    (0..n)
+        .map(|i| {
+            let mut labels = Vec::new();
+            if rng.random_bool(0.76) {
+                labels.push("1".to_string());
+            }
+            while labels.is_empty() || (labels.len() < 4 && rng.random_bool(0.3)) {
+                // Geometric-ish tail: label k with weight ~ 1/k^1.5.
+                let k = loop {
+                    let k = rng.random_range(1..ids.len());
+                    if rng.random_bool(1.0 / (k as f64).powf(1.5)) {
+                        break k;
+                    }
+                };
+                let label = ids[k].to_string();
+                if !labels.contains(&label) {
+                    labels.push(label);
+                }
+            }
+            Record {
+                id: format!("{i}.jpg"),
+                labels: Some(labels),
+                caption: "c".into(),
+                line: i + 2,
+            }
+        })
+        .collect()
+}
+
+fn label_counts(records: &[Record], ids: &[String]) -> std::collections::HashMap<String, usize> {
+    let set: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut counts = std::collections::HashMap::new();
+    for r in records.iter().filter(|r| set.contains(r.id.as_str())) {
+        for l in r.labels.as_ref().unwrap() {
+            *counts.entry(l.clone()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn vocabulary_from_fixture_round_trips() {
+    let records = read_csv(&fixtures().join("quirky/train.csv"))
+        .unwrap()
+        .records;
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    let names: Vec<&str> = vocab.names().iter().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["1", "2", "3", "4", "5", "7", "10", "11", "13", "19"]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("labels.json");
+    vocab.save(&path).unwrap();
+    let loaded = LabelVocab::load(&path).unwrap();
+    assert_eq!(loaded, vocab);
+    for r in &records {
+        let hot = loaded.encode(r.labels.as_ref().unwrap()).unwrap();
+        let flags: Vec<bool> = hot.iter().map(|&v| v == 1.0).collect();
+        let mut want = r.labels.clone().unwrap();
+        want.sort_by_key(|l| vocab.index(l));
+        assert_eq!(loaded.decode(&flags), want);
+    }
+}
+
+#[test]
+fn split_is_deterministic_disjoint_complete_and_stratified() {
+    let records = synthetic_records(6000, 5);
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    let start = std::time::Instant::now();
+    let split = Split::stratified(&records, &vocab, 0.15, 3407).unwrap();
+    eprintln!("split of {} rows: {:?}", records.len(), start.elapsed());
+    assert_eq!(
+        split,
+        Split::stratified(&records, &vocab, 0.15, 3407).unwrap()
+    );
+    assert_ne!(split, Split::stratified(&records, &vocab, 0.15, 1).unwrap());
+    split.check_matches(&records).unwrap();
+    assert_eq!(split.train.len() + split.val.len(), records.len());
+
+    let fraction = split.val.len() as f64 / records.len() as f64;
+    assert!((fraction - 0.15).abs() < 0.005, "val fraction {fraction}");
+    let all = label_counts(
+        &records,
+        &records.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+    );
+    let val = label_counts(&records, &split.val);
+    for (label, &total) in &all {
+        let v = val.get(label).copied().unwrap_or(0);
+        assert!(v >= 1 && v < total, "label {label}: {v} of {total} in val");
+        // Stratified: each label's val share is close to the fraction.
+        let share = v as f64 / total as f64;
+        assert!(
+            (share - 0.15).abs() <= 0.02 + 1.5 / total as f64,
+            "label {label}: {v} of {total} in val"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("split.json");
+    split.save(&path).unwrap();
+    assert_eq!(Split::load(&path).unwrap(), split);
+}
+
+#[test]
+fn split_keeps_labels_with_two_rows_on_both_sides() {
+    let records = read_csv(&fixtures().join("quirky/train.csv"))
+        .unwrap()
+        .records;
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    for seed in 0..20 {
+        let split = Split::stratified(&records, &vocab, 0.15, seed).unwrap();
+        split.check_matches(&records).unwrap();
+        let all = label_counts(
+            &records,
+            &records.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+        );
+        let (train, val) = (
+            label_counts(&records, &split.train),
+            label_counts(&records, &split.val),
+        );
+        for (label, &total) in &all {
+            if total >= 2 {
+                assert!(
+                    train.contains_key(label) && val.contains_key(label),
+                    "seed {seed}: label {label}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn split_mismatch_is_reported() {
+    let records = synthetic_records(50, 1);
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    let split = Split::stratified(&records, &vocab, 0.15, 3407).unwrap();
+    let err = split.check_matches(&records[..40]).unwrap_err().to_string();
+    assert!(err.contains("does not have"), "{err}");
+    let err = split
+        .check_matches(&synthetic_records(51, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`50.jpg` (line 52) is in neither side"),
+        "{err}"
+    );
 }
