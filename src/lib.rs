@@ -7,6 +7,7 @@
 pub mod backbone;
 pub mod data;
 pub mod loss;
+pub mod metrics;
 pub mod heads;
 pub mod report;
 pub mod train;
