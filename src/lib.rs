@@ -5,9 +5,11 @@
 //! trains small heads on that cache many times. The CLI (`src/main.rs`) is a thin layer on top.
 
 pub mod backbone;
+pub mod cache;
 pub mod data;
+pub mod heads;
 pub mod loss;
 pub mod metrics;
-pub mod heads;
+pub mod pipeline;
 pub mod report;
 pub mod train;

@@ -17,10 +17,15 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Inspect a dataset folder, print its parsed records, or write its train/validation split.
+    Dataset(cli::dataset::DatasetArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     cli::init_logging();
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Dataset(args) => cli::dataset::run(args),
+    }
 }

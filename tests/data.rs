@@ -521,3 +521,181 @@ fn split_mismatch_is_reported() {
         "{err}"
     );
 }
+
+// ---- the `multiclip dataset` command ----
+
+fn multiclip(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_multiclip"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap()
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let out = multiclip(args);
+    assert!(
+        out.status.success(),
+        "multiclip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The quirky fixture as a dataset folder with images: all fine except `0.jpg` (missing),
+/// `1.jpg` (not an image) and `2.jpg` (a 20000 x 30000 header).
+fn quirky_dataset() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for part in Part::ALL {
+        std::fs::copy(
+            fixtures().join(format!("quirky/{part}.csv")),
+            dir.path().join(format!("{part}.csv")),
+        )
+        .unwrap();
+    }
+    let data = dir.path().join("data");
+    for record in expected(Part::Train)
+        .into_iter()
+        .chain(expected(Part::Test))
+    {
+        let path = data.join(&record.id);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        match record.id.as_str() {
+            "0.jpg" => {}
+            "1.jpg" => std::fs::write(&path, "not an image").unwrap(),
+            "2.jpg" => std::fs::write(&path, png_header_only(20_000, 30_000)).unwrap(),
+            _ => {
+                let format = image::ImageFormat::from_path(&path).unwrap();
+                RgbImage::from_pixel(8, 6, Rgb([1, 2, 3]))
+                    .save_with_format(&path, format)
+                    .unwrap()
+            }
+        }
+    }
+    dir
+}
+
+#[test]
+fn cli_inspect_reports_rows_labels_problems_and_images() {
+    let ds = quirky_dataset();
+    let dir = ds.path().to_str().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout_of(&["dataset", "inspect", dir, "--json"])).unwrap();
+    let train = &report["parts"][0];
+    assert_eq!(train["part"], "train");
+    assert_eq!(train["rows"], 12);
+    assert_eq!(train["syntax"], "records");
+    assert_eq!(train["labels"]["frequencies"][0]["label"], "1");
+    assert_eq!(train["labels"]["frequencies"][0]["rows"], 6);
+    assert_eq!(train["labels"]["frequencies"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        train["labels"]["per_row"],
+        serde_json::json!({"1": 6, "2": 5, "3": 1})
+    );
+    assert!(
+        train["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["line"] == 5 && p["message"].as_str().unwrap().contains("spans 16 lines"))
+    );
+    let test = &report["parts"][1];
+    assert_eq!(test["rows"], 4);
+    assert!(test["labels"].is_null());
+    let images = &report["images"];
+    assert_eq!(images["checked"], 16);
+    assert_eq!(images["ok"], 13);
+    assert_eq!(images["missing"], 1);
+    assert_eq!(images["unreadable"], 1);
+    assert_eq!(images["too_large"], 1);
+    assert_eq!(images["examples"][0]["id"], "0.jpg");
+
+    let text = stdout_of(&["dataset", "inspect", dir, "--max-pixels", "700000000"]);
+    assert!(text.contains("train ("), "{text}");
+    assert!(text.contains("12 rows"), "{text}");
+    assert!(
+        text.contains("line 5: caption of `3.jpg` spans 16 lines"),
+        "{text}"
+    );
+    assert!(
+        text.contains("14 ok, 1 missing, 1 unreadable, 0 too large"),
+        "{text}"
+    );
+    assert!(text.contains("largest: 2.jpg (20000x30000)"), "{text}");
+}
+
+#[test]
+fn cli_records_prints_exactly_what_was_read() {
+    let dir = fixtures().join("quirky");
+    let dir = dir.to_str().unwrap();
+    let parse = |text: String| -> Vec<Record> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let all = parse(stdout_of(&["dataset", "records", dir]));
+    let want: Vec<Record> = expected(Part::Train)
+        .into_iter()
+        .chain(expected(Part::Test))
+        .collect();
+    assert_eq!(all, want);
+    let test = parse(stdout_of(&["dataset", "records", dir, "--split", "test"]));
+    assert_eq!(test, expected(Part::Test));
+}
+
+#[test]
+fn cli_split_writes_split_and_vocabulary_and_never_overwrites_silently() {
+    let ds = quirky_dataset();
+    let dir = ds.path().to_str().unwrap();
+    let text = stdout_of(&["dataset", "split", dir]);
+    assert!(text.contains("split 12 rows (seed 3407)"), "{text}");
+    let split = Split::load(&ds.path().join("split.json")).unwrap();
+    assert_eq!((split.seed, split.val_fraction), (3407, 0.15));
+    split.check_matches(&expected(Part::Train)).unwrap();
+    let vocab = LabelVocab::load(&ds.path().join("labels.json")).unwrap();
+    assert_eq!(vocab.len(), 10);
+    // Every label row of the table: label, train, val, share.
+    let row_19 = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("19"))
+        .unwrap();
+    let cells: Vec<&str> = row_19.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["1", "1"], "{text}");
+
+    let again = multiclip(&["dataset", "split", dir, "--seed", "1"]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("split.json already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(Split::load(&ds.path().join("split.json")).unwrap(), split);
+
+    stdout_of(&["dataset", "split", dir, "--seed", "1", "--force"]);
+    assert_eq!(Split::load(&ds.path().join("split.json")).unwrap().seed, 1);
+
+    let out = ds.path().join("runs/s2.json");
+    stdout_of(&[
+        "dataset",
+        "split",
+        dir,
+        "--val-fraction",
+        "0.3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(Split::load(&out).unwrap().val_fraction, 0.3);
+    assert!(ds.path().join("runs/labels.json").is_file());
+}
+
+#[test]
+fn cli_errors_and_help() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = multiclip(&["dataset", "inspect", empty.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither train.csv nor test.csv"));
+    for sub in ["inspect", "records", "split"] {
+        let help = stdout_of(&["dataset", sub, "--help"]);
+        assert!(help.contains("Examples:"), "{sub}: {help}");
+    }
+}

@@ -1,5 +1,7 @@
 //! One module per `multiclip` command: its clap arguments and the function that runs it.
 
+pub mod dataset;
+
 /// Logs go to stderr through `tracing`; `RUST_LOG` selects the level (default `info`).
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;

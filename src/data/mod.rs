@@ -10,6 +10,7 @@
 //! ```
 
 pub mod image;
+pub mod inspect;
 pub mod labels;
 pub mod records;
 pub mod split;

@@ -116,6 +116,35 @@ impl Split {
         Ok(())
     }
 
+    /// Rows per label on each side, `(label, train rows, val rows)` in vocabulary order
+    /// (records not in the split are not counted).
+    pub fn label_counts(
+        &self,
+        records: &[Record],
+        vocab: &LabelVocab,
+    ) -> Vec<(String, usize, usize)> {
+        let side_of: HashMap<&str, usize> = (self.train.iter().map(|id| (id.as_str(), TRAIN)))
+            .chain(self.val.iter().map(|id| (id.as_str(), VAL)))
+            .collect();
+        let mut counts = vec![[0usize; 2]; vocab.len()];
+        for r in records {
+            let Some(&side) = side_of.get(r.id.as_str()) else {
+                continue;
+            };
+            for label in r.labels.iter().flatten() {
+                if let Some(i) = vocab.index(label) {
+                    counts[i][side] += 1;
+                }
+            }
+        }
+        vocab
+            .names()
+            .iter()
+            .zip(counts)
+            .map(|(name, [train, val])| (name.clone(), train, val))
+            .collect()
+    }
+
     /// Writes the split as JSON.
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self)?;
@@ -210,8 +239,7 @@ fn assign(label_sets: &[Vec<usize>], n_labels: usize, val_fraction: f64, seed: u
         .filter(|&u| remaining[u] > 0)
         .min_by_key(|&u| (remaining[u], u))
     {
-        for k in 0..unit_rows[unit].len() {
-            let row = unit_rows[unit][k];
+        for &row in &unit_rows[unit] {
             if side[row].is_some() {
                 continue;
             }

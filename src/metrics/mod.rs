@@ -60,11 +60,7 @@ fn check_shape(left: usize, right: usize, labels: usize) {
 /// Asserts that `values` form whole rows of `labels`.
 fn check_rows(values: usize, labels: usize) {
     assert!(
-        if labels == 0 {
-            values == 0
-        } else {
-            values % labels == 0
-        },
+        values.is_multiple_of(labels),
         "{values} values do not form rows of {labels} labels"
     );
 }
@@ -83,28 +79,55 @@ struct ScoreGroup {
 }
 
 /// Scores grouped by distinct value, highest first (ties are one group, as in scikit-learn).
+///
+/// Sorts (score, target) pairs packed into `u64` keys, several times faster than sorting tuples
+/// with a float comparator; `-0.0` counts as `0.0`.
 fn score_groups(scores: &[f32], targets: &[bool]) -> Vec<ScoreGroup> {
-    let mut pairs: Vec<(f32, bool)> = scores
+    let mut keys: Vec<u64> = scores
         .iter()
-        .copied()
-        .zip(targets.iter().copied())
+        .zip(targets)
+        .map(|(&score, &positive)| u64::from(descending_key(score)) << 1 | u64::from(positive))
         .collect();
-    pairs.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+    keys.sort_unstable();
     let mut groups: Vec<ScoreGroup> = Vec::new();
-    for (score, positive) in pairs {
+    for key in keys {
+        let score = score_of_key((key >> 1) as u32);
+        let positive = key & 1;
         match groups.last_mut() {
-            Some(group) if group.score == score => {
-                group.positives += u64::from(positive);
+            Some(group) if group.score.to_bits() == score.to_bits() => {
+                group.positives += positive;
                 group.count += 1;
             }
             _ => groups.push(ScoreGroup {
                 score,
-                positives: u64::from(positive),
+                positives: positive,
                 count: 1,
             }),
         }
     }
     groups
+}
+
+/// A `u32` whose ascending order is the descending total order of scores.
+fn descending_key(score: f32) -> u32 {
+    let bits = (score + 0.0).to_bits(); // -0.0 + 0.0 = +0.0
+    let ascending = if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    !ascending
+}
+
+/// The score of a [`descending_key`].
+fn score_of_key(key: u32) -> f32 {
+    let ascending = !key;
+    let bits = if ascending & 0x8000_0000 != 0 {
+        ascending & 0x7fff_ffff
+    } else {
+        !ascending
+    };
+    f32::from_bits(bits)
 }
 
 /// Summary metrics of thresholded predictions and of the raw scores.
@@ -328,6 +351,34 @@ mod tests {
         );
         let rows = apply_thresholds(&scores, &THRESHOLDS, true);
         assert!(rows.iter().all(|r| r.iter().any(|&p| p)));
+    }
+
+    #[test]
+    fn score_keys_order_scores_descending_and_round_trip() {
+        let scores = [
+            1.0,
+            0.5,
+            f32::MIN_POSITIVE,
+            0.0,
+            -f32::MIN_POSITIVE,
+            -0.5,
+            f32::NEG_INFINITY,
+        ];
+        let keys: Vec<u32> = scores.iter().map(|&s| descending_key(s)).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+        for (&s, &k) in scores.iter().zip(&keys) {
+            assert_eq!(score_of_key(k), s);
+        }
+        assert_eq!(descending_key(-0.0), descending_key(0.0));
+        let groups = score_groups(
+            &[0.5, -0.0, 0.0, 0.5, 0.9],
+            &[true, false, true, false, true],
+        );
+        let summary: Vec<(f32, u64, u64)> = groups
+            .iter()
+            .map(|g| (g.score, g.positives, g.count))
+            .collect();
+        assert_eq!(summary, vec![(0.9, 1, 1), (0.5, 1, 2), (0.0, 1, 2)]);
     }
 
     #[test]
