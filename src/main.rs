@@ -20,6 +20,12 @@ struct Cli {
 enum Command {
     /// Inspect a dataset folder, print its parsed records, or write its train/validation split.
     Dataset(cli::dataset::DatasetArgs),
+    /// Train a head on a cache; tune thresholds on validation; save a checkpoint.
+    Train(cli::train::TrainArgs),
+    /// Metrics of a checkpoint on the validation, training or test rows.
+    Evaluate(cli::evaluate::EvaluateArgs),
+    /// Label every row of a cache with a checkpoint (submission csv).
+    Predict(cli::predict::PredictArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,5 +33,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Dataset(args) => cli::dataset::run(args),
+        Command::Train(args) => cli::train::run(args),
+        Command::Evaluate(args) => cli::evaluate::run(args),
+        Command::Predict(args) => cli::predict::run(args),
     }
 }
