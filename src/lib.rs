@@ -12,5 +12,6 @@ pub mod heads;
 pub mod loss;
 pub mod metrics;
 pub mod pipeline;
+pub mod predict;
 pub mod report;
 pub mod train;

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use multiclip::backbone::preprocess::{Filter, ImagePreprocess, resample, to_rgb_like_hf};
+use multiclip::backbone::preprocess::{Filter, ImagePreprocess, resample};
 use multiclip::backbone::{self, Sample};
+use multiclip::data::image::{DEFAULT_MAX_PIXELS, load_rgb};
 
 const DINOV2: &str = "tests/fixtures/dinov2-tiny";
 const MINILM: &str = "tests/fixtures/minilm-tiny";
@@ -53,7 +54,7 @@ fn image_samples(dir: &str) -> Vec<Sample> {
         .into_iter()
         .map(|(name, path)| Sample {
             id: name,
-            image: Some(to_rgb_like_hf(&image::open(&path).unwrap())),
+            image: Some(load_rgb(&path, DEFAULT_MAX_PIXELS).unwrap()),
             caption: String::new(),
         })
         .collect()
@@ -265,10 +266,27 @@ fn real_weights_match_transformers() {
         .zip(&inputs.captions)
         .map(|(path, caption)| Sample {
             id: path.display().to_string(),
-            image: Some(to_rgb_like_hf(&image::open(path).unwrap())),
+            image: Some(load_rgb(path, DEFAULT_MAX_PIXELS).unwrap()),
             caption: caption.clone(),
         })
         .collect();
+    // Preprocessing alone: the HF PIL processor's pixel values, image by image.
+    let pre =
+        ImagePreprocess::from_hf_config(Path::new("models/dinov2-small/preprocessor_config.json"))
+            .unwrap();
+    let mut worst_pixel = 0f32;
+    for (i, sample) in samples.iter().enumerate() {
+        let (values, (h, w)) = pre.apply(sample.image.as_ref().unwrap());
+        let got = Tensor::from_vec(values, (3, h as usize, w as usize), &Device::Cpu).unwrap();
+        worst_pixel = worst_pixel.max(max_abs_diff(
+            &got,
+            &expected["pixel_values"].get(i).unwrap(),
+        ));
+    }
+    assert!(
+        worst_pixel <= 1e-6,
+        "preprocessing differs from the HF PIL processor by {worst_pixel}"
+    );
     let mut worst = f32::MAX;
     const BATCH: usize = 8;
     for (k, chunk) in samples.chunks(BATCH).enumerate() {
@@ -288,7 +306,7 @@ fn real_weights_match_transformers() {
         }
     }
     println!(
-        "real weights: {} samples, lowest cosine {worst}",
+        "real weights: {} samples, lowest cosine {worst}, preprocessing max abs diff {worst_pixel:e}",
         samples.len()
     );
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, RgbImage};
+use image::RgbImage;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -387,32 +387,6 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Converts a decoded image to RGB as Hugging Face processors do (`convert_to_rgb`): an image
-/// with an alpha channel is composited onto white with PIL's integer `alpha_composite`; gray is
-/// replicated to three channels. Clip art is mostly transparent PNGs, so this matters.
-pub fn to_rgb_like_hf(image: &DynamicImage) -> RgbImage {
-    if !image.color().has_alpha() {
-        return image.to_rgb8();
-    }
-    let rgba = image.to_rgba8();
-    let (w, h) = rgba.dimensions();
-    let mut out = RgbImage::new(w, h);
-    for (dst, src) in out.pixels_mut().zip(rgba.pixels()) {
-        let alpha = src.0[3] as u32;
-        for c in 0..3 {
-            dst.0[c] = if alpha == 0 {
-                255
-            } else {
-                // PIL AlphaComposite.c with an opaque white destination (7 extra bits).
-                let blended =
-                    src.0[c] as u32 * alpha * 128 + 255 * (255 - alpha) * 128 + (0x80 << 7);
-                ((((blended >> 8) + blended) >> 8) >> 7) as u8
-            };
-        }
-    }
-    out
-}
-
 /// Resizes like `PIL.Image.resize((width, height), resample)` with `reducing_gap=None` on an RGB
 /// image: a horizontal pass, then a vertical pass, each rounded to uint8.
 pub fn resample(image: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
@@ -532,19 +506,6 @@ mod tests {
         );
         assert_eq!(p.crop, None);
         assert!(ImagePreprocess::from_hf_json(&serde_json::json!({"size": "big"})).is_err());
-    }
-
-    #[test]
-    fn alpha_is_composited_onto_white() {
-        let mut image = image::RgbaImage::new(3, 1);
-        image.put_pixel(0, 0, image::Rgba([10, 20, 30, 0]));
-        image.put_pixel(1, 0, image::Rgba([10, 20, 30, 255]));
-        image.put_pixel(2, 0, image::Rgba([0, 100, 200, 128]));
-        let rgb = to_rgb_like_hf(&DynamicImage::ImageRgba8(image));
-        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
-        assert_eq!(rgb.get_pixel(1, 0).0, [10, 20, 30]);
-        // PIL: Image.alpha_composite(white, (0, 100, 200, 128)) = (127, 177, 227)
-        assert_eq!(rgb.get_pixel(2, 0).0, [127, 177, 227]);
     }
 
     #[test]

@@ -3,6 +3,9 @@
 pub mod cache;
 pub mod dataset;
 pub mod extract;
+pub mod evaluate;
+pub mod predict;
+pub mod train;
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` selects the level (default `info`).
 pub fn init_logging() {
