@@ -5,6 +5,11 @@
 //! preprocessing (resize, normalise, tokenize), run on worker threads ahead of time;
 //! [`Backbone::forward`] runs the model on the prepared batch on the backbone's device.
 
+pub mod blip;
+pub mod blip_text;
+pub mod clip;
+pub mod layers;
+
 use anyhow::Result;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,320 @@
+//! Transformer building blocks shared by the CLIP and BLIP backbones: a linear layer that runs as
+//! one matrix product over all tokens, activations named as in Hugging Face configs, multi-head
+//! attention with an optional additive mask, the pre-norm ViT/CLIP encoder layer and the
+//! patch embedding of a ViT (a stride = kernel convolution written as one matrix product).
+//!
+//! Everything here is inference-only (frozen backbones): the fast, gradient-free candle kernels
+//! (`softmax_last_dim`, fused layer norm) are used on purpose.
+
+use anyhow::{Result, bail};
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+/// A dense layer `y = x W^T + b` over the last dimension of any-rank input.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// [out, in], as stored by PyTorch.
+    weight: Tensor,
+    /// [out]
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Loads `weight` [out, in] and, when `with_bias`, `bias` [out] under `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if with_bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Stacks several layers with the same input into one (e.g. q, k, v -> qkv).
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if parts.iter().all(|p| p.bias.is_some()) {
+            let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else if parts.iter().all(|p| p.bias.is_none()) {
+            None
+        } else {
+            bail!("cannot fuse linear layers where only some have a bias")
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims
+            .last()
+            .expect("linear input has at least one dimension");
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty") = self.out_dim();
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+/// Hidden activations by their Hugging Face config name (`hidden_act`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: the exact (erf) GELU.
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `quick_gelu`: x * sigmoid(1.702 x), used by OpenAI's CLIP.
+    QuickGelu,
+    Relu,
+}
+
+impl Activation {
+    pub fn from_config(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "relu" => Self::Relu,
+            other => bail!(
+                "unsupported hidden_act {other:?} in config.json (supported: gelu, gelu_new, \
+                 gelu_pytorch_tanh, quick_gelu, relu)"
+            ),
+        })
+    }
+
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Gelu => x.gelu_erf()?,
+            Self::GeluTanh => x.gelu()?,
+            Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Self::Relu => x.relu()?,
+        })
+    }
+}
+
+/// `[B, T, H * dh]` -> contiguous `[B, H, T, dh]`.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// Scaled dot-product attention over already projected `q` [B, Tq, D] and `k`, `v` [B, Tk, D]
+/// with `heads` heads. `mask` is added to the scores and broadcast to [B, H, Tq, Tk] (0 keeps,
+/// -inf drops). Returns [B, Tq, D].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, tq, d) = q.dims3()?;
+    let head_dim = d / heads;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let q = split_heads(&(q * scale)?, heads)?;
+    let k = split_heads(k, heads)?;
+    let v = split_heads(v, heads)?;
+    let scores = q.matmul(&k.t()?)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v)?; // [B, H, Tq, dh]
+    Ok(out.transpose(1, 2)?.reshape((b, tq, d))?)
+}
+
+/// Additive causal mask [1, 1, T, T]: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (1, 1, t, t), device)?)
+}
+
+/// Additive padding mask [B, 1, 1, T] from 0/1 keep flags (row-major [B, T]).
+pub fn padding_mask(keep: &[u8], batch: usize, device: &Device) -> Result<Tensor> {
+    let t = keep.len() / batch;
+    let mask: Vec<f32> = keep
+        .iter()
+        .map(|&k| if k != 0 { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
+    Ok(Tensor::from_vec(mask, (batch, 1, 1, t), device)?)
+}
+
+/// One pre-norm transformer layer (CLIP text and vision, BLIP vision):
+/// `x = x + out(attn(ln1(x)))`, `x = x + fc2(act(fc1(ln2(x))))`.
+#[derive(Clone, Debug)]
+pub struct PreNormLayer {
+    pub ln1: LayerNorm,
+    /// Fused query/key/value projection, [3D, D].
+    pub qkv: Linear,
+    pub out: Linear,
+    pub ln2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Activation,
+    pub heads: usize,
+}
+
+impl PreNormLayer {
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let h = self.ln1.forward(x)?;
+        let qkv = self.qkv.forward(&h)?;
+        let q = qkv.narrow(D::Minus1, 0, d)?;
+        let k = qkv.narrow(D::Minus1, d, d)?;
+        let v = qkv.narrow(D::Minus1, 2 * d, d)?;
+        let a = attention(&q, &k, &v, self.heads, mask)?;
+        let x = (x + self.out.forward(&a)?)?;
+        let h = self.ln2.forward(&x)?;
+        let h = self
+            .fc2
+            .forward(&self.act.forward(&self.fc1.forward(&h)?)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// ViT patch embedding: a Conv2d with kernel = stride = `patch` as one matrix product.
+/// `weight` [D, C, p, p], `bias` [D]; input [B, C, H, W] -> [B, (H/p)*(W/p), D] in row-major
+/// patch order (as `conv(x).flatten(2).transpose(1, 2)`).
+#[derive(Clone, Debug)]
+pub struct PatchEmbedding {
+    proj: Linear,
+    patch: usize,
+}
+
+impl PatchEmbedding {
+    pub fn load(
+        vb: VarBuilder,
+        channels: usize,
+        dim: usize,
+        patch: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let weight = vb
+            .get((dim, channels, patch, patch), "weight")?
+            .reshape((dim, channels * patch * patch))?;
+        let bias = if with_bias {
+            Some(vb.get(dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            proj: Linear::new(weight, bias),
+            patch,
+        })
+    }
+
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.patch;
+        if h % p != 0 || w % p != 0 {
+            bail!("image of {h}x{w} pixels is not a multiple of the patch size {p}");
+        }
+        let (gh, gw) = (h / p, w / p);
+        let patches = pixels
+            .to_dtype(DType::F32)?
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        self.proj.forward(&patches)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_embedding_equals_strided_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 12), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (5, 3, 4, 4), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 5, &dev)?;
+        let conv = x
+            .conv2d(&w, 0, 4, 1, 1)?
+            .broadcast_add(&b.reshape((1, 5, 1, 1))?)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let pe = PatchEmbedding {
+            proj: Linear::new(w.reshape((5, 48))?, Some(b)),
+            patch: 4,
+        };
+        let diff = (pe.forward(&x)? - conv)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn causal_attention_ignores_later_tokens() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &dev)?;
+        let full = attention(&x, &x, &x, 2, Some(&causal_mask(5, &dev)?))?;
+        let prefix = x.narrow(1, 0, 3)?;
+        let short = attention(&prefix, &prefix, &prefix, 2, Some(&causal_mask(3, &dev)?))?;
+        let diff = (full.narrow(1, 0, 3)? - short)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_activation_is_an_error() {
+        assert!(Activation::from_config("swish_v9").is_err());
+        assert_eq!(
+            Activation::from_config("quick_gelu").unwrap(),
+            Activation::QuickGelu
+        );
+    }
+}
