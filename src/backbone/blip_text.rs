@@ -8,6 +8,7 @@ use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::cpu_ops::residual_add;
 use super::layers::{Activation, LayerNorm, Linear, attention, padding_mask};
 
 /// `text_config` of a BLIP `config.json`; missing fields take transformers' defaults.
@@ -76,7 +77,8 @@ impl BertAttention {
         let k = kv.narrow(D::Minus1, 0, d)?;
         let v = kv.narrow(D::Minus1, d, d)?;
         let a = attention(&q, &k, &v, self.heads, mask)?;
-        self.norm.forward(&(self.dense.forward(&a)? + x)?)
+        self.norm
+            .forward(&residual_add(x, self.dense.forward(&a)?)?)
     }
 }
 
@@ -99,8 +101,8 @@ impl BertLayer {
         };
         let h = self
             .output
-            .forward(&self.act.forward(&self.intermediate.forward(&x)?)?)?;
-        self.output_norm.forward(&(h + x)?)
+            .forward(&self.intermediate.forward_act(&x, Some(self.act))?)?;
+        self.output_norm.forward(&residual_add(&x, h)?)
     }
 }
 

@@ -10,6 +10,8 @@ use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::cpu_ops::{bias_act, residual_add};
+
 /// A dense layer `y = x W^T + b` over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -17,11 +19,21 @@ pub struct Linear {
     weight: Tensor,
     /// [out]
     bias: Option<Tensor>,
+    /// `bias` on the host, for the fused CPU kernels.
+    bias_host: Option<Vec<f32>>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let bias_host = match &bias {
+            Some(b) if b.device().is_cpu() => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            _ => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            bias_host,
+        })
     }
 
     /// Loads `weight` [out, in] and, when `with_bias`, `bias` [out] under `vb`.
@@ -32,7 +44,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Self::new(weight, bias)
     }
 
     /// Stacks several layers with the same input into one (e.g. q, k, v -> qkv).
@@ -47,7 +59,7 @@ impl Linear {
         } else {
             bail!("cannot fuse linear layers where only some have a bias")
         };
-        Ok(Self { weight, bias })
+        Self::new(weight, bias)
     }
 
     pub fn out_dim(&self) -> usize {
@@ -55,19 +67,24 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
+        self.forward_act(x, None)
+    }
+
+    /// `act(x W^T + b)`, fused into one in-place pass on the CPU.
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
         let in_dim = *dims
             .last()
             .expect("linear input has at least one dimension");
         let rows = x.elem_count() / in_dim;
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let y = match (&self.bias, &self.bias_host) {
+            (Some(b), Some(host)) => bias_act(y, Some((b, host.as_slice())), act)?,
+            (Some(b), None) => bias_act(y.broadcast_add(b)?, None, act)?,
+            (None, _) => bias_act(y, None, act)?,
         };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty") = self.out_dim();
-        Ok(y.reshape(out_dims)?)
+        *dims.last_mut().expect("non-empty") = self.out_dim();
+        Ok(y.reshape(dims)?)
     }
 }
 
@@ -210,12 +227,12 @@ impl PreNormLayer {
         let k = qkv.narrow(D::Minus1, d, d)?;
         let v = qkv.narrow(D::Minus1, 2 * d, d)?;
         let a = attention(&q, &k, &v, self.heads, mask)?;
-        let x = (x + self.out.forward(&a)?)?;
+        let x = residual_add(x, self.out.forward(&a)?)?;
         let h = self.ln2.forward(&x)?;
         let h = self
             .fc2
-            .forward(&self.act.forward(&self.fc1.forward(&h)?)?)?;
-        Ok((x + h)?)
+            .forward(&self.fc1.forward_act(&h, Some(self.act))?)?;
+        residual_add(&x, h)
     }
 }
 
@@ -245,7 +262,7 @@ impl PatchEmbedding {
             None
         };
         Ok(Self {
-            proj: Linear::new(weight, bias),
+            proj: Linear::new(weight, bias)?,
             patch,
         })
     }
@@ -283,7 +300,7 @@ mod tests {
             .flatten_from(2)?
             .transpose(1, 2)?;
         let pe = PatchEmbedding {
-            proj: Linear::new(w.reshape((5, 48))?, Some(b)),
+            proj: Linear::new(w.reshape((5, 48))?, Some(b))?,
             patch: 4,
         };
         let diff = (pe.forward(&x)? - conv)?
