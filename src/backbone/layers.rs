@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu_ops::{bias_act, residual_add};
+use super::cpu_ops::{bias_act, residual_add, softmax_last_dim};
 
 /// A dense layer `y = x W^T + b` over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
@@ -180,7 +180,7 @@ pub fn attention(
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = softmax_last_dim(scores)?;
     let out = probs.matmul(&v)?; // [B, H, Tq, dh]
     Ok(out.transpose(1, 2)?.reshape((b, tq, d))?)
 }

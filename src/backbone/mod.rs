@@ -8,7 +8,7 @@
 pub mod blip;
 pub mod blip_text;
 pub mod clip;
-mod cpu_ops;
+pub mod cpu_ops;
 pub mod layers;
 
 use anyhow::Result;
