@@ -116,7 +116,7 @@ impl BlipVision {
     fn load(vb: VarBuilder, cfg: &BlipVisionConfig) -> Result<Self> {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
-        let act = Activation::from_config(&cfg.hidden_act)?;
+        let act = Activation::from_hf(&cfg.hidden_act)?;
         let emb = vb.pp("embeddings");
         let positions = (cfg.image_size / cfg.patch_size).pow(2) + 1;
         let layers = (0..cfg.num_hidden_layers)

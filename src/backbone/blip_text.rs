@@ -122,7 +122,7 @@ impl BlipTextEncoder {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         let heads = cfg.num_attention_heads;
-        let act = Activation::from_config(&cfg.hidden_act)?;
+        let act = Activation::from_hf(&cfg.hidden_act)?;
         let emb = vb.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {

@@ -143,7 +143,7 @@ fn load_layers(
     act: &str,
     eps: f64,
 ) -> Result<Vec<PreNormLayer>> {
-    let act = Activation::from_config(act)?;
+    let act = Activation::from_hf(act)?;
     (0..count)
         .map(|i| load_layer(vb.pp(i), dim, inner, heads, act, eps))
         .collect()

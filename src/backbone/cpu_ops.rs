@@ -83,6 +83,7 @@ fn bias_act_rows(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>
         Some(Activation::GeluTanh) => map_rows(rows, bias, gelu_tanh),
         Some(Activation::QuickGelu) => map_rows(rows, bias, quick_gelu),
         Some(Activation::Relu) => map_rows(rows, bias, |x| x.max(0.0)),
+        Some(Activation::Silu) => map_rows(rows, bias, |x| x / (1.0 + exp(-x))),
     }
 }
 
@@ -232,7 +233,7 @@ pub fn bias_act(
         None => y,
     };
     match act {
-        Some(act) => act.forward(&y),
+        Some(act) => Ok(act.apply(&y)?),
         None => Ok(y),
     }
 }
@@ -326,8 +327,9 @@ mod tests {
             Activation::GeluTanh,
             Activation::QuickGelu,
             Activation::Relu,
+            Activation::Silu,
         ] {
-            let want = act.forward(&x.broadcast_add(&b)?)?;
+            let want = act.apply(&x.broadcast_add(&b)?)?;
             let got = bias_act(x.copy()?, Some((&b, &host)), Some(act))?;
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{act:?}: {diff}");

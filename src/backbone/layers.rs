@@ -1,16 +1,112 @@
-//! Transformer building blocks shared by the CLIP and BLIP backbones: a linear layer that runs as
-//! one matrix product over all tokens, activations named as in Hugging Face configs, multi-head
-//! attention with an optional additive mask, the pre-norm ViT/CLIP encoder layer and the
-//! patch embedding of a ViT (a stride = kernel convolution written as one matrix product).
-//!
-//! Everything here is inference-only (frozen backbones): the fast, gradient-free candle kernels
-//! (`softmax_last_dim`, fused layer norm) are used on purpose.
+//! Inference building blocks shared by the transformer backbones: activations by their Hugging
+//! Face names, a linear layer that runs as one matrix product over all tokens (bias and
+//! activation fused on the CPU), layer norm, multi-head attention with an optional additive mask
+//! (self- and cross-attention), the pre-norm ViT/CLIP encoder layer, the ViT patch embedding as
+//! one matrix product, and the fused-QKV self-attention on flattened activations used by DINOv2
+//! and the sentence encoder. Frozen weights only: the fast, gradient-free candle kernels are fine.
 
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cpu_ops::{bias_act, residual_add, softmax_last_dim};
+
+/// A feed-forward activation, named as in Hugging Face configs (`hidden_act`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU (erf), `gelu` in transformers.
+    Gelu,
+    /// Tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// `quick_gelu`: x * sigmoid(1.702 x), used by OpenAI's CLIP.
+    QuickGelu,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    pub fn from_hf(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            other => bail!("activation `{other}` is not supported"),
+        })
+    }
+
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+        }
+    }
+}
+
+/// Loads `prefix.{query,key,value}` (or any three projections) as one `[3 * dim, dim]` linear
+/// layer, so the three projections are a single matrix product.
+pub fn fused_qkv(
+    vb: &VarBuilder,
+    names: [&str; 3],
+    dim: usize,
+    bias: bool,
+) -> Result<candle_nn::Linear> {
+    let mut weights = Vec::with_capacity(3);
+    let mut biases = Vec::with_capacity(3);
+    for name in names {
+        let vb = vb.pp(name);
+        weights.push(vb.get((dim, dim), "weight")?);
+        if bias {
+            biases.push(vb.get(dim, "bias")?);
+        }
+    }
+    let weight = Tensor::cat(&weights, 0)?;
+    let bias = if bias {
+        Some(Tensor::cat(&biases, 0)?)
+    } else {
+        None
+    };
+    Ok(candle_nn::Linear::new(weight, bias))
+}
+
+/// Self-attention core: `qkv` is `[batch * seq, 3 * dim]` (queries, keys, values side by side);
+/// `mask_bias`, when given, is added to the scores (`[batch, 1, 1, seq]`, 0 or a large negative).
+/// Returns the per-head contexts merged back to `[batch * seq, dim]`.
+pub fn self_attention(
+    qkv: &Tensor,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    mask_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dim = qkv.dim(1)? / 3;
+    let head_dim = dim / heads;
+    let qkv = qkv
+        .reshape((batch, seq, 3, heads, head_dim))?
+        .permute((2, 0, 3, 1, 4))?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let q = (qkv.get(0)?.contiguous()? * scale)?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let mut scores = q.matmul(&k.t()?)?;
+    if let Some(mask_bias) = mask_bias {
+        scores = scores.broadcast_add(mask_bias)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let context = probs.matmul(&v)?; // [batch, heads, seq, head_dim]
+    Ok(context.transpose(1, 2)?.reshape((batch * seq, dim))?)
+}
+
+/// Mean over `dim` 1 of `[batch, seq, dim]` rows where `mask` (`[batch, seq]`, 1/0 f32) is 1.
+pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let summed = x.broadcast_mul(&mask.unsqueeze(D::Minus1)?)?.sum(1)?;
+    let counts = mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
+    Ok(summed.broadcast_div(&counts)?)
+}
 
 /// A dense layer `y = x W^T + b` over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
@@ -112,42 +208,6 @@ impl LayerNorm {
             &self.bias,
             self.eps,
         )?)
-    }
-}
-
-/// Hidden activations by their Hugging Face config name (`hidden_act`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `gelu`: the exact (erf) GELU.
-    Gelu,
-    /// `gelu_new`, `gelu_pytorch_tanh`: the tanh approximation.
-    GeluTanh,
-    /// `quick_gelu`: x * sigmoid(1.702 x), used by OpenAI's CLIP.
-    QuickGelu,
-    Relu,
-}
-
-impl Activation {
-    pub fn from_config(name: &str) -> Result<Self> {
-        Ok(match name {
-            "gelu" => Self::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
-            "quick_gelu" => Self::QuickGelu,
-            "relu" => Self::Relu,
-            other => bail!(
-                "unsupported hidden_act {other:?} in config.json (supported: gelu, gelu_new, \
-                 gelu_pytorch_tanh, quick_gelu, relu)"
-            ),
-        })
-    }
-
-    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Gelu => x.gelu_erf()?,
-            Self::GeluTanh => x.gelu()?,
-            Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
-            Self::Relu => x.relu()?,
-        })
     }
 }
 
@@ -328,9 +388,9 @@ mod tests {
 
     #[test]
     fn unknown_activation_is_an_error() {
-        assert!(Activation::from_config("swish_v9").is_err());
+        assert!(Activation::from_hf("swish_v9").is_err());
         assert_eq!(
-            Activation::from_config("quick_gelu").unwrap(),
+            Activation::from_hf("quick_gelu").unwrap(),
             Activation::QuickGelu
         );
     }

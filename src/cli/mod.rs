@@ -1,5 +1,12 @@
 //! One module per `multiclip` command: its clap arguments and the function that runs it.
 
+pub mod cache;
+pub mod dataset;
+pub mod evaluate;
+pub mod extract;
+pub mod predict;
+pub mod train;
+
 /// Logs go to stderr through `tracing`; `RUST_LOG` selects the level (default `info`).
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;

@@ -1,0 +1,158 @@
+//! Looking up a head's inputs in a batch: pooled vectors as they are, token sequences pooled by
+//! a masked mean, and the error that names a missing cache output.
+
+use anyhow::{Context, bail};
+use candle_core::{D, DType, Result, Tensor};
+
+use super::layers::as_f32;
+use super::{HeadContext, Inputs};
+
+/// The mask output that goes with token sequence `name`: `<stem>_mask` where `name` is
+/// `<stem>_tokens` (`multimodal_tokens` -> `multimodal_mask`), else `<name>_mask`.
+pub fn default_mask_name(name: &str) -> String {
+    match name.strip_suffix("_tokens") {
+        Some(stem) => format!("{stem}_mask"),
+        None => format!("{name}_mask"),
+    }
+}
+
+/// The names of the pooled (one vector per sample) inputs in the context, sorted; masks excluded.
+pub fn pooled_inputs(ctx: &HeadContext) -> Vec<String> {
+    let mut names: Vec<String> = ctx
+        .input_shapes
+        .iter()
+        .filter(|(name, shape)| shape.len() == 1 && !name.ends_with("_mask"))
+        .map(|(name, _)| name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The message for an input the batch (or cache) lacks.
+pub fn missing_input_message<'a>(
+    missing: &str,
+    available: impl Iterator<Item = &'a String>,
+) -> String {
+    let mut names: Vec<&str> = available.map(String::as_str).collect();
+    names.sort_unstable();
+    format!(
+        "the head needs cache output `{missing}`, but only these are available: {}",
+        if names.is_empty() {
+            "(none)".to_string()
+        } else {
+            names.join(", ")
+        }
+    )
+}
+
+/// The tensor called `name` in the batch.
+pub fn lookup<'a>(x: &'a Inputs, name: &str) -> Result<&'a Tensor> {
+    x.get(name)
+        .ok_or_else(|| candle_core::Error::Msg(missing_input_message(name, x.keys())))
+}
+
+/// The per-sample shape of input `name`, or an error listing what the context offers.
+pub fn shape_of<'a>(ctx: &'a HeadContext, name: &str) -> anyhow::Result<&'a [usize]> {
+    match ctx.input_shapes.get(name) {
+        Some(shape) => Ok(shape),
+        None => bail!(missing_input_message(name, ctx.input_shapes.keys())),
+    }
+}
+
+/// One input of a head, turned into one f32 vector per sample.
+#[derive(Debug, Clone)]
+pub struct Feature {
+    pub name: String,
+    /// The mask output of a token sequence (`None` for pooled inputs, or sequences without mask).
+    pub mask: Option<String>,
+    /// Width of the vector per sample.
+    pub dim: usize,
+}
+
+impl Feature {
+    /// Resolve `name` against the context: a `[D]` input is used as it is, a `[T, D]` input is
+    /// mean-pooled over its real tokens (mask from [`default_mask_name`] when the cache has it).
+    pub fn resolve(name: &str, ctx: &HeadContext) -> anyhow::Result<Self> {
+        let shape = shape_of(ctx, name)?;
+        match shape {
+            [dim] => Ok(Self {
+                name: name.to_string(),
+                mask: None,
+                dim: *dim,
+            }),
+            [_, dim] => {
+                let mask = default_mask_name(name);
+                let mask = ctx.input_shapes.contains_key(&mask).then_some(mask);
+                Ok(Self {
+                    name: name.to_string(),
+                    mask,
+                    dim: *dim,
+                })
+            }
+            other => bail!(
+                "cache output `{name}` has per-sample shape {other:?}; heads take [D] vectors or [T, D] token sequences"
+            ),
+        }
+    }
+
+    /// Resolve several inputs (at least one).
+    pub fn resolve_all(names: &[String], ctx: &HeadContext) -> anyhow::Result<Vec<Self>> {
+        if names.is_empty() {
+            bail!("the head has no inputs (list some, or use a cache with pooled outputs)");
+        }
+        names
+            .iter()
+            .map(|name| Self::resolve(name, ctx).with_context(|| format!("head input `{name}`")))
+            .collect()
+    }
+
+    /// The batch entries this feature reads.
+    pub fn inputs(&self) -> Vec<String> {
+        std::iter::once(self.name.clone())
+            .chain(self.mask.clone())
+            .collect()
+    }
+
+    /// `[B, dim]` f32 features of the batch.
+    pub fn forward(&self, x: &Inputs) -> Result<Tensor> {
+        let value = lookup(x, &self.name)?;
+        match value.rank() {
+            2 => as_f32(value),
+            3 => {
+                let mask = match &self.mask {
+                    Some(mask) => Some(lookup(x, mask)?),
+                    None => None,
+                };
+                masked_mean(&as_f32(value)?, mask)
+            }
+            _ => candle_core::bail!(
+                "batch entry `{}` has shape {:?}; expected [B, D] or [B, T, D]",
+                self.name,
+                value.shape()
+            ),
+        }
+    }
+}
+
+/// Mean of `[B, T, D]` tokens over the positions where `mask` `[B, T]` is non-zero (all positions
+/// without a mask). A sample without any real token gives zeros.
+pub fn masked_mean(tokens: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        None => tokens.mean(1),
+        Some(mask) => {
+            let mask = mask.ne(0f32)?.to_dtype(DType::F32)?; // [B, T]
+            let summed = tokens.broadcast_mul(&mask.unsqueeze(D::Minus1)?)?.sum(1)?;
+            let count = mask.sum_keepdim(1)?.clamp(1f32, f32::INFINITY)?;
+            summed.broadcast_div(&count)
+        }
+    }
+}
+
+/// Concatenate per-feature `[B, D_i]` tensors along the feature axis.
+pub fn concat(parts: &[Tensor]) -> Result<Tensor> {
+    if parts.len() == 1 {
+        Ok(parts[0].clone())
+    } else {
+        Tensor::cat(parts, 1)
+    }
+}

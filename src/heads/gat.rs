@@ -1,0 +1,354 @@
+//! `gat`: graph attention over the LABEL graph producing one classifier vector per label.
+//!
+//! Nodes are the K labels, each with a learned embedding. Edges come from the training split's
+//! label co-occurrence as in ML-GCN (Chen et al. 2019): P(j | i) = n_ij / n_i, binarised at
+//! `threshold`, then re-weighted so node i keeps 1 - p for itself and spreads p over its
+//! neighbours (a node without neighbours keeps 1). This fixed adjacency A' is a buffer
+//! (`buffers.adjacency`) saved with the weights. Each of the `layers` multi-head GAT layers
+//! computes attention e_ij = LeakyReLU(a_src . W h_i + a_dst . W h_j) over the graph's edges only,
+//! with weights alpha_ij proportional to A'_ij exp(e_ij) (the ML-GCN weights as a prior); heads
+//! are concatenated, LeakyReLU between layers. The last layer's node vectors [K, hidden] are the
+//! classifiers: logits = proj(x) . c_k + b_k, where proj maps the concatenated sample features
+//! to `hidden`.
+//!
+//! Variables: `proj.*`, `label_embed` `[K, hidden]`, `layers.<l>.{weight,att_src,att_dst,bias}`,
+//! `label_bias` `[K]` (absent for a cosine head).
+
+use anyhow::bail;
+use candle_core::{D, Result, Tensor};
+use candle_nn::{Init, Linear, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::features::{Feature, concat};
+use super::layers::{l2_normalize, leaky_relu};
+use super::mlp::inputs_or_pooled;
+use super::{Head, HeadContext, Inputs, buffer};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatConfig {
+    /// Sample features (concatenated); empty = every pooled output of the cache.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Width of the projected sample feature and of the label vectors.
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    /// Attention heads per GAT layer (must divide `hidden`).
+    #[serde(default = "default_heads")]
+    pub heads: usize,
+    #[serde(default = "default_layers")]
+    pub layers: usize,
+    /// Edge i -> j when P(j | i) >= threshold.
+    #[serde(default = "default_threshold")]
+    pub threshold: f32,
+    /// ML-GCN re-weighting: the share of a node's weight given to its neighbours.
+    #[serde(default = "default_p")]
+    pub p: f32,
+    #[serde(default)]
+    pub cosine: bool,
+}
+
+fn default_hidden() -> usize {
+    512
+}
+fn default_heads() -> usize {
+    4
+}
+fn default_layers() -> usize {
+    2
+}
+fn default_threshold() -> f32 {
+    0.4
+}
+fn default_p() -> f32 {
+    0.2
+}
+
+impl Default for GatConfig {
+    fn default() -> Self {
+        Self {
+            inputs: Vec::new(),
+            hidden: default_hidden(),
+            heads: default_heads(),
+            layers: default_layers(),
+            threshold: default_threshold(),
+            p: default_p(),
+            cosine: false,
+        }
+    }
+}
+
+/// Label co-occurrence counts of a training split: `counts[i][j]` = samples holding both labels
+/// i and j; `counts[i][i]` = samples holding label i.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelCooccurrence {
+    pub counts: Vec<Vec<f64>>,
+}
+
+impl LabelCooccurrence {
+    /// Counts from each sample's label indices (each `< num_labels`; duplicates ignored).
+    pub fn from_label_sets<'a>(
+        sets: impl IntoIterator<Item = &'a [usize]>,
+        num_labels: usize,
+    ) -> anyhow::Result<Self> {
+        let mut counts = vec![vec![0.0; num_labels]; num_labels];
+        for (row, set) in sets.into_iter().enumerate() {
+            let mut labels = set.to_vec();
+            labels.sort_unstable();
+            labels.dedup();
+            if let Some(&bad) = labels.iter().find(|&&l| l >= num_labels) {
+                bail!("sample {row} has label index {bad}, but there are {num_labels} labels");
+            }
+            for &i in &labels {
+                for &j in &labels {
+                    counts[i][j] += 1.0;
+                }
+            }
+        }
+        Ok(Self { counts })
+    }
+
+    /// The ML-GCN adjacency `[K, K]` row-major: binarised P(j | i) >= `threshold`, neighbours
+    /// sharing `p`, the node itself keeping 1 - p (1 without neighbours).
+    pub fn adjacency(&self, threshold: f32, p: f32) -> Vec<f32> {
+        let k = self.counts.len();
+        let mut adj = vec![0f32; k * k];
+        for i in 0..k {
+            let n_i = self.counts[i][i];
+            let neighbours: Vec<usize> = (0..k)
+                .filter(|&j| j != i && n_i > 0.0 && self.counts[i][j] / n_i >= f64::from(threshold))
+                .collect();
+            if neighbours.is_empty() {
+                adj[i * k + i] = 1.0;
+                continue;
+            }
+            adj[i * k + i] = 1.0 - p;
+            for &j in &neighbours {
+                adj[i * k + j] = p / neighbours.len() as f32;
+            }
+        }
+        adj
+    }
+}
+
+/// One multi-head graph attention layer.
+struct GatLayer {
+    weight: Linear,
+    att_src: Tensor, // [H, 1, dh]
+    att_dst: Tensor, // [H, 1, dh]
+    bias: Tensor,    // [hidden]
+    heads: usize,
+}
+
+impl GatLayer {
+    fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        let dh = dim / heads;
+        let att_init = Init::Randn {
+            mean: 0.0,
+            stdev: (1.0 / dh as f64).sqrt(),
+        };
+        Ok(Self {
+            weight: candle_nn::linear_no_bias(dim, dim, vb.clone())?,
+            att_src: vb.get_with_hints((heads, 1, dh), "att_src", att_init)?,
+            att_dst: vb.get_with_hints((heads, 1, dh), "att_dst", att_init)?,
+            bias: vb.get_with_hints(dim, "bias", candle_nn::init::ZERO)?,
+            heads,
+        })
+    }
+
+    /// Node features `[K, dim]` -> `[K, dim]`; `log_adj` `[K, K]` is log A' (very negative off
+    /// the graph).
+    fn forward(&self, nodes: &Tensor, log_adj: &Tensor) -> Result<Tensor> {
+        let (k, dim) = nodes.dims2()?;
+        let wh = self
+            .weight
+            .forward(nodes)?
+            .reshape((k, self.heads, dim / self.heads))?
+            .transpose(0, 1)?
+            .contiguous()?; // [H, K, dh]
+        let src = wh.broadcast_mul(&self.att_src)?.sum_keepdim(D::Minus1)?; // [H, K, 1]
+        let dst = wh
+            .broadcast_mul(&self.att_dst)?
+            .sum(D::Minus1)?
+            .unsqueeze(1)?; // [H, 1, K]
+        let scores = leaky_relu(&src.broadcast_add(&dst)?, 0.2)?.broadcast_add(log_adj)?;
+        let alpha = candle_nn::ops::softmax(&scores, D::Minus1)?; // [H, K, K]
+        alpha
+            .matmul(&wh)? // [H, K, dh]
+            .transpose(0, 1)?
+            .reshape((k, dim))?
+            .broadcast_add(&self.bias)
+    }
+}
+
+pub struct GatHead {
+    features: Vec<Feature>,
+    proj: Linear,
+    label_embed: Tensor,
+    layers: Vec<GatLayer>,
+    adjacency_name: String,
+    adjacency: Tensor,
+    log_adjacency: Tensor,
+    label_bias: Option<Tensor>,
+}
+
+/// log A' with a large negative value where there is no edge.
+fn log_adjacency(adj: &Tensor) -> Result<Tensor> {
+    let edge = adj.gt(0f32)?;
+    let log = adj.clamp(1e-30f32, f32::INFINITY)?.log()?;
+    edge.where_cond(&log, &Tensor::full(-1e9f32, adj.shape(), adj.device())?)
+}
+
+impl GatHead {
+    pub fn new(cfg: &GatConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+        let k = ctx.num_labels;
+        if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) {
+            bail!(
+                "gat: hidden {} must be a multiple of heads {}",
+                cfg.hidden,
+                cfg.heads
+            );
+        }
+        if !(0.0..=1.0).contains(&cfg.p) {
+            bail!("gat: p must be in [0, 1], got {}", cfg.p);
+        }
+        let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
+        let (adjacency_name, adjacency) = buffer(&vb, "adjacency", (k, k), || {
+            let Some(cooc) = &ctx.label_cooccurrence else {
+                bail!("gat needs the training split's label co-occurrence to build its graph");
+            };
+            if cooc.counts.len() != k {
+                bail!(
+                    "label co-occurrence is {0}x{0}, but there are {k} labels",
+                    cooc.counts.len()
+                );
+            }
+            Ok(Tensor::from_vec(
+                cooc.adjacency(cfg.threshold, cfg.p),
+                (k, k),
+                vb.device(),
+            )?)
+        })?;
+        let in_dim = features.iter().map(|f| f.dim).sum();
+        let layers = (0..cfg.layers)
+            .map(|l| GatLayer::new(cfg.hidden, cfg.heads, vb.pp("layers").pp(l)))
+            .collect::<Result<Vec<_>>>()?;
+        let label_bias = if cfg.cosine {
+            None
+        } else {
+            Some(vb.get_with_hints(k, "label_bias", candle_nn::init::ZERO)?)
+        };
+        Ok(Self {
+            proj: candle_nn::linear(in_dim, cfg.hidden, vb.pp("proj"))?,
+            label_embed: vb.get_with_hints(
+                (k, cfg.hidden),
+                "label_embed",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?,
+            layers,
+            log_adjacency: log_adjacency(&adjacency)?,
+            adjacency_name,
+            adjacency,
+            label_bias,
+            features,
+        })
+    }
+
+    /// The per-label classifier vectors `[K, hidden]`.
+    pub fn label_classifiers(&self) -> Result<Tensor> {
+        let mut nodes = self.label_embed.clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            if l > 0 {
+                nodes = leaky_relu(&nodes, 0.2)?;
+            }
+            nodes = layer.forward(&nodes, &self.log_adjacency)?;
+        }
+        Ok(nodes)
+    }
+}
+
+impl Head for GatHead {
+    fn inputs(&self) -> Vec<String> {
+        self.features.iter().flat_map(Feature::inputs).collect()
+    }
+
+    fn forward(&self, x: &Inputs, _train: bool) -> Result<Tensor> {
+        let parts = self
+            .features
+            .iter()
+            .map(|f| f.forward(x))
+            .collect::<Result<Vec<_>>>()?;
+        let sample = self.proj.forward(&concat(&parts)?)?;
+        let classifiers = self.label_classifiers()?;
+        match &self.label_bias {
+            Some(bias) => sample.matmul(&classifiers.t()?)?.broadcast_add(bias),
+            None => l2_normalize(&sample)?
+                .matmul(&l2_normalize(&classifiers)?.t()?)?
+                .clamp(-1f32, 1f32),
+        }
+    }
+
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        vec![(self.adjacency_name.clone(), self.adjacency.clone())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacency_follows_ml_gcn() -> anyhow::Result<()> {
+        // Label 0 in 4 samples, 1 in 2 (always with 0), 2 alone once, 3 never.
+        let sets: [&[usize]; 5] = [&[0, 1], &[0, 1], &[0], &[0], &[2]];
+        let cooc = LabelCooccurrence::from_label_sets(sets, 4)?;
+        assert_eq!(cooc.counts[0][0], 4.0);
+        assert_eq!(cooc.counts[0][1], 2.0);
+        let adj = cooc.adjacency(0.4, 0.2);
+        // P(1|0) = 0.5 >= 0.4: 0 keeps 0.8 and gives 0.2 to 1; P(0|1) = 1: same for 1.
+        assert_eq!(&adj[0..4], &[0.8, 0.2, 0.0, 0.0]);
+        assert_eq!(&adj[4..8], &[0.2, 0.8, 0.0, 0.0]);
+        // No neighbours (2) or never seen (3): self-loop of weight 1.
+        assert_eq!(&adj[8..12], &[0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(&adj[12..16], &[0.0, 0.0, 0.0, 1.0]);
+        // A higher threshold cuts the 0 -> 1 edge (0.5) but keeps 1 -> 0 (1.0).
+        let adj = cooc.adjacency(0.6, 0.2);
+        assert_eq!(&adj[0..2], &[1.0, 0.0]);
+        assert_eq!(&adj[4..6], &[0.2, 0.8]);
+        assert!(LabelCooccurrence::from_label_sets([&[5usize][..]], 4).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn attention_stays_on_graph_edges() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let map = candle_nn::VarMap::new();
+        let vb = crate::heads::init::seeded_var_builder(&map, 2, &dev);
+        let layer = GatLayer::new(8, 2, vb)?;
+        // Two components: {0, 1} and {2}; node 2's output depends on node 2 only.
+        let adj = Tensor::new(
+            &[[0.8f32, 0.2, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]],
+            &dev,
+        )?;
+        let log_adj = log_adjacency(&adj)?;
+        let nodes = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        let out = layer.forward(&nodes, &log_adj)?;
+        let moved = Tensor::cat(
+            &[
+                nodes.narrow(0, 0, 2)?.affine(3.0, 1.0)?,
+                nodes.narrow(0, 2, 1)?,
+            ],
+            0,
+        )?;
+        let out2 = layer.forward(&moved, &log_adj)?;
+        let diff = (out.get(2)? - out2.get(2)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+}

@@ -1,0 +1,258 @@
+//! Differentiable building blocks shared by the heads.
+//!
+//! Everything here records a backward op for every trainable tensor: layer norm is written from
+//! basic ops (candle_nn's fast path has no gradient), softmax is `candle_nn::ops::softmax`, and
+//! dropout draws its mask from a seeded stream so a run is reproducible.
+
+use std::sync::Mutex;
+
+use candle_core::{D, DType, Result, Tensor};
+use candle_nn::{Init, Linear, Module, VarBuilder};
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
+
+use super::init::stream;
+
+/// Inverted dropout with a seeded mask stream (identity in evaluation or when `p` is 0).
+pub struct Dropout {
+    p: f32,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl Dropout {
+    /// A dropout layer whose masks come from the stream of (`seed`, `vb` path + `name`).
+    pub fn new(p: f32, seed: u64, vb: &VarBuilder, name: &str) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("dropout probability must be in [0, 1), got {p}");
+        }
+        let key = format!("dropout:{}.{name}", vb.prefix());
+        Ok(Self {
+            p,
+            rng: Mutex::new(stream(seed, &key)),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let keep = 1.0 / (1.0 - self.p);
+        // Compare 32-bit draws against an integer threshold: cheap even for large activations.
+        let threshold = (f64::from(self.p) * f64::from(u32::MAX)) as u32;
+        let mask: Vec<f32> = {
+            let mut rng = self
+                .rng
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("dropout stream lock poisoned".into()))?;
+            (0..n)
+                .map(|_| {
+                    if rng.random::<u32>() >= threshold {
+                        keep
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// Layer normalisation over the last dimension, written from differentiable basic ops.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", candle_nn::init::ONE)?,
+            bias: vb.get_with_hints(dim, "bias", candle_nn::init::ZERO)?,
+            eps: 1e-5,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Rows of `x` scaled to unit L2 norm (a tiny epsilon keeps zero rows finite).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
+    x.broadcast_div(&norm)
+}
+
+/// LeakyReLU from two ReLUs (both have a backward op).
+pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    x.relu()? - (x.neg()?.relu()? * slope)?
+}
+
+/// The last layer of a head: a linear map with bias, or a cosine classifier.
+///
+/// The cosine classifier L2-normalises the features and each class weight and returns
+/// cos(theta) in [-1, 1] (no bias): the input the angular-margin loss expects.
+pub enum Classifier {
+    Linear(Linear),
+    Cosine { weight: Tensor },
+}
+
+impl Classifier {
+    pub fn new(in_dim: usize, out_dim: usize, cosine: bool, vb: VarBuilder) -> Result<Self> {
+        if cosine {
+            let weight = vb.get_with_hints(
+                (out_dim, in_dim),
+                "weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?;
+            Ok(Self::Cosine { weight })
+        } else {
+            Ok(Self::Linear(candle_nn::linear(in_dim, out_dim, vb)?))
+        }
+    }
+}
+
+impl Module for Classifier {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Linear(linear) => linear.forward(x),
+            Self::Cosine { weight } => {
+                let cos = l2_normalize(x)?.matmul(&l2_normalize(weight)?.t()?)?;
+                cos.clamp(-1f32, 1f32)
+            }
+        }
+    }
+}
+
+/// Linear -> ReLU -> dropout -> classifier, or the classifier alone (a linear probe) when
+/// `hidden` is 0. Variables: `hidden.{weight,bias}` and `out.*`.
+pub struct Mlp {
+    hidden: Option<(Linear, Dropout)>,
+    out: Classifier,
+}
+
+impl Mlp {
+    pub fn new(
+        in_dim: usize,
+        hidden: usize,
+        out_dim: usize,
+        dropout: f32,
+        cosine: bool,
+        seed: u64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let (hidden, out_in) = if hidden == 0 {
+            (None, in_dim)
+        } else {
+            let linear = candle_nn::linear(in_dim, hidden, vb.pp("hidden"))?;
+            let drop = Dropout::new(dropout, seed, &vb, "hidden")?;
+            (Some((linear, drop)), hidden)
+        };
+        let out = Classifier::new(out_in, out_dim, cosine, vb.pp("out"))?;
+        Ok(Self { hidden, out })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.hidden {
+            Some((linear, drop)) => {
+                let h = drop.forward(&linear.forward(x)?.relu()?, train)?;
+                self.out.forward(&h)
+            }
+            None => self.out.forward(x),
+        }
+    }
+}
+
+/// A float tensor as f32 (a no-op when it already is).
+pub fn as_f32(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        Ok(x.clone())
+    } else {
+        x.to_dtype(DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heads::init::seeded_var_builder;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn layer_norm_matches_candle_and_has_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = seeded_var_builder(&map, 1, &dev);
+        let ln = LayerNorm::new(6, vb.pp("ln"))?;
+        let x = Tensor::randn(0f32, 3.0, (4, 6), &dev)?;
+        let ours = ln.forward(&x)?;
+        let reference = candle_nn::LayerNorm::new(
+            Tensor::ones(6, DType::F32, &dev)?,
+            Tensor::zeros(6, DType::F32, &dev)?,
+            1e-5,
+        )
+        .forward(&x)?;
+        let diff = (ours.clone() - reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "diff {diff}");
+        let grads = (ours.sqr()?.sum_all()? + ours.sum_all()?)?.backward()?;
+        for var in map.all_vars() {
+            let g = grads.get(var.as_tensor()).expect("gradient");
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_seeded_scaled_and_off_in_eval() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = seeded_var_builder(&map, 1, &dev);
+        let x = Tensor::ones((100, 100), DType::F32, &dev)?;
+        let a = Dropout::new(0.3, 5, &vb, "d")?.forward(&x, true)?;
+        let b = Dropout::new(0.3, 5, &vb, "d")?.forward(&x, true)?;
+        assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+        let kept = a
+            .ne(0f32)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        assert!((kept - 0.7).abs() < 0.03, "kept {kept}");
+        let mean = a.mean_all()?.to_scalar::<f32>()?;
+        assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
+        let eval = Dropout::new(0.3, 5, &vb, "d")?.forward(&x, false)?;
+        assert_eq!(eval.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn cosine_classifier_stays_in_unit_range() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = seeded_var_builder(&map, 1, &dev);
+        let cls = Classifier::new(8, 5, true, vb)?;
+        let x = (Tensor::randn(0f32, 1.0, (16, 8), &dev)? * 100.0)?;
+        let y = cls.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(y.iter().all(|v| (-1.0..=1.0).contains(v)));
+        assert!(y.iter().any(|v| v.abs() > 0.2));
+        Ok(())
+    }
+}

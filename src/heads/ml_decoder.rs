@@ -1,0 +1,573 @@
+//! `ml_decoder`: Ridnik et al.'s ML-Decoder over a token sequence, computing only real tokens.
+//!
+//! Layout (one decoder layer, no self-attention): tokens -> Linear(D, d_model) + ReLU = M;
+//! one FIXED query per class q (seeded N(0, 1), a buffer saved with the weights);
+//! t = LN1(q + dropout(q)); t = LN2(t + dropout(MHA(t, M, M))) with the key padding mask;
+//! t = LN3(t + dropout(FFN(t))), FFN = Linear(d_model, ffn) -> ReLU -> dropout -> Linear;
+//! group fully-connected output logit_k = <t_k, w_k> + b_k.
+//!
+//! Speed: the input projection and the K/V projections run ONLY on real tokens. The real rows of
+//! the flattened `[B*T, D]` tokens are gathered (`index_select`, before any f16 -> f32
+//! conversion), projected, and scattered (`index_add`) into a zero `[B, T', d]` memory where T'
+//! is the batch's longest real extent; the rest is masked out of the attention with a large
+//! negative bias. The result equals the padded computation (tested). In evaluation the query path
+//! (LN1 and the Q projection) is the same for every sample and is computed once per batch.
+//! A pooled `[D]` input is a one-token sequence: attention over one key is that key's value
+//! whatever the query, so such a head has no Q/K projections (they could never learn). A sample
+//! without any real token attends to nothing (its attention output is 0). The K projection has no
+//! bias: a key bias shifts all of a query's scores equally, which softmax ignores.
+//!
+//! Variables: `input_proj`, `attn.{q_proj,k_proj,v_proj,out_proj}` (no q/k for a pooled input,
+//! `k_proj` without bias), `norm{1,2,3}`, `ffn.{fc1,fc2}`, `group_fc.{weight,bias}`;
+//! buffer: `buffers.queries` `[K, d_model]`.
+
+use anyhow::{Context, bail};
+use candle_core::{D, DType, Device, Result, Tensor};
+use candle_nn::{Init, Linear, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::features::{default_mask_name, lookup, shape_of};
+use super::init::seeded_tensor;
+use super::layers::{Dropout, LayerNorm, l2_normalize};
+use super::{Head, HeadContext, Inputs, buffer};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlDecoderConfig {
+    /// Token sequence `[T, D]` (or a pooled `[D]` vector, used as one token).
+    #[serde(default = "default_input")]
+    pub input: String,
+    /// Mask output `[T]` (1 = real token); default `<stem>_mask` for `<stem>_tokens` when the
+    /// cache has it, else every token is real.
+    #[serde(default)]
+    pub mask: Option<String>,
+    #[serde(default = "default_d_model")]
+    pub d_model: usize,
+    #[serde(default = "default_heads")]
+    pub heads: usize,
+    #[serde(default = "default_ffn")]
+    pub ffn: usize,
+    #[serde(default = "default_dropout")]
+    pub dropout: f32,
+    #[serde(default)]
+    pub cosine: bool,
+}
+
+fn default_input() -> String {
+    "multimodal_tokens".into()
+}
+fn default_d_model() -> usize {
+    768
+}
+fn default_heads() -> usize {
+    8
+}
+fn default_ffn() -> usize {
+    2048
+}
+fn default_dropout() -> f32 {
+    0.1
+}
+
+impl Default for MlDecoderConfig {
+    fn default() -> Self {
+        Self {
+            input: default_input(),
+            mask: None,
+            d_model: default_d_model(),
+            heads: default_heads(),
+            ffn: default_ffn(),
+            dropout: default_dropout(),
+            cosine: false,
+        }
+    }
+}
+
+/// Bias added to attention scores of padding keys: finite, so a sample without any real token
+/// gets a uniform mix of zero rows rather than NaN.
+const MASKED: f32 = -1e9;
+
+pub struct MlDecoderHead {
+    input: String,
+    mask: Option<String>,
+    heads: usize,
+    d_model: usize,
+    input_proj: Linear,
+    /// Q and K projections; `None` for a pooled input (one key: nothing to attend between).
+    query_key: Option<(Linear, Linear)>,
+    v_proj: Linear,
+    out_proj: Linear,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    norm3: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    drop_query: Dropout,
+    drop_attn: Dropout,
+    drop_ffn_hidden: Dropout,
+    drop_ffn: Dropout,
+    queries_name: String,
+    queries: Tensor,
+    group_weight: Tensor,
+    group_bias: Option<Tensor>,
+}
+
+/// Keys (absent without Q/K projections) and values `[B, T', d]` of the real tokens, and the
+/// attention bias `[B, 1, 1, T']`.
+struct Memory {
+    keys: Option<Tensor>,
+    values: Tensor,
+    bias: Tensor,
+}
+
+impl MlDecoderHead {
+    pub fn new(cfg: &MlDecoderConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+        let (d, k) = (cfg.d_model, ctx.num_labels);
+        if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
+            bail!(
+                "ml_decoder: d_model {d} must be a multiple of heads {}",
+                cfg.heads
+            );
+        }
+        let shape = shape_of(ctx, &cfg.input)?;
+        let (in_dim, is_sequence) = match shape {
+            [dim] => (*dim, false),
+            [_, dim] => (*dim, true),
+            other => bail!(
+                "ml_decoder input `{}` has per-sample shape {other:?}; expected [T, D] or [D]",
+                cfg.input
+            ),
+        };
+        let mask = match &cfg.mask {
+            Some(name) => {
+                shape_of(ctx, name).context("ml_decoder mask")?;
+                Some(name.clone())
+            }
+            None if is_sequence => {
+                let name = default_mask_name(&cfg.input);
+                ctx.input_shapes.contains_key(&name).then_some(name)
+            }
+            None => None,
+        };
+        let p = cfg.dropout;
+        let (queries_name, queries) = buffer(&vb, "queries", (k, d), || {
+            let name = vb.pp("buffers").pp("queries").prefix();
+            let init = Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            };
+            Ok(seeded_tensor(
+                &(k, d).into(),
+                init,
+                ctx.seed,
+                &name,
+                vb.device(),
+            )?)
+        })?;
+        let attn = vb.pp("attn");
+        let ffn = vb.pp("ffn");
+        let group = vb.pp("group_fc");
+        let group_weight =
+            group.get_with_hints((k, d), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let group_bias = if cfg.cosine {
+            None
+        } else {
+            Some(group.get_with_hints(k, "bias", candle_nn::init::ZERO)?)
+        };
+        Ok(Self {
+            input: cfg.input.clone(),
+            mask,
+            heads: cfg.heads,
+            d_model: d,
+            input_proj: candle_nn::linear(in_dim, d, vb.pp("input_proj"))?,
+            query_key: if is_sequence {
+                Some((
+                    candle_nn::linear(d, d, attn.pp("q_proj"))?,
+                    candle_nn::linear_no_bias(d, d, attn.pp("k_proj"))?,
+                ))
+            } else {
+                None
+            },
+            v_proj: candle_nn::linear(d, d, attn.pp("v_proj"))?,
+            out_proj: candle_nn::linear(d, d, attn.pp("out_proj"))?,
+            norm1: LayerNorm::new(d, vb.pp("norm1"))?,
+            norm2: LayerNorm::new(d, vb.pp("norm2"))?,
+            norm3: LayerNorm::new(d, vb.pp("norm3"))?,
+            fc1: candle_nn::linear(d, cfg.ffn, ffn.pp("fc1"))?,
+            fc2: candle_nn::linear(cfg.ffn, d, ffn.pp("fc2"))?,
+            drop_query: Dropout::new(p, ctx.seed, &vb, "query")?,
+            drop_attn: Dropout::new(p, ctx.seed, &vb, "attn")?,
+            drop_ffn_hidden: Dropout::new(p, ctx.seed, &vb, "ffn_hidden")?,
+            drop_ffn: Dropout::new(p, ctx.seed, &vb, "ffn")?,
+            queries_name,
+            queries,
+            group_weight,
+            group_bias,
+        })
+    }
+
+    /// Project only the real tokens of the batch to keys and values.
+    fn memory(&self, x: &Inputs) -> Result<Memory> {
+        let tokens = lookup(x, &self.input)?;
+        let tokens = match tokens.rank() {
+            2 => tokens.unsqueeze(1)?,
+            3 => tokens.clone(),
+            _ => candle_core::bail!(
+                "batch entry `{}` has shape {:?}; expected [B, T, D] or [B, D]",
+                self.input,
+                tokens.shape()
+            ),
+        };
+        let (b, t, dim) = tokens.dims3()?;
+        let dev = tokens.device();
+        let mask = match &self.mask {
+            Some(name) => Some(lookup(x, name)?),
+            None => None,
+        };
+        let Some(mask) = mask.filter(|_| t > 1) else {
+            let h = self.project(&tokens.reshape((b * t, dim))?)?;
+            let keys = match &self.query_key {
+                Some((_, k_proj)) => Some(k_proj.forward(&h)?.reshape((b, t, self.d_model))?),
+                None => None,
+            };
+            let values = self.v_proj.forward(&h)?.reshape((b, t, self.d_model))?;
+            let bias = Tensor::zeros((b, 1, 1, t), DType::F32, dev)?;
+            return Ok(Memory { keys, values, bias });
+        };
+        let real = real_positions(mask, b, t)?;
+        let (tm, n) = (real.extent, real.source.len());
+        let bias = Tensor::from_vec(real.bias, (b, 1, 1, tm), dev)?;
+        if n == 0 {
+            let zeros = Tensor::zeros((b, tm, self.d_model), DType::F32, dev)?;
+            return Ok(Memory {
+                keys: self.query_key.as_ref().map(|_| zeros.clone()),
+                values: zeros,
+                bias,
+            });
+        }
+        let source = Tensor::from_vec(real.source, n, dev)?;
+        let target = Tensor::from_vec(real.target, n, dev)?;
+        let packed = tokens.reshape((b * t, dim))?.index_select(&source, 0)?;
+        let h = self.project(&packed)?;
+        let scatter = |rows: Tensor| -> Result<Tensor> {
+            Tensor::zeros((b * tm, self.d_model), DType::F32, dev)?
+                .index_add(&target, &rows, 0)?
+                .reshape((b, tm, self.d_model))
+        };
+        Ok(Memory {
+            keys: match &self.query_key {
+                Some((_, k_proj)) => Some(scatter(k_proj.forward(&h)?)?),
+                None => None,
+            },
+            values: scatter(self.v_proj.forward(&h)?)?,
+            bias,
+        })
+    }
+
+    /// Input projection + ReLU of `[N, D]` token rows (any float dtype).
+    fn project(&self, rows: &Tensor) -> Result<Tensor> {
+        self.input_proj.forward(&rows.to_dtype(DType::F32)?)?.relu()
+    }
+
+    /// `[B, T', d]` -> `[B, heads, T', d / heads]`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, self.heads, self.d_model / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// The decoder layer and the group fully-connected output on a memory of `b` samples.
+    fn decode(&self, memory: &Memory, b: usize, train: bool) -> Result<Tensor> {
+        let (k, d) = self.queries.dims2()?;
+        let dh = d / self.heads;
+        // t = LN1(q + dropout(q)): per sample when dropout is active, else shared by the batch.
+        let t = if train {
+            let q = self
+                .queries
+                .unsqueeze(0)?
+                .broadcast_as((b, k, d))?
+                .contiguous()?;
+            self.norm1
+                .forward(&(&q + self.drop_query.forward(&q, true)?)?)?
+        } else {
+            self.norm1.forward(&(&self.queries * 2.0)?)?.unsqueeze(0)?
+        };
+        let mixed = match (&self.query_key, &memory.keys) {
+            (Some((q_proj, _)), Some(keys)) => {
+                let q = self.split_heads(&q_proj.forward(&t)?)?; // [B or 1, H, K, dh]
+                let q = q.broadcast_as((b, self.heads, k, dh))?.contiguous()?;
+                let keys = self.split_heads(keys)?;
+                let values = self.split_heads(&memory.values)?;
+                let scores = (q.matmul(&keys.t()?)? * (1.0 / (dh as f64).sqrt()))?
+                    .broadcast_add(&memory.bias)?;
+                let attention = candle_nn::ops::softmax(&scores, D::Minus1)?;
+                attention
+                    .matmul(&values)? // [B, H, K, dh]
+                    .transpose(1, 2)?
+                    .reshape((b, k, d))?
+            }
+            // One key per sample: every query gets its value.
+            _ => memory.values.broadcast_as((b, k, d))?,
+        };
+        let attended = self.out_proj.forward(&mixed)?;
+        let t = self
+            .norm2
+            .forward(&t.broadcast_add(&self.drop_attn.forward(&attended, train)?)?)?;
+        let hidden = self
+            .drop_ffn_hidden
+            .forward(&self.fc1.forward(&t)?.relu()?, train)?;
+        let ffn = self.fc2.forward(&hidden)?;
+        let t = self
+            .norm3
+            .forward(&(&t + self.drop_ffn.forward(&ffn, train)?)?)?;
+        match &self.group_bias {
+            Some(bias) => t
+                .broadcast_mul(&self.group_weight)?
+                .sum(D::Minus1)?
+                .broadcast_add(bias),
+            None => l2_normalize(&t)?
+                .broadcast_mul(&l2_normalize(&self.group_weight)?)?
+                .sum(D::Minus1)?
+                .clamp(-1f32, 1f32),
+        }
+    }
+}
+
+/// Where the real tokens of a `[B, T]` mask are, for packing.
+struct RealPositions {
+    /// Row of each real token in the flattened `[B*T]` input.
+    source: Vec<u32>,
+    /// Row of each real token in the flattened `[B*T']` memory.
+    target: Vec<u32>,
+    /// T': one past the last real position of any sample (at least 1).
+    extent: usize,
+    /// `[B*T']` attention bias: 0 for real tokens, [`MASKED`] for padding.
+    bias: Vec<f32>,
+}
+
+fn real_positions(mask: &Tensor, b: usize, t: usize) -> Result<RealPositions> {
+    let flags: Vec<u8> = mask
+        .ne(0f32)?
+        .reshape(b * t)?
+        .to_device(&Device::Cpu)?
+        .to_vec1()?;
+    if flags.len() != b * t {
+        candle_core::bail!("mask has {} entries for {b} x {t} tokens", flags.len());
+    }
+    let extent = flags
+        .chunks(t)
+        .filter_map(|row| row.iter().rposition(|&f| f != 0))
+        .max()
+        .map_or(1, |last| last + 1);
+    let mut source = Vec::new();
+    let mut target = Vec::new();
+    let mut bias = vec![MASKED; b * extent];
+    for (i, row) in flags.chunks(t).enumerate() {
+        for (j, _) in row.iter().enumerate().filter(|(_, f)| **f != 0) {
+            source.push((i * t + j) as u32);
+            target.push((i * extent + j) as u32);
+            bias[i * extent + j] = 0.0;
+        }
+    }
+    Ok(RealPositions {
+        source,
+        target,
+        extent,
+        bias,
+    })
+}
+
+impl Head for MlDecoderHead {
+    fn inputs(&self) -> Vec<String> {
+        std::iter::once(self.input.clone())
+            .chain(self.mask.clone())
+            .collect()
+    }
+
+    fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
+        let memory = self.memory(x)?;
+        let b = memory.values.dim(0)?;
+        self.decode(&memory, b, train)
+    }
+
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        vec![(self.queries_name.clone(), self.queries.clone())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::heads::init::seeded_var_builder;
+    use candle_nn::VarMap;
+
+    const B: usize = 5;
+    const T: usize = 7;
+    const DIM: usize = 10;
+    const K: usize = 3;
+
+    fn context() -> HeadContext {
+        HeadContext {
+            num_labels: K,
+            input_shapes: HashMap::from([
+                ("multimodal_tokens".into(), vec![T, DIM]),
+                ("multimodal_mask".into(), vec![T]),
+                ("image".into(), vec![DIM]),
+            ]),
+            label_cooccurrence: None,
+            seed: 11,
+        }
+    }
+
+    fn head(dropout: f32) -> anyhow::Result<MlDecoderHead> {
+        let cfg = MlDecoderConfig {
+            d_model: 16,
+            heads: 4,
+            ffn: 24,
+            dropout,
+            ..Default::default()
+        };
+        let map = VarMap::new();
+        MlDecoderHead::new(&cfg, &context(), seeded_var_builder(&map, 11, &Device::Cpu))
+    }
+
+    /// Lengths 3, 1, 7, 0 (no real token) and 2, padded on the right; `pad` fills the padding.
+    fn batch(pad: f32) -> Result<Inputs> {
+        let dev = Device::Cpu;
+        let lengths = [3usize, 1, 7, 0, 2];
+        let mask: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&l| (0..T).map(move |t| if t < l { 1.0 } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (B, T), &dev)?;
+        let tokens = Tensor::randn(0f32, 1.0, (B, T, DIM), &dev)?;
+        let pad = Tensor::full(pad, (B, T, DIM), &dev)?;
+        let keep = mask.unsqueeze(2)?.broadcast_as((B, T, DIM))?.ne(0f32)?;
+        let tokens = keep.where_cond(&tokens, &pad)?;
+        Ok(HashMap::from([
+            ("multimodal_tokens".into(), tokens),
+            ("multimodal_mask".into(), mask),
+        ]))
+    }
+
+    /// The straightforward memory: every token position projected, padding masked.
+    fn padded_memory(head: &MlDecoderHead, x: &Inputs) -> Result<Memory> {
+        let tokens = &x["multimodal_tokens"];
+        let mask = &x["multimodal_mask"];
+        let h = head.project(&tokens.reshape((B * T, DIM))?)?;
+        let (_, k_proj) = head.query_key.as_ref().expect("sequence head");
+        let d = head.d_model;
+        let bias = ((mask.ne(0f32)?.to_dtype(DType::F32)? - 1.0)? * (-MASKED as f64))?
+            .reshape((B, 1, 1, T))?;
+        Ok(Memory {
+            keys: Some(k_proj.forward(&h)?.reshape((B, T, d))?),
+            values: head.v_proj.forward(&h)?.reshape((B, T, d))?,
+            bias,
+        })
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.max_all()?.to_scalar()
+    }
+
+    #[test]
+    fn packed_tokens_give_the_padded_result() -> anyhow::Result<()> {
+        let head = head(0.0)?;
+        let x = batch(0.0)?;
+        let packed = head.forward(&x, false)?;
+        let padded = head.decode(&padded_memory(&head, &x)?, B, false)?;
+        // Sample 3 has no real token: the padded path averages padding values, ours uses none.
+        for sample in [0, 1, 2, 4] {
+            let diff = max_diff(&packed.get(sample)?, &padded.get(sample)?)?;
+            assert!(diff < 1e-5, "sample {sample}: {diff}");
+        }
+        assert!(
+            packed
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|v| v.is_finite())
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn padding_content_does_not_matter() -> anyhow::Result<()> {
+        let head = head(0.0)?;
+        let mut x = batch(0.0)?;
+        let clean = head.forward(&x, false)?;
+        let garbage = batch(1e4)?;
+        x.insert("multimodal_tokens".into(), {
+            let keep = x["multimodal_mask"]
+                .unsqueeze(2)?
+                .broadcast_as((B, T, DIM))?
+                .ne(0f32)?;
+            keep.where_cond(&x["multimodal_tokens"], &garbage["multimodal_tokens"])?
+        });
+        assert!(max_diff(&clean, &head.forward(&x, false)?)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn f16_tokens_and_u8_masks_are_accepted() -> anyhow::Result<()> {
+        let head = head(0.0)?;
+        let x = batch(0.0)?;
+        let mut half = x.clone();
+        half.insert(
+            "multimodal_tokens".into(),
+            x["multimodal_tokens"].to_dtype(DType::F16)?,
+        );
+        half.insert(
+            "multimodal_mask".into(),
+            x["multimodal_mask"].to_dtype(DType::U8)?,
+        );
+        let reference = head.forward(&x, false)?;
+        assert!(max_diff(&reference, &head.forward(&half, false)?)? < 1e-2);
+        Ok(())
+    }
+
+    #[test]
+    fn shared_query_path_in_eval_equals_the_per_sample_path() -> anyhow::Result<()> {
+        let head = head(0.0)?; // no dropout: train mode only switches to the per-sample path
+        let x = batch(0.0)?;
+        assert!(max_diff(&head.forward(&x, false)?, &head.forward(&x, true)?)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn pooled_input_is_a_one_token_sequence() -> anyhow::Result<()> {
+        let cfg = MlDecoderConfig {
+            input: "image".into(),
+            d_model: 16,
+            heads: 4,
+            ffn: 24,
+            ..Default::default()
+        };
+        let map = VarMap::new();
+        let head = MlDecoderHead::new(&cfg, &context(), seeded_var_builder(&map, 1, &Device::Cpu))?;
+        assert!(head.query_key.is_none());
+        assert_eq!(head.inputs(), ["image"]);
+        let image = Tensor::randn(0f32, 1.0, (B, DIM), &Device::Cpu)?;
+        let x: Inputs = HashMap::from([("image".into(), image)]);
+        assert_eq!(head.forward(&x, false)?.dims(), &[B, K]);
+        assert_eq!(head.forward(&x, true)?.dims(), &[B, K]);
+        Ok(())
+    }
+
+    #[test]
+    fn default_mask_is_found_and_required() -> anyhow::Result<()> {
+        let head = head(0.1)?;
+        assert_eq!(head.inputs(), ["multimodal_tokens", "multimodal_mask"]);
+        let mut x = batch(0.0)?;
+        x.remove("multimodal_mask");
+        let err = head
+            .forward(&x, false)
+            .expect_err("mask missing")
+            .to_string();
+        assert!(err.contains("`multimodal_mask`"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! `mlp`: Linear -> ReLU -> Linear on one pooled feature or several concatenated (the
+//! original's "naive" BLIP head), or a linear probe with `hidden = 0`.
+//!
+//! Variables: `hidden.{weight,bias}` (absent for a probe), `out.{weight,bias}`.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::features::{Feature, concat, pooled_inputs};
+use super::layers::Mlp;
+use super::{Head, HeadContext, Inputs};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Cache outputs to concatenate (token sequences are mean-pooled over real tokens);
+    /// empty = every pooled output of the cache.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Hidden width; 0 makes a linear probe.
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    #[serde(default)]
+    pub dropout: f32,
+    #[serde(default)]
+    pub cosine: bool,
+}
+
+fn default_hidden() -> usize {
+    768
+}
+
+impl Default for MlpConfig {
+    fn default() -> Self {
+        Self {
+            inputs: Vec::new(),
+            hidden: default_hidden(),
+            dropout: 0.0,
+            cosine: false,
+        }
+    }
+}
+
+/// Inputs of a head config: the listed ones, or every pooled output of the cache.
+pub(crate) fn inputs_or_pooled(listed: &[String], ctx: &HeadContext) -> Vec<String> {
+    if listed.is_empty() {
+        pooled_inputs(ctx)
+    } else {
+        listed.to_vec()
+    }
+}
+
+pub struct MlpHead {
+    features: Vec<Feature>,
+    mlp: Mlp,
+}
+
+impl MlpHead {
+    pub fn new(cfg: &MlpConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+        let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
+        let in_dim = features.iter().map(|f| f.dim).sum();
+        let mlp = Mlp::new(
+            in_dim,
+            cfg.hidden,
+            ctx.num_labels,
+            cfg.dropout,
+            cfg.cosine,
+            ctx.seed,
+            vb,
+        )?;
+        Ok(Self { features, mlp })
+    }
+}
+
+impl Head for MlpHead {
+    fn inputs(&self) -> Vec<String> {
+        self.features.iter().flat_map(Feature::inputs).collect()
+    }
+
+    fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
+        let parts = self
+            .features
+            .iter()
+            .map(|f| f.forward(x))
+            .collect::<Result<Vec<_>>>()?;
+        self.mlp.forward(&concat(&parts)?, train)
+    }
+}

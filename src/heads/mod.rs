@@ -1,0 +1,247 @@
+//! Classification heads trained on cached backbone outputs.
+//!
+//! A head reads named cache outputs from a batch ([`Inputs`]) and returns logits `[B, K]`
+//! (or cosines in [-1, 1] with `cosine = true`, for the angular-margin loss). The kinds:
+//! [`mlp`] (MLP or linear probe on concatenated features), [`router`] (one MLP per modality mixed
+//! by per-sample softmax weights), [`ensemble`] (linear probes and a fused MLP mixed by a
+//! router), [`gat`] (graph attention over the label co-occurrence graph) and [`ml_decoder`]
+//! (Ridnik et al.'s query decoder over token sequences).
+//!
+//! Variables: [`build`] takes a `VarBuilder`; for training make it with
+//! [`init::seeded_var_builder`] over a `VarMap` (seeded, reproducible initial weights). Every
+//! variable in that map is trainable. Fixed buffers (ML-Decoder queries, GAT adjacency) are NOT
+//! in the map: they live under a `buffers.` path segment ([`is_buffer`]), the head returns them
+//! from [`Head::buffers`], and [`checkpoint_tensors`] gives map + buffers for saving. Building
+//! from a checkpoint's `VarBuilder` (e.g. `VarBuilder::from_mmaped_safetensors`) reads both
+//! back.
+
+pub mod ensemble;
+pub mod features;
+pub mod gat;
+pub mod init;
+pub mod layers;
+pub mod ml_decoder;
+pub mod mlp;
+pub mod router;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::Context;
+use candle_core::{Result, Shape, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+pub use ensemble::EnsembleConfig;
+pub use gat::{GatConfig, LabelCooccurrence};
+pub use ml_decoder::MlDecoderConfig;
+pub use mlp::MlpConfig;
+pub use router::RouterConfig;
+
+/// A batch: cache output name -> tensor on the device, batch first (`[B, D]`, `[B, T, D]`,
+/// masks `[B, T]` with 1 for a real token). Token sequences may be f16; heads convert.
+pub type Inputs = HashMap<String, Tensor>;
+
+/// What a head is built for.
+#[derive(Debug, Clone, Default)]
+pub struct HeadContext {
+    /// K, the number of labels (logit columns).
+    pub num_labels: usize,
+    /// Per-sample shape of every available cache output, WITHOUT the batch dimension:
+    /// `[D]` for pooled vectors, `[T, D]` for token sequences, `[T]` for masks.
+    pub input_shapes: HashMap<String, Vec<usize>>,
+    /// Label co-occurrence counts of the training split; required by `gat` when training.
+    pub label_cooccurrence: Option<LabelCooccurrence>,
+    /// Seed of the fixed random buffers and the dropout masks.
+    pub seed: u64,
+}
+
+/// Head configuration, tagged by `kind` in JSON/TOML; see each kind's config for its fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HeadConfig {
+    Mlp(MlpConfig),
+    Router(RouterConfig),
+    Ensemble(EnsembleConfig),
+    Gat(GatConfig),
+    MlDecoder(MlDecoderConfig),
+}
+
+impl HeadConfig {
+    /// The kind, as written in configs and checkpoint names (`mlp`, `ml_decoder`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Mlp(_) => "mlp",
+            Self::Router(_) => "router",
+            Self::Ensemble(_) => "ensemble",
+            Self::Gat(_) => "gat",
+            Self::MlDecoder(_) => "ml_decoder",
+        }
+    }
+
+    /// Whether the head outputs cosines (for the angular-margin loss) instead of logits.
+    pub fn cosine(&self) -> bool {
+        match self {
+            Self::Mlp(c) => c.cosine,
+            Self::Router(c) => c.cosine,
+            Self::Ensemble(c) => c.cosine,
+            Self::Gat(c) => c.cosine,
+            Self::MlDecoder(c) => c.cosine,
+        }
+    }
+}
+
+/// Parses the CLI form `KIND[:KEY=VALUE,...]`, e.g. `mlp`, `mlp:hidden=0`,
+/// `router:inputs=image+text,hidden=512`, `ml_decoder:input=multimodal_tokens,d_model=512`.
+/// List values (`inputs`) are joined with `+`; unknown keys are errors.
+impl FromStr for HeadConfig {
+    type Err = anyhow::Error;
+
+    fn from_str(spec: &str) -> anyhow::Result<Self> {
+        let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
+        let mut map = serde_json::Map::new();
+        map.insert("kind".into(), kind.trim().into());
+        for pair in rest.split(',').filter(|p| !p.trim().is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("head option `{pair}` in `{spec}` is not KEY=VALUE"))?;
+            let (key, value) = (key.trim(), value.trim());
+            let value = if key == "inputs" {
+                serde_json::Value::from(value.split('+').map(str::trim).collect::<Vec<_>>())
+            } else if let Ok(b) = value.parse::<bool>() {
+                b.into()
+            } else if let Ok(n) = value.parse::<u64>() {
+                n.into()
+            } else if let Ok(x) = value.parse::<f64>() {
+                x.into()
+            } else {
+                value.into()
+            };
+            map.insert(key.to_string(), value);
+        }
+        serde_json::from_value(map.into()).with_context(|| {
+            format!("bad head `{spec}` (kinds: mlp, router, ensemble, gat, ml_decoder)")
+        })
+    }
+}
+
+impl fmt::Display for HeadConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let json = serde_json::to_string(self).map_err(|_| fmt::Error)?;
+        f.write_str(&json)
+    }
+}
+
+/// A part of a head that can be trained on its own first (the multi-stage recipe), e.g. the
+/// image expert of a router. Its variables are those whose names start with `var_prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadPart {
+    pub name: String,
+    pub var_prefix: String,
+}
+
+/// A trained head: logits from a batch of cache outputs.
+pub trait Head: Send + Sync {
+    /// The batch entries (cache output names, masks included) that `forward` reads.
+    fn inputs(&self) -> Vec<String>;
+
+    /// Logits `[B, K]` (cosines in [-1, 1] for a cosine head). `train` turns dropout on.
+    fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor>;
+
+    /// Fixed (never optimised) tensors to save with the weights, by full name.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// Sub-heads that can be warmed up alone before the whole head is trained.
+    fn parts(&self) -> Vec<HeadPart> {
+        Vec::new()
+    }
+
+    /// Logits `[B, K]` of the part called `part` (one of [`Head::parts`]) on its own.
+    fn part_forward(&self, part: &str, _x: &Inputs, _train: bool) -> Result<Tensor> {
+        candle_core::bail!("this head has no part `{part}`")
+    }
+}
+
+/// Build the head described by `cfg`. Checks that every input it needs is in
+/// `ctx.input_shapes` (the error names the missing output and lists the available ones).
+pub fn build(cfg: &HeadConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Box<dyn Head>> {
+    if ctx.num_labels == 0 {
+        anyhow::bail!("a head needs at least one label");
+    }
+    let head: Box<dyn Head> = match cfg {
+        HeadConfig::Mlp(c) => Box::new(mlp::MlpHead::new(c, ctx, vb)?),
+        HeadConfig::Router(c) => Box::new(router::RouterHead::new(c, ctx, vb)?),
+        HeadConfig::Ensemble(c) => Box::new(ensemble::EnsembleHead::new(c, ctx, vb)?),
+        HeadConfig::Gat(c) => Box::new(gat::GatHead::new(c, ctx, vb)?),
+        HeadConfig::MlDecoder(c) => Box::new(ml_decoder::MlDecoderHead::new(c, ctx, vb)?),
+    };
+    Ok(head)
+}
+
+/// The path segment under which fixed buffers are named (`buffers.queries`, ...).
+pub const BUFFER_SCOPE: &str = "buffers";
+
+/// Whether a checkpoint tensor name is a fixed buffer (not a trainable variable).
+pub fn is_buffer(name: &str) -> bool {
+    name.split('.').any(|segment| segment == BUFFER_SCOPE)
+}
+
+/// Whether AdamW should leave this variable undecayed: biases and layer-norm parameters.
+pub fn exempt_from_weight_decay(name: &str) -> bool {
+    name.ends_with(".bias")
+        || name == "bias"
+        || name.split('.').any(|segment| segment.starts_with("norm"))
+}
+
+/// Everything a checkpoint of `head` holds: the trainable variables of `varmap` and the head's
+/// buffers, by full name (save with `candle_core::safetensors::save`).
+pub fn checkpoint_tensors(
+    varmap: &VarMap,
+    head: &dyn Head,
+) -> anyhow::Result<HashMap<String, Tensor>> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
+    let mut tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    for (name, tensor) in head.buffers() {
+        if tensors.insert(name.clone(), tensor).is_some() {
+            anyhow::bail!("buffer `{name}` clashes with a trainable variable");
+        }
+    }
+    Ok(tensors)
+}
+
+/// A fixed buffer called `name` under `vb`'s `buffers` scope: read from `vb` when it holds it
+/// (a checkpoint), otherwise made by `make`. Returns the full name and the tensor.
+fn buffer(
+    vb: &VarBuilder,
+    name: &str,
+    shape: impl Into<Shape>,
+    make: impl FnOnce() -> anyhow::Result<Tensor>,
+) -> anyhow::Result<(String, Tensor)> {
+    let scope = vb.pp(BUFFER_SCOPE);
+    let full_name = scope.pp(name).prefix();
+    let shape = shape.into();
+    let tensor = if scope.contains_tensor(name) {
+        scope
+            .get(shape, name)
+            .with_context(|| format!("buffer `{full_name}` in the checkpoint"))?
+    } else {
+        let tensor = make()?;
+        if tensor.shape() != &shape {
+            anyhow::bail!(
+                "buffer `{full_name}` has shape {:?}, expected {shape:?}",
+                tensor.shape()
+            );
+        }
+        tensor
+    };
+    Ok((full_name, tensor))
+}

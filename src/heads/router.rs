@@ -1,0 +1,238 @@
+//! `router`: one MLP expert per modality and a router that gives each expert one softmax weight
+//! per sample; logits = the weighted sum of the experts' logits.
+//!
+//! The router is an MLP on the concatenation of ALL the inputs, so every modality informs every
+//! weight, and the weights sum to 1 (the original took both weights from the image features and
+//! did not normalise them). [`Mixture`] is shared with the `ensemble` head.
+//!
+//! Variables: `experts.<input>.{hidden,out}.*` per modality, `router.{hidden,out}.*`. Each expert
+//! is a [`HeadPart`] the trainer can warm up alone (`part_forward`).
+
+use candle_core::{D, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::features::{Feature, concat};
+use super::layers::Mlp;
+use super::mlp::inputs_or_pooled;
+use super::{Head, HeadContext, HeadPart, Inputs};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// One expert per listed cache output; empty = every pooled output of the cache.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Hidden width of each expert MLP (0 = linear experts).
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    /// Hidden width of the router MLP (0 = linear router).
+    #[serde(default = "default_router_hidden")]
+    pub router_hidden: usize,
+    #[serde(default)]
+    pub dropout: f32,
+    #[serde(default)]
+    pub cosine: bool,
+}
+
+fn default_hidden() -> usize {
+    768
+}
+
+fn default_router_hidden() -> usize {
+    256
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            inputs: Vec::new(),
+            hidden: default_hidden(),
+            router_hidden: default_router_hidden(),
+            dropout: 0.0,
+            cosine: false,
+        }
+    }
+}
+
+/// One classifier of a mixture, on a subset of the mixture's features.
+pub(crate) struct Expert {
+    pub name: String,
+    pub var_prefix: String,
+    /// Indices into the mixture's features, concatenated in this order.
+    pub features: Vec<usize>,
+    pub mlp: Mlp,
+}
+
+/// Experts mixed by per-sample softmax weights from a router MLP on all features.
+pub(crate) struct Mixture {
+    features: Vec<Feature>,
+    experts: Vec<Expert>,
+    router: Mlp,
+}
+
+impl Mixture {
+    /// A mixture of `experts` over `features`; the router (variables under `router.`) reads all
+    /// features concatenated.
+    pub fn new(
+        features: Vec<Feature>,
+        experts: Vec<Expert>,
+        router_hidden: usize,
+        dropout: f32,
+        seed: u64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let in_dim = features.iter().map(|f| f.dim).sum();
+        let router = Mlp::new(
+            in_dim,
+            router_hidden,
+            experts.len(),
+            dropout,
+            false,
+            seed,
+            vb.pp("router"),
+        )?;
+        Ok(Self {
+            features,
+            experts,
+            router,
+        })
+    }
+
+    pub fn inputs(&self) -> Vec<String> {
+        self.features.iter().flat_map(Feature::inputs).collect()
+    }
+
+    fn features(&self, x: &Inputs) -> Result<Vec<Tensor>> {
+        self.features.iter().map(|f| f.forward(x)).collect()
+    }
+
+    fn expert_forward(&self, expert: &Expert, feats: &[Tensor], train: bool) -> Result<Tensor> {
+        let parts: Vec<Tensor> = expert.features.iter().map(|&i| feats[i].clone()).collect();
+        expert.mlp.forward(&concat(&parts)?, train)
+    }
+
+    /// Each expert's logits `[B, K]`, in expert order.
+    pub fn expert_logits(&self, x: &Inputs, train: bool) -> Result<Vec<Tensor>> {
+        let feats = self.features(x)?;
+        self.experts
+            .iter()
+            .map(|e| self.expert_forward(e, &feats, train))
+            .collect()
+    }
+
+    /// Routing weights `[B, experts]`, each row summing to 1.
+    pub fn weights(&self, x: &Inputs, train: bool) -> Result<Tensor> {
+        let feats = self.features(x)?;
+        self.router_weights(&feats, train)
+    }
+
+    fn router_weights(&self, feats: &[Tensor], train: bool) -> Result<Tensor> {
+        let scores = self.router.forward(&concat(feats)?, train)?;
+        candle_nn::ops::softmax(&scores, D::Minus1)
+    }
+
+    pub fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
+        let feats = self.features(x)?;
+        let logits = self
+            .experts
+            .iter()
+            .map(|e| self.expert_forward(e, &feats, train))
+            .collect::<Result<Vec<_>>>()?;
+        let logits = Tensor::stack(&logits, 1)?; // [B, M, K]
+        let weights = self.router_weights(&feats, train)?.unsqueeze(D::Minus1)?; // [B, M, 1]
+        logits.broadcast_mul(&weights)?.sum(1)
+    }
+
+    pub fn parts(&self) -> Vec<HeadPart> {
+        self.experts
+            .iter()
+            .map(|e| HeadPart {
+                name: e.name.clone(),
+                var_prefix: e.var_prefix.clone(),
+            })
+            .collect()
+    }
+
+    pub fn part_forward(&self, part: &str, x: &Inputs, train: bool) -> Result<Tensor> {
+        let Some(expert) = self.experts.iter().find(|e| e.name == part) else {
+            let names: Vec<&str> = self.experts.iter().map(|e| e.name.as_str()).collect();
+            candle_core::bail!("no part `{part}`; parts: {}", names.join(", "));
+        };
+        let feats = self.features(x)?;
+        self.expert_forward(expert, &feats, train)
+    }
+}
+
+/// The full variable-name prefix (with a trailing dot) of `vb`.
+pub(crate) fn var_prefix(vb: &VarBuilder) -> String {
+    format!("{}.", vb.prefix())
+}
+
+pub struct RouterHead {
+    mixture: Mixture,
+}
+
+impl RouterHead {
+    pub fn new(cfg: &RouterConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+        let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
+        let experts = features
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let evb = vb.pp("experts").pp(&f.name);
+                Ok(Expert {
+                    name: f.name.clone(),
+                    var_prefix: var_prefix(&evb),
+                    features: vec![i],
+                    mlp: Mlp::new(
+                        f.dim,
+                        cfg.hidden,
+                        ctx.num_labels,
+                        cfg.dropout,
+                        cfg.cosine,
+                        ctx.seed,
+                        evb,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mixture = Mixture::new(
+            features,
+            experts,
+            cfg.router_hidden,
+            cfg.dropout,
+            ctx.seed,
+            vb,
+        )?;
+        Ok(Self { mixture })
+    }
+
+    /// Each modality's own logits `[B, K]`, in input order (for warming the experts up).
+    pub fn modality_logits(&self, x: &Inputs, train: bool) -> Result<Vec<Tensor>> {
+        self.mixture.expert_logits(x, train)
+    }
+
+    /// The per-sample modality weights `[B, modalities]` (rows sum to 1).
+    pub fn routing_weights(&self, x: &Inputs, train: bool) -> Result<Tensor> {
+        self.mixture.weights(x, train)
+    }
+}
+
+impl Head for RouterHead {
+    fn inputs(&self) -> Vec<String> {
+        self.mixture.inputs()
+    }
+
+    fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
+        self.mixture.forward(x, train)
+    }
+
+    fn parts(&self) -> Vec<HeadPart> {
+        self.mixture.parts()
+    }
+
+    fn part_forward(&self, part: &str, x: &Inputs, train: bool) -> Result<Tensor> {
+        self.mixture.part_forward(part, x, train)
+    }
+}
