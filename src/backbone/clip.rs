@@ -14,6 +14,13 @@
 //!
 //! The text model is causal, so the tokens after the end-of-text token cannot change the pooled
 //! output: each batch runs only up to its longest caption instead of 77 padded positions.
+//!
+//! As a [`Backbone`] ([`ClipBackbone`], spec `clip:<dir or Hub id>[?options]`): images go through
+//! `preprocessor_config.json` (CLIPImageProcessor: bicubic shortest side, center crop, OpenAI
+//! mean/std); captions through a template (option `template`, default `{caption}`; the original
+//! wrote spaCy noun phrases into "The photo contains ...", which a template replaces) and
+//! `tokenizer.json`, truncated to 77 tokens keeping the end token. Option `image_tokens=true`
+//! adds the `image_tokens` output.
 
 use std::path::Path;
 
@@ -24,6 +31,10 @@ use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, causal_mask};
+use super::options::Options;
+use super::preprocess::ImagePreprocess;
+use super::source::{ModelDir, load_weights};
+use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
 /// `config.json` of a `CLIPModel`; missing fields take transformers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -426,6 +437,139 @@ impl ClipModel {
     pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         let pooled = self.text.forward(ids)?;
         l2_normalize(&self.text_projection.forward(&pooled)?)
+    }
+}
+
+/// Images of a batch, decoded and checked.
+pub(crate) fn batch_images<'a>(batch: &'a [Sample]) -> Result<Vec<&'a image::RgbImage>> {
+    batch
+        .iter()
+        .map(|s| {
+            s.image
+                .as_ref()
+                .with_context(|| format!("sample {} has no image", s.id))
+        })
+        .collect()
+}
+
+/// The `clip` backbone: outputs `image`, `text` and, with `image_tokens=true`, `image_tokens`.
+pub struct ClipBackbone {
+    id: String,
+    model: ClipModel,
+    config: ClipConfig,
+    preprocess: ImagePreprocess,
+    tokenizer: Tokenizer,
+    template: String,
+    image_tokens: bool,
+    weights_sha256: Vec<(String, String)>,
+    device: Device,
+}
+
+/// A batch prepared by [`ClipBackbone::prepare`].
+struct ClipBatch {
+    pixels: Tensor,
+    ids: Vec<Vec<u32>>,
+}
+
+impl ClipBackbone {
+    /// Loads `config.json`, `preprocessor_config.json`, `tokenizer.json` and the weights.
+    pub fn load(id: &str, dir: &ModelDir, options: &Options, device: &Device) -> Result<Self> {
+        options.check_known("clip", &["template", "image_tokens"])?;
+        let config = ClipConfig::from_file(&dir.file("config.json")?)?;
+        let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
+        let weights = load_weights(
+            dir,
+            device,
+            "text_model.embeddings.token_embedding.weight",
+            &[],
+        )?;
+        let model = ClipModel::load(weights.vb, &config)
+            .with_context(|| format!("cannot build CLIP from {}", dir.location))?;
+        let tokenizer = load_tokenizer(
+            &dir.file("tokenizer.json")?,
+            config.text_config.max_position_embeddings,
+            None,
+        )?;
+        Ok(Self {
+            id: id.to_string(),
+            model,
+            config,
+            preprocess,
+            tokenizer,
+            template: options.template("{caption}")?,
+            image_tokens: options.flag("image_tokens")?,
+            weights_sha256: weights.sha256,
+            device: device.clone(),
+        })
+    }
+}
+
+impl Backbone for ClipBackbone {
+    fn info(&self) -> BackboneInfo {
+        BackboneInfo {
+            id: self.id.clone(),
+            weights_sha256: self.weights_sha256.clone(),
+            preprocessing: serde_json::json!({
+                "image": self.preprocess.describe(),
+                "text": {
+                    "tokenizer": "tokenizer.json",
+                    "max_tokens": self.config.text_config.max_position_embeddings,
+                    "truncation": "keep the end token",
+                    "pooling": "end-of-text token",
+                },
+            }),
+            text_template: Some(self.template.clone()),
+        }
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        let feature = |name: &str, shape: Vec<usize>| OutputSpec {
+            name: name.into(),
+            shape,
+            kind: OutputKind::Feature,
+        };
+        let p = self.config.projection_dim;
+        let mut outputs = vec![feature("image", vec![p]), feature("text", vec![p])];
+        if self.image_tokens {
+            let v = &self.config.vision_config;
+            let tokens = (v.image_size / v.patch_size).pow(2) + 1;
+            outputs.push(feature("image_tokens", vec![tokens, v.hidden_size]));
+        }
+        outputs
+    }
+
+    fn needs_images(&self) -> bool {
+        true
+    }
+
+    fn needs_text(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
+        let pixels = self.preprocess.batch(&batch_images(batch)?, &self.device)?;
+        let ids = batch
+            .iter()
+            .map(|s| {
+                let text = self.template.replace("{caption}", &s.caption);
+                Ok(encode(&self.tokenizer, &text)?.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Box::new(ClipBatch { pixels, ids }))
+    }
+
+    fn forward(&self, prepared: Prepared) -> Result<Vec<Tensor>> {
+        let batch = prepared.downcast::<ClipBatch>().map_err(|_| {
+            anyhow::anyhow!("clip forward got a batch prepared by another backbone")
+        })?;
+        let (image, tokens) = self
+            .model
+            .image_features(&batch.pixels, self.image_tokens)?;
+        let text = self.model.text_features(&batch.ids)?;
+        Ok(std::iter::once(image)
+            .chain(std::iter::once(text))
+            .chain(tokens)
+            .collect())
     }
 }
 
