@@ -1,51 +1,24 @@
-//! The run report: one self-contained `report.html` (inline SVG charts, no external files or
-//! scripts) that a person opens in a browser to judge a training run, plus a short terminal summary.
+//! Renders a [`ReportData`] as one self-contained HTML page (inline SVG charts drawn with
+//! plotters; no external files or scripts), plus a short terminal summary.
 //!
 //! Charts: loss and validation-metric curves per epoch, per-label F1 and AP bars (with support),
-//! tuned thresholds, the micro precision-recall curve and the label co-occurrence heat-map.
+//! the micro precision-recall curve and the label co-occurrence heat-map; a per-label table with
+//! the tuned thresholds.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor;
 
+use super::ReportData;
 use crate::metrics::LabelMetrics;
 use crate::train::history::EpochRecord;
-
-/// Everything a report shows.
-#[derive(Clone, Debug, Default)]
-pub struct ReportData {
-    pub title: String,
-    /// Facts about the run: checkpoint, cache, backbone, head, loss, split, best epoch ...
-    pub facts: Vec<(String, String)>,
-    /// Headline metrics (name, value), e.g. ("micro-F1", 0.83).
-    pub metrics: Vec<(String, f64)>,
-    /// Per-epoch records; the curves show the main stage (`train`).
-    pub history: Vec<EpochRecord>,
-    /// Label names, in vocabulary order.
-    pub label_names: Vec<String>,
-    /// One row per label, in vocabulary order.
-    pub per_label: Vec<LabelMetrics>,
-    /// Micro-averaged precision-recall curve as (recall, precision) points.
-    pub pr_curve: Vec<(f64, f64)>,
-    /// Conditional co-occurrence P(column | row) on the training labels, in vocabulary order.
-    pub cooccurrence: Vec<Vec<f64>>,
-}
 
 const WIDTH: u32 = 760;
 const CURVE_WIDTH: u32 = 620;
 const ROW_PX: u32 = 18;
-
-/// Writes `report.html` into `dir` and returns its path.
-pub fn write_html(dir: &Path, data: &ReportData) -> Result<std::path::PathBuf> {
-    let path = dir.join("report.html");
-    let html = render_html(data)?;
-    std::fs::write(&path, html).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
 
 /// Renders the whole report as one HTML string.
 pub fn render_html(data: &ReportData) -> Result<String> {
