@@ -5,6 +5,7 @@ pub mod dataset;
 pub mod evaluate;
 pub mod extract;
 pub mod predict;
+pub mod run;
 pub mod train;
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` selects the level (default `info`).
