@@ -164,7 +164,7 @@ def mlp(epochs=100, lr=1e-3, hidden=768, batch=256):
         import torch
 
         torch.manual_seed(SEED)
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)  # a tiny MLP: one thread avoids spin-waiting on a busy machine
         net = torch.nn.Sequential(
             torch.nn.Linear(xtr.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, ytr.shape[1])
         )

@@ -55,6 +55,8 @@ metrics() {
 run() {
     local name=$1 spec=$2 head=$2 loss=$3
     shift 3
+    # One training process at a time (another run of this script may be training).
+    while pgrep -f -- "$MC train " >/dev/null; do sleep 5; done
     if cut -f1 "$RESULTS" | grep -qx "$name"; then return 0; fi
     local flags=("$@")
     if [[ $head == *+multistage ]]; then
