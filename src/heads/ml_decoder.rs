@@ -23,12 +23,12 @@
 
 use anyhow::{Context, bail};
 use candle_core::{D, DType, Device, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::features::{default_mask_name, lookup, shape_of};
 use super::init::seeded_tensor;
-use super::layers::{Dropout, LayerNorm, l2_normalize};
+use super::layers::{Dropout, LayerNorm, Linear, add_bias, l2_normalize};
 use super::{Head, HeadContext, Inputs, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,22 +179,22 @@ impl MlDecoderHead {
             mask,
             heads: cfg.heads,
             d_model: d,
-            input_proj: candle_nn::linear(in_dim, d, vb.pp("input_proj"))?,
+            input_proj: Linear::new(in_dim, d, vb.pp("input_proj"))?,
             query_key: if is_sequence {
                 Some((
-                    candle_nn::linear(d, d, attn.pp("q_proj"))?,
-                    candle_nn::linear_no_bias(d, d, attn.pp("k_proj"))?,
+                    Linear::new(d, d, attn.pp("q_proj"))?,
+                    Linear::without_bias(d, d, attn.pp("k_proj"))?,
                 ))
             } else {
                 None
             },
-            v_proj: candle_nn::linear(d, d, attn.pp("v_proj"))?,
-            out_proj: candle_nn::linear(d, d, attn.pp("out_proj"))?,
+            v_proj: Linear::new(d, d, attn.pp("v_proj"))?,
+            out_proj: Linear::new(d, d, attn.pp("out_proj"))?,
             norm1: LayerNorm::new(d, vb.pp("norm1"))?,
             norm2: LayerNorm::new(d, vb.pp("norm2"))?,
             norm3: LayerNorm::new(d, vb.pp("norm3"))?,
-            fc1: candle_nn::linear(d, cfg.ffn, ffn.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.ffn, d, ffn.pp("fc2"))?,
+            fc1: Linear::new(d, cfg.ffn, ffn.pp("fc1"))?,
+            fc2: Linear::new(cfg.ffn, d, ffn.pp("fc2"))?,
             drop_query: Dropout::new(p, ctx.seed, &vb, "query")?,
             drop_attn: Dropout::new(p, ctx.seed, &vb, "attn")?,
             drop_ffn_hidden: Dropout::new(p, ctx.seed, &vb, "ffn_hidden")?,
@@ -321,15 +321,21 @@ impl MlDecoderHead {
         let t = self
             .norm3
             .forward(&(&t + self.drop_ffn.forward(&ffn, train)?)?)?;
+        // Group fully-connected: one dot product per class, as a batched product over classes
+        // (its weight gradient is then a matrix product, not a strided sum over the batch).
+        let (t, w) = match &self.group_bias {
+            Some(_) => (t, self.group_weight.clone()),
+            None => (l2_normalize(&t)?, l2_normalize(&self.group_weight)?),
+        };
+        let logits = t
+            .transpose(0, 1)?
+            .contiguous()? // [K, B, d]
+            .matmul(&w.unsqueeze(2)?)? // [K, B, 1]
+            .squeeze(2)?
+            .t()?;
         match &self.group_bias {
-            Some(bias) => t
-                .broadcast_mul(&self.group_weight)?
-                .sum(D::Minus1)?
-                .broadcast_add(bias),
-            None => l2_normalize(&t)?
-                .broadcast_mul(&l2_normalize(&self.group_weight)?)?
-                .sum(D::Minus1)?
-                .clamp(-1f32, 1f32),
+            Some(bias) => add_bias(&logits, bias),
+            None => logits.clamp(-1f32, 1f32),
         }
     }
 }
