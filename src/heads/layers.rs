@@ -65,7 +65,13 @@ impl Module for Linear {
         let dims = x.dims();
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, in_dim))?;
+        // An input outside the autograd graph (cached features) needs no gradient.
+        let y = if fusable(&x) && !x.track_op() && self.weight.track_op() {
+            fused::matmul_weight_grad_only(&x, &self.weight)?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(b) => add_bias(&y, b)?,
             None => y,
@@ -304,7 +310,7 @@ mod tests {
         let vb = seeded_var_builder(&map, 4, &dev);
         let mut ln = LayerNorm::new(7, vb.pp("ln"))?;
         ln.weight = (Tensor::randn(1f32, 0.5, 7, &dev)?).contiguous()?;
-        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 5, 7), &dev)?)?;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 50, 7), &dev)?)?;
         let b = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, 7, &dev)?)?;
         let w = candle_core::Var::from_tensor(&ln.weight)?;
         let ln = LayerNorm {
@@ -312,7 +318,7 @@ mod tests {
             bias: ln.bias,
             eps: ln.eps,
         };
-        let target = Tensor::randn(0f32, 1.0, (3, 5, 7), &dev)?;
+        let target = Tensor::randn(0f32, 1.0, (3, 50, 7), &dev)?;
         let check = |fast: Tensor, slow: Tensor, tracked: &[&candle_core::Var]| -> Result<()> {
             assert!(max_diff(&fast, &slow)? < 1e-5);
             let gf = (fast * &target)?.sum_all()?.backward()?;
@@ -326,6 +332,17 @@ mod tests {
         };
         check(ln.forward(&x)?, ln.forward_basic(&x)?, &[&x, &w])?;
         check(add_bias(&x, &b)?, x.broadcast_add(&b)?, &[&x, &b])?;
+        // A linear layer on an untracked input: only the weight's gradient is computed.
+        let input = Tensor::randn(0f32, 1.0, (150, 7), &dev)?;
+        let mut linear = Linear::without_bias(7, 7, vb.pp("lin"))?;
+        let lw = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 7), &dev)?)?;
+        linear.weight = lw.as_tensor().clone();
+        let reference = input.matmul(&lw.as_tensor().t()?)?;
+        check(
+            linear.forward(&input)?.reshape((3, 50, 7))?,
+            reference.reshape((3, 50, 7))?,
+            &[&lw],
+        )?;
         Ok(())
     }
 
