@@ -2,8 +2,8 @@
 
 pub mod cache;
 pub mod dataset;
-pub mod extract;
 pub mod evaluate;
+pub mod extract;
 pub mod predict;
 pub mod train;
 
