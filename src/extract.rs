@@ -255,28 +255,10 @@ pub fn extract(
     let (mut input_wait, mut forward) = (Duration::ZERO, Duration::ZERO);
     let (sender, receiver) =
         crossbeam_channel::bounded::<Result<PreparedWindow>>(options.prefetch.max(1));
-    let (ranges_ref, pending_ref) = (&ranges, &pending);
     std::thread::scope(|scope| -> Result<()> {
         // The producer owns the sender: when it is done, the channel closes and the loop below ends.
-        scope.spawn(move || {
-            let ranges = ranges_ref;
-            for &shard in pending_ref {
-                let range = ranges[shard].clone();
-                let windows: Vec<_> = range.clone().step_by(options.batch_size).collect();
-                for (k, &first) in windows.iter().enumerate() {
-                    let window = first..(first + options.batch_size).min(range.end);
-                    let item =
-                        prepare_window(backbone, selected, options, shard, window).map(|mut w| {
-                            w.last_of_shard = k + 1 == windows.len();
-                            w
-                        });
-                    let failed = item.is_err();
-                    if sender.send(item).is_err() || failed {
-                        return; // The consumer stopped, or there is nothing more to do.
-                    }
-                }
-            }
-        });
+        let (ranges, pending) = (&ranges, &pending);
+        scope.spawn(move || produce(backbone, selected, options, ranges, pending, sender));
         let receiver = receiver; // Dropped on return, which unblocks the producer.
         let mut builder: Option<ShardBuilder> = None;
         loop {
@@ -331,6 +313,34 @@ pub fn extract(
         input_wait,
         index_file,
     })
+}
+
+/// The producer thread: loads and prepares the windows of the `pending` shards in order and
+/// sends them to the model thread. Stops after the first error (sent on) or when the model thread
+/// hangs up.
+fn produce(
+    backbone: &dyn Backbone,
+    selected: &SelectedRows,
+    options: &ExtractOptions,
+    ranges: &[std::ops::Range<usize>],
+    pending: &[usize],
+    sender: crossbeam_channel::Sender<Result<PreparedWindow>>,
+) {
+    for &shard in pending {
+        let range = ranges[shard].clone();
+        let windows: Vec<usize> = range.clone().step_by(options.batch_size).collect();
+        for (k, &first) in windows.iter().enumerate() {
+            let window = first..(first + options.batch_size).min(range.end);
+            let item = prepare_window(backbone, selected, options, shard, window).map(|mut w| {
+                w.last_of_shard = k + 1 == windows.len();
+                w
+            });
+            let failed = item.is_err();
+            if sender.send(item).is_err() || failed {
+                return;
+            }
+        }
+    }
 }
 
 /// Loads the rows of `window` in parallel and prepares those that loaded.

@@ -422,12 +422,17 @@ impl ShardBuilder {
             );
             last = Some(*position);
         }
-        for ((out, buf), tensor) in self.outputs.iter().zip(&mut self.data).zip(outputs) {
+        let mut all_values = Vec::with_capacity(outputs.len());
+        for (out, tensor) in self.outputs.iter().zip(outputs) {
             let values = tensor
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()
                 .with_context(|| format!("cannot read backbone output `{}`", out.name))?;
+            check_storable(out, &values, rows)?;
+            all_values.push(values);
+        }
+        for ((out, buf), values) in self.outputs.iter().zip(&mut self.data).zip(all_values) {
             encode_values(out.dtype, &values, buf);
         }
         self.positions.extend(rows.iter().map(|(p, _)| *p));
@@ -471,6 +476,35 @@ impl ShardBuilder {
             self.data,
         ))
     }
+}
+
+/// Refuses NaN/infinite values and values beyond f16's range for an f16 output, naming the row.
+fn check_storable(out: &StoredOutput, values: &[f32], rows: &[(usize, String)]) -> Result<()> {
+    let limit = match out.dtype {
+        StoredDtype::F16 => f32::from(half::f16::MAX),
+        StoredDtype::F32 | StoredDtype::U8 => f32::MAX,
+    };
+    let row_len = out.row_len().max(1);
+    if let Some(k) = values
+        .iter()
+        .position(|v| !v.is_finite() || v.abs() > limit)
+    {
+        let (position, id) = &rows[k / row_len];
+        let value = values[k];
+        if value.is_finite() {
+            bail!(
+                "backbone output `{}` of row {position} ({id}) holds {value}, beyond the f16 \
+                 range (±{limit}): extract with --dtype f32",
+                out.name
+            );
+        }
+        bail!(
+            "backbone output `{}` of row {position} ({id}) holds {value}: the model produced a \
+             non-finite value",
+            out.name
+        );
+    }
+    Ok(())
 }
 
 /// Appends `values` to `buf` in the stored element type (little endian; masks as 0/1 bytes).
