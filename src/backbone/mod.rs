@@ -5,9 +5,21 @@
 //! preprocessing (resize, normalise, tokenize), run on worker threads ahead of time;
 //! [`Backbone::forward`] runs the model on the prepared batch on the backbone's device.
 
-use anyhow::Result;
-use candle_core::Tensor;
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+
+pub mod blip;
+pub mod blip_text;
+pub mod clip;
+pub mod composite;
+pub mod cpu_ops;
+pub mod dinov2;
+pub mod layers;
+pub mod options;
+pub mod preprocess;
+pub mod sentence;
+pub mod source;
 
 /// What a stored output holds: a float feature (f16/f32 in the cache) or a 0/1 mask (u8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,4 +74,41 @@ pub trait Backbone: Send + Sync {
     /// Runs the model. Returns one f32 tensor per output of [`Backbone::outputs`], each shaped
     /// `[batch, ...shape]`, rows in the order of the batch given to `prepare`.
     fn forward(&self, prepared: Prepared) -> Result<Vec<Tensor>>;
+}
+
+/// Loads a backbone from a spec: `family:location`, or several joined by `+`
+/// (`dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2`), whose outputs are combined.
+/// Families: `clip`, `blip`, `dinov2`, `sentence`. A location is a directory in the Hugging Face
+/// layout or a Hub repo id, optionally followed by `?key=value&...` options (see [`options`]).
+pub fn load(spec: &str, device: &Device) -> Result<Box<dyn Backbone>> {
+    let parts = source::parse_spec(spec)?;
+    let mut loaded = parts
+        .iter()
+        .map(|part| {
+            let id = format!("{}:{}", part.family, part.location);
+            load_one(&id, part, device).with_context(|| format!("cannot load backbone {id}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if loaded.len() == 1 {
+        return Ok(loaded.remove(0));
+    }
+    Ok(Box::new(composite::CompositeBackbone::new(spec, loaded)?))
+}
+
+fn load_one(id: &str, part: &source::BackboneSpec, device: &Device) -> Result<Box<dyn Backbone>> {
+    let (location, options) = options::Options::split(&part.location)?;
+    let dir = source::ModelDir::resolve(location)?;
+    Ok(match part.family.as_str() {
+        "clip" => Box::new(clip::ClipBackbone::load(id, &dir, &options, device)?),
+        "blip" => Box::new(blip::BlipBackbone::load(id, &dir, &options, device)?),
+        "dinov2" => {
+            options.check_known("dinov2", &[])?;
+            Box::new(dinov2::Dinov2Backbone::load(id, &dir, device)?)
+        }
+        "sentence" => {
+            options.check_known("sentence", &[])?;
+            Box::new(sentence::SentenceBackbone::load(id, &dir, device)?)
+        }
+        other => bail!("unknown backbone family `{other}` (known: clip, blip, dinov2, sentence)"),
+    })
 }

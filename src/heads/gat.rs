@@ -108,15 +108,30 @@ impl LabelCooccurrence {
         Ok(Self { counts })
     }
 
+    /// P(j | i) `[K][K]`: the share of samples with label i that also have label j (0 for a
+    /// label without samples).
+    pub fn conditional(&self) -> Vec<Vec<f64>> {
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let n_i = row[i];
+                row.iter()
+                    .map(|&c| if n_i > 0.0 { c / n_i } else { 0.0 })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The ML-GCN adjacency `[K, K]` row-major: binarised P(j | i) >= `threshold`, neighbours
     /// sharing `p`, the node itself keeping 1 - p (1 without neighbours).
     pub fn adjacency(&self, threshold: f32, p: f32) -> Vec<f32> {
         let k = self.counts.len();
         let mut adj = vec![0f32; k * k];
-        for i in 0..k {
-            let n_i = self.counts[i][i];
+        for (i, row) in self.conditional().iter().enumerate() {
+            let seen = self.counts[i][i] > 0.0;
             let neighbours: Vec<usize> = (0..k)
-                .filter(|&j| j != i && n_i > 0.0 && self.counts[i][j] / n_i >= f64::from(threshold))
+                .filter(|&j| j != i && seen && row[j] >= f64::from(threshold))
                 .collect();
             if neighbours.is_empty() {
                 adj[i * k + i] = 1.0;

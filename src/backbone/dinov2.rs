@@ -1,0 +1,374 @@
+//! DINOv2 image encoder in Hugging Face's `Dinov2Model` layout (`facebook/dinov2-small` and
+//! larger), configured from `config.json`. Matches transformers: bicubic interpolation of the
+//! position grid (torch's `interpolate(mode="bicubic", align_corners=False)`), layer scale, exact
+//! GELU, final layer norm. Outputs the CLS token (`image`) and the mean patch token
+//! (`image_patch_mean`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::layers::{Activation, fused_qkv, self_attention};
+use super::preprocess::ImagePreprocess;
+use super::source::{ModelDir, load_weights};
+use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
+
+/// The fields of `Dinov2Config` the forward pass needs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    pub image_size: usize,
+    pub patch_size: usize,
+    #[serde(default = "default_channels")]
+    pub num_channels: usize,
+    #[serde(default = "default_true")]
+    pub qkv_bias: bool,
+    #[serde(default)]
+    pub use_swiglu_ffn: bool,
+}
+
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_channels() -> usize {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+
+struct Layer {
+    norm1: LayerNorm,
+    qkv: Linear,
+    attn_out: Linear,
+    scale1: Tensor,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    scale2: Tensor,
+}
+
+/// The DINOv2 transformer.
+pub struct Dinov2Model {
+    config: Config,
+    activation: Activation,
+    /// Patch projection as a matrix: `[hidden, channels * patch * patch]`.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    /// `[1 + grid * grid, hidden]` as trained.
+    position_embeddings: Tensor,
+    /// Position grids interpolated to other patch grids, by (rows, cols).
+    interpolated: Mutex<HashMap<(usize, usize), Tensor>>,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+}
+
+fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(candle_nn::layer_norm(dim, eps, vb)?)
+}
+
+impl Dinov2Model {
+    pub fn new(vb: VarBuilder, config: Config) -> Result<Self> {
+        if config.use_swiglu_ffn {
+            bail!("DINOv2 with use_swiglu_ffn (the giant model) is not supported");
+        }
+        let activation = Activation::from_hf(&config.hidden_act)?;
+        let (d, p, c) = (config.hidden_size, config.patch_size, config.num_channels);
+        let grid = config.image_size / p;
+        let emb = vb.pp("embeddings");
+        let proj = emb.pp("patch_embeddings").pp("projection");
+        let patch_weight = proj.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?;
+        let patch_bias = proj.get(d, "bias")?;
+        let cls_token = emb.get((1, 1, d), "cls_token")?.reshape((1, d))?;
+        let position_embeddings = emb
+            .get((1, grid * grid + 1, d), "position_embeddings")?
+            .reshape((grid * grid + 1, d))?;
+        let mlp_dim = (d as f64 * config.mlp_ratio) as usize;
+        let eps = config.layer_norm_eps;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("encoder.layer.{i}"));
+                let attn = vb.pp("attention");
+                Ok(Layer {
+                    norm1: layer_norm(vb.pp("norm1"), d, eps)?,
+                    qkv: fused_qkv(
+                        &attn.pp("attention"),
+                        ["query", "key", "value"],
+                        d,
+                        config.qkv_bias,
+                    )?,
+                    attn_out: candle_nn::linear(d, d, attn.pp("output").pp("dense"))?,
+                    scale1: vb.pp("layer_scale1").get(d, "lambda1")?,
+                    norm2: layer_norm(vb.pp("norm2"), d, eps)?,
+                    fc1: candle_nn::linear(d, mlp_dim, vb.pp("mlp").pp("fc1"))?,
+                    fc2: candle_nn::linear(mlp_dim, d, vb.pp("mlp").pp("fc2"))?,
+                    scale2: vb.pp("layer_scale2").get(d, "lambda1")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = layer_norm(vb.pp("layernorm"), d, eps)?;
+        Ok(Self {
+            config,
+            activation,
+            patch_weight,
+            patch_bias,
+            cls_token,
+            position_embeddings,
+            interpolated: Mutex::new(HashMap::new()),
+            layers,
+            final_norm,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// Position embeddings `[1 + rows * cols, hidden]` for a patch grid of that size, as
+    /// transformers' `interpolate_pos_encoding` computes them.
+    fn position_embeddings(
+        &self,
+        rows: usize,
+        cols: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<Tensor> {
+        let grid = self.config.image_size / self.config.patch_size;
+        // transformers returns the trained embeddings unchanged only for a square input whose
+        // grid matches; otherwise it interpolates (an identity resize is exact anyway).
+        if rows == grid && cols == grid && height == width {
+            return Ok(self.position_embeddings.clone());
+        }
+        let mut cache = self.interpolated.lock().expect("position cache lock");
+        if let Some(t) = cache.get(&(rows, cols)) {
+            return Ok(t.clone());
+        }
+        let d = self.config.hidden_size;
+        let patches = self.position_embeddings.narrow(0, 1, grid * grid)?;
+        // [grid*grid, d] -> channel planes [d, grid, grid]
+        let planes: Vec<f32> = patches.t()?.contiguous()?.flatten_all()?.to_vec1()?;
+        let resized = bicubic_resize_torch(&planes, d, (grid, grid), (rows, cols));
+        let resized = Tensor::from_vec(resized, (d, rows * cols), patches.device())?.t()?;
+        let cls = self.position_embeddings.narrow(0, 0, 1)?;
+        let full = Tensor::cat(&[&cls, &resized], 0)?.contiguous()?;
+        cache.insert((rows, cols), full.clone());
+        Ok(full)
+    }
+
+    /// Runs the model on `[batch, channels, height, width]` pixels; returns the final-layernorm
+    /// hidden states `[batch, 1 + patches, hidden]`.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let (p, d) = (self.config.patch_size, self.config.hidden_size);
+        let (rows, cols) = (h / p, w / p);
+        if rows == 0 || cols == 0 {
+            bail!("input {h}x{w} is smaller than one {p}x{p} patch");
+        }
+        // Non-overlapping patches as rows of a matrix (a stride-p convolution, as one matmul);
+        // like the convolution, pixels beyond the last whole patch are ignored.
+        let patches = pixels
+            .narrow(2, 0, rows * p)?
+            .narrow(3, 0, cols * p)?
+            .reshape((b, c, rows, p, cols, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * rows * cols, c * p * p))?;
+        let embedded = patches
+            .matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?;
+        let embedded = embedded.reshape((b, rows * cols, d))?;
+        let cls = self.cls_token.unsqueeze(0)?.expand((b, 1, d))?;
+        let tokens = Tensor::cat(&[&cls, &embedded], 1)?;
+        let seq = 1 + rows * cols;
+        let positions = self.position_embeddings(rows, cols, h, w)?;
+        let mut x = tokens
+            .broadcast_add(&positions.unsqueeze(0)?)?
+            .reshape((b * seq, d))?;
+        let heads = self.config.num_attention_heads;
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&layer.norm1.forward(&x)?)?;
+            let attn = self_attention(&qkv, b, seq, heads, None)?;
+            let attn = layer.attn_out.forward(&attn)?;
+            x = (x + attn.broadcast_mul(&layer.scale1)?)?;
+            let hidden = self
+                .activation
+                .apply(&layer.fc1.forward(&layer.norm2.forward(&x)?)?)?;
+            let mlp = layer.fc2.forward(&hidden)?;
+            x = (x + mlp.broadcast_mul(&layer.scale2)?)?;
+        }
+        Ok(self.final_norm.forward(&x)?.reshape((b, seq, d))?)
+    }
+
+    /// (CLS token, mean patch token) of the final layer norm, each `[batch, hidden]`.
+    pub fn embed(&self, pixels: &Tensor) -> Result<(Tensor, Tensor)> {
+        let hidden = self.forward(pixels)?;
+        let seq = hidden.dim(1)?;
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        let patch_mean = hidden.narrow(1, 1, seq - 1)?.mean(1)?;
+        Ok((cls, patch_mean))
+    }
+}
+
+/// torch's `interpolate(mode="bicubic", align_corners=False, antialias=False)` with an explicit
+/// output size, on `channels` planes of `input` (row-major `[channels, rows, cols]`): cubic
+/// convolution with a = -0.75, source coordinate `(dst + 0.5) * in / out - 0.5`, edge-clamped taps.
+pub fn bicubic_resize_torch(
+    input: &[f32],
+    channels: usize,
+    (in_h, in_w): (usize, usize),
+    (out_h, out_w): (usize, usize),
+) -> Vec<f32> {
+    fn taps(in_size: usize, out_size: usize) -> Vec<([usize; 4], [f64; 4])> {
+        const A: f64 = -0.75;
+        let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+        let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+        // torch computes the scale in f32 from the sizes.
+        let scale = (in_size as f32 / out_size as f32) as f64;
+        (0..out_size)
+            .map(|dst| {
+                let src = (dst as f64 + 0.5) * scale - 0.5;
+                let base = src.floor();
+                let t = src - base;
+                let weights = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+                let index =
+                    |offset: i64| (base as i64 + offset).clamp(0, in_size as i64 - 1) as usize;
+                ([index(-1), index(0), index(1), index(2)], weights)
+            })
+            .collect()
+    }
+    let rows = taps(in_h, out_h);
+    let cols = taps(in_w, out_w);
+    let mut out = Vec::with_capacity(channels * out_h * out_w);
+    for plane in input.chunks_exact(in_h * in_w) {
+        for (ys, wy) in &rows {
+            for (xs, wx) in &cols {
+                let mut acc = 0.0f64;
+                for (&y, &wy) in ys.iter().zip(wy) {
+                    let row = &plane[y * in_w..];
+                    let mut line = 0.0f64;
+                    for (&x, &wx) in xs.iter().zip(wx) {
+                        line += row[x] as f64 * wx;
+                    }
+                    acc += line * wy;
+                }
+                out.push(acc as f32);
+            }
+        }
+    }
+    out
+}
+
+/// A loaded DINOv2 backbone with its preprocessing.
+pub struct Dinov2Backbone {
+    id: String,
+    model: Dinov2Model,
+    preprocess: ImagePreprocess,
+    weights_sha256: Vec<(String, String)>,
+    device: Device,
+}
+
+impl Dinov2Backbone {
+    /// Loads `config.json`, `preprocessor_config.json` and the weights of `dir`.
+    pub fn load(id: &str, dir: &ModelDir, device: &Device) -> Result<Self> {
+        let config: Config = dir.json("config.json")?;
+        let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
+        let weights = load_weights(dir, device, "embeddings.cls_token", &["dinov2"])?;
+        let model = Dinov2Model::new(weights.vb, config)
+            .with_context(|| format!("cannot build DINOv2 from {}", dir.location))?;
+        Ok(Self {
+            id: id.to_string(),
+            model,
+            preprocess,
+            weights_sha256: weights.sha256,
+            device: device.clone(),
+        })
+    }
+
+    pub fn preprocess(&self) -> &ImagePreprocess {
+        &self.preprocess
+    }
+}
+
+impl Backbone for Dinov2Backbone {
+    fn info(&self) -> BackboneInfo {
+        BackboneInfo {
+            id: self.id.clone(),
+            weights_sha256: self.weights_sha256.clone(),
+            preprocessing: serde_json::json!({ "image": self.preprocess.describe() }),
+            text_template: None,
+        }
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        let d = self.model.hidden_size();
+        ["image", "image_patch_mean"]
+            .map(|name| OutputSpec {
+                name: name.into(),
+                shape: vec![d],
+                kind: OutputKind::Feature,
+            })
+            .into()
+    }
+
+    fn needs_images(&self) -> bool {
+        true
+    }
+
+    fn needs_text(&self) -> bool {
+        false
+    }
+
+    fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
+        let images = batch
+            .iter()
+            .map(|s| {
+                s.image
+                    .as_ref()
+                    .with_context(|| format!("sample {} has no image", s.id))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Box::new(self.preprocess.batch(&images, &self.device)?))
+    }
+
+    fn forward(&self, prepared: Prepared) -> Result<Vec<Tensor>> {
+        let pixels = prepared.downcast::<Tensor>().map_err(|_| {
+            anyhow::anyhow!("dinov2 forward got a batch prepared by another backbone")
+        })?;
+        let (cls, patch_mean) = self.model.embed(&pixels)?;
+        Ok(vec![cls, patch_mean])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bicubic_identity_and_constant() {
+        let input: Vec<f32> = (0..2 * 5 * 4).map(|i| i as f32 * 0.37).collect();
+        assert_eq!(bicubic_resize_torch(&input, 2, (5, 4), (5, 4)), input);
+        let constant = vec![1.5f32; 6 * 6];
+        for v in bicubic_resize_torch(&constant, 1, (6, 6), (3, 4)) {
+            assert!((v - 1.5).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Sentence embeddings from BERT-family encoders in Hugging Face's `BertModel` layout, as
+//! sentence-transformers computes them (e.g. all-MiniLM-L6-v2): `tokenizer.json` without its fixed
+//! padding, the attention mask passed, masked mean pooling (or CLS, per `1_Pooling/config.json`),
+//! L2 normalisation when `modules.json` lists a `Normalize` module. Output: `text` [hidden].
+//!
+//! Captions are sorted by token length and run in sub-batches padded only to their own longest
+//! caption, so padding is (almost) never computed; rows come back in the original order.
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+use tokenizers::Tokenizer;
+
+use super::layers::{Activation, fused_qkv, masked_mean, self_attention};
+use super::source::{ModelDir, load_weights};
+use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
+
+/// The fields of `BertConfig` the forward pass needs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+}
+
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_position_type() -> String {
+    "absolute".into()
+}
+
+struct Layer {
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// A BERT encoder (no pooler).
+pub struct BertEncoder {
+    config: Config,
+    activation: Activation,
+    word_embeddings: Embedding,
+    position_embeddings: Tensor,
+    /// Token type 0 embedding (sentence-transformers encodes single sentences).
+    token_type_embedding: Tensor,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+impl BertEncoder {
+    pub fn new(vb: VarBuilder, config: Config) -> Result<Self> {
+        if config.position_embedding_type != "absolute" {
+            bail!(
+                "position_embedding_type `{}` is not supported",
+                config.position_embedding_type
+            );
+        }
+        let activation = Activation::from_hf(&config.hidden_act)?;
+        let (d, eps) = (config.hidden_size, config.layer_norm_eps);
+        let emb = vb.pp("embeddings");
+        let word_embeddings =
+            candle_nn::embedding(config.vocab_size, d, emb.pp("word_embeddings"))?;
+        let position_embeddings = emb
+            .pp("position_embeddings")
+            .get((config.max_position_embeddings, d), "weight")?;
+        let token_type_embedding = emb
+            .pp("token_type_embeddings")
+            .get((config.type_vocab_size, d), "weight")?
+            .narrow(0, 0, 1)?;
+        let embed_norm = candle_nn::layer_norm(d, eps, emb.pp("LayerNorm"))?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("encoder.layer.{i}"));
+                let attn = vb.pp("attention");
+                Ok(Layer {
+                    qkv: fused_qkv(&attn.pp("self"), ["query", "key", "value"], d, true)?,
+                    attn_out: candle_nn::linear(d, d, attn.pp("output").pp("dense"))?,
+                    attn_norm: candle_nn::layer_norm(d, eps, attn.pp("output").pp("LayerNorm"))?,
+                    intermediate: candle_nn::linear(
+                        d,
+                        config.intermediate_size,
+                        vb.pp("intermediate").pp("dense"),
+                    )?,
+                    output: candle_nn::linear(
+                        config.intermediate_size,
+                        d,
+                        vb.pp("output").pp("dense"),
+                    )?,
+                    output_norm: candle_nn::layer_norm(d, eps, vb.pp("output").pp("LayerNorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            activation,
+            word_embeddings,
+            position_embeddings,
+            token_type_embedding,
+            embed_norm,
+            layers,
+        })
+    }
+
+    /// Last hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]` (u32); `mask`
+    /// `[batch, seq]` f32 (1 = token, 0 = padding) or None when no row is padded.
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, seq) = ids.dims2()?;
+        let d = self.config.hidden_size;
+        if seq > self.config.max_position_embeddings {
+            bail!(
+                "{seq} tokens exceed max_position_embeddings {}",
+                self.config.max_position_embeddings
+            );
+        }
+        let words = self.word_embeddings.forward(ids)?;
+        let positions = self.position_embeddings.narrow(0, 0, seq)?;
+        let x = words.broadcast_add(
+            &positions
+                .broadcast_add(&self.token_type_embedding)?
+                .unsqueeze(0)?,
+        )?;
+        let mut x = self.embed_norm.forward(&x.reshape((b * seq, d))?)?;
+        // 0 where attended, the most negative f32 on padding (as transformers).
+        let mask_bias = mask
+            .map(|m| -> Result<Tensor> {
+                Ok(((1.0 - m)? * f32::MIN as f64)?.reshape((b, 1, 1, seq))?)
+            })
+            .transpose()?;
+        let heads = self.config.num_attention_heads;
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&x)?;
+            let attn = layer.attn_out.forward(&self_attention(
+                &qkv,
+                b,
+                seq,
+                heads,
+                mask_bias.as_ref(),
+            )?)?;
+            x = layer.attn_norm.forward(&(attn + x)?)?;
+            let hidden = self.activation.apply(&layer.intermediate.forward(&x)?)?;
+            x = layer
+                .output_norm
+                .forward(&(layer.output.forward(&hidden)? + x)?)?;
+        }
+        Ok(x.reshape((b, seq, d))?)
+    }
+}
+
+/// How token states become one sentence vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    Mean,
+    Cls,
+}
+
+/// sentence-transformers `1_Pooling/config.json`.
+#[derive(Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Deserialize)]
+struct ModuleEntry {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+/// Most padded tokens one sub-batch of the forward pass may hold.
+const SUB_BATCH_TOKENS: usize = 4096;
+
+/// A loaded sentence encoder with its tokenizer.
+pub struct SentenceBackbone {
+    id: String,
+    model: BertEncoder,
+    tokenizer: Tokenizer,
+    max_tokens: usize,
+    pooling: Pooling,
+    normalize: bool,
+    weights_sha256: Vec<(String, String)>,
+    device: Device,
+}
+
+/// Token ids of a batch, in the batch's order.
+struct Tokenized(Vec<Vec<u32>>);
+
+impl SentenceBackbone {
+    /// Loads `config.json`, `tokenizer.json`, the weights, and the sentence-transformers files
+    /// when present (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`).
+    pub fn load(id: &str, dir: &ModelDir, device: &Device) -> Result<Self> {
+        let config: Config = dir.json("config.json")?;
+        let tokenizer_path = dir.file("tokenizer.json")?;
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", tokenizer_path.display()))?;
+        // sentence-transformers truncates at max_seq_length, else the tokenizer's own limit.
+        let st_limit = match dir.optional_file("sentence_bert_config.json")? {
+            Some(_) => {
+                dir.json::<SentenceBertConfig>("sentence_bert_config.json")?
+                    .max_seq_length
+            }
+            None => None,
+        };
+        let max_tokens = st_limit
+            .or_else(|| tokenizer.get_truncation().map(|t| t.max_length))
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings);
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| {
+                anyhow::anyhow!("cannot set truncation on {}: {e}", tokenizer_path.display())
+            })?;
+        let pooling = match dir.optional_file("1_Pooling/config.json")? {
+            None => Pooling::Mean,
+            Some(_) => {
+                let p: PoolingConfig = dir.json("1_Pooling/config.json")?;
+                match (p.pooling_mode_mean_tokens, p.pooling_mode_cls_token) {
+                    _ if p.pooling_mode_max_tokens || p.pooling_mode_mean_sqrt_len_tokens => {
+                        bail!("{}: only mean or CLS pooling is supported", dir.location)
+                    }
+                    (true, false) => Pooling::Mean,
+                    (false, true) => Pooling::Cls,
+                    _ => bail!(
+                        "{}: exactly one of mean or CLS pooling must be set",
+                        dir.location
+                    ),
+                }
+            }
+        };
+        let normalize = match dir.optional_file("modules.json")? {
+            None => false,
+            Some(_) => dir
+                .json::<Vec<ModuleEntry>>("modules.json")?
+                .iter()
+                .any(|m| m.kind.ends_with(".Normalize")),
+        };
+        let weights = load_weights(dir, device, "embeddings.word_embeddings.weight", &["bert"])?;
+        let model = BertEncoder::new(weights.vb, config)
+            .with_context(|| format!("cannot build the BERT encoder from {}", dir.location))?;
+        Ok(Self {
+            id: id.to_string(),
+            model,
+            tokenizer,
+            max_tokens,
+            pooling,
+            normalize,
+            weights_sha256: weights.sha256,
+            device: device.clone(),
+        })
+    }
+
+    /// Embeds token-id rows, padding them to the longest (masked) when their lengths differ.
+    fn embed_group(&self, rows: &[&[u32]]) -> Result<Tensor> {
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let padded = rows.iter().any(|r| r.len() != seq);
+        let mut ids = Vec::with_capacity(rows.len() * seq);
+        let mut mask = Vec::with_capacity(rows.len() * seq);
+        for row in rows {
+            ids.extend_from_slice(row);
+            ids.resize(ids.len() + seq - row.len(), 0);
+            mask.extend(std::iter::repeat_n(1f32, row.len()));
+            mask.extend(std::iter::repeat_n(0f32, seq - row.len()));
+        }
+        let ids = Tensor::from_vec(ids, (rows.len(), seq), &self.device)?;
+        let mask = Tensor::from_vec(mask, (rows.len(), seq), &self.device)?;
+        let hidden = self.model.forward(&ids, padded.then_some(&mask))?;
+        let pooled = match self.pooling {
+            Pooling::Mean if padded => masked_mean(&hidden, &mask)?,
+            Pooling::Mean => hidden.mean(1)?,
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        };
+        if self.normalize {
+            // sentence-transformers: x / max(||x||, 1e-12)
+            let norm = pooled
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .clamp(1e-12, f64::MAX)?;
+            Ok(pooled.broadcast_div(&norm)?)
+        } else {
+            Ok(pooled)
+        }
+    }
+}
+
+impl Backbone for SentenceBackbone {
+    fn info(&self) -> BackboneInfo {
+        BackboneInfo {
+            id: self.id.clone(),
+            weights_sha256: self.weights_sha256.clone(),
+            preprocessing: serde_json::json!({
+                "text": {
+                    "tokenizer": "tokenizer.json",
+                    "max_tokens": self.max_tokens,
+                    "padding": "none (sorted by length, padded per sub-batch, masked)",
+                    "pooling": self.pooling,
+                    "normalize": self.normalize,
+                }
+            }),
+            text_template: Some("{caption}".into()),
+        }
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: "text".into(),
+            shape: vec![self.model.config.hidden_size],
+            kind: OutputKind::Feature,
+        }]
+    }
+
+    fn needs_images(&self) -> bool {
+        false
+    }
+
+    fn needs_text(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
+        let captions: Vec<&str> = batch.iter().map(|s| s.caption.as_str()).collect();
+        let encodings = self
+            .tokenizer
+            .encode_batch(captions, true)
+            .map_err(|e| anyhow::anyhow!("tokenizing captions failed: {e}"))?;
+        Ok(Box::new(Tokenized(
+            encodings.iter().map(|e| e.get_ids().to_vec()).collect(),
+        )))
+    }
+
+    fn forward(&self, prepared: Prepared) -> Result<Vec<Tensor>> {
+        let Tokenized(rows) = *prepared.downcast::<Tokenized>().map_err(|_| {
+            anyhow::anyhow!("sentence forward got a batch prepared by another backbone")
+        })?;
+        if rows.is_empty() {
+            bail!("cannot embed an empty batch of captions");
+        }
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].len());
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        while start < order.len() {
+            // Sorted ascending: the last row of a group is its longest.
+            let mut end = start + 1;
+            while end < order.len()
+                && (end + 1 - start) * rows[order[end]].len() <= SUB_BATCH_TOKENS
+            {
+                end += 1;
+            }
+            let group: Vec<&[u32]> = order[start..end]
+                .iter()
+                .map(|&i| rows[i].as_slice())
+                .collect();
+            pieces.push(self.embed_group(&group)?);
+            start = end;
+        }
+        let sorted = Tensor::cat(&pieces, 0)?;
+        // Row order[k] of the batch is row k of `sorted`: invert the permutation.
+        let mut inverse = vec![0u32; order.len()];
+        for (k, &i) in order.iter().enumerate() {
+            inverse[i] = k as u32;
+        }
+        let inverse = Tensor::from_vec(inverse, order.len(), &self.device)?;
+        Ok(vec![sorted.index_select(&inverse, 0)?])
+    }
+}

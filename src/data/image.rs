@@ -1,0 +1,158 @@
+//! Image decoding to 8-bit RGB with a pixel limit checked from the header before decoding.
+//!
+//! - Grayscale is replicated to RGB; palette images are expanded.
+//! - Alpha (RGBA, gray + alpha, palette with transparency) is composited over WHITE:
+//!   `c' = round((c * a + 255 * (255 - a)) / 255)` on 8-bit values.
+//! - 16-bit samples are scaled to 8 bit with rounding, `round(v * 255 / 65535)` (the image
+//!   crate's conversion; PIL's `I;16` to `L` truncates instead, `v >> 8`, at most 1 apart).
+//! - JPEG: grayscale, RGB and CMYK (converted to RGB by the decoder).
+//!
+//! The pixel count (`width * height`) is read from the file's header and compared with the limit
+//! before any pixel is decoded; the decoder's own memory limit is also set from it.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+
+/// Default pixel limit: 40 megapixels (the competition holds PNGs of 20k x 30k).
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// Why an image could not be loaded; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageLoadError {
+    #[error("image {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("cannot read image {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("image {path} is corrupt, truncated or not an image: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error(
+        "image {path} is {width}x{height} = {} pixels, over the limit of {limit} pixels \
+         (raise it with --max-pixels to load it)",
+        *width as u64 * *height as u64
+    )]
+    TooLarge {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        limit: u64,
+    },
+}
+
+impl ImageLoadError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            ImageLoadError::Missing { path }
+            | ImageLoadError::Unreadable { path, .. }
+            | ImageLoadError::Corrupt { path, .. }
+            | ImageLoadError::TooLarge { path, .. } => path,
+        }
+    }
+}
+
+/// Opens `path` and reads its header: a decoder ready to decode, after checking that
+/// `width * height <= max_pixels`.
+fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<>, ImageLoadError> {
+    let file = File::open(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ImageLoadError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => ImageLoadError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let corrupt = |e: image::ImageError| ImageLoadError::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut reader = ImageReader::new(BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|source| ImageLoadError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if reader.format().is_none() {
+        return Err(ImageLoadError::Corrupt {
+            path: path.to_path_buf(),
+            message: "the file does not start like any supported image format".into(),
+        });
+    }
+    // Read the header without limits so an oversized image is reported as TooLarge (with its
+    // size) rather than as a decoder limit error.
+    reader.limits(Limits::no_limits());
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions();
+    if width as u64 * height as u64 > max_pixels {
+        return Err(ImageLoadError::TooLarge {
+            path: path.to_path_buf(),
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    let mut limits = Limits::default();
+    // Worst case output is 16-bit RGBA (8 bytes per pixel), plus room for the decoder's buffers.
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    decoder.set_limits(limits).map_err(corrupt)?;
+    Ok(decoder)
+}
+
+/// Reads only the header: `(width, height)`, checked against `max_pixels`. Cheap enough to run
+/// over a whole dataset.
+pub fn image_dimensions(path: &Path, max_pixels: u64) -> Result<(u32, u32), ImageLoadError> {
+    open_checked(path, max_pixels).map(|d| d.dimensions())
+}
+
+/// Loads `path` as 8-bit RGB (see the module docs for the conversions), refusing images with
+/// more than `max_pixels` pixels before decoding them.
+pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage, ImageLoadError> {
+    let decoder = open_checked(path, max_pixels)?;
+    let image = DynamicImage::from_decoder(decoder).map_err(|e| ImageLoadError::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(to_rgb_over_white(image))
+}
+
+/// Drops alpha by compositing over white; converts everything else to 8-bit RGB.
+fn to_rgb_over_white(image: DynamicImage) -> RgbImage {
+    if !image.color().has_alpha() {
+        return image.into_rgb8();
+    }
+    let rgba = image.into_rgba8();
+    let (width, height) = rgba.dimensions();
+    let mut rgb = RgbImage::new(width, height);
+    for (out, px) in rgb.pixels_mut().zip(rgba.pixels()) {
+        let a = px[3] as u32;
+        for c in 0..3 {
+            out[c] = ((px[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
+        }
+    }
+    rgb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{Rgba, RgbaImage};
+
+    #[test]
+    fn alpha_is_composited_over_white() {
+        let mut img = RgbaImage::new(3, 1);
+        img.put_pixel(0, 0, Rgba([0, 0, 0, 0]));
+        img.put_pixel(1, 0, Rgba([10, 20, 30, 255]));
+        img.put_pixel(2, 0, Rgba([0, 100, 255, 128]));
+        let rgb = to_rgb_over_white(DynamicImage::ImageRgba8(img));
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [10, 20, 30]);
+        // 0*128/255 + 255*127/255 = 127; 100*128/255 + 127 = 177.2; 255
+        assert_eq!(rgb.get_pixel(2, 0).0, [127, 177, 255]);
+    }
+}
