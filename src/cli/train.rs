@@ -104,6 +104,7 @@ fn parse_head_config(text_or_path: &str) -> Result<HeadConfig> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    multiclip::train::threads::single_threaded_elementwise_by_default();
     let head = match (&args.head, &args.head_config) {
         (_, Some(config)) => parse_head_config(config)?,
         (Some(spec), None) => spec.parse::<HeadConfig>()?,
