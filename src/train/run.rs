@@ -158,11 +158,11 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
         written_by: format!("multiclip {}", env!("CARGO_PKG_VERSION")),
     };
     let backbone = backbone_short_name(&reader.manifest().header.backbone.id);
-    let loss_kind = request.loss.kind();
+    let loss_name = request.loss.to_string();
     let parts = NameParts {
         head: head_config.kind(),
         backbone: &backbone,
-        loss: loss_kind,
+        loss: &loss_name,
         lr: config.lr,
         batch_size: config.batch_size,
         seed: config.seed,
