@@ -103,9 +103,9 @@ fn main() -> anyhow::Result<()> {
     for step in 0..=steps {
         let start = Instant::now();
         let cpu_start = cpu_seconds();
-        let (_, grads) =
-            heads::loss_and_grads(head.as_ref(), &inputs, &targets, micro, &vars, bce)?;
-        opt.step(&grads)?;
+        let forward = |x: &Inputs| head.forward(x, true);
+        let result = heads::loss_and_grads(&forward, &inputs, &targets, micro, &vars, &bce)?;
+        opt.step(&result.grads)?;
         if step > 0 {
             train.push(start.elapsed().as_secs_f64());
             cpu_train += cpu_seconds() - cpu_start;

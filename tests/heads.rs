@@ -369,10 +369,16 @@ fn micro_batches_give_the_full_batch_numbers() -> Result<()> {
         let cfg: HeadConfig = spec.parse().expect("spec");
         let (map, head) = build(&cfg, &d.ctx);
         let vars = map.all_vars();
-        let (full_loss, full) =
-            heads::loss_and_grads(head.as_ref(), &d.inputs, &d.targets, N, &vars, bce)?;
-        let (loss, chunked) =
-            heads::loss_and_grads(head.as_ref(), &d.inputs, &d.targets, 5, &vars, bce)?;
+        let forward = |x: &Inputs| head.forward(x, true);
+        let full = heads::loss_and_grads(&forward, &d.inputs, &d.targets, N, &vars, &bce)?;
+        let chunked = heads::loss_and_grads(&forward, &d.inputs, &d.targets, 5, &vars, &bce)?;
+        let (full_loss, loss) = (full.loss, chunked.loss);
+        let outputs = (full.outputs - &chunked.outputs)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
+        assert!(outputs.to_scalar::<f32>()? < 1e-5, "{spec}: outputs differ");
+        let (full, chunked) = (full.grads, chunked.grads);
         assert!(
             (full_loss - loss).abs() < 1e-5,
             "{spec}: {full_loss} vs {loss}"

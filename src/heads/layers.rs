@@ -103,8 +103,13 @@ impl Dropout {
         })
     }
 
+    /// Whether `forward` changes anything in this mode.
+    pub fn is_active(&self, train: bool) -> bool {
+        train && self.p > 0.0
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train || self.p == 0.0 {
+        if !self.is_active(train) {
             return Ok(x.clone());
         }
         let n = x.elem_count();

@@ -282,7 +282,7 @@ impl MlDecoderHead {
         let (k, d) = self.queries.dims2()?;
         let dh = d / self.heads;
         // t = LN1(q + dropout(q)): per sample when dropout is active, else shared by the batch.
-        let t = if train {
+        let t = if self.drop_query.is_active(train) {
             let q = self
                 .queries
                 .unsqueeze(0)?
@@ -293,7 +293,7 @@ impl MlDecoderHead {
         } else {
             self.norm1.forward(&(&self.queries * 2.0)?)?.unsqueeze(0)?
         };
-        let mixed = match (&self.query_key, &memory.keys) {
+        let attended = match (&self.query_key, &memory.keys) {
             (Some((q_proj, _)), Some(keys)) => {
                 let q = self.split_heads(&q_proj.forward(&t)?)?; // [B or 1, H, K, dh]
                 let q = q.broadcast_as((b, self.heads, k, dh))?.contiguous()?;
@@ -302,15 +302,18 @@ impl MlDecoderHead {
                 let scores = (q.matmul(&keys.t()?)? * (1.0 / (dh as f64).sqrt()))?
                     .broadcast_add(&memory.bias)?;
                 let attention = candle_nn::ops::softmax(&scores, D::Minus1)?;
-                attention
+                let mixed = attention
                     .matmul(&values)? // [B, H, K, dh]
                     .transpose(1, 2)?
-                    .reshape((b, k, d))?
+                    .reshape((b, k, d))?;
+                self.out_proj.forward(&mixed)?
             }
-            // One key per sample: every query gets its value.
-            _ => memory.values.broadcast_as((b, k, d))?,
+            // One key per sample: every query gets its (projected) value.
+            _ => self
+                .out_proj
+                .forward(&memory.values)?
+                .broadcast_as((b, k, d))?,
         };
-        let attended = self.out_proj.forward(&mixed)?;
         let t = self
             .norm2
             .forward(&t.broadcast_add(&self.drop_attn.forward(&attended, train)?)?)?;
@@ -537,7 +540,9 @@ mod tests {
 
     #[test]
     fn shared_query_path_in_eval_equals_the_per_sample_path() -> anyhow::Result<()> {
-        let head = head(0.0)?; // no dropout: train mode only switches to the per-sample path
+        // A dropout that (almost surely) never drops: train mode then only switches to the
+        // per-sample query path.
+        let head = head(1e-9)?;
         let x = batch(0.0)?;
         assert!(max_diff(&head.forward(&x, false)?, &head.forward(&x, true)?)? < 1e-5);
         Ok(())

@@ -215,51 +215,66 @@ pub fn batch_size(x: &Inputs) -> Result<usize> {
     }
 }
 
-/// Mean loss and its gradients for a batch of any size, computed over micro-batches of `rows`
-/// samples whose gradients are summed (weighted by their share of the batch): the same
-/// numbers as one pass over the whole batch for a loss that is a mean over samples, with
-/// memory bounded by `rows` and no extra cost per sample for large batches. `loss(logits,
+/// What [`loss_and_grads`] returns for a batch.
+pub struct BatchGrads {
+    /// Mean loss over the batch.
+    pub loss: f32,
+    /// Gradients of the mean loss for the variables asked for.
+    pub grads: candle_core::backprop::GradStore,
+    /// The forward pass's outputs `[B, K]`, detached.
+    pub outputs: Tensor,
+}
+
+/// Mean loss, its gradients and the outputs for a batch of any size, computed over micro-batches
+/// of `rows` samples whose gradients are summed (weighted by their share of the batch): the same
+/// numbers as one pass over the whole batch for a loss that is a mean over samples, with memory
+/// bounded by `rows` and no extra cost per sample for large batches ([`MICRO_BATCH_ROWS`] is a
+/// good `rows`). `forward` is e.g. `|x| head.forward(x, true)` or a part's forward; `loss(outputs,
 /// targets)` returns the mean loss of a micro-batch; `targets` are split like `x`; `vars` are
 /// the variables to differentiate (e.g. `varmap.all_vars()`). Dropout draws continue from the
 /// head's streams in micro-batch order.
 pub fn loss_and_grads(
-    head: &dyn Head,
+    forward: &dyn Fn(&Inputs) -> Result<Tensor>,
     x: &Inputs,
     targets: &Tensor,
     rows: usize,
     vars: &[candle_core::Var],
-    loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<(f32, candle_core::backprop::GradStore)> {
+    loss: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<BatchGrads> {
     let total = batch_size(x)?;
     if targets.dim(0)? != total {
         candle_core::bail!("{} target rows for a batch of {total}", targets.dim(0)?);
     }
-    let mut summed = candle_core::backprop::GradStore::default();
+    let mut grads = candle_core::backprop::GradStore::default();
     let mut mean_loss = 0f32;
+    let mut outputs = Vec::new();
     let mut start = 0;
     for chunk in micro_batches(x, rows)? {
         let len = batch_size(&chunk)?;
         let share = len as f64 / total as f64;
-        let chunk_loss = (loss(
-            &head.forward(&chunk, true)?,
-            &targets.narrow(0, start, len)?,
-        )? * share)?;
+        let output = forward(&chunk)?;
+        let chunk_loss = (loss(&output, &targets.narrow(0, start, len)?)? * share)?;
         mean_loss += chunk_loss
             .to_dtype(candle_core::DType::F32)?
             .to_scalar::<f32>()?;
-        let grads = chunk_loss.backward()?;
+        let chunk_grads = chunk_loss.backward()?;
         for var in vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let g = match summed.get(var.as_tensor()) {
+            if let Some(g) = chunk_grads.get(var.as_tensor()) {
+                let g = match grads.get(var.as_tensor()) {
                     Some(acc) => (acc + g)?,
                     None => g.clone(),
                 };
-                summed.insert(var.as_tensor(), g);
+                grads.insert(var.as_tensor(), g);
             }
         }
+        outputs.push(output.detach());
         start += len;
     }
-    Ok((mean_loss, summed))
+    Ok(BatchGrads {
+        loss: mean_loss,
+        grads,
+        outputs: Tensor::cat(&outputs, 0)?,
+    })
 }
 
 /// Build the head described by `cfg`. Checks that every input it needs is in
