@@ -170,3 +170,22 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
     println!("metrics:    {}", written.metrics_json.display());
     Ok(report.checkpoint)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_configs_come_inline_as_json_or_toml_or_from_a_file() {
+        let json = parse_head_config(r#"{"kind": "mlp", "hidden": 0}"#).unwrap();
+        let toml = parse_head_config("kind = \"mlp\"\nhidden = 0").unwrap();
+        assert_eq!(json, toml);
+        assert_eq!(json, "mlp:hidden=0".parse::<HeadConfig>().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("head.toml");
+        std::fs::write(&file, "kind = \"router\"\ninputs = [\"image\", \"text\"]").unwrap();
+        let from_file = parse_head_config(file.to_str().unwrap()).unwrap();
+        assert_eq!(from_file.kind(), "router");
+        assert!(parse_head_config("kind = \"nope\"").is_err());
+    }
+}
