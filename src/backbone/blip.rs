@@ -221,7 +221,7 @@ impl BlipItmModel {
     pub fn forward(&self, pixels: &Tensor, ids: &[u32], keep: &[u8]) -> Result<BlipFeatures> {
         let b = pixels.dim(0)?;
         anyhow::ensure!(
-            ids.len() == keep.len() && ids.len() % b.max(1) == 0,
+            ids.len() == keep.len() && ids.len().is_multiple_of(b.max(1)),
             "text batch does not match the {b} images"
         );
         let t = ids.len() / b.max(1);

@@ -441,7 +441,7 @@ impl ClipModel {
 }
 
 /// Images of a batch, decoded and checked.
-pub(crate) fn batch_images<'a>(batch: &'a [Sample]) -> Result<Vec<&'a image::RgbImage>> {
+pub(crate) fn batch_images(batch: &[Sample]) -> Result<Vec<&image::RgbImage>> {
     batch
         .iter()
         .map(|s| {
