@@ -17,6 +17,7 @@ pub mod optim;
 pub mod run;
 pub mod schedule;
 pub mod targets;
+pub mod threads;
 
 use crate::cache::{BatchOrder, CacheReader};
 use crate::heads::{self, Head, Inputs};
