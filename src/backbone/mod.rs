@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod composite;
 pub mod dinov2;
+pub mod kernels;
 pub mod layers;
 pub mod preprocess;
 pub mod sentence;
