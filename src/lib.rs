@@ -5,8 +5,13 @@
 //! trains small heads on that cache many times. The CLI (`src/main.rs`) is a thin layer on top.
 
 pub mod backbone;
+pub mod cache;
 pub mod data;
+pub mod extract;
 pub mod heads;
 pub mod loss;
+pub mod metrics;
+pub mod pipeline;
+pub mod predict;
 pub mod report;
 pub mod train;

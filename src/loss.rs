@@ -215,6 +215,11 @@ impl Loss {
         }
     }
 
+    /// Probabilities for prediction and metrics: the sigmoid of [`Loss::inference_logits`].
+    pub fn probabilities(&self, head_output: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::sigmoid(&self.inference_logits(head_output)?)
+    }
+
     /// The loss of `head_output` (`[batch, labels]`) against multi-hot `targets` of the same shape,
     /// as a scalar tensor of the output's dtype.
     pub fn compute(&self, head_output: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -381,9 +386,13 @@ impl FromStr for Loss {
     /// Parses `kind`, `kind:p1,p2,...` or the [`Display`](fmt::Display) form `kind-p1-p2`.
     fn from_str(spec: &str) -> std::result::Result<Self, Self::Err> {
         let spec = spec.trim();
-        let (kind, params) = match spec.split_once([':', '-']) {
-            Some((kind, params)) => (kind, Some(params)),
-            None => (spec, None),
+        // `kind:a,b` (CLI) or `kind-a-b` (Display); the CLI form allows exponents like `1e-3`.
+        let (kind, params, separator) = match spec.split_once(':') {
+            Some((kind, params)) => (kind, Some(params), ','),
+            None => match spec.split_once('-') {
+                Some((kind, params)) => (kind, Some(params), '-'),
+                None => (spec, None, ','),
+            },
         };
         let kind = kind.to_ascii_lowercase();
         let default = Loss::default_of_kind(&kind)?;
@@ -391,7 +400,7 @@ impl FromStr for Loss {
             return Ok(default);
         };
         let values = params
-            .split([',', '-'])
+            .split(separator)
             .map(|p| {
                 p.trim()
                     .parse::<f64>()
@@ -713,6 +722,17 @@ mod tests {
                 [0.5, -0.25]
             };
             assert_eq!(logits, expected, "{kind}");
+            let probabilities: Vec<f32> = loss
+                .probabilities(&z)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .expect("probabilities");
+            for (p, l) in probabilities.iter().zip(expected) {
+                assert!(
+                    (p - 1.0 / (1.0 + (-l).exp())).abs() < 1e-6,
+                    "{kind}: {p} for {l}"
+                );
+            }
         }
     }
 
@@ -723,6 +743,8 @@ mod tests {
             ("BCE", Loss::Bce),
             ("smoothing", Loss::SMOOTHING),
             ("smoothing:0.2", Loss::Smoothing { epsilon: 0.2 }),
+            ("smoothing:1e-3", Loss::Smoothing { epsilon: 0.001 }),
+            ("smoothing-0.2", Loss::Smoothing { epsilon: 0.2 }),
             ("focal", Loss::FOCAL),
             (
                 "focal:0.5,3",
@@ -758,6 +780,7 @@ mod tests {
             "focal:0.25",
             "zlpr:1",
             "focal:x,2",
+            "focal:0.25-2",
             "smoothing:1.5",
             "angular:30,2",
             "asl:4,0,1",

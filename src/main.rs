@@ -17,10 +17,33 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Inspect a dataset folder, print its parsed records, or write its train/validation split.
+    Dataset(cli::dataset::DatasetArgs),
+    /// Run a frozen backbone over a dataset and write the embedding cache (stage 1).
+    Extract(cli::extract::ExtractArgs),
+    /// Show, verify or merge an embedding cache.
+    Cache(cli::cache::CacheArgs),
+    /// Train a head on a cache; tune thresholds on validation; save a checkpoint.
+    Train(cli::train::TrainArgs),
+    /// Metrics of a checkpoint on the validation, training or test rows.
+    Evaluate(cli::evaluate::EvaluateArgs),
+    /// Label every row of a cache with a checkpoint (submission csv).
+    Predict(cli::predict::PredictArgs),
+    /// Run a pipeline file (pipelines/*.toml): split, extract, train, evaluate, predict.
+    Run(cli::run::RunArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     cli::init_logging();
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Dataset(args) => cli::dataset::run(args),
+        Command::Extract(args) => cli::extract::run(args),
+        Command::Cache(args) => cli::cache::run(args),
+        Command::Train(args) => cli::train::run(args).map(drop),
+        Command::Evaluate(args) => cli::evaluate::run(args),
+        Command::Predict(args) => cli::predict::run(args),
+        Command::Run(args) => cli::run::run(args),
+    }
 }

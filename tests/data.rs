@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, RgbImage, Rgba, RgbaImage};
 use multiclip::data::image::{DEFAULT_MAX_PIXELS, ImageLoadError, image_dimensions, load_rgb};
 use multiclip::data::records::{CsvSyntax, read_csv};
-use multiclip::data::{Dataset, Part, Record};
+use multiclip::data::{Dataset, LabelVocab, Part, Record, Split};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")
@@ -363,4 +363,339 @@ fn image_errors_name_the_file() {
         load_rgb(&small, 99),
         Err(ImageLoadError::TooLarge { .. })
     ));
+}
+
+// ---- vocabulary and split ----
+
+/// Synthetic competition-like rows: 18 integer labels (1..19 without 12), label 1 in ~76% of
+/// rows, a long tail, 1..=4 labels per row.
+fn synthetic_records(n: usize, seed: u64) -> Vec<Record> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let ids: Vec<u32> = (1..=19).filter(|&l| l != 12).collect();
+    (0..n)
+        .map(|i| {
+            let mut labels = Vec::new();
+            if rng.random_bool(0.76) {
+                labels.push("1".to_string());
+            }
+            while labels.is_empty() || (labels.len() < 4 && rng.random_bool(0.3)) {
+                // Geometric-ish tail: label k with weight ~ 1/k^1.5.
+                let k = loop {
+                    let k = rng.random_range(1..ids.len());
+                    if rng.random_bool(1.0 / (k as f64).powf(1.5)) {
+                        break k;
+                    }
+                };
+                let label = ids[k].to_string();
+                if !labels.contains(&label) {
+                    labels.push(label);
+                }
+            }
+            Record {
+                id: format!("{i}.jpg"),
+                labels: Some(labels),
+                caption: "c".into(),
+                line: i + 2,
+            }
+        })
+        .collect()
+}
+
+fn label_counts(records: &[Record], ids: &[String]) -> std::collections::HashMap<String, usize> {
+    let set: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut counts = std::collections::HashMap::new();
+    for r in records.iter().filter(|r| set.contains(r.id.as_str())) {
+        for l in r.labels.as_ref().unwrap() {
+            *counts.entry(l.clone()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn vocabulary_from_fixture_round_trips() {
+    let records = read_csv(&fixtures().join("quirky/train.csv"))
+        .unwrap()
+        .records;
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    let names: Vec<&str> = vocab.names().iter().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["1", "2", "3", "4", "5", "7", "10", "11", "13", "19"]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("labels.json");
+    vocab.save(&path).unwrap();
+    let loaded = LabelVocab::load(&path).unwrap();
+    assert_eq!(loaded, vocab);
+    for r in &records {
+        let hot = loaded.encode(r.labels.as_ref().unwrap()).unwrap();
+        let flags: Vec<bool> = hot.iter().map(|&v| v == 1.0).collect();
+        let mut want = r.labels.clone().unwrap();
+        want.sort_by_key(|l| vocab.index(l));
+        assert_eq!(loaded.decode(&flags), want);
+    }
+}
+
+#[test]
+fn split_is_deterministic_disjoint_complete_and_stratified() {
+    let records = synthetic_records(6000, 5);
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    let start = std::time::Instant::now();
+    let split = Split::stratified(&records, &vocab, 0.15, 3407).unwrap();
+    eprintln!("split of {} rows: {:?}", records.len(), start.elapsed());
+    assert_eq!(
+        split,
+        Split::stratified(&records, &vocab, 0.15, 3407).unwrap()
+    );
+    assert_ne!(split, Split::stratified(&records, &vocab, 0.15, 1).unwrap());
+    split.check_matches(&records).unwrap();
+    assert_eq!(split.train.len() + split.val.len(), records.len());
+
+    let fraction = split.val.len() as f64 / records.len() as f64;
+    assert!((fraction - 0.15).abs() < 0.005, "val fraction {fraction}");
+    let all = label_counts(
+        &records,
+        &records.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+    );
+    let val = label_counts(&records, &split.val);
+    for (label, &total) in &all {
+        let v = val.get(label).copied().unwrap_or(0);
+        assert!(v >= 1 && v < total, "label {label}: {v} of {total} in val");
+        // Stratified: each label's val share is close to the fraction.
+        let share = v as f64 / total as f64;
+        assert!(
+            (share - 0.15).abs() <= 0.02 + 1.5 / total as f64,
+            "label {label}: {v} of {total} in val"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("split.json");
+    split.save(&path).unwrap();
+    assert_eq!(Split::load(&path).unwrap(), split);
+}
+
+#[test]
+fn split_keeps_labels_with_two_rows_on_both_sides() {
+    let records = read_csv(&fixtures().join("quirky/train.csv"))
+        .unwrap()
+        .records;
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    for seed in 0..20 {
+        let split = Split::stratified(&records, &vocab, 0.15, seed).unwrap();
+        split.check_matches(&records).unwrap();
+        let all = label_counts(
+            &records,
+            &records.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+        );
+        let (train, val) = (
+            label_counts(&records, &split.train),
+            label_counts(&records, &split.val),
+        );
+        for (label, &total) in &all {
+            if total >= 2 {
+                assert!(
+                    train.contains_key(label) && val.contains_key(label),
+                    "seed {seed}: label {label}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn split_mismatch_is_reported() {
+    let records = synthetic_records(50, 1);
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    let split = Split::stratified(&records, &vocab, 0.15, 3407).unwrap();
+    let err = split.check_matches(&records[..40]).unwrap_err().to_string();
+    assert!(err.contains("does not have"), "{err}");
+    let err = split
+        .check_matches(&synthetic_records(51, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`50.jpg` (line 52) is in neither side"),
+        "{err}"
+    );
+}
+
+// ---- the `multiclip dataset` command ----
+
+fn multiclip(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_multiclip"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap()
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let out = multiclip(args);
+    assert!(
+        out.status.success(),
+        "multiclip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The quirky fixture as a dataset folder with images: all fine except `0.jpg` (missing),
+/// `1.jpg` (not an image) and `2.jpg` (a 20000 x 30000 header).
+fn quirky_dataset() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for part in Part::ALL {
+        std::fs::copy(
+            fixtures().join(format!("quirky/{part}.csv")),
+            dir.path().join(format!("{part}.csv")),
+        )
+        .unwrap();
+    }
+    let data = dir.path().join("data");
+    for record in expected(Part::Train)
+        .into_iter()
+        .chain(expected(Part::Test))
+    {
+        let path = data.join(&record.id);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        match record.id.as_str() {
+            "0.jpg" => {}
+            "1.jpg" => std::fs::write(&path, "not an image").unwrap(),
+            "2.jpg" => std::fs::write(&path, png_header_only(20_000, 30_000)).unwrap(),
+            _ => {
+                let format = image::ImageFormat::from_path(&path).unwrap();
+                RgbImage::from_pixel(8, 6, Rgb([1, 2, 3]))
+                    .save_with_format(&path, format)
+                    .unwrap()
+            }
+        }
+    }
+    dir
+}
+
+#[test]
+fn cli_inspect_reports_rows_labels_problems_and_images() {
+    let ds = quirky_dataset();
+    let dir = ds.path().to_str().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout_of(&["dataset", "inspect", dir, "--json"])).unwrap();
+    let train = &report["parts"][0];
+    assert_eq!(train["part"], "train");
+    assert_eq!(train["rows"], 12);
+    assert_eq!(train["syntax"], "records");
+    assert_eq!(train["labels"]["frequencies"][0]["label"], "1");
+    assert_eq!(train["labels"]["frequencies"][0]["rows"], 6);
+    assert_eq!(train["labels"]["frequencies"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        train["labels"]["per_row"],
+        serde_json::json!({"1": 6, "2": 5, "3": 1})
+    );
+    assert!(
+        train["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["line"] == 5 && p["message"].as_str().unwrap().contains("spans 16 lines"))
+    );
+    let test = &report["parts"][1];
+    assert_eq!(test["rows"], 4);
+    assert!(test["labels"].is_null());
+    let images = &report["images"];
+    assert_eq!(images["checked"], 16);
+    assert_eq!(images["ok"], 13);
+    assert_eq!(images["missing"], 1);
+    assert_eq!(images["unreadable"], 1);
+    assert_eq!(images["too_large"], 1);
+    assert_eq!(images["examples"][0]["id"], "0.jpg");
+
+    let text = stdout_of(&["dataset", "inspect", dir, "--max-pixels", "700000000"]);
+    assert!(text.contains("train ("), "{text}");
+    assert!(text.contains("12 rows"), "{text}");
+    assert!(
+        text.contains("line 5: caption of `3.jpg` spans 16 lines"),
+        "{text}"
+    );
+    assert!(
+        text.contains("14 ok, 1 missing, 1 unreadable, 0 too large"),
+        "{text}"
+    );
+    assert!(text.contains("largest: 2.jpg (20000x30000)"), "{text}");
+}
+
+#[test]
+fn cli_records_prints_exactly_what_was_read() {
+    let dir = fixtures().join("quirky");
+    let dir = dir.to_str().unwrap();
+    let parse = |text: String| -> Vec<Record> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let all = parse(stdout_of(&["dataset", "records", dir]));
+    let want: Vec<Record> = expected(Part::Train)
+        .into_iter()
+        .chain(expected(Part::Test))
+        .collect();
+    assert_eq!(all, want);
+    let test = parse(stdout_of(&["dataset", "records", dir, "--split", "test"]));
+    assert_eq!(test, expected(Part::Test));
+}
+
+#[test]
+fn cli_split_writes_split_and_vocabulary_and_never_overwrites_silently() {
+    let ds = quirky_dataset();
+    let dir = ds.path().to_str().unwrap();
+    let text = stdout_of(&["dataset", "split", dir]);
+    assert!(text.contains("split 12 rows (seed 3407)"), "{text}");
+    let split = Split::load(&ds.path().join("split.json")).unwrap();
+    assert_eq!((split.seed, split.val_fraction), (3407, 0.15));
+    split.check_matches(&expected(Part::Train)).unwrap();
+    let vocab = LabelVocab::load(&ds.path().join("labels.json")).unwrap();
+    assert_eq!(vocab.len(), 10);
+    // Every label row of the table: label, train, val, share.
+    let row_19 = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("19"))
+        .unwrap();
+    let cells: Vec<&str> = row_19.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["1", "1"], "{text}");
+
+    let again = multiclip(&["dataset", "split", dir, "--seed", "1"]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("split.json already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(Split::load(&ds.path().join("split.json")).unwrap(), split);
+
+    stdout_of(&["dataset", "split", dir, "--seed", "1", "--force"]);
+    assert_eq!(Split::load(&ds.path().join("split.json")).unwrap().seed, 1);
+
+    let out = ds.path().join("runs/s2.json");
+    stdout_of(&[
+        "dataset",
+        "split",
+        dir,
+        "--val-fraction",
+        "0.3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(Split::load(&out).unwrap().val_fraction, 0.3);
+    assert!(ds.path().join("runs/labels.json").is_file());
+}
+
+#[test]
+fn cli_errors_and_help() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = multiclip(&["dataset", "inspect", empty.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither train.csv nor test.csv"));
+    for sub in ["inspect", "records", "split"] {
+        let help = stdout_of(&["dataset", sub, "--help"]);
+        assert!(help.contains("Examples:"), "{sub}: {help}");
+    }
 }

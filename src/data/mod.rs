@@ -10,14 +10,19 @@
 //! ```
 
 pub mod image;
+pub mod inspect;
+pub mod labels;
 pub mod records;
+pub mod split;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
+pub use labels::LabelVocab;
 pub use records::{CsvContents, Problem, Record};
+pub use split::Split;
 
 /// The two csv files of a dataset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]

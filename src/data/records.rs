@@ -52,6 +52,15 @@ pub enum CsvSyntax {
     Records,
 }
 
+impl std::fmt::Display for CsvSyntax {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CsvSyntax::Rfc4180 => "RFC-4180 csv",
+            CsvSyntax::Records => "raw competition records",
+        })
+    }
+}
+
 /// Everything read from one csv file.
 #[derive(Clone, Debug)]
 pub struct CsvContents {
@@ -409,7 +418,7 @@ fn caption_is_quoted(first_line: &str, has_labels: bool) -> bool {
     } else {
         rest
     };
-    caption_field.starts_with('"')
+    caption_field.trim_start().starts_with('"')
 }
 
 /// Splits `<labels>,<caption...>` (labels optionally quoted) into the labels and the rest.
@@ -447,12 +456,14 @@ fn record_from_lines(
     } else {
         (None, rest)
     };
-    let caption = if caption_field.starts_with('"') {
-        let last = caption_field.rfind('"').unwrap_or(0);
+    // Spaces before the opening quote (`, "caption"`) are not part of the caption.
+    let quoted = caption_field.trim_start();
+    let caption = if quoted.starts_with('"') {
+        let last = quoted.rfind('"').unwrap_or(0);
         if last == 0 {
             bail!("line {line}: the caption of `{id}` opens a quote that never closes");
         }
-        let trailing = caption_field[last + 1..].trim();
+        let trailing = quoted[last + 1..].trim();
         if !trailing.is_empty() {
             problems.push(Problem {
                 line,
@@ -462,7 +473,7 @@ fn record_from_lines(
                 ),
             });
         }
-        caption_field[1..last].to_owned()
+        quoted[1..last].to_owned()
     } else {
         problems.push(Problem {
             line,
@@ -544,6 +555,12 @@ mod tests {
         assert_eq!(captions_of(&c), ["a \"b\" c", "x ,\"y\""]);
         assert_eq!(c.records[1].labels, Some(vec!["2".into(), "1".into()]));
         assert_eq!(c.records[1].line, 3);
+    }
+
+    #[test]
+    fn space_before_the_opening_quote_is_skipped() {
+        let c = parse_csv("ImageID,Labels,Caption\n1.jpg,1, \"a \"b\"\"\n").unwrap();
+        assert_eq!(captions_of(&c), ["a \"b\""]);
     }
 
     #[test]

@@ -8,11 +8,17 @@
 //! saving never overwrites: the version is bumped to the first free one, and an explicit name that
 //! exists is refused.
 
+use super::TrainConfig;
 use super::history::EpochRecord;
+use crate::backbone::BackboneInfo;
+use crate::cache::CacheReader;
+use crate::heads::HeadConfig;
+use crate::loss::Loss;
+use crate::metrics::Metrics;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,58 +35,108 @@ pub struct OutputSignature {
 }
 
 /// Which features a checkpoint was trained on: enough to refuse a cache from another backbone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheIdentity {
-    /// The backbone id recorded in the cache manifest (e.g. `dinov2-small+all-MiniLM-L6-v2`).
-    pub backbone: String,
-    /// Hash of the backbone weights recorded in the manifest.
-    pub weights_hash: String,
+    /// The backbone as the cache manifest records it (id, weight hashes, preprocessing, template).
+    pub backbone: BackboneInfo,
     /// The cache outputs the head consumes.
     pub outputs: Vec<OutputSignature>,
 }
 
 impl CacheIdentity {
-    /// Fails with a message naming both sides when `cache` was made by another backbone or with
-    /// other weights, or lacks one of this checkpoint's outputs with the same shape and dtype.
-    pub fn ensure_compatible(&self, cache: &CacheIdentity, cache_dir: &Path) -> Result<()> {
-        if self.backbone != cache.backbone || self.weights_hash != cache.weights_hash {
+    /// The identity of `reader`'s cache restricted to the outputs called `inputs`.
+    pub fn of_cache(reader: &CacheReader, inputs: &[String]) -> Result<Self> {
+        let outputs = inputs
+            .iter()
+            .map(|name| {
+                let output = reader.output_spec(name)?;
+                Ok(OutputSignature {
+                    name: output.name.clone(),
+                    shape: output.shape.clone(),
+                    dtype: format!("{:?}", output.dtype).to_lowercase(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            backbone: reader.manifest().header.backbone.clone(),
+            outputs,
+        })
+    }
+
+    /// Fails with a message naming both sides when `reader`'s cache was made by another backbone,
+    /// with other weights or preprocessing, or lacks one of this checkpoint's outputs with the
+    /// same shape and dtype.
+    pub fn ensure_compatible(&self, reader: &CacheReader) -> Result<()> {
+        let cache_dir = reader.dir();
+        let theirs = &reader.manifest().header.backbone;
+        let ours = &self.backbone;
+        if theirs.id != ours.id {
             bail!(
-                "cache {} was extracted with backbone `{}` (weights {}), but the checkpoint was \
-                 trained on `{}` (weights {}): extract the data with the checkpoint's backbone",
+                "cache {} was extracted with backbone `{}`, but the checkpoint was trained on \
+                 backbone `{}`: extract the data with the checkpoint's backbone",
                 cache_dir.display(),
-                cache.backbone,
-                short_hash(&cache.weights_hash),
-                self.backbone,
-                short_hash(&self.weights_hash)
+                theirs.id,
+                ours.id
+            );
+        }
+        if theirs.weights_sha256 != ours.weights_sha256 {
+            bail!(
+                "cache {} was extracted with backbone `{}` weights {}, but the checkpoint was \
+                 trained on weights {}: extract the data with the checkpoint's weights",
+                cache_dir.display(),
+                theirs.id,
+                weight_hashes(theirs),
+                weight_hashes(ours)
+            );
+        }
+        if theirs.preprocessing != ours.preprocessing || theirs.text_template != ours.text_template
+        {
+            bail!(
+                "cache {} was extracted by `{}` with other preprocessing or text template than \
+                 the checkpoint's cache (cache: {} / {:?}; checkpoint: {} / {:?})",
+                cache_dir.display(),
+                theirs.id,
+                theirs.preprocessing,
+                theirs.text_template,
+                ours.preprocessing,
+                ours.text_template
             );
         }
         for want in &self.outputs {
-            match cache.outputs.iter().find(|o| o.name == want.name) {
-                None => bail!(
+            let Ok(output) = reader.output_spec(&want.name) else {
+                bail!(
                     "cache {} has no output `{}` (it has: {}), which the checkpoint's head consumes",
                     cache_dir.display(),
                     want.name,
-                    cache
-                        .outputs
+                    reader
+                        .outputs()
                         .iter()
                         .map(|o| o.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
-                ),
-                Some(have) if have != want => bail!(
-                    "cache {} output `{}` is {:?} {}, but the checkpoint was trained on {:?} {}",
+                );
+            };
+            if output.shape != want.shape {
+                bail!(
+                    "cache {} output `{}` has per-row shape {:?}, but the checkpoint was trained \
+                     on {:?}",
                     cache_dir.display(),
                     want.name,
-                    have.shape,
-                    have.dtype,
-                    want.shape,
-                    want.dtype
-                ),
-                Some(_) => {}
+                    output.shape,
+                    want.shape
+                );
             }
         }
         Ok(())
     }
+}
+
+fn weight_hashes(info: &BackboneInfo) -> String {
+    info.weights_sha256
+        .iter()
+        .map(|(file, hash)| format!("{file}:{}", short_hash(hash)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn short_hash(hash: &str) -> &str {
@@ -100,21 +156,25 @@ pub struct CheckpointMeta {
     pub format_version: u32,
     /// The checkpoint's name (file stem).
     pub name: String,
-    /// The head's configuration, as the heads module serialises it.
-    pub head: serde_json::Value,
-    /// The loss, as given on the command line (e.g. `focal` or `bce`).
-    pub loss: String,
+    pub head: HeadConfig,
+    pub loss: Loss,
     /// Label names in vocabulary order (logit k is label k).
     pub labels: Vec<String>,
     /// Per-label decision thresholds on probabilities, tuned on validation.
     pub thresholds: Vec<f32>,
     pub cache: CacheIdentity,
-    pub split: Option<SplitRef>,
+    /// The cache and dataset folders of the run (defaults for `evaluate`).
+    pub cache_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub split: SplitRef,
     pub seed: u64,
     /// Every training setting (learning rate, batch size, schedule ...).
-    pub hyper_parameters: BTreeMap<String, serde_json::Value>,
-    /// Validation metrics of the saved weights (name -> value).
-    pub metrics: BTreeMap<String, f64>,
+    pub training: TrainConfig,
+    /// Validation metrics of the saved weights at the tuned thresholds.
+    pub metrics: Metrics,
+    pub val_loss: f64,
+    /// Main-stage epoch (1-based) whose weights were saved.
+    pub best_epoch: usize,
     pub history: Vec<EpochRecord>,
     /// The multiclip version that wrote it.
     pub written_by: String,
@@ -146,6 +206,32 @@ impl NameParts<'_> {
             self.seed,
             self.criterion
         )
+    }
+}
+
+/// The short backbone name used in checkpoint names: the family of each part of a backbone id
+/// (`dinov2:models/dinov2-small+sentence:models/minilm` -> `dinov2-sentence`); parts without a
+/// family prefix contribute their last path component. Only `[a-z0-9.-]` survive.
+pub fn backbone_short_name(id: &str) -> String {
+    let parts: Vec<String> = id
+        .split('+')
+        .map(|part| {
+            let family = match part.split_once(':') {
+                Some((family, _)) => family,
+                None => part.rsplit(['/', '\\']).next().unwrap_or(part),
+            };
+            family
+                .to_ascii_lowercase()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+                .collect()
+        })
+        .filter(|s: &String| !s.is_empty())
+        .collect();
+    if parts.is_empty() {
+        "backbone".to_string()
+    } else {
+        parts.join("-")
     }
 }
 
@@ -289,8 +375,12 @@ mod tests {
 
     fn identity() -> CacheIdentity {
         CacheIdentity {
-            backbone: "dinov2-small+minilm".into(),
-            weights_hash: "abc123".into(),
+            backbone: BackboneInfo {
+                id: "dinov2:models/dinov2-small".into(),
+                weights_sha256: vec![("model.safetensors".into(), "abc123".into())],
+                preprocessing: serde_json::json!({"size": 224}),
+                text_template: None,
+            },
             outputs: vec![OutputSignature {
                 name: "image".into(),
                 shape: vec![384],
@@ -308,15 +398,22 @@ mod tests {
             meta: CheckpointMeta {
                 format_version: FORMAT_VERSION,
                 name: String::new(),
-                head: serde_json::json!({"kind": "mlp"}),
-                loss: "bce".into(),
+                head: "mlp".parse().unwrap(),
+                loss: Loss::Bce,
                 labels: vec!["1".into(), "2".into()],
                 thresholds: vec![0.4, 0.6],
                 cache: identity(),
-                split: None,
+                cache_dir: "cache/demo".into(),
+                data_dir: "data/demo".into(),
+                split: SplitRef {
+                    path: "split.json".into(),
+                    sha256: "00".into(),
+                },
                 seed: 3407,
-                hyper_parameters: BTreeMap::new(),
-                metrics: BTreeMap::from([("micro_f1".to_string(), 0.9)]),
+                training: TrainConfig::default(),
+                metrics: Metrics::compute(&[0.9f32, 0.1], &[1f32, 0.0], &[0.5, 0.5], true),
+                val_loss: 0.1,
+                best_epoch: 3,
                 history: vec![],
                 written_by: "test".into(),
             },
@@ -334,6 +431,16 @@ mod tests {
             seed: 3407,
             criterion: "f1",
         }
+    }
+
+    #[test]
+    fn backbone_short_names_keep_the_families() {
+        assert_eq!(
+            backbone_short_name("dinov2:models/dinov2-small+sentence:models/minilm"),
+            "dinov2-sentence"
+        );
+        assert_eq!(backbone_short_name("models/CLIP_B32"), "clipb32");
+        assert_eq!(backbone_short_name(""), "backbone");
     }
 
     #[test]
@@ -373,31 +480,5 @@ mod tests {
             .save(dir.path(), Some("mine"), &parts())
             .unwrap_err();
         assert!(err.to_string().contains("already exists"), "{err}");
-    }
-
-    #[test]
-    fn a_cache_from_another_backbone_is_refused_naming_both() {
-        let other = CacheIdentity {
-            backbone: "clip-vit-b32".into(),
-            ..identity()
-        };
-        let err = identity()
-            .ensure_compatible(&other, Path::new("cache/test"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("clip-vit-b32") && err.contains("dinov2-small+minilm"),
-            "{err}"
-        );
-        let mut reshaped = identity();
-        reshaped.outputs[0].shape = vec![768];
-        let err = identity()
-            .ensure_compatible(&reshaped, Path::new("cache/test"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("[768]") && err.contains("[384]"), "{err}");
-        identity()
-            .ensure_compatible(&identity(), Path::new("cache/test"))
-            .unwrap();
     }
 }

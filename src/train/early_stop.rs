@@ -197,7 +197,7 @@ mod tests {
     #[test]
     fn snapshot_is_a_copy_not_a_handle() {
         let var = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap()).unwrap();
-        let vars = vec![("w".to_string(), var.clone())];
+        let vars = [("w".to_string(), var.clone())];
         let mut es = EarlyStopping::new(Criterion::Map, 5);
         es.observe(0, 0.9, || Snapshot::take(vars.iter().map(|(n, v)| (n, v))))
             .unwrap();

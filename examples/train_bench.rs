@@ -1,0 +1,173 @@
+//! Training-speed benchmark of the stage-2 trainer on synthetic caches (see docs/benchmarks.md):
+//! seconds per epoch and samples/s of a head at a batch size, with the anonymous resident memory
+//! (RssAnon: what the process allocated, not the mapped cache pages) and its peak.
+//!
+//! ```sh
+//! RAYON_NUM_THREADS=2 cargo run --release --example train_bench -- \
+//!     --dir target/bench-train --head mlp --batch-size 256 --epochs 3
+//! ```
+//!
+//! The cache (25,500 rows by default; `--scale 4` writes 4x the rows and trains on every 4th)
+//! holds pooled `image` / `text` vectors of 768 f16 values and, for `ml_decoder`, 50 x 768 f16
+//! `multimodal_tokens` with 10-15 real tokens per row and their `multimodal_mask`. It is written
+//! once per shape through the cache writer API and reused.
+
+#[path = "../tests/support/synthetic.rs"]
+mod synthetic;
+
+use anyhow::Result;
+use candle_core::Device;
+use candle_nn::VarMap;
+use clap::Parser;
+use multiclip::cache::CacheReader;
+use multiclip::data::labels::LabelVocab;
+use multiclip::data::{Dataset, Part};
+use multiclip::heads::{self, HeadConfig};
+use multiclip::loss::Loss;
+use multiclip::predict::head_context;
+use multiclip::train::schedule::ScheduleKind;
+use multiclip::train::targets::Targets;
+use multiclip::train::{TrainConfig, TrainData, fit};
+use std::path::PathBuf;
+use synthetic::Synthetic;
+
+#[derive(Parser)]
+struct Args {
+    /// Folder for the synthetic datasets and caches (reused between runs).
+    #[arg(long, default_value = "target/bench-train")]
+    dir: PathBuf,
+    /// mlp, router or ml_decoder (or any head spec).
+    #[arg(long, default_value = "mlp")]
+    head: String,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Training rows.
+    #[arg(long, default_value_t = 25_500)]
+    rows: usize,
+    /// Cache size as a multiple of the training rows (training uses every `scale`-th row).
+    #[arg(long, default_value_t = 1)]
+    scale: usize,
+    /// Train on only the first N training rows (quick probes; the cache keeps its size).
+    #[arg(long)]
+    train_rows: Option<usize>,
+    /// Only write the synthetic cache (so that measured runs do not include writing it).
+    #[arg(long)]
+    prepare: bool,
+}
+
+/// (RssAnon, VmHWM) of this process in MiB.
+fn memory_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("RssAnon:"), field("VmHWM:"))
+}
+
+fn main() -> Result<()> {
+    multiclip::train::threads::single_threaded_elementwise_by_default();
+    let args = Args::parse();
+    let head_config: HeadConfig = match args.head.as_str() {
+        "mlp" => "mlp:inputs=image".parse()?,
+        "router" => "router:inputs=image+text".parse()?,
+        "ml_decoder" => "ml_decoder:input=multimodal_tokens".parse()?,
+        spec => spec.parse()?,
+    };
+    let tokens = matches!(head_config, HeadConfig::MlDecoder(_));
+    let cache_rows = args.rows * args.scale;
+    let name = format!("{cache_rows}{}", if tokens { "-tokens" } else { "" });
+    let data_dir = args.dir.join(format!("data-{name}"));
+    let cache_dir = args.dir.join(format!("cache-{name}"));
+    let spec = Synthetic {
+        rows: cache_rows,
+        dim: 768,
+        tokens: tokens.then_some((50, 10..16)),
+        labels: 18,
+        seed: 3407,
+        shard_rows: 4096,
+        backbone: "synthetic:bench".into(),
+    };
+    if !cache_dir.join("manifest.json").is_file() {
+        eprintln!("writing synthetic cache {} ...", cache_dir.display());
+        spec.write_dataset(&data_dir)?;
+        spec.write_cache(&data_dir, &cache_dir)?;
+    }
+    if args.prepare {
+        return Ok(());
+    }
+    let reader = CacheReader::open(&cache_dir)?;
+    let records = Dataset::open(&data_dir)?.records(Part::Train)?;
+    let vocab = LabelVocab::from_records(&records)?;
+    let targets = Targets::from_records(reader.ids(), &records, &vocab, false)?;
+    let mut train_rows: Vec<usize> = (0..cache_rows).step_by(args.scale).collect();
+    train_rows.truncate(args.train_rows.unwrap_or(usize::MAX));
+    let val_rows = train_rows[..512.min(train_rows.len())].to_vec();
+    let config = TrainConfig {
+        batch_size: args.batch_size,
+        eval_batch_size: args.batch_size.min(1024),
+        epochs: args.epochs,
+        patience: args.epochs + 1,
+        schedule: ScheduleKind::Constant,
+        warmup_epochs: 0.0,
+        ..TrainConfig::default()
+    };
+    let device = Device::Cpu;
+    let varmap = VarMap::new();
+    let ctx = head_context(&reader, vocab.len(), None, config.seed);
+    let head = heads::build(
+        &head_config,
+        &ctx,
+        heads::init::seeded_var_builder(&varmap, config.seed, &device),
+    )?;
+    let data = TrainData {
+        reader: &reader,
+        targets: &targets,
+        train_rows,
+        val_rows,
+        device,
+    };
+    let before = memory_mib();
+    let outcome = fit(head.as_ref(), &varmap, &Loss::Bce, &data, &config)?;
+    let after = memory_mib();
+    let env = |name: &str| std::env::var(name).unwrap_or_else(|_| "default".into());
+    let threads = format!(
+        "{} candle_threads={}",
+        env("RAYON_NUM_THREADS"),
+        env("CANDLE_NUM_THREADS")
+    );
+    for epoch in &outcome.history {
+        println!(
+            "head={} batch={} rows={} cache_rows={cache_rows} threads={threads} epoch={} \
+             train_s={:.3} samples_per_s={:.0} loss={:.4}",
+            args.head,
+            args.batch_size,
+            data.train_rows.len(),
+            epoch.epoch,
+            epoch.train_seconds,
+            data.train_rows.len() as f64 / epoch.train_seconds,
+            epoch.train_loss
+        );
+    }
+    let mut seconds: Vec<f64> = outcome.history.iter().map(|e| e.train_seconds).collect();
+    seconds.sort_by(f64::total_cmp);
+    let median = seconds[seconds.len() / 2];
+    println!(
+        "SUMMARY head={} batch={} cache_rows={cache_rows} threads={threads} \
+         median_train_s={median:.3} \
+         samples_per_s={:.0} rss_anon_mib={:.0} (before training {:.0}) peak_rss_mib={:.0}",
+        args.head,
+        args.batch_size,
+        data.train_rows.len() as f64 / median,
+        after.0,
+        before.0,
+        after.1
+    );
+    Ok(())
+}

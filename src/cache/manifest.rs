@@ -1,0 +1,351 @@
+//! `manifest.json`: what a cache holds and how it was made. The [`CacheHeader`] is everything that
+//! determines the bytes of the shards (backbone, outputs, dataset, shard size, batch size, tool
+//! version); its [`CacheHeader::fingerprint`] is stamped into every shard, part and manifest so a
+//! re-run with other settings into the same directory is refused instead of mixing caches.
+
+use super::files;
+use super::layout::MANIFEST_FILE;
+use crate::backbone::{BackboneInfo, OutputKind, OutputSpec};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Cache format version; bump when the layout of shards or manifest changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Element type of an output as stored in the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredDtype {
+    F16,
+    F32,
+    U8,
+}
+
+impl StoredDtype {
+    pub fn size(self) -> usize {
+        match self {
+            StoredDtype::F16 => 2,
+            StoredDtype::F32 => 4,
+            StoredDtype::U8 => 1,
+        }
+    }
+
+    pub fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            StoredDtype::F16 => safetensors::Dtype::F16,
+            StoredDtype::F32 => safetensors::Dtype::F32,
+            StoredDtype::U8 => safetensors::Dtype::U8,
+        }
+    }
+}
+
+impl std::str::FromStr for StoredDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f16" => Ok(StoredDtype::F16),
+            "f32" => Ok(StoredDtype::F32),
+            _ => bail!("unknown feature dtype {s:?}: expected f16 or f32"),
+        }
+    }
+}
+
+/// One output as stored: the backbone's [`OutputSpec`] plus its stored element type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredOutput {
+    pub name: String,
+    /// Shape of one row, e.g. `[384]` or `[50, 768]`.
+    pub shape: Vec<usize>,
+    pub kind: OutputKind,
+    pub dtype: StoredDtype,
+}
+
+impl StoredOutput {
+    /// Features are stored as `feature_dtype`, masks always as u8.
+    pub fn from_spec(spec: &OutputSpec, feature_dtype: StoredDtype) -> Self {
+        let dtype = match spec.kind {
+            OutputKind::Feature => feature_dtype,
+            OutputKind::Mask => StoredDtype::U8,
+        };
+        Self {
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+            kind: spec.kind,
+            dtype,
+        }
+    }
+
+    /// Elements in one row.
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of one stored row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_len() * self.dtype.size()
+    }
+}
+
+/// One csv file that contributed rows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CsvPart {
+    /// `train` or `test`.
+    pub split: String,
+    /// File name inside the data directory, e.g. `train.csv`.
+    pub file: String,
+    pub sha256: String,
+    /// Records read from it.
+    pub rows: usize,
+}
+
+/// Which dataset rows the cache covers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetFingerprint {
+    /// The `--split` given: `train`, `test` or `all`.
+    pub split: String,
+    /// The csv files read, in row order.
+    pub parts: Vec<CsvPart>,
+    /// Selected rows (stored + skipped).
+    pub rows: usize,
+}
+
+/// Everything that determines the shard bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheHeader {
+    pub format_version: u32,
+    pub tool_version: String,
+    pub backbone: BackboneInfo,
+    pub outputs: Vec<StoredOutput>,
+    pub dataset: DatasetFingerprint,
+    /// Dataset rows per shard (the last shard may have fewer).
+    pub shard_rows: usize,
+    /// Rows per forward batch; batches never cross a shard, so a shard's bytes depend on it.
+    pub batch_size: usize,
+}
+
+impl CacheHeader {
+    /// Lower-case hex sha256 of the header's canonical JSON.
+    pub fn fingerprint(&self) -> String {
+        files::sha256_hex(&serde_json::to_vec(self).expect("a header always serialises"))
+    }
+
+    /// The stored output called `name`.
+    pub fn output(&self, name: &str) -> Option<&StoredOutput> {
+        self.outputs.iter().find(|o| o.name == name)
+    }
+
+    /// Names the fields in which `other` differs from `self` (for error messages).
+    pub fn differences(&self, other: &CacheHeader) -> Vec<&'static str> {
+        let mut diffs = Vec::new();
+        if self.format_version != other.format_version {
+            diffs.push("cache format version");
+        }
+        if self.tool_version != other.tool_version {
+            diffs.push("multiclip version");
+        }
+        if self.backbone != other.backbone {
+            diffs.push("backbone (--backbone, weights or preprocessing)");
+        }
+        if self.outputs != other.outputs {
+            diffs.push("outputs or --dtype");
+        }
+        if self.dataset != other.dataset {
+            diffs.push("dataset (csv contents or --split)");
+        }
+        if self.shard_rows != other.shard_rows {
+            diffs.push("--shard-rows");
+        }
+        if self.batch_size != other.batch_size {
+            diffs.push("--batch-size");
+        }
+        diffs
+    }
+}
+
+/// A dataset row that was not stored, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedRow {
+    /// Position among the selected dataset rows.
+    pub row: usize,
+    pub id: String,
+    pub reason: String,
+}
+
+/// One shard file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub index: usize,
+    pub file: String,
+    /// Dataset positions `[start, end)` covered (stored + skipped).
+    pub start: usize,
+    pub end: usize,
+    /// Rows stored in the file.
+    pub rows: usize,
+    pub bytes: u64,
+    pub sha256: String,
+    pub skipped: Vec<SkippedRow>,
+}
+
+/// The cache index (`manifest.json`), also the body of a per-worker part.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always `multiclip-cache`.
+    pub format: String,
+    /// [`CacheHeader::fingerprint`] of `header`.
+    pub fingerprint: String,
+    #[serde(flatten)]
+    pub header: CacheHeader,
+    /// Rows stored across all shards.
+    pub stored_rows: usize,
+    /// Rows skipped across all shards.
+    pub skipped_rows: usize,
+    pub shards: Vec<ShardEntry>,
+}
+
+pub const FORMAT_NAME: &str = "multiclip-cache";
+
+impl Manifest {
+    /// A manifest over `shards` (sorted by index by the caller).
+    pub fn new(header: CacheHeader, shards: Vec<ShardEntry>) -> Self {
+        Self {
+            format: FORMAT_NAME.to_string(),
+            fingerprint: header.fingerprint(),
+            stored_rows: shards.iter().map(|s| s.rows).sum(),
+            skipped_rows: shards.iter().map(|s| s.skipped.len()).sum(),
+            header,
+            shards,
+        }
+    }
+
+    /// Pretty JSON with a trailing newline: the exact bytes written to disk.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).expect("a manifest always serialises");
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// Reads and checks a manifest or part file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| {
+            format!(
+                "cannot read {} (is this a finished multiclip cache? multi-worker caches need \
+                 `multiclip cache merge` first)",
+                path.display()
+            )
+        })?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a valid multiclip manifest", path.display()))?;
+        if manifest.format != FORMAT_NAME {
+            bail!(
+                "{} has format {:?}, expected {FORMAT_NAME:?}",
+                path.display(),
+                manifest.format
+            );
+        }
+        if manifest.header.format_version != FORMAT_VERSION {
+            bail!(
+                "{} uses cache format version {}, this multiclip reads version {FORMAT_VERSION}",
+                path.display(),
+                manifest.header.format_version
+            );
+        }
+        Ok(manifest)
+    }
+
+    /// Reads `dir/manifest.json`.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        Self::load(&dir.join(MANIFEST_FILE))
+    }
+
+    /// Writes the manifest atomically to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        files::write_atomic(path, &self.to_bytes())
+    }
+
+    /// Every skipped row of every shard, in row order.
+    pub fn skipped(&self) -> impl Iterator<Item = &SkippedRow> {
+        self.shards.iter().flat_map(|s| s.skipped.iter())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A small header for tests of the cache layer: outputs `image` [3] (f16), `tokens` [2, 2]
+    /// (f32) and `mask` [2] (u8).
+    pub(crate) fn test_header(rows: usize, shard_rows: usize) -> CacheHeader {
+        CacheHeader {
+            format_version: FORMAT_VERSION,
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            backbone: BackboneInfo {
+                id: "test:synthetic".into(),
+                weights_sha256: vec![("model.safetensors".into(), "00".repeat(32))],
+                preprocessing: serde_json::json!({"size": 4}),
+                text_template: None,
+            },
+            outputs: vec![
+                StoredOutput {
+                    name: "image".into(),
+                    shape: vec![3],
+                    kind: OutputKind::Feature,
+                    dtype: StoredDtype::F16,
+                },
+                StoredOutput {
+                    name: "tokens".into(),
+                    shape: vec![2, 2],
+                    kind: OutputKind::Feature,
+                    dtype: StoredDtype::F32,
+                },
+                StoredOutput {
+                    name: "mask".into(),
+                    shape: vec![2],
+                    kind: OutputKind::Mask,
+                    dtype: StoredDtype::U8,
+                },
+            ],
+            dataset: DatasetFingerprint {
+                split: "train".into(),
+                parts: vec![CsvPart {
+                    split: "train".into(),
+                    file: "train.csv".into(),
+                    sha256: "11".repeat(32),
+                    rows,
+                }],
+                rows,
+            },
+            shard_rows,
+            batch_size: 2,
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_and_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Manifest::new(test_header(3, 2), vec![]);
+        let path = dir.path().join("manifest.json");
+        manifest.save(&path).unwrap();
+        let loaded = Manifest::load(&path).unwrap();
+        assert_eq!(loaded, manifest);
+        assert_eq!(loaded.to_bytes(), std::fs::read(&path).unwrap());
+        assert_eq!(loaded.header.fingerprint(), manifest.fingerprint);
+    }
+
+    #[test]
+    fn differences_name_the_changed_setting() {
+        let a = test_header(3, 2);
+        let mut b = a.clone();
+        b.shard_rows = 4;
+        b.backbone.id = "other".into();
+        assert_eq!(
+            a.differences(&b),
+            vec![
+                "backbone (--backbone, weights or preprocessing)",
+                "--shard-rows"
+            ]
+        );
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+    }
+}

@@ -1,0 +1,253 @@
+//! One shard file: encoding (deterministic bytes) and decoding into byte ranges of the file.
+//!
+//! A shard is a safetensors file with one tensor per output, named after it and shaped
+//! `[rows, ...shape]`, plus one metadata entry, `multiclip`, holding a JSON [`ShardMeta`] (the row
+//! ids and skipped rows). One key only, because safetensors writes its metadata map in hash order:
+//! a single key keeps the bytes deterministic.
+
+use super::layout::shard_ranges;
+use super::manifest::{CacheHeader, SkippedRow, StoredOutput};
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// The safetensors metadata key holding the [`ShardMeta`] JSON.
+pub const META_KEY: &str = "multiclip";
+
+/// A shard's description of itself (in its safetensors metadata).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMeta {
+    /// [`CacheHeader::fingerprint`] of the run that wrote it.
+    pub fingerprint: String,
+    pub index: usize,
+    /// Dataset positions `[start, end)` covered.
+    pub start: usize,
+    pub end: usize,
+    /// Ids of the stored rows, in order.
+    pub ids: Vec<String>,
+    /// Rows of `[start, end)` that were not stored.
+    pub skipped: Vec<SkippedRow>,
+}
+
+/// Encodes a shard. `data[k]` holds the stored bytes of `outputs[k]` for all rows.
+pub fn encode(outputs: &[StoredOutput], meta: &ShardMeta, data: &[Vec<u8>]) -> Result<Vec<u8>> {
+    ensure!(
+        outputs.len() == data.len(),
+        "{} outputs but {} data buffers",
+        outputs.len(),
+        data.len()
+    );
+    let rows = meta.ids.len();
+    let views: Vec<(String, RawView)> = outputs
+        .iter()
+        .zip(data)
+        .map(|(out, bytes)| {
+            ensure!(
+                bytes.len() == rows * out.row_bytes(),
+                "output {}: {} bytes for {rows} rows of {} bytes",
+                out.name,
+                bytes.len(),
+                out.row_bytes()
+            );
+            let mut shape = vec![rows];
+            shape.extend(&out.shape);
+            Ok((
+                out.name.clone(),
+                RawView {
+                    dtype: out.dtype.safetensors(),
+                    shape,
+                    data: bytes,
+                },
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let metadata = HashMap::from([(META_KEY.to_string(), serde_json::to_string(meta)?)]);
+    Ok(safetensors::serialize(views, Some(metadata))?)
+}
+
+/// A borrowed tensor for [`safetensors::serialize`].
+struct RawView<'a> {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: &'a [u8],
+}
+
+impl safetensors::View for RawView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A decoded shard: its metadata and where each output's bytes are in the file.
+#[derive(Clone, Debug)]
+pub struct ShardLayout {
+    pub meta: ShardMeta,
+    /// Stored rows.
+    pub rows: usize,
+    /// Byte range in the file of each output of the header, in header order.
+    pub ranges: Vec<Range<usize>>,
+}
+
+impl ShardLayout {
+    /// Decodes the bytes of shard `index` and checks them against the header (fingerprint,
+    /// row range, tensor names, dtypes, shapes, file length). Errors do not name the file: callers
+    /// add it.
+    pub fn parse(
+        bytes: &[u8],
+        header: &CacheHeader,
+        fingerprint: &str,
+        index: usize,
+    ) -> Result<Self> {
+        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow::anyhow!("not a complete safetensors file ({e:?})"))?;
+        let meta_json = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .with_context(|| format!("no `{META_KEY}` metadata: not a multiclip shard"))?;
+        let meta: ShardMeta = serde_json::from_str(meta_json)
+            .with_context(|| format!("invalid `{META_KEY}` metadata"))?;
+        if meta.fingerprint != fingerprint {
+            bail!(
+                "written by a different extraction (settings fingerprint {} instead of {fingerprint})",
+                meta.fingerprint
+            );
+        }
+        let expected = shard_ranges(header.dataset.rows, header.shard_rows)
+            .get(index)
+            .cloned()
+            .with_context(|| format!("shard index {index} is beyond the dataset's shards"))?;
+        ensure!(
+            meta.index == index && meta.start == expected.start && meta.end == expected.end,
+            "claims to be shard {} covering rows {}..{}, expected shard {index} covering {}..{}",
+            meta.index,
+            meta.start,
+            meta.end,
+            expected.start,
+            expected.end
+        );
+        let rows = meta.ids.len();
+        ensure!(
+            rows + meta.skipped.len() == meta.end - meta.start,
+            "{rows} stored + {} skipped rows do not make the {} rows it covers",
+            meta.skipped.len(),
+            meta.end - meta.start
+        );
+        ensure!(
+            metadata.tensors().len() == header.outputs.len(),
+            "holds {} tensors, the manifest lists {} outputs",
+            metadata.tensors().len(),
+            header.outputs.len()
+        );
+        let data_start = 8 + header_len;
+        let ranges = header
+            .outputs
+            .iter()
+            .map(|out| {
+                let info = metadata
+                    .info(&out.name)
+                    .with_context(|| format!("has no tensor `{}`", out.name))?;
+                let mut shape = vec![rows];
+                shape.extend(&out.shape);
+                ensure!(
+                    info.dtype == out.dtype.safetensors() && info.shape == shape,
+                    "tensor `{}` is {:?} {:?}, expected {:?} {shape:?}",
+                    out.name,
+                    info.dtype,
+                    info.shape,
+                    out.dtype
+                );
+                let (begin, end) = info.data_offsets;
+                Ok(data_start + begin..data_start + end)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { meta, rows, ranges })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::cache::manifest::tests::test_header;
+
+    /// Deterministic synthetic bytes for shard `index` of `header` with the rows in `skip`
+    /// left out; row `r`'s values derive from its dataset position.
+    pub(crate) fn synthetic_shard(header: &CacheHeader, index: usize, skip: &[usize]) -> Vec<u8> {
+        let range = shard_ranges(header.dataset.rows, header.shard_rows)[index].clone();
+        let kept: Vec<usize> = range.clone().filter(|r| !skip.contains(r)).collect();
+        let data = header
+            .outputs
+            .iter()
+            .map(|out| {
+                kept.iter()
+                    .flat_map(|&r| {
+                        (0..out.row_len()).flat_map(move |k| {
+                            let v = r as f32 + k as f32 / 8.0;
+                            match out.dtype {
+                                super::super::StoredDtype::F16 => {
+                                    half::f16::from_f32(v).to_le_bytes().to_vec()
+                                }
+                                super::super::StoredDtype::F32 => v.to_le_bytes().to_vec(),
+                                super::super::StoredDtype::U8 => vec![((r + k) % 2) as u8],
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .collect::<Vec<Vec<u8>>>();
+        let meta = ShardMeta {
+            fingerprint: header.fingerprint(),
+            index,
+            start: range.start,
+            end: range.end,
+            ids: kept.iter().map(|r| format!("{r}.jpg")).collect(),
+            skipped: range
+                .filter(|r| skip.contains(r))
+                .map(|r| SkippedRow {
+                    row: r,
+                    id: format!("{r}.jpg"),
+                    reason: "test".into(),
+                })
+                .collect(),
+        };
+        encode(&header.outputs, &meta, &data).unwrap()
+    }
+
+    #[test]
+    fn encode_is_deterministic_and_parses_back() {
+        let header = test_header(5, 3);
+        let a = synthetic_shard(&header, 1, &[]);
+        assert_eq!(a, synthetic_shard(&header, 1, &[]));
+        let layout = ShardLayout::parse(&a, &header, &header.fingerprint(), 1).unwrap();
+        assert_eq!(layout.rows, 2);
+        assert_eq!(layout.meta.ids, vec!["3.jpg", "4.jpg"]);
+        let image = &a[layout.ranges[0].clone()];
+        assert_eq!(image.len(), 2 * 3 * 2);
+        assert_eq!(half::f16::from_le_bytes([image[0], image[1]]).to_f32(), 3.0);
+    }
+
+    #[test]
+    fn parse_rejects_damage_and_foreign_shards() {
+        let header = test_header(5, 3);
+        let bytes = synthetic_shard(&header, 0, &[1]);
+        let fp = header.fingerprint();
+        assert!(ShardLayout::parse(&bytes, &header, &fp, 0).is_ok());
+        assert!(ShardLayout::parse(&bytes[..bytes.len() - 1], &header, &fp, 0).is_err());
+        assert!(ShardLayout::parse(&bytes, &header, &fp, 1).is_err());
+        let mut other = header.clone();
+        other.batch_size = 7;
+        let err = ShardLayout::parse(&bytes, &other, &other.fingerprint(), 0).unwrap_err();
+        assert!(err.to_string().contains("different extraction"), "{err}");
+    }
+}

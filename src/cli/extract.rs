@@ -1,0 +1,162 @@
+//! `multiclip extract`: stage 1, run a frozen backbone over a dataset into a cache directory.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use multiclip::backbone;
+use multiclip::cache::{StoredDtype, WorkerSlot};
+use multiclip::data::image::DEFAULT_MAX_PIXELS;
+use multiclip::extract::{ExtractOptions, OnError, SelectedRows, SplitSelection, extract};
+
+const EXTRACT_HELP: &str = "\
+The cache is resumable: re-running the same command after a crash or kill computes only the
+missing shards. A different backbone, dataset or option into an existing cache is refused.
+
+Several machines: give every worker the same arguments plus --num-workers N --worker-index I
+(or run it as a Slurm array / Kubernetes Indexed Job, which set them), then run
+`multiclip cache merge OUT` once all have finished.
+
+Examples:
+  multiclip extract --data data/demo --split all \\
+      --backbone dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2 --out cache/demo
+  sbatch --array=0-7 --wrap 'multiclip extract --data /data/comp --split all \\
+      --backbone dinov2:facebook/dinov2-base --out /shared/cache/comp --device cuda'";
+
+/// Skipped rows listed in the summary (all are in the manifest).
+const SKIPPED_SHOWN: usize = 20;
+
+/// Run a frozen backbone over a dataset and write the embedding cache (stage 1).
+#[derive(Args)]
+#[command(after_help = EXTRACT_HELP)]
+pub struct ExtractArgs {
+    /// Dataset folder (train.csv and/or test.csv, images in data/).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Which csv files to extract.
+    #[arg(long, value_enum, default_value = "all")]
+    split: SplitSelection,
+    /// Backbone spec, `family:location` joined by `+`, e.g.
+    /// `dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2`.
+    #[arg(long, value_name = "SPEC")]
+    backbone: String,
+    /// Cache directory to create or resume, e.g. cache/demo-dinov2.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Dataset rows per shard file (memory holds one shard's outputs).
+    #[arg(long, default_value_t = 4096)]
+    shard_rows: usize,
+    /// Stored type of float outputs (masks are always u8).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    dtype: String,
+    /// Where the model runs (`cuda` needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// Number of worker processes sharing the job [default: SLURM_ARRAY_TASK_COUNT,
+    /// MULTICLIP_NUM_WORKERS, else 1].
+    #[arg(long, value_name = "N")]
+    num_workers: Option<usize>,
+    /// This worker's 0-based index [default: SLURM_ARRAY_TASK_ID (minus SLURM_ARRAY_TASK_MIN),
+    /// JOB_COMPLETION_INDEX].
+    #[arg(long, value_name = "I")]
+    worker_index: Option<usize>,
+    /// A missing, corrupt or oversized image or an empty caption: stop with an error naming it
+    /// (`fail`), or record the row as skipped in the manifest and go on (`skip`).
+    #[arg(long, value_enum, default_value = "fail")]
+    on_error: OnError,
+    /// Images with more pixels than this are refused (checked from the header, before decoding).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
+    max_pixels: u64,
+    /// CPU threads for decoding, preprocessing and the model [default: all cores].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Prepared batches queued ahead of the model.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    prefetch: usize,
+}
+
+pub fn run(args: ExtractArgs) -> Result<()> {
+    if let Some(threads) = args.threads {
+        set_threads(threads)?;
+    }
+    let slot = WorkerSlot::resolve(args.num_workers, args.worker_index, |name| {
+        std::env::var(name).ok()
+    })?;
+    let device = match args.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0)?,
+        other => bail!("unknown device {other:?}"),
+    };
+    let selected = SelectedRows::read(&args.data, args.split)?;
+    let model = backbone::load(&args.backbone, &device)?;
+    let options = ExtractOptions {
+        out: args.out.clone(),
+        batch_size: args.batch_size,
+        shard_rows: args.shard_rows,
+        dtype: args.dtype.parse::<StoredDtype>()?,
+        slot,
+        on_error: args.on_error,
+        max_pixels: args.max_pixels,
+        prefetch: args.prefetch,
+        progress: true,
+    };
+    let summary = extract(model.as_ref(), &selected, &options)?;
+
+    println!("extracted {} with {}", args.out.display(), args.backbone);
+    println!(
+        "  worker       {} of {} (owns {} of {} shards)",
+        slot.index, slot.count, summary.shards_owned, summary.shards_total
+    );
+    println!(
+        "  shards       {} written, {} reused from an earlier run",
+        summary.shards_written, summary.shards_reused
+    );
+    println!(
+        "  rows         {} in the dataset, {} computed now in {:.1} s ({:.1} rows/s)",
+        summary.dataset_rows,
+        summary.rows_processed,
+        summary.elapsed.as_secs_f64(),
+        summary.rows_per_second()
+    );
+    println!(
+        "  time         {:.1} s in the model, {:.1} s waiting for decoded input",
+        summary.forward.as_secs_f64(),
+        summary.input_wait.as_secs_f64()
+    );
+    println!("  skipped      {} rows", summary.skipped.len());
+    for s in summary.skipped.iter().take(SKIPPED_SHOWN) {
+        println!("    row {} ({}): {}", s.row, s.id, s.reason);
+    }
+    if summary.skipped.len() > SKIPPED_SHOWN {
+        println!(
+            "    ... and {} more (`multiclip cache info --skipped 0` lists all)",
+            summary.skipped.len() - SKIPPED_SHOWN
+        );
+    }
+    println!("  index        {}", summary.index_file.display());
+    if !slot.is_single() {
+        println!(
+            "  next         when every worker has finished: multiclip cache merge {}",
+            args.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Uses `threads` CPU threads for rayon (decoding, preprocessing) and candle's matmuls (which read
+/// `RAYON_NUM_THREADS`).
+fn set_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    // SAFETY: called at start-up, before any other thread of this process exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("cannot set up {threads} threads: {e}"))
+}

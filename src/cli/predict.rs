@@ -1,0 +1,67 @@
+//! `multiclip predict`: label every row of a cache with a checkpoint and write the submission
+//! file (`ImageID,Labels`) and, optionally, the probabilities.
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::Args;
+use multiclip::cache::CacheReader;
+use multiclip::predict::{Model, predict, write_predictions, write_probabilities};
+use std::path::PathBuf;
+
+/// Predict labels for every row of a cache.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Cache folder of the rows to label (e.g. cache/test).
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// Checkpoint: NAME, NAME.json or NAME.safetensors.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Submission file to write: `ImageID,Labels`, labels space-separated in vocabulary order.
+    #[arg(long, default_value = "predictions.csv")]
+    pub out: PathBuf,
+    /// Also write `ImageID,<label>,...` probabilities here.
+    #[arg(long)]
+    pub probabilities: Option<PathBuf>,
+    /// Allow samples without any label (default: each gets at least its most likely one).
+    #[arg(long)]
+    pub no_at_least_one: bool,
+    #[arg(long, default_value_t = 1024)]
+    pub batch_size: usize,
+}
+
+pub fn run(args: PredictArgs) -> Result<()> {
+    multiclip::train::threads::single_threaded_elementwise_by_default();
+    let device = Device::Cpu;
+    let reader = CacheReader::open(&args.cache)?;
+    let model = Model::load(&args.checkpoint, &reader, &device)?;
+    let predictions = predict(
+        &model,
+        &reader,
+        args.batch_size,
+        !args.no_at_least_one,
+        &device,
+    )?;
+    write_predictions(
+        &args.out,
+        &predictions.ids,
+        &predictions.decisions,
+        &predictions.labels,
+    )?;
+    println!(
+        "{} rows labelled with {} -> {}",
+        predictions.ids.len(),
+        model.meta.name,
+        args.out.display()
+    );
+    if let Some(path) = &args.probabilities {
+        write_probabilities(
+            path,
+            &predictions.ids,
+            &predictions.probabilities,
+            &predictions.labels,
+        )?;
+        println!("probabilities -> {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! `multiclip train`: train a head on a cache, tune thresholds on validation, save a checkpoint
+//! and print the validation metrics.
+
+use super::evaluate::print_metrics;
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::Args;
+use multiclip::heads::HeadConfig;
+use multiclip::loss::Loss;
+use multiclip::train::TrainConfig;
+use multiclip::train::early_stop::Criterion;
+use multiclip::train::run::{TrainRequest, train};
+use multiclip::train::schedule::ScheduleKind;
+use std::path::{Path, PathBuf};
+
+/// Train a head on cached features.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Cache folder written by `multiclip extract` (e.g. cache/demo).
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// Split file with the training and validation ids (`multiclip dataset split`).
+    #[arg(long)]
+    pub split: PathBuf,
+    /// Dataset folder the cache was extracted from; its train.csv gives the labels.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Head kind with options: `mlp`, `mlp:hidden=0` (linear probe), `router`,
+    /// `router:inputs=image+text`, `ensemble`, `gat`, `ml_decoder:input=multimodal_tokens`.
+    /// Inputs default to the cache's outputs.
+    #[arg(long, required_unless_present = "head_config")]
+    pub head: Option<String>,
+    /// Full head configuration instead of --head: a JSON or TOML file, or inline JSON/TOML
+    /// (with `kind = "..."`).
+    #[arg(long, conflicts_with = "head")]
+    pub head_config: Option<String>,
+    /// Loss: bce, smoothing[:eps], focal[:alpha,gamma], margin[:s,m], angular[:s,m], zlpr,
+    /// asl[:gamma_neg,gamma_pos,clip].
+    #[arg(long, default_value = "bce")]
+    pub loss: Loss,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    pub lr: f64,
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Rows per forward pass when scoring validation rows (default: the batch size).
+    #[arg(long)]
+    pub eval_batch_size: Option<usize>,
+    /// Maximum epochs (early stopping usually ends sooner).
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: usize,
+    /// Epochs without improvement before stopping.
+    #[arg(long, default_value_t = TrainConfig::default().patience)]
+    pub patience: usize,
+    /// Validation number that picks the best epoch: micro-f1 (after threshold tuning), map
+    /// or loss.
+    #[arg(long, default_value = "micro-f1")]
+    pub metric: Criterion,
+    /// Learning-rate schedule after the warm-up: constant or cosine.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: ScheduleKind,
+    #[arg(long, default_value_t = TrainConfig::default().warmup_epochs)]
+    pub warmup_epochs: f64,
+    /// Decoupled weight decay (biases and norms are exempt).
+    #[arg(long, default_value_t = TrainConfig::default().adamw.weight_decay)]
+    pub weight_decay: f64,
+    /// Maximum global gradient norm; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip_grad: f64,
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    pub seed: u64,
+    /// Warm up each part of the head (router experts) until it plateaus, then train the whole.
+    #[arg(long)]
+    pub multistage: bool,
+    /// Folder of the checkpoints.
+    #[arg(long, default_value = "checkpoints")]
+    pub out: PathBuf,
+    /// Checkpoint name (refused if it exists); default
+    /// `{head}_{backbone}_{loss}_v{N}_lr{lr}_bs{batch}_seed{seed}_{metric}` with the first free N.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `--head-config`: a file (JSON, or TOML by extension) or inline JSON/TOML.
+fn parse_head_config(text_or_path: &str) -> Result<HeadConfig> {
+    let path = Path::new(text_or_path);
+    let (text, origin) = if path.is_file() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading head configuration {}", path.display()))?;
+        (text, path.display().to_string())
+    } else {
+        (text_or_path.to_string(), "--head-config".to_string())
+    };
+    let json = serde_json::from_str::<HeadConfig>(&text);
+    match json {
+        Ok(config) => Ok(config),
+        Err(json_error) => toml::from_str::<HeadConfig>(&text).map_err(|toml_error| {
+            anyhow::anyhow!(
+                "{origin} is neither a JSON head configuration ({json_error}) nor a TOML one \
+                 ({toml_error})"
+            )
+        }),
+    }
+}
+
+/// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
+pub fn run(args: TrainArgs) -> Result<PathBuf> {
+    multiclip::train::threads::single_threaded_elementwise_by_default();
+    let head = match (&args.head, &args.head_config) {
+        (_, Some(config)) => parse_head_config(config)?,
+        (Some(spec), None) => spec.parse::<HeadConfig>()?,
+        (None, None) => bail!("give the head with --head KIND or --head-config"),
+    };
+    let defaults = TrainConfig::default();
+    let config = TrainConfig {
+        lr: args.lr,
+        batch_size: args.batch_size,
+        eval_batch_size: args.eval_batch_size.unwrap_or(args.batch_size),
+        epochs: args.epochs,
+        patience: args.patience,
+        criterion: args.metric,
+        schedule: args.schedule,
+        warmup_epochs: args.warmup_epochs,
+        adamw: multiclip::train::optim::AdamWConfig {
+            weight_decay: args.weight_decay,
+            ..defaults.adamw
+        },
+        clip_grad: (args.clip_grad > 0.0).then_some(args.clip_grad),
+        seed: args.seed,
+        multistage: args.multistage,
+        ..defaults
+    };
+    let request = TrainRequest {
+        cache: args.cache,
+        data: args.data,
+        split: args.split,
+        head,
+        loss: args.loss,
+        config,
+        out_dir: args.out,
+        name: args.name,
+        device: Device::Cpu,
+    };
+    let report = train(&request)?;
+    let outcome = &report.outcome;
+    println!(
+        "best epoch {} of {}{}; thresholds tuned on {} validation rows",
+        outcome.best_epoch,
+        outcome
+            .history
+            .iter()
+            .filter(|r| r.stage == "train")
+            .count(),
+        if outcome.stopped_early {
+            " (stopped early)"
+        } else {
+            ""
+        },
+        outcome.validation.rows
+    );
+    print_metrics(
+        &outcome.validation.metrics,
+        &outcome.validation.per_label,
+        &report.meta.labels,
+    );
+    println!("checkpoint: {}", report.checkpoint.display());
+    let written = multiclip::report::write_for_checkpoint(&report.checkpoint, &Device::Cpu)?;
+    print!("{}", multiclip::report::terminal_summary(&written.data));
+    println!("report:     {}", written.html.display());
+    println!("metrics:    {}", written.metrics_json.display());
+    Ok(report.checkpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_configs_come_inline_as_json_or_toml_or_from_a_file() {
+        let json = parse_head_config(r#"{"kind": "mlp", "hidden": 0}"#).unwrap();
+        let toml = parse_head_config("kind = \"mlp\"\nhidden = 0").unwrap();
+        assert_eq!(json, toml);
+        assert_eq!(json, "mlp:hidden=0".parse::<HeadConfig>().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("head.toml");
+        std::fs::write(&file, "kind = \"router\"\ninputs = [\"image\", \"text\"]").unwrap();
+        let from_file = parse_head_config(file.to_str().unwrap()).unwrap();
+        assert_eq!(from_file.kind(), "router");
+        assert!(parse_head_config("kind = \"nope\"").is_err());
+    }
+}

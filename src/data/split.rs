@@ -1,0 +1,337 @@
+//! The train/validation split: seeded second-order iterative stratification.
+//!
+//! Iterative stratification (Sechidis et al. 2011) hands out rows one "evidence unit" at a time,
+//! rarest first, each to the side that still wants most of that unit. Second order (Szymanski &
+//! Kajdanowicz 2017) uses label PAIRS as units (a row with labels {a, b} carries the units
+//! (a,a), (b,b) and (a,b)), so label co-occurrence is balanced as well as label frequency.
+//!
+//! On top of the published method: every label with at least two rows asks for at least one
+//! validation row, and a final repair pass moves a row across when a label with >= 2 rows still
+//! ended up on one side only, so that every such label can be trained and validated on. Rows
+//! without labels fill whichever side is furthest below its target size.
+//!
+//! The split is saved as JSON (ids per side), and training, threshold tuning and evaluation all
+//! read the same file.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::Record;
+use super::labels::LabelVocab;
+
+/// Default fraction of the rows held out for validation.
+pub const DEFAULT_VAL_FRACTION: f64 = 0.15;
+/// Default seed of the split.
+pub const DEFAULT_SEED: u64 = 3407;
+/// Conventional file name of a saved split.
+pub const SPLIT_FILE: &str = "split.json";
+
+/// Image ids on each side of a train/validation split.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Split {
+    pub seed: u64,
+    pub val_fraction: f64,
+    /// Ids in csv order.
+    pub train: Vec<String>,
+    /// Ids in csv order.
+    pub val: Vec<String>,
+}
+
+impl Split {
+    /// Splits labelled `records` with second-order iterative stratification. Every record must
+    /// have labels known to `vocab`. The same inputs and seed give the same split.
+    pub fn stratified(
+        records: &[Record],
+        vocab: &LabelVocab,
+        val_fraction: f64,
+        seed: u64,
+    ) -> Result<Split> {
+        if !(val_fraction > 0.0 && val_fraction < 1.0) {
+            bail!("the validation fraction must lie strictly between 0 and 1, got {val_fraction}");
+        }
+        let mut label_sets = Vec::with_capacity(records.len());
+        for r in records {
+            let labels = r.labels.as_ref().with_context(|| {
+                format!(
+                    "row `{}` (line {}) has no Labels column to stratify on",
+                    r.id, r.line
+                )
+            })?;
+            let mut set = Vec::with_capacity(labels.len());
+            for label in labels {
+                let column = vocab.index(label).with_context(|| {
+                    format!("row `{}` (line {}): unknown label `{label}`", r.id, r.line)
+                })?;
+                set.push(column);
+            }
+            set.sort_unstable();
+            set.dedup();
+            label_sets.push(set);
+        }
+        let is_val = assign(&label_sets, vocab.len(), val_fraction, seed);
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for (r, v) in records.iter().zip(is_val) {
+            if v { &mut val } else { &mut train }.push(r.id.clone());
+        }
+        Ok(Split {
+            seed,
+            val_fraction,
+            train,
+            val,
+        })
+    }
+
+    /// Fails unless the split holds exactly the ids of `records`, each once.
+    pub fn check_matches(&self, records: &[Record]) -> Result<()> {
+        let mut sides: HashMap<&str, &str> = HashMap::with_capacity(records.len());
+        for (side, ids) in [("train", &self.train), ("val", &self.val)] {
+            for id in ids {
+                if let Some(other) = sides.insert(id, side) {
+                    bail!("the split lists `{id}` twice (in {other} and in {side})");
+                }
+            }
+        }
+        for r in records {
+            if sides.remove(r.id.as_str()).is_none() {
+                bail!(
+                    "row `{}` (line {}) is in neither side of the split; was the split made \
+                     from another csv? Make a new one with `multiclip dataset split`",
+                    r.id,
+                    r.line
+                );
+            }
+        }
+        if let Some(id) = sides.keys().next() {
+            bail!(
+                "the split lists `{id}` (and {} more ids) that the csv does not have",
+                sides.len() - 1
+            );
+        }
+        Ok(())
+    }
+
+    /// Rows per label on each side, `(label, train rows, val rows)` in vocabulary order
+    /// (records not in the split are not counted).
+    pub fn label_counts(
+        &self,
+        records: &[Record],
+        vocab: &LabelVocab,
+    ) -> Vec<(String, usize, usize)> {
+        let side_of: HashMap<&str, usize> = (self.train.iter().map(|id| (id.as_str(), TRAIN)))
+            .chain(self.val.iter().map(|id| (id.as_str(), VAL)))
+            .collect();
+        let mut counts = vec![[0usize; 2]; vocab.len()];
+        for r in records {
+            let Some(&side) = side_of.get(r.id.as_str()) else {
+                continue;
+            };
+            for label in r.labels.iter().flatten() {
+                if let Some(i) = vocab.index(label) {
+                    counts[i][side] += 1;
+                }
+            }
+        }
+        vocab
+            .names()
+            .iter()
+            .zip(counts)
+            .map(|(name, [train, val])| (name.clone(), train, val))
+            .collect()
+    }
+
+    /// Writes the split as JSON.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write split {}", path.display()))
+    }
+
+    /// Reads a split written by [`Split::save`].
+    pub fn load(path: &Path) -> Result<Split> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read split {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid split file", path.display()))
+    }
+}
+
+const TRAIN: usize = 0;
+const VAL: usize = 1;
+
+/// Second-order iterative stratification of rows given as sorted label columns; returns, per
+/// row, whether it goes to validation.
+fn assign(label_sets: &[Vec<usize>], n_labels: usize, val_fraction: f64, seed: u64) -> Vec<bool> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = label_sets.len();
+    let fractions = [1.0 - val_fraction, val_fraction];
+
+    // Evidence units: every (a, b) with a <= b among a row's labels, numbered as first seen.
+    let mut unit_of: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut unit_is_single: Vec<bool> = Vec::new();
+    let row_units: Vec<Vec<usize>> = label_sets
+        .iter()
+        .map(|set| {
+            let mut units = Vec::with_capacity(set.len() * (set.len() + 1) / 2);
+            for (i, &a) in set.iter().enumerate() {
+                for &b in &set[i..] {
+                    let next = unit_of.len();
+                    let unit = *unit_of.entry((a, b)).or_insert(next);
+                    if unit == unit_is_single.len() {
+                        unit_is_single.push(a == b);
+                    }
+                    units.push(unit);
+                }
+            }
+            units
+        })
+        .collect();
+    // Rows carrying each unit, in a seeded random order.
+    let mut unit_rows: Vec<Vec<usize>> = vec![Vec::new(); unit_of.len()];
+    for (row, units) in row_units.iter().enumerate() {
+        for &unit in units {
+            unit_rows[unit].push(row);
+        }
+    }
+    for rows in &mut unit_rows {
+        rows.shuffle(&mut rng);
+    }
+    // How many more rows of each unit each side wants; single labels with >= 2 rows want at
+    // least one validation row.
+    let mut wanted: Vec<[f64; 2]> = unit_rows
+        .iter()
+        .zip(&unit_is_single)
+        .map(|(rows, &single)| {
+            let count = rows.len() as f64;
+            let mut val = count * val_fraction;
+            if single && rows.len() >= 2 {
+                val = val.max(1.0);
+            }
+            [count - val, val]
+        })
+        .collect();
+    let mut wanted_rows = [n as f64 * fractions[TRAIN], n as f64 * fractions[VAL]];
+    let mut remaining: Vec<usize> = unit_rows.iter().map(Vec::len).collect();
+    let mut side: Vec<Option<usize>> = vec![None; n];
+
+    // Pick the side that wants the most; ties go to the side wanting more rows, then at random.
+    let choose = |want: [f64; 2], wanted_rows: [f64; 2], rng: &mut ChaCha8Rng| {
+        if want[TRAIN] != want[VAL] {
+            return if want[TRAIN] > want[VAL] { TRAIN } else { VAL };
+        }
+        if wanted_rows[TRAIN] != wanted_rows[VAL] {
+            return if wanted_rows[TRAIN] > wanted_rows[VAL] {
+                TRAIN
+            } else {
+                VAL
+            };
+        }
+        rng.random_range(0..2)
+    };
+
+    // Rarest unit first (fewest rows still unassigned; ties: first seen).
+    while let Some(unit) = (0..remaining.len())
+        .filter(|&u| remaining[u] > 0)
+        .min_by_key(|&u| (remaining[u], u))
+    {
+        for &row in &unit_rows[unit] {
+            if side[row].is_some() {
+                continue;
+            }
+            let s = choose(wanted[unit], wanted_rows, &mut rng);
+            side[row] = Some(s);
+            wanted_rows[s] -= 1.0;
+            for &u in &row_units[row] {
+                wanted[u][s] -= 1.0;
+                remaining[u] -= 1;
+            }
+        }
+    }
+    // Rows without labels.
+    for s in side.iter_mut().filter(|s| s.is_none()) {
+        let chosen = choose([0.0; 2], wanted_rows, &mut rng);
+        wanted_rows[chosen] -= 1.0;
+        *s = Some(chosen);
+    }
+    let mut is_val: Vec<bool> = side.into_iter().map(|s| s == Some(VAL)).collect();
+    repair_one_sided_labels(label_sets, n_labels, &mut is_val);
+    is_val
+}
+
+/// Moves one row across for each label with >= 2 rows that sits on one side only, choosing a
+/// row whose move leaves every one of its labels still present on the side it leaves.
+fn repair_one_sided_labels(label_sets: &[Vec<usize>], n_labels: usize, is_val: &mut [bool]) {
+    let count_per_side = |is_val: &[bool]| {
+        let mut counts = vec![[0usize; 2]; n_labels];
+        for (set, &v) in label_sets.iter().zip(is_val.iter()) {
+            for &l in set {
+                counts[l][v as usize] += 1;
+            }
+        }
+        counts
+    };
+    let mut counts = count_per_side(is_val);
+    let mut order: Vec<usize> = (0..n_labels).collect();
+    order.sort_by_key(|&l| (counts[l][0] + counts[l][1], l));
+    let mut moved = HashSet::new();
+    for label in order {
+        let [on_train, on_val] = counts[label];
+        if on_train + on_val < 2 || (on_train > 0 && on_val > 0) {
+            continue;
+        }
+        let from = if on_val == 0 { TRAIN } else { VAL };
+        let candidate = (0..label_sets.len()).find(|&row| {
+            is_val[row] as usize == from
+                && !moved.contains(&row)
+                && label_sets[row].contains(&label)
+                && label_sets[row].iter().all(|&l| counts[l][from] >= 2)
+        });
+        if let Some(row) = candidate {
+            is_val[row] = !is_val[row];
+            moved.insert(row);
+            counts = count_per_side(is_val);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rare_labels_reach_both_sides() {
+        // Label 2 has 2 rows, label 3 has 3 rows both shared with label 0.
+        let mut sets = vec![vec![0]; 40];
+        sets.extend([
+            vec![0, 2],
+            vec![2],
+            vec![0, 3],
+            vec![0, 3],
+            vec![1, 3],
+            vec![1],
+        ]);
+        let is_val = assign(&sets, 4, 0.15, 1);
+        for label in [0, 2, 3] {
+            let sides: HashSet<bool> = sets
+                .iter()
+                .zip(&is_val)
+                .filter(|(s, _)| s.contains(&label))
+                .map(|(_, &v)| v)
+                .collect();
+            assert_eq!(sides.len(), 2, "label {label} on one side only");
+        }
+    }
+
+    #[test]
+    fn repair_moves_a_row_when_needed() {
+        let sets = vec![vec![0, 1], vec![0, 1], vec![0], vec![0]];
+        let mut is_val = vec![false, false, true, false];
+        repair_one_sided_labels(&sets, 2, &mut is_val);
+        assert!(is_val[0] || is_val[1], "label 1 must reach validation");
+    }
+}

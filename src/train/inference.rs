@@ -1,0 +1,62 @@
+//! Running a head over cache rows without training: probabilities for validation, evaluation
+//! and prediction, in bounded batches streamed from the cache.
+
+use super::targets::Targets;
+use crate::cache::{Batch, BatchOrder, CacheReader};
+use crate::heads::{Head, Inputs};
+use crate::loss::Loss;
+use anyhow::{Context, Result};
+use candle_core::{D, Device};
+
+/// A cache batch as a head's inputs.
+pub fn batch_inputs(batch: Batch) -> Inputs {
+    batch.tensors.into_iter().collect()
+}
+
+/// The head's outputs on a set of rows.
+#[derive(Debug, Clone)]
+pub struct Scores {
+    pub num_labels: usize,
+    /// `[rows, num_labels]` row-major sigmoid probabilities, rows in the order requested.
+    pub probabilities: Vec<f32>,
+    /// Mean loss over the rows, when targets were given.
+    pub loss: Option<f64>,
+}
+
+/// Probabilities of `head` on `rows`, `batch_size` rows at a time (in row order); with
+/// `targets`, also the mean of `loss` over the rows.
+pub fn score_rows(
+    head: &dyn Head,
+    loss: &Loss,
+    reader: &CacheReader,
+    rows: &[usize],
+    batch_size: usize,
+    device: &Device,
+    targets: Option<&Targets>,
+) -> Result<Scores> {
+    let names = head.inputs();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut probabilities = Vec::new();
+    let mut loss_sum = 0f64;
+    let mut num_labels = 0;
+    for batch in reader.batches(rows, batch_size, BatchOrder::Sequential, &names, device)? {
+        let batch = batch?;
+        let batch_rows = batch.rows.clone();
+        let output = head
+            .forward(&batch_inputs(batch), false)
+            .context("head forward pass")?;
+        if let Some(targets) = targets {
+            let y = targets.gather(&batch_rows, device)?;
+            let batch_loss = loss.compute(&output, &y)?.to_scalar::<f32>()?;
+            loss_sum += batch_loss as f64 * batch_rows.len() as f64;
+        }
+        let probs = candle_nn::ops::sigmoid(&loss.inference_logits(&output)?)?;
+        num_labels = probs.dim(D::Minus1)?;
+        probabilities.extend(probs.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(Scores {
+        num_labels,
+        probabilities,
+        loss: targets.map(|_| loss_sum / rows.len().max(1) as f64),
+    })
+}

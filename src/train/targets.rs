@@ -1,0 +1,157 @@
+//! Multi-hot training targets for the rows of a cache: the labels come from the dataset csv, the
+//! features from the cache, joined by image id.
+
+use crate::data::Record;
+use crate::data::labels::LabelVocab;
+use anyhow::{Result, bail};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+
+/// One multi-hot vector of `num_labels` per cache row; rows without labels (test rows) are
+/// marked and refused when a batch asks for them.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    num_labels: usize,
+    /// `[rows, num_labels]` row-major, 0.0 / 1.0.
+    values: Vec<f32>,
+    labelled: Vec<bool>,
+}
+
+impl Targets {
+    /// `labels[row]` holds the label indices of cache row `row` (`None`: unlabelled).
+    pub fn new(num_labels: usize, labels: &[Option<Vec<usize>>]) -> Result<Self> {
+        let mut values = vec![0f32; labels.len() * num_labels];
+        let mut labelled = Vec::with_capacity(labels.len());
+        for (row, set) in labels.iter().enumerate() {
+            labelled.push(set.is_some());
+            for &label in set.iter().flatten() {
+                if label >= num_labels {
+                    bail!(
+                        "cache row {row} has label index {label}, but there are {num_labels} labels"
+                    );
+                }
+                values[row * num_labels + label] = 1.0;
+            }
+        }
+        Ok(Self {
+            num_labels,
+            values,
+            labelled,
+        })
+    }
+
+    /// Targets of the cache rows with ids `ids` from the `records` of a labelled csv: a row is
+    /// labelled when its id has a record with labels. Labels outside `vocab` are an error, or,
+    /// with `drop_unknown` (scoring a test set), dropped with a warning.
+    pub fn from_records(
+        ids: &[String],
+        records: &[Record],
+        vocab: &LabelVocab,
+        drop_unknown: bool,
+    ) -> Result<Self> {
+        let by_id: HashMap<&str, &Record> = records.iter().map(|r| (r.id.as_str(), r)).collect();
+        let mut dropped = 0usize;
+        let mut sets = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(labels) = by_id.get(id.as_str()).and_then(|r| r.labels.as_ref()) else {
+                sets.push(None);
+                continue;
+            };
+            let mut set = Vec::with_capacity(labels.len());
+            for label in labels {
+                match vocab.index(label) {
+                    Some(index) => set.push(index),
+                    None if drop_unknown => dropped += 1,
+                    None => bail!(
+                        "row `{id}` has label `{label}`, which is not in the vocabulary ({})",
+                        vocab.names().join(" ")
+                    ),
+                }
+            }
+            sets.push(Some(set));
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                "{dropped} label occurrences are not in the checkpoint's vocabulary and were \
+                 ignored by the metrics"
+            );
+        }
+        Self::new(vocab.len(), &sets)
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.num_labels
+    }
+
+    /// Number of cache rows covered.
+    pub fn len(&self) -> usize {
+        self.labelled.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labelled.is_empty()
+    }
+
+    /// Fails naming the first row of `rows` that has no labels.
+    pub fn ensure_labelled(&self, rows: &[usize], ids: &[String]) -> Result<()> {
+        if let Some(&row) = rows
+            .iter()
+            .find(|&&r| !self.labelled.get(r).copied().unwrap_or(false))
+        {
+            let id = ids.get(row).map(String::as_str).unwrap_or("?");
+            bail!(
+                "cache row {row} (id {id}) has no labels in the dataset csv: training and \
+                 validation ids must come from train.csv"
+            );
+        }
+        Ok(())
+    }
+
+    /// The multi-hot vectors of `rows`, concatenated (`[rows.len() * num_labels]`).
+    pub fn rows(&self, rows: &[usize]) -> Vec<f32> {
+        let k = self.num_labels;
+        let mut out = Vec::with_capacity(rows.len() * k);
+        for &row in rows {
+            out.extend_from_slice(&self.values[row * k..(row + 1) * k]);
+        }
+        out
+    }
+
+    /// `[rows.len(), num_labels]` f32 tensor of the multi-hot vectors of `rows`.
+    pub fn gather(&self, rows: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.rows(rows),
+            (rows.len(), self.num_labels),
+            device,
+        )?)
+    }
+
+    /// The label indices of each row of `rows` (for the label co-occurrence graph).
+    pub fn label_sets(&self, rows: &[usize]) -> Vec<Vec<usize>> {
+        let k = self.num_labels;
+        rows.iter()
+            .map(|&row| (0..k).filter(|&j| self.values[row * k + j] > 0.5).collect())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathers_multi_hot_rows_and_refuses_unlabelled_ones() {
+        let t = Targets::new(3, &[Some(vec![0, 2]), None, Some(vec![1])]).unwrap();
+        let y = t.gather(&[2, 0], &Device::Cpu).unwrap();
+        assert_eq!(
+            y.to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 1.0, 0.0], vec![1.0, 0.0, 1.0]]
+        );
+        assert_eq!(t.label_sets(&[0, 2]), vec![vec![0, 2], vec![1]]);
+        let ids: Vec<String> = ["a.jpg", "b.jpg", "c.jpg"].map(String::from).to_vec();
+        t.ensure_labelled(&[0, 2], &ids).unwrap();
+        let err = t.ensure_labelled(&[0, 1], &ids).unwrap_err().to_string();
+        assert!(err.contains("b.jpg"), "{err}");
+        assert!(Targets::new(2, &[Some(vec![2])]).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Helpers shared by the trainer's tests and benchmark.
+
+pub mod synthetic;
