@@ -12,8 +12,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::kernels;
-use super::layers::{Activation, Dense, self_attention};
+use super::layers::{Activation, Linear, self_attention};
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
 use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
@@ -59,20 +58,19 @@ fn default_true() -> bool {
 /// One encoder layer; the layer scales are folded into `attn_out` and `fc2`.
 struct Layer {
     norm1: LayerNorm,
-    qkv: Dense,
-    attn_out: Dense,
+    qkv: Linear,
+    attn_out: Linear,
     norm2: LayerNorm,
-    fc1: Dense,
-    fc2: Dense,
+    fc1: Linear,
+    fc2: Linear,
 }
 
 /// The DINOv2 transformer.
 pub struct Dinov2Model {
     config: Config,
     activation: Activation,
-    /// Patch projection as a matrix: `[hidden, channels * patch * patch]`.
-    patch_weight: Tensor,
-    patch_bias: Tensor,
+    /// Patch projection as a matrix product over `channels * patch * patch` pixel rows.
+    patch_projection: Linear,
     cls_token: Tensor,
     /// `[1 + grid * grid, hidden]` as trained.
     position_embeddings: Tensor,
@@ -96,8 +94,10 @@ impl Dinov2Model {
         let grid = config.image_size / p;
         let emb = vb.pp("embeddings");
         let proj = emb.pp("patch_embeddings").pp("projection");
-        let patch_weight = proj.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?;
-        let patch_bias = proj.get(d, "bias")?;
+        let patch_projection = Linear::new(
+            proj.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?,
+            Some(proj.get(d, "bias")?),
+        )?;
         let cls_token = emb.get((1, 1, d), "cls_token")?.reshape((1, d))?;
         let position_embeddings = emb
             .get((1, grid * grid + 1, d), "position_embeddings")?
@@ -113,11 +113,12 @@ impl Dinov2Model {
                 let qkv_names = ["query", "key", "value"];
                 Ok(Layer {
                     norm1: layer_norm(vb.pp("norm1"), d, eps)?,
-                    qkv: Dense::load_fused(&attn.pp("attention"), qkv_names, d, config.qkv_bias)?,
-                    attn_out: Dense::load(attn.pp("output").pp("dense"), d, d)?.scaled(&scale1)?,
+                    qkv: Linear::load_fused(&attn.pp("attention"), qkv_names, d, config.qkv_bias)?,
+                    attn_out: Linear::load(attn.pp("output").pp("dense"), d, d, true)?
+                        .scaled(&scale1)?,
                     norm2: layer_norm(vb.pp("norm2"), d, eps)?,
-                    fc1: Dense::load(vb.pp("mlp").pp("fc1"), d, mlp_dim)?,
-                    fc2: Dense::load(vb.pp("mlp").pp("fc2"), mlp_dim, d)?.scaled(&scale2)?,
+                    fc1: Linear::load(vb.pp("mlp").pp("fc1"), d, mlp_dim, true)?,
+                    fc2: Linear::load(vb.pp("mlp").pp("fc2"), mlp_dim, d, true)?.scaled(&scale2)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -125,8 +126,7 @@ impl Dinov2Model {
         Ok(Self {
             config,
             activation,
-            patch_weight,
-            patch_bias,
+            patch_projection,
             cls_token,
             position_embeddings,
             interpolated: Mutex::new(HashMap::new()),
@@ -188,8 +188,7 @@ impl Dinov2Model {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * rows * cols, c * p * p))?;
-        let embedded =
-            kernels::add_bias(patches.matmul(&self.patch_weight.t()?)?, &self.patch_bias)?;
+        let embedded = self.patch_projection.forward(&patches)?;
         let embedded = embedded.reshape((b, rows * cols, d))?;
         let cls = self.cls_token.unsqueeze(0)?.expand((b, 1, d))?;
         let tokens = Tensor::cat(&[&cls, &embedded], 1)?;
@@ -207,7 +206,7 @@ impl Dinov2Model {
             x = (x + attn)?;
             let hidden = layer
                 .fc1
-                .forward_activated(&layer.norm2.forward(&x)?, self.activation)?;
+                .forward_act(&layer.norm2.forward(&x)?, Some(self.activation))?;
             x = (x + layer.fc2.forward(&hidden)?)?;
         }
         Ok(self.final_norm.forward(&x)?.reshape((b, seq, d))?)

@@ -10,7 +10,6 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cpu_ops::{bias_act, residual_add, softmax_last_dim};
-use super::kernels;
 
 /// A feed-forward activation, named as in Hugging Face configs (`hidden_act`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,71 +47,6 @@ impl Activation {
     }
 }
 
-/// A linear layer `x W^T + b` on `[rows, in]` activations.
-pub struct Dense {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Dense {
-    /// Loads `weight` `[out, in]` and `bias` `[out]` under `vb`.
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: vb.get(out_dim, "bias")?,
-        })
-    }
-
-    /// Loads three `[dim, dim]` projections (e.g. query, key, value) as one `[3 * dim, dim]` layer,
-    /// so they are a single matrix product. Missing biases (`bias = false`) are zeros.
-    pub fn load_fused(vb: &VarBuilder, names: [&str; 3], dim: usize, bias: bool) -> Result<Self> {
-        let mut weights = Vec::with_capacity(3);
-        let mut biases = Vec::with_capacity(3);
-        for name in names {
-            let vb = vb.pp(name);
-            weights.push(vb.get((dim, dim), "weight")?);
-            biases.push(if bias {
-                vb.get(dim, "bias")?
-            } else {
-                Tensor::zeros(dim, candle_core::DType::F32, vb.device())?
-            });
-        }
-        Ok(Self {
-            weight: Tensor::cat(&weights, 0)?,
-            bias: Tensor::cat(&biases, 0)?,
-        })
-    }
-
-    /// Folds a per-output scale (DINOv2's layer scale) into the weights: `(x W^T + b) * s`.
-    pub fn scaled(self, scale: &Tensor) -> Result<Self> {
-        Ok(Self {
-            weight: self.weight.broadcast_mul(&scale.unsqueeze(1)?)?,
-            bias: (self.bias * scale)?,
-        })
-    }
-
-    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.t()?)?)
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(kernels::add_bias(self.matmul(x)?, &self.bias)?)
-    }
-
-    /// `activation(x W^T + b)`, fused for exact GELU.
-    pub fn forward_activated(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
-        let y = self.matmul(x)?;
-        Ok(match activation {
-            Activation::Gelu => kernels::bias_gelu(y, &self.bias)?,
-            Activation::GeluTanh => kernels::add_bias(y, &self.bias)?.gelu()?,
-            Activation::Relu => kernels::add_bias(y, &self.bias)?.relu()?,
-            Activation::Silu => kernels::add_bias(y, &self.bias)?.silu()?,
-            Activation::QuickGelu => Activation::QuickGelu.apply(&kernels::add_bias(y, &self.bias)?)?,
-        })
-    }
-}
-
-
 /// Self-attention core: `qkv` is `[batch * seq, 3 * dim]` (queries, keys, values side by side);
 /// `mask`, when given, is `[batch, seq]` (1 = token, 0 = padding, never attended to).
 /// Returns the per-head contexts merged back to `[batch * seq, dim]`.
@@ -126,12 +60,19 @@ pub fn self_attention(
     let dim = qkv.dim(1)? / 3;
     let head_dim = dim / heads;
     let qkv = qkv.reshape((batch, seq, 3, heads, head_dim))?;
-    let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2)); // [batch, seq, heads, head_dim]
+    // [batch, seq, heads, head_dim] views of the three parts
+    let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2));
     let scale = 1.0 / (head_dim as f64).sqrt();
     let q = (part(0)?.transpose(1, 2)?.contiguous()? * scale)?; // [batch, heads, seq, head_dim]
     let k_t = part(1)?.permute((0, 2, 3, 1))?.contiguous()?; // [batch, heads, head_dim, seq]
     let v = part(2)?.transpose(1, 2)?.contiguous()?;
-    let probs = kernels::softmax(q.matmul(&k_t)?, mask)?;
+    let mut scores = q.matmul(&k_t)?;
+    if let Some(mask) = mask {
+        // 0 where attended, the most negative f32 on padding (as transformers).
+        let bias = ((1.0 - mask)? * f32::MIN as f64)?.reshape((batch, 1, 1, seq))?;
+        scores = scores.broadcast_add(&bias)?;
+    }
+    let probs = softmax_last_dim(scores)?;
     let context = probs.matmul(&v)?; // [batch, heads, seq, head_dim]
     Ok(context.transpose(1, 2)?.reshape((batch * seq, dim))?)
 }
@@ -178,6 +119,21 @@ impl Linear {
         Self::new(weight, bias)
     }
 
+    /// Loads three `[dim, dim]` projections (e.g. query, key, value) under `vb` as one
+    /// `[3 * dim, dim]` layer: a single matrix product.
+    pub fn load_fused(
+        vb: &VarBuilder,
+        names: [&str; 3],
+        dim: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let parts = names
+            .iter()
+            .map(|name| Self::load(vb.pp(*name), dim, dim, with_bias))
+            .collect::<Result<Vec<_>>>()?;
+        Self::concat(&parts)
+    }
+
     /// Stacks several layers with the same input into one (e.g. q, k, v -> qkv).
     pub fn concat(parts: &[Linear]) -> Result<Self> {
         let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
@@ -190,6 +146,13 @@ impl Linear {
         } else {
             bail!("cannot fuse linear layers where only some have a bias")
         };
+        Self::new(weight, bias)
+    }
+
+    /// Folds a per-output scale (DINOv2's layer scale) into the layer: `(x W^T + b) * s`.
+    pub fn scaled(self, scale: &Tensor) -> Result<Self> {
+        let weight = self.weight.broadcast_mul(&scale.unsqueeze(1)?)?;
+        let bias = self.bias.map(|b| b * scale).transpose()?;
         Self::new(weight, bias)
     }
 

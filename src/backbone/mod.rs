@@ -15,7 +15,6 @@ pub mod clip;
 pub mod composite;
 pub mod cpu_ops;
 pub mod dinov2;
-pub mod kernels;
 pub mod layers;
 pub mod options;
 pub mod preprocess;

@@ -12,7 +12,7 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use super::layers::{Activation, Dense, masked_mean, self_attention};
+use super::layers::{Activation, Linear, masked_mean, self_attention};
 use super::source::{ModelDir, load_weights};
 use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
@@ -45,11 +45,11 @@ fn default_position_type() -> String {
 }
 
 struct Layer {
-    qkv: Dense,
-    attn_out: Dense,
+    qkv: Linear,
+    attn_out: Linear,
     attn_norm: LayerNorm,
-    intermediate: Dense,
-    output: Dense,
+    intermediate: Linear,
+    output: Linear,
     output_norm: LayerNorm,
 }
 
@@ -92,11 +92,11 @@ impl BertEncoder {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
                 let attn = vb.pp("attention");
                 Ok(Layer {
-                    qkv: Dense::load_fused(&attn.pp("self"), ["query", "key", "value"], d, true)?,
-                    attn_out: Dense::load(attn.pp("output").pp("dense"), d, d)?,
+                    qkv: Linear::load_fused(&attn.pp("self"), ["query", "key", "value"], d, true)?,
+                    attn_out: Linear::load(attn.pp("output").pp("dense"), d, d, true)?,
                     attn_norm: candle_nn::layer_norm(d, eps, attn.pp("output").pp("LayerNorm"))?,
-                    intermediate: Dense::load(vb.pp("intermediate").pp("dense"), d, ffn)?,
-                    output: Dense::load(vb.pp("output").pp("dense"), ffn, d)?,
+                    intermediate: Linear::load(vb.pp("intermediate").pp("dense"), d, ffn, true)?,
+                    output: Linear::load(vb.pp("output").pp("dense"), ffn, d, true)?,
                     output_norm: candle_nn::layer_norm(d, eps, vb.pp("output").pp("LayerNorm"))?,
                 })
             })
@@ -138,7 +138,7 @@ impl BertEncoder {
                 .attn_out
                 .forward(&self_attention(&qkv, b, seq, heads, mask)?)?;
             x = layer.attn_norm.forward(&(attn + x)?)?;
-            let hidden = layer.intermediate.forward_activated(&x, self.activation)?;
+            let hidden = layer.intermediate.forward_act(&x, Some(self.activation))?;
             x = layer
                 .output_norm
                 .forward(&(layer.output.forward(&hidden)? + x)?)?;
