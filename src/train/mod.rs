@@ -419,10 +419,3 @@ pub fn measure(probabilities: &[f32], truth: &[f32], num_labels: usize, loss: f6
         thresholds,
     }
 }
-
-/// Micro-F1 of `probabilities >= 0.5` (the warm-up stages' plateau test).
-fn micro_f1_at_half(probabilities: &[f32], truth: &[f32], num_labels: usize) -> f64 {
-    let predictions = metrics::apply_thresholds_flat(probabilities, &vec![0.5; num_labels], false);
-    let truth: Vec<bool> = truth.iter().map(|&t| t >= 0.5).collect();
-    metrics::averages(&predictions, &truth, num_labels).micro.f1
-}
