@@ -30,6 +30,8 @@ enum Command {
     Evaluate(cli::evaluate::EvaluateArgs),
     /// Label every row of a cache with a checkpoint (submission csv).
     Predict(cli::predict::PredictArgs),
+    /// Run a pipeline file (pipelines/*.toml): split, extract, train, evaluate, predict.
+    Run(cli::run::RunArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,8 +41,9 @@ fn main() -> anyhow::Result<()> {
         Command::Dataset(args) => cli::dataset::run(args),
         Command::Extract(args) => cli::extract::run(args),
         Command::Cache(args) => cli::cache::run(args),
-        Command::Train(args) => cli::train::run(args),
+        Command::Train(args) => cli::train::run(args).map(drop),
         Command::Evaluate(args) => cli::evaluate::run(args),
         Command::Predict(args) => cli::predict::run(args),
+        Command::Run(args) => cli::run::run(args),
     }
 }

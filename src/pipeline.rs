@@ -3,7 +3,8 @@
 //!
 //! Each stage section holds exactly the long flags of its command (`batch_size = 32` is
 //! `--batch-size 32`), so everything the command line can do a pipeline can do, with the same
-//! names, defaults and error messages. `--set stage.key=value` overrides any field.
+//! names, defaults and error messages. A stage written as an array of tables (`[[evaluate]]`)
+//! runs once per entry. `--set stage.key=value` overrides a field (in every entry of an array).
 
 use std::path::{Path, PathBuf};
 
@@ -26,11 +27,12 @@ pub struct PipelineInfo {
     pub fetch: Option<String>,
 }
 
-/// A parsed pipeline: its info and the flag table of each stage (the runner fixes the order).
+/// A parsed pipeline: its info and the flag tables of each stage, one per run of the stage
+/// (the runner fixes the order of the stages).
 #[derive(Clone, Debug)]
 pub struct Pipeline {
     pub info: PipelineInfo,
-    pub stages: Vec<(String, Table)>,
+    pub stages: Vec<(String, Vec<Table>)>,
 }
 
 impl Pipeline {
@@ -57,17 +59,28 @@ impl Pipeline {
         };
         let mut stages = Vec::new();
         for (name, value) in table {
-            match value {
-                Value::Table(flags) => stages.push((name, flags)),
+            let runs = match value {
+                Value::Table(flags) => vec![flags],
+                Value::Array(items) => items
+                    .into_iter()
+                    .map(|item| match item {
+                        Value::Table(flags) => Ok(flags),
+                        _ => bail!("every [[{name}]] entry must be a table of flags"),
+                    })
+                    .collect::<Result<_>>()?,
                 _ => bail!("`{name}` must be a section ([{name}]) of command-line flags"),
-            }
+            };
+            stages.push((name, runs));
         }
         Ok(Self { info, stages })
     }
 
-    /// The flags of one stage, if the pipeline has it.
-    pub fn stage(&self, name: &str) -> Option<&Table> {
-        self.stages.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    /// The flag tables of one stage (one per run; empty if the pipeline lacks it).
+    pub fn stage(&self, name: &str) -> &[Table] {
+        self.stages
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(&[], |(_, runs)| runs.as_slice())
     }
 }
 
@@ -79,12 +92,23 @@ fn apply_override(table: &mut Table, item: &str) -> Result<()> {
         .split_once('.')
         .context("expected stage.key=value")?;
     let value = parse_value(raw.trim());
-    let section = table
+    let key = key.trim().to_string();
+    match table
         .entry(section.to_string())
         .or_insert_with(|| Value::Table(Table::new()))
-        .as_table_mut()
-        .with_context(|| format!("`{section}` is not a section"))?;
-    section.insert(key.trim().to_string(), value);
+    {
+        Value::Table(flags) => {
+            flags.insert(key, value);
+        }
+        Value::Array(runs) => {
+            for run in runs {
+                run.as_table_mut()
+                    .with_context(|| format!("[[{section}]] holds a non-table entry"))?
+                    .insert(key.clone(), value.clone());
+            }
+        }
+        _ => bail!("`{section}` is not a section"),
+    }
     Ok(())
 }
 
@@ -154,10 +178,10 @@ verbose = true
         assert_eq!(p.info.name, "demo");
         let names: Vec<&str> = p.stages.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["extract", "train"]);
-        let args = to_args(p.stage("train").unwrap());
+        let args = to_args(&p.stage("train")[0]);
         assert_eq!(args, ["--head", "mlp", "--lr", "0.001", "--verbose"]);
         assert_eq!(
-            to_args(p.stage("extract").unwrap()),
+            to_args(&p.stage("extract")[0]),
             ["--batch-size", "32", "--data", "data/demo"]
         );
     }
@@ -169,14 +193,23 @@ verbose = true
         apply_override(&mut t, "train.head=router").unwrap();
         apply_override(&mut t, "predict.out=preds.csv").unwrap();
         let p = Pipeline::from_table(t).unwrap();
-        let train = p.stage("train").unwrap();
+        let train = &p.stage("train")[0];
         assert_eq!(train["lr"].as_float(), Some(1e-4));
         assert_eq!(train["head"].as_str(), Some("router"));
-        assert_eq!(
-            p.stage("predict").unwrap()["out"].as_str(),
-            Some("preds.csv")
-        );
+        assert_eq!(p.stage("predict")[0]["out"].as_str(), Some("preds.csv"));
         assert!(apply_override(&mut Table::new(), "nodot=1").is_err());
+    }
+
+    #[test]
+    fn arrays_of_tables_run_once_per_entry_and_take_overrides() {
+        let text = "[pipeline]\nname = \"x\"\n[[evaluate]]\npart = \"val\"\n[[evaluate]]\npart = \"test\"\n";
+        let mut t: Table = toml::from_str(text).unwrap();
+        apply_override(&mut t, "evaluate.batch_size=8").unwrap();
+        let p = Pipeline::from_table(t).unwrap();
+        let runs = p.stage("evaluate");
+        assert_eq!(runs.len(), 2);
+        assert_eq!(to_args(&runs[1]), ["--batch-size", "8", "--part", "test"]);
+        assert!(p.stage("predict").is_empty());
     }
 
     #[test]

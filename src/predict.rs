@@ -96,6 +96,9 @@ pub struct Evaluation {
     pub loss: f64,
     pub metrics: Metrics,
     pub per_label: Vec<LabelMetrics>,
+    /// `[rows, labels]` row-major probabilities and targets of the scored rows.
+    pub probabilities: Vec<f32>,
+    pub truth: Vec<bool>,
 }
 
 /// Scores a checkpoint on the validation, training or test rows of a cache.
@@ -173,6 +176,8 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
             &meta.thresholds,
             request.at_least_one,
         ),
+        truth: truth.iter().map(|&t| t > 0.5).collect(),
+        probabilities: scores.probabilities,
         meta,
     })
 }

@@ -1,10 +1,16 @@
-//! Inference building blocks shared by the transformer backbones: fused QKV projection,
-//! multi-head self-attention on flattened `[batch * seq, dim]` activations, activations by their
-//! Hugging Face names. Frozen weights only: the fast, gradient-free candle kernels are fine here.
+//! Inference building blocks shared by the transformer backbones: activations by their Hugging
+//! Face names, a linear layer that runs as one matrix product over all tokens (bias and
+//! activation fused on the CPU), layer norm, multi-head attention with an optional additive mask
+//! (self- and cross-attention), the pre-norm ViT/CLIP encoder layer, the ViT patch embedding as
+//! one matrix product, and the fused-QKV self-attention on flattened activations used by DINOv2
+//! and the sentence encoder. Frozen weights only: the fast, gradient-free candle kernels are fine.
 
 use anyhow::{Result, bail};
-use candle_core::{D, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::cpu_ops::{bias_act, residual_add, softmax_last_dim};
+use super::kernels;
 
 /// A feed-forward activation, named as in Hugging Face configs (`hidden_act`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,6 +19,8 @@ pub enum Activation {
     Gelu,
     /// Tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
+    /// `quick_gelu`: x * sigmoid(1.702 x), used by OpenAI's CLIP.
+    QuickGelu,
     Relu,
     Silu,
 }
@@ -22,6 +30,7 @@ impl Activation {
         Ok(match name {
             "gelu" => Self::Gelu,
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
             "relu" => Self::Relu,
             "silu" | "swish" => Self::Silu,
             other => bail!("activation `{other}` is not supported"),
@@ -32,57 +41,97 @@ impl Activation {
         match self {
             Self::Gelu => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
+            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Self::Relu => x.relu(),
             Self::Silu => x.silu(),
         }
     }
 }
 
-/// Loads `prefix.{query,key,value}` (or any three projections) as one `[3 * dim, dim]` linear
-/// layer, so the three projections are a single matrix product.
-pub fn fused_qkv(vb: &VarBuilder, names: [&str; 3], dim: usize, bias: bool) -> Result<Linear> {
-    let mut weights = Vec::with_capacity(3);
-    let mut biases = Vec::with_capacity(3);
-    for name in names {
-        let vb = vb.pp(name);
-        weights.push(vb.get((dim, dim), "weight")?);
-        if bias {
-            biases.push(vb.get(dim, "bias")?);
-        }
-    }
-    let weight = Tensor::cat(&weights, 0)?;
-    let bias = if bias {
-        Some(Tensor::cat(&biases, 0)?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
+/// A linear layer `x W^T + b` on `[rows, in]` activations.
+pub struct Dense {
+    weight: Tensor,
+    bias: Tensor,
 }
 
+impl Dense {
+    /// Loads `weight` `[out, in]` and `bias` `[out]` under `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: vb.get(out_dim, "bias")?,
+        })
+    }
+
+    /// Loads three `[dim, dim]` projections (e.g. query, key, value) as one `[3 * dim, dim]` layer,
+    /// so they are a single matrix product. Missing biases (`bias = false`) are zeros.
+    pub fn load_fused(vb: &VarBuilder, names: [&str; 3], dim: usize, bias: bool) -> Result<Self> {
+        let mut weights = Vec::with_capacity(3);
+        let mut biases = Vec::with_capacity(3);
+        for name in names {
+            let vb = vb.pp(name);
+            weights.push(vb.get((dim, dim), "weight")?);
+            biases.push(if bias {
+                vb.get(dim, "bias")?
+            } else {
+                Tensor::zeros(dim, candle_core::DType::F32, vb.device())?
+            });
+        }
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
+        })
+    }
+
+    /// Folds a per-output scale (DINOv2's layer scale) into the weights: `(x W^T + b) * s`.
+    pub fn scaled(self, scale: &Tensor) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.broadcast_mul(&scale.unsqueeze(1)?)?,
+            bias: (self.bias * scale)?,
+        })
+    }
+
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.t()?)?)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(kernels::add_bias(self.matmul(x)?, &self.bias)?)
+    }
+
+    /// `activation(x W^T + b)`, fused for exact GELU.
+    pub fn forward_activated(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
+        let y = self.matmul(x)?;
+        Ok(match activation {
+            Activation::Gelu => kernels::bias_gelu(y, &self.bias)?,
+            Activation::GeluTanh => kernels::add_bias(y, &self.bias)?.gelu()?,
+            Activation::Relu => kernels::add_bias(y, &self.bias)?.relu()?,
+            Activation::Silu => kernels::add_bias(y, &self.bias)?.silu()?,
+            Activation::QuickGelu => Activation::QuickGelu.apply(&kernels::add_bias(y, &self.bias)?)?,
+        })
+    }
+}
+
+
 /// Self-attention core: `qkv` is `[batch * seq, 3 * dim]` (queries, keys, values side by side);
-/// `mask_bias`, when given, is added to the scores (`[batch, 1, 1, seq]`, 0 or a large negative).
+/// `mask`, when given, is `[batch, seq]` (1 = token, 0 = padding, never attended to).
 /// Returns the per-head contexts merged back to `[batch * seq, dim]`.
 pub fn self_attention(
     qkv: &Tensor,
     batch: usize,
     seq: usize,
     heads: usize,
-    mask_bias: Option<&Tensor>,
+    mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dim = qkv.dim(1)? / 3;
     let head_dim = dim / heads;
-    let qkv = qkv
-        .reshape((batch, seq, 3, heads, head_dim))?
-        .permute((2, 0, 3, 1, 4))?;
+    let qkv = qkv.reshape((batch, seq, 3, heads, head_dim))?;
+    let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2)); // [batch, seq, heads, head_dim]
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let q = (qkv.get(0)?.contiguous()? * scale)?;
-    let k = qkv.get(1)?.contiguous()?;
-    let v = qkv.get(2)?.contiguous()?;
-    let mut scores = q.matmul(&k.t()?)?;
-    if let Some(mask_bias) = mask_bias {
-        scores = scores.broadcast_add(mask_bias)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let q = (part(0)?.transpose(1, 2)?.contiguous()? * scale)?; // [batch, heads, seq, head_dim]
+    let k_t = part(1)?.permute((0, 2, 3, 1))?.contiguous()?; // [batch, heads, head_dim, seq]
+    let v = part(2)?.transpose(1, 2)?.contiguous()?;
+    let probs = kernels::softmax(q.matmul(&k_t)?, mask)?;
     let context = probs.matmul(&v)?; // [batch, heads, seq, head_dim]
     Ok(context.transpose(1, 2)?.reshape((batch * seq, dim))?)
 }
@@ -92,4 +141,292 @@ pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let summed = x.broadcast_mul(&mask.unsqueeze(D::Minus1)?)?.sum(1)?;
     let counts = mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
     Ok(summed.broadcast_div(&counts)?)
+}
+
+/// A dense layer `y = x W^T + b` over the last dimension of any-rank input.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// [out, in], as stored by PyTorch.
+    weight: Tensor,
+    /// [out]
+    bias: Option<Tensor>,
+    /// `bias` on the host, for the fused CPU kernels.
+    bias_host: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let bias_host = match &bias {
+            Some(b) if b.device().is_cpu() => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            _ => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            bias_host,
+        })
+    }
+
+    /// Loads `weight` [out, in] and, when `with_bias`, `bias` [out] under `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if with_bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Self::new(weight, bias)
+    }
+
+    /// Stacks several layers with the same input into one (e.g. q, k, v -> qkv).
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if parts.iter().all(|p| p.bias.is_some()) {
+            let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else if parts.iter().all(|p| p.bias.is_none()) {
+            None
+        } else {
+            bail!("cannot fuse linear layers where only some have a bias")
+        };
+        Self::new(weight, bias)
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
+    }
+
+    /// `act(x W^T + b)`, fused into one in-place pass on the CPU.
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let in_dim = *dims
+            .last()
+            .expect("linear input has at least one dimension");
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match (&self.bias, &self.bias_host) {
+            (Some(b), Some(host)) => bias_act(y, Some((b, host.as_slice())), act)?,
+            (Some(b), None) => bias_act(y.broadcast_add(b)?, None, act)?,
+            (None, _) => bias_act(y, None, act)?,
+        };
+        *dims.last_mut().expect("non-empty") = self.out_dim();
+        Ok(y.reshape(dims)?)
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+/// `[B, T, H * dh]` -> contiguous `[B, H, T, dh]`.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// Scaled dot-product attention over already projected `q` [B, Tq, D] and `k`, `v` [B, Tk, D]
+/// with `heads` heads. `mask` is added to the scores and broadcast to [B, H, Tq, Tk] (0 keeps,
+/// -inf drops). Returns [B, Tq, D].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, tq, d) = q.dims3()?;
+    let head_dim = d / heads;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let q = split_heads(&(q * scale)?, heads)?;
+    let k = split_heads(k, heads)?;
+    let v = split_heads(v, heads)?;
+    let scores = q.matmul(&k.t()?)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = softmax_last_dim(scores)?;
+    let out = probs.matmul(&v)?; // [B, H, Tq, dh]
+    Ok(out.transpose(1, 2)?.reshape((b, tq, d))?)
+}
+
+/// Additive causal mask [1, 1, T, T]: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (1, 1, t, t), device)?)
+}
+
+/// Additive padding mask [B, 1, 1, T] from 0/1 keep flags (row-major [B, T]).
+pub fn padding_mask(keep: &[u8], batch: usize, device: &Device) -> Result<Tensor> {
+    let t = keep.len() / batch;
+    let mask: Vec<f32> = keep
+        .iter()
+        .map(|&k| if k != 0 { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
+    Ok(Tensor::from_vec(mask, (batch, 1, 1, t), device)?)
+}
+
+/// One pre-norm transformer layer (CLIP text and vision, BLIP vision):
+/// `x = x + out(attn(ln1(x)))`, `x = x + fc2(act(fc1(ln2(x))))`.
+#[derive(Clone, Debug)]
+pub struct PreNormLayer {
+    pub ln1: LayerNorm,
+    /// Fused query/key/value projection, [3D, D].
+    pub qkv: Linear,
+    pub out: Linear,
+    pub ln2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Activation,
+    pub heads: usize,
+}
+
+impl PreNormLayer {
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let h = self.ln1.forward(x)?;
+        let qkv = self.qkv.forward(&h)?;
+        let q = qkv.narrow(D::Minus1, 0, d)?;
+        let k = qkv.narrow(D::Minus1, d, d)?;
+        let v = qkv.narrow(D::Minus1, 2 * d, d)?;
+        let a = attention(&q, &k, &v, self.heads, mask)?;
+        let x = residual_add(x, self.out.forward(&a)?)?;
+        let h = self.ln2.forward(&x)?;
+        let h = self
+            .fc2
+            .forward(&self.fc1.forward_act(&h, Some(self.act))?)?;
+        residual_add(&x, h)
+    }
+}
+
+/// ViT patch embedding: a Conv2d with kernel = stride = `patch` as one matrix product.
+/// `weight` [D, C, p, p], `bias` [D]; input [B, C, H, W] -> [B, (H/p)*(W/p), D] in row-major
+/// patch order (as `conv(x).flatten(2).transpose(1, 2)`).
+#[derive(Clone, Debug)]
+pub struct PatchEmbedding {
+    proj: Linear,
+    patch: usize,
+}
+
+impl PatchEmbedding {
+    pub fn load(
+        vb: VarBuilder,
+        channels: usize,
+        dim: usize,
+        patch: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let weight = vb
+            .get((dim, channels, patch, patch), "weight")?
+            .reshape((dim, channels * patch * patch))?;
+        let bias = if with_bias {
+            Some(vb.get(dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            proj: Linear::new(weight, bias)?,
+            patch,
+        })
+    }
+
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.patch;
+        if h % p != 0 || w % p != 0 {
+            bail!("image of {h}x{w} pixels is not a multiple of the patch size {p}");
+        }
+        let (gh, gw) = (h / p, w / p);
+        let patches = pixels
+            .to_dtype(DType::F32)?
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        self.proj.forward(&patches)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_embedding_equals_strided_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 12), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (5, 3, 4, 4), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 5, &dev)?;
+        let conv = x
+            .conv2d(&w, 0, 4, 1, 1)?
+            .broadcast_add(&b.reshape((1, 5, 1, 1))?)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let pe = PatchEmbedding {
+            proj: Linear::new(w.reshape((5, 48))?, Some(b))?,
+            patch: 4,
+        };
+        let diff = (pe.forward(&x)? - conv)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn causal_attention_ignores_later_tokens() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &dev)?;
+        let full = attention(&x, &x, &x, 2, Some(&causal_mask(5, &dev)?))?;
+        let prefix = x.narrow(1, 0, 3)?;
+        let short = attention(&prefix, &prefix, &prefix, 2, Some(&causal_mask(3, &dev)?))?;
+        let diff = (full.narrow(1, 0, 3)? - short)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_activation_is_an_error() {
+        assert!(Activation::from_hf("swish_v9").is_err());
+        assert_eq!(
+            Activation::from_hf("quick_gelu").unwrap(),
+            Activation::QuickGelu
+        );
+    }
 }

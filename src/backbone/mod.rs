@@ -9,9 +9,15 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub mod blip;
+pub mod blip_text;
+pub mod clip;
 pub mod composite;
+pub mod cpu_ops;
 pub mod dinov2;
+pub mod kernels;
 pub mod layers;
+pub mod options;
 pub mod preprocess;
 pub mod sentence;
 pub mod source;
@@ -73,8 +79,8 @@ pub trait Backbone: Send + Sync {
 
 /// Loads a backbone from a spec: `family:location`, or several joined by `+`
 /// (`dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2`), whose outputs are combined.
-/// Families: `dinov2`, `sentence`. A location is a directory in the Hugging Face layout or a Hub
-/// repo id.
+/// Families: `clip`, `blip`, `dinov2`, `sentence`. A location is a directory in the Hugging Face
+/// layout or a Hub repo id, optionally followed by `?key=value&...` options (see [`options`]).
 pub fn load(spec: &str, device: &Device) -> Result<Box<dyn Backbone>> {
     let parts = source::parse_spec(spec)?;
     let mut loaded = parts
@@ -91,10 +97,19 @@ pub fn load(spec: &str, device: &Device) -> Result<Box<dyn Backbone>> {
 }
 
 fn load_one(id: &str, part: &source::BackboneSpec, device: &Device) -> Result<Box<dyn Backbone>> {
-    let dir = source::ModelDir::resolve(&part.location)?;
+    let (location, options) = options::Options::split(&part.location)?;
+    let dir = source::ModelDir::resolve(location)?;
     Ok(match part.family.as_str() {
-        "dinov2" => Box::new(dinov2::Dinov2Backbone::load(id, &dir, device)?),
-        "sentence" => Box::new(sentence::SentenceBackbone::load(id, &dir, device)?),
-        other => bail!("unknown backbone family `{other}` (known: dinov2, sentence)"),
+        "clip" => Box::new(clip::ClipBackbone::load(id, &dir, &options, device)?),
+        "blip" => Box::new(blip::BlipBackbone::load(id, &dir, &options, device)?),
+        "dinov2" => {
+            options.check_known("dinov2", &[])?;
+            Box::new(dinov2::Dinov2Backbone::load(id, &dir, device)?)
+        }
+        "sentence" => {
+            options.check_known("sentence", &[])?;
+            Box::new(sentence::SentenceBackbone::load(id, &dir, device)?)
+        }
+        other => bail!("unknown backbone family `{other}` (known: clip, blip, dinov2, sentence)"),
     })
 }

@@ -215,5 +215,17 @@ mod tests {
         assert!(!multi.path().join("parts").exists());
         assert_eq!(files(single.path()), files(multi.path()));
         assert_eq!(merge(multi.path()).unwrap(), MergeOutcome::AlreadyMerged);
+        // A worker re-run after the merge finds its shards and leaves the merged cache alone.
+        let worker = write_synthetic(
+            multi.path(),
+            &header,
+            WorkerSlot::new(1, 3).unwrap(),
+            &[9],
+            None,
+        );
+        assert_eq!((worker.written(), worker.reused()), (0, 2));
+        worker.finish().unwrap();
+        assert_eq!(files(single.path()), files(multi.path()));
+        assert!(!multi.path().join("parts").exists());
     }
 }

@@ -24,6 +24,9 @@ Examples:
   sbatch --array=0-7 --wrap 'multiclip extract --data /data/comp --split all \\
       --backbone dinov2:facebook/dinov2-base --out /shared/cache/comp --device cuda'";
 
+/// Skipped rows listed in the summary (all are in the manifest).
+const SKIPPED_SHOWN: usize = 20;
+
 /// Run a frozen backbone over a dataset and write the embedding cache (stage 1).
 #[derive(Args)]
 #[command(after_help = EXTRACT_HELP)]
@@ -119,9 +122,20 @@ pub fn run(args: ExtractArgs) -> Result<()> {
         summary.elapsed.as_secs_f64(),
         summary.rows_per_second()
     );
+    println!(
+        "  time         {:.1} s in the model, {:.1} s waiting for decoded input",
+        summary.forward.as_secs_f64(),
+        summary.input_wait.as_secs_f64()
+    );
     println!("  skipped      {} rows", summary.skipped.len());
-    for s in &summary.skipped {
+    for s in summary.skipped.iter().take(SKIPPED_SHOWN) {
         println!("    row {} ({}): {}", s.row, s.id, s.reason);
+    }
+    if summary.skipped.len() > SKIPPED_SHOWN {
+        println!(
+            "    ... and {} more (`multiclip cache info --skipped 0` lists all)",
+            summary.skipped.len() - SKIPPED_SHOWN
+        );
     }
     println!("  index        {}", summary.index_file.display());
     if !slot.is_single() {

@@ -103,7 +103,8 @@ fn parse_head_config(text_or_path: &str) -> Result<HeadConfig> {
     }
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+/// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
+pub fn run(args: TrainArgs) -> Result<PathBuf> {
     multiclip::train::threads::single_threaded_elementwise_by_default();
     let head = match (&args.head, &args.head_config) {
         (_, Some(config)) => parse_head_config(config)?,
@@ -163,7 +164,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &report.meta.labels,
     );
     println!("checkpoint: {}", report.checkpoint.display());
-    Ok(())
+    let written = multiclip::report::write_for_checkpoint(&report.checkpoint, &Device::Cpu)?;
+    print!("{}", multiclip::report::terminal_summary(&written.data));
+    println!("report:     {}", written.html.display());
+    println!("metrics:    {}", written.metrics_json.display());
+    Ok(report.checkpoint)
 }
 
 #[cfg(test)]

@@ -16,11 +16,11 @@
 
 use anyhow::bail;
 use candle_core::{D, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::features::{Feature, concat};
-use super::layers::{l2_normalize, leaky_relu};
+use super::layers::{Linear, add_bias, l2_normalize, leaky_relu};
 use super::mlp::inputs_or_pooled;
 use super::{Head, HeadContext, Inputs, buffer};
 
@@ -108,15 +108,30 @@ impl LabelCooccurrence {
         Ok(Self { counts })
     }
 
+    /// P(j | i) `[K][K]`: the share of samples with label i that also have label j (0 for a
+    /// label without samples).
+    pub fn conditional(&self) -> Vec<Vec<f64>> {
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let n_i = row[i];
+                row.iter()
+                    .map(|&c| if n_i > 0.0 { c / n_i } else { 0.0 })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The ML-GCN adjacency `[K, K]` row-major: binarised P(j | i) >= `threshold`, neighbours
     /// sharing `p`, the node itself keeping 1 - p (1 without neighbours).
     pub fn adjacency(&self, threshold: f32, p: f32) -> Vec<f32> {
         let k = self.counts.len();
         let mut adj = vec![0f32; k * k];
-        for i in 0..k {
-            let n_i = self.counts[i][i];
+        for (i, row) in self.conditional().iter().enumerate() {
+            let seen = self.counts[i][i] > 0.0;
             let neighbours: Vec<usize> = (0..k)
-                .filter(|&j| j != i && n_i > 0.0 && self.counts[i][j] / n_i >= f64::from(threshold))
+                .filter(|&j| j != i && seen && row[j] >= f64::from(threshold))
                 .collect();
             if neighbours.is_empty() {
                 adj[i * k + i] = 1.0;
@@ -148,7 +163,7 @@ impl GatLayer {
             stdev: (1.0 / dh as f64).sqrt(),
         };
         Ok(Self {
-            weight: candle_nn::linear_no_bias(dim, dim, vb.clone())?,
+            weight: Linear::without_bias(dim, dim, vb.clone())?,
             att_src: vb.get_with_hints((heads, 1, dh), "att_src", att_init)?,
             att_dst: vb.get_with_hints((heads, 1, dh), "att_dst", att_init)?,
             bias: vb.get_with_hints(dim, "bias", candle_nn::init::ZERO)?,
@@ -173,11 +188,11 @@ impl GatLayer {
             .unsqueeze(1)?; // [H, 1, K]
         let scores = leaky_relu(&src.broadcast_add(&dst)?, 0.2)?.broadcast_add(log_adj)?;
         let alpha = candle_nn::ops::softmax(&scores, D::Minus1)?; // [H, K, K]
-        alpha
+        let nodes_out = alpha
             .matmul(&wh)? // [H, K, dh]
             .transpose(0, 1)?
-            .reshape((k, dim))?
-            .broadcast_add(&self.bias)
+            .reshape((k, dim))?;
+        add_bias(&nodes_out, &self.bias)
     }
 }
 
@@ -239,7 +254,7 @@ impl GatHead {
             Some(vb.get_with_hints(k, "label_bias", candle_nn::init::ZERO)?)
         };
         Ok(Self {
-            proj: candle_nn::linear(in_dim, cfg.hidden, vb.pp("proj"))?,
+            proj: Linear::new(in_dim, cfg.hidden, vb.pp("proj"))?,
             label_embed: vb.get_with_hints(
                 (k, cfg.hidden),
                 "label_embed",
@@ -284,7 +299,7 @@ impl Head for GatHead {
         let sample = self.proj.forward(&concat(&parts)?)?;
         let classifiers = self.label_classifiers()?;
         match &self.label_bias {
-            Some(bias) => sample.matmul(&classifiers.t()?)?.broadcast_add(bias),
+            Some(bias) => add_bias(&sample.matmul(&classifiers.t()?)?, bias),
             None => l2_normalize(&sample)?
                 .matmul(&l2_normalize(&classifiers)?.t()?)?
                 .clamp(-1f32, 1f32),

@@ -65,6 +65,29 @@ pub fn micro_average_precision(scores: &[f32], targets: &[bool]) -> Option<f64> 
     average_precision(scores, targets)
 }
 
+/// The micro precision-recall curve: one (recall, precision) point per distinct score over all
+/// (sample, label) pairs pooled, from the highest score down; empty without any positive.
+pub fn micro_precision_recall_curve(scores: &[f32], targets: &[bool]) -> Vec<(f64, f64)> {
+    check_shape(scores.len(), targets.len(), 1);
+    let groups = score_groups(scores, targets);
+    let positives: u64 = groups.iter().map(|g| g.positives).sum();
+    if positives == 0 {
+        return Vec::new();
+    }
+    let (mut true_positives, mut predicted) = (0u64, 0u64);
+    groups
+        .iter()
+        .map(|group| {
+            true_positives += group.positives;
+            predicted += group.count;
+            (
+                true_positives as f64 / positives as f64,
+                true_positives as f64 / predicted as f64,
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +129,20 @@ mod tests {
         );
         assert_eq!(mean_average_precision(&scores, &targets, 2), 1.0);
         assert_eq!(mean_average_precision(&[0.5], &[false], 1), 0.0);
+    }
+
+    #[test]
+    fn micro_curve_steps_through_tied_groups() {
+        // Same groups as above: (1/3, 1/2), (2/3, 2/4), (3/3, 3/5).
+        let curve = micro_precision_recall_curve(
+            &[0.5, 0.8, 0.2, 0.8, 0.5],
+            &[true, true, true, false, false],
+        );
+        let expected = [(1.0 / 3.0, 0.5), (2.0 / 3.0, 0.5), (1.0, 0.6)];
+        assert_eq!(curve.len(), expected.len());
+        for ((r, p), (er, ep)) in curve.iter().zip(expected) {
+            assert!((r - er).abs() < 1e-12 && (p - ep).abs() < 1e-12);
+        }
+        assert!(micro_precision_recall_curve(&[0.1], &[false]).is_empty());
     }
 }

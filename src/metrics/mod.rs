@@ -16,7 +16,10 @@ pub mod thresholds;
 
 use serde::{Deserialize, Serialize};
 
-pub use ap::{average_precision, mean_average_precision, micro_average_precision};
+pub use ap::{
+    average_precision, mean_average_precision, micro_average_precision,
+    micro_precision_recall_curve,
+};
 pub use f1::{Averages, Counts, Prf, averages, label_counts};
 pub use thresholds::{TuneObjective, apply_thresholds, apply_thresholds_flat, tune_thresholds};
 

@@ -1,67 +1,24 @@
-//! The run report: one self-contained `report.html` (inline SVG charts, no external files or
-//! scripts) that a person opens in a browser to judge a training run, plus a short terminal summary.
+//! Renders a [`ReportData`] as one self-contained HTML page (inline SVG charts drawn with
+//! plotters; no external files or scripts), plus a short terminal summary.
 //!
 //! Charts: loss and validation-metric curves per epoch, per-label F1 and AP bars (with support),
-//! tuned thresholds, the micro precision-recall curve and the label co-occurrence heat-map.
+//! the micro precision-recall curve and the label co-occurrence heat-map; a per-label table with
+//! the tuned thresholds.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor;
 
-/// One epoch of training as the report plots it.
-#[derive(Clone, Debug, Default)]
-pub struct EpochPoint {
-    pub epoch: usize,
-    pub train_loss: f64,
-    pub val_loss: Option<f64>,
-    pub val_micro_f1: Option<f64>,
-    pub val_macro_f1: Option<f64>,
-    pub val_map: Option<f64>,
-}
-
-/// Scores of one label on the evaluated split.
-#[derive(Clone, Debug, Default)]
-pub struct LabelStats {
-    pub name: String,
-    pub support: usize,
-    pub precision: f64,
-    pub recall: f64,
-    pub f1: f64,
-    pub ap: f64,
-    pub threshold: f64,
-}
-
-/// Everything a report shows.
-#[derive(Clone, Debug, Default)]
-pub struct ReportData {
-    pub title: String,
-    /// Facts about the run: checkpoint, cache, backbone, head, loss, split, best epoch ...
-    pub facts: Vec<(String, String)>,
-    /// Headline metrics (name, value), e.g. ("micro-F1", 0.83).
-    pub metrics: Vec<(String, f64)>,
-    pub history: Vec<EpochPoint>,
-    pub labels: Vec<LabelStats>,
-    /// Micro-averaged precision-recall curve as (recall, precision) points.
-    pub pr_curve: Vec<(f64, f64)>,
-    /// Conditional co-occurrence P(column | row) on the training labels, in `labels` order.
-    pub cooccurrence: Vec<Vec<f64>>,
-}
+use super::ReportData;
+use crate::metrics::LabelMetrics;
+use crate::train::history::EpochRecord;
 
 const WIDTH: u32 = 760;
 const CURVE_WIDTH: u32 = 620;
 const ROW_PX: u32 = 18;
-
-/// Writes `report.html` into `dir` and returns its path.
-pub fn write_html(dir: &Path, data: &ReportData) -> Result<std::path::PathBuf> {
-    let path = dir.join("report.html");
-    let html = render_html(data)?;
-    std::fs::write(&path, html).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
 
 /// Renders the whole report as one HTML string.
 pub fn render_html(data: &ReportData) -> Result<String> {
@@ -97,9 +54,10 @@ pub fn render_html(data: &ReportData) -> Result<String> {
         html.push_str(&metric_chart(&data.history)?);
         html.push_str("</div>");
     }
-    if !data.labels.is_empty() {
+    let labels = label_rows(data);
+    if !labels.is_empty() {
         html.push_str("<h2>Per label</h2><p>Sorted by support (validation positives). Bars: F1 at the tuned threshold and average precision.</p>");
-        html.push_str(&label_bars(&data.labels)?);
+        html.push_str(&label_bars(&labels)?);
     }
     if !data.pr_curve.is_empty() || !data.cooccurrence.is_empty() {
         html.push_str("<div class=\"row\">");
@@ -111,16 +69,43 @@ pub fn render_html(data: &ReportData) -> Result<String> {
         html.push_str("</div>");
         if !data.cooccurrence.is_empty() {
             html.push_str("<h2>Label co-occurrence (training)</h2><p>Cell (row i, column j) = P(label j | label i).</p>");
-            let names: Vec<&str> = data.labels.iter().map(|l| l.name.as_str()).collect();
-            html.push_str(&heatmap(&names, &data.cooccurrence)?);
+            html.push_str(&heatmap(&data.label_names, &data.cooccurrence)?);
         }
     }
-    if !data.labels.is_empty() {
+    if !labels.is_empty() {
         html.push_str("<h2>Per-label table</h2>");
-        html.push_str(&label_table(&data.labels));
+        html.push_str(&label_table(&labels));
     }
     html.push_str("</body></html>\n");
     Ok(html)
+}
+
+/// One label's name and scores.
+struct LabelRow<'a> {
+    name: &'a str,
+    metrics: &'a LabelMetrics,
+}
+
+/// The labels, most frequent first (ties by name).
+fn label_rows(data: &ReportData) -> Vec<LabelRow<'_>> {
+    let mut rows: Vec<LabelRow> = data
+        .per_label
+        .iter()
+        .map(|metrics| LabelRow {
+            name: data
+                .label_names
+                .get(metrics.label)
+                .map_or("?", String::as_str),
+            metrics,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.metrics
+            .support
+            .cmp(&a.metrics.support)
+            .then(a.name.cmp(b.name))
+    });
+    rows
 }
 
 /// A few lines for the terminal: headline metrics and the weakest labels.
@@ -129,13 +114,16 @@ pub fn terminal_summary(data: &ReportData) -> String {
     for (name, value) in &data.metrics {
         let _ = writeln!(out, "  {name:<12} {value:.4}");
     }
-    let mut weakest: Vec<&LabelStats> = data.labels.iter().filter(|l| l.support > 0).collect();
-    weakest.sort_by(|a, b| a.f1.total_cmp(&b.f1));
+    let mut weakest: Vec<LabelRow> = label_rows(data)
+        .into_iter()
+        .filter(|l| l.metrics.support > 0)
+        .collect();
+    weakest.sort_by(|a, b| a.metrics.f1.total_cmp(&b.metrics.f1));
     if !weakest.is_empty() {
         let names: Vec<String> = weakest
             .iter()
             .take(3)
-            .map(|l| format!("{} ({:.2}, n={})", l.name, l.f1, l.support))
+            .map(|l| format!("{} ({:.2}, n={})", l.name, l.metrics.f1, l.metrics.support))
             .collect();
         let _ = writeln!(out, "  weakest labels: {}", names.join(", "));
     }
@@ -177,15 +165,24 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing a report chart: {e:?}")
 }
 
+/// The axes of a line chart.
+struct Axes<'a> {
+    x: &'a str,
+    y: &'a str,
+    x_range: (f64, f64),
+    y_range: (f64, f64),
+    /// Label the x axis with whole numbers (epochs).
+    whole_x: bool,
+    legend: SeriesLabelPosition,
+}
+
 /// Draws lines (name, colour, points) on one chart with a legend.
 fn line_chart(
     title: &str,
-    y_desc: &str,
-    legend: SeriesLabelPosition,
-    x_range: (f64, f64),
-    y_range: (f64, f64),
+    axes: Axes,
     lines: &[(&str, RGBColor, Vec<(f64, f64)>)],
 ) -> Result<String> {
+    let (x_range, y_range) = (axes.x_range, axes.y_range);
     svg(CURVE_WIDTH, 340, |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 18))
@@ -196,12 +193,15 @@ fn line_chart(
             .map_err(plot_err)?;
         chart
             .configure_mesh()
-            .x_desc(if title.contains("recall") {
-                "recall"
-            } else {
-                "epoch"
+            .x_desc(axes.x)
+            .y_desc(axes.y)
+            .x_label_formatter(&|x| {
+                if axes.whole_x {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.1}")
+                }
             })
-            .y_desc(y_desc)
             .draw()
             .map_err(plot_err)?;
         for (name, colour, points) in lines {
@@ -214,7 +214,7 @@ fn line_chart(
         }
         chart
             .configure_series_labels()
-            .position(legend)
+            .position(axes.legend)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.3))
             .draw()
@@ -223,13 +223,19 @@ fn line_chart(
     })
 }
 
-fn epoch_range(history: &[EpochPoint]) -> (f64, f64) {
+/// The main stage's records (warm-up stages restart their epoch count).
+fn main_stage(history: &[EpochRecord]) -> Vec<&EpochRecord> {
+    history.iter().filter(|r| r.stage == "train").collect()
+}
+
+fn epoch_range(history: &[&EpochRecord]) -> (f64, f64) {
     let first = history.first().map_or(0, |p| p.epoch) as f64;
     let last = history.last().map_or(1, |p| p.epoch) as f64;
     (first, last.max(first + 1.0))
 }
 
-fn loss_chart(history: &[EpochPoint]) -> Result<String> {
+fn loss_chart(history: &[EpochRecord]) -> Result<String> {
+    let history = main_stage(history);
     let train: Vec<(f64, f64)> = history
         .iter()
         .map(|p| (p.epoch as f64, p.train_loss))
@@ -248,18 +254,20 @@ fn loss_chart(history: &[EpochPoint]) -> Result<String> {
     if !val.is_empty() {
         lines.push(("validation loss", RED, val));
     }
-    line_chart(
-        "Loss",
-        "loss",
-        SeriesLabelPosition::UpperRight,
-        epoch_range(history),
-        (0.0, max * 1.05 + 1e-9),
-        &lines,
-    )
+    let axes = Axes {
+        x: "epoch",
+        y: "loss",
+        x_range: epoch_range(&history),
+        y_range: (0.0, max * 1.05 + 1e-9),
+        whole_x: true,
+        legend: SeriesLabelPosition::UpperRight,
+    };
+    line_chart("Loss", axes, &lines)
 }
 
-fn metric_chart(history: &[EpochPoint]) -> Result<String> {
-    let series = |f: fn(&EpochPoint) -> Option<f64>| -> Vec<(f64, f64)> {
+fn metric_chart(history: &[EpochRecord]) -> Result<String> {
+    let history = main_stage(history);
+    let series = |f: fn(&EpochRecord) -> Option<f64>| -> Vec<(f64, f64)> {
         history
             .iter()
             .filter_map(|p| Some((p.epoch as f64, f(p)?)))
@@ -281,40 +289,45 @@ fn metric_chart(history: &[EpochPoint]) -> Result<String> {
     .into_iter()
     .filter(|(_, _, points)| !points.is_empty())
     .collect();
-    line_chart(
-        "Validation metrics",
-        "score",
-        SeriesLabelPosition::LowerRight,
-        epoch_range(history),
-        (0.0, 1.0),
-        &lines,
-    )
+    let axes = Axes {
+        x: "epoch",
+        y: "score",
+        x_range: epoch_range(&history),
+        y_range: (0.0, 1.0),
+        whole_x: true,
+        legend: SeriesLabelPosition::LowerRight,
+    };
+    line_chart("Validation metrics", axes, &lines)
 }
 
 fn pr_chart(points: &[(f64, f64)]) -> Result<String> {
+    let axes = Axes {
+        x: "recall",
+        y: "precision",
+        x_range: (0.0, 1.0),
+        y_range: (0.0, 1.02),
+        whole_x: false,
+        legend: SeriesLabelPosition::LowerLeft,
+    };
     line_chart(
         "Precision vs recall",
-        "precision",
-        SeriesLabelPosition::LowerLeft,
-        (0.0, 1.0),
-        (0.0, 1.02),
+        axes,
         &[("micro", RGBColor(31, 119, 180), points.to_vec())],
     )
 }
 
 /// Horizontal grouped bars: F1 and AP for every label, labelled `name (support)`.
-fn label_bars(labels: &[LabelStats]) -> Result<String> {
-    let mut order: Vec<&LabelStats> = labels.iter().collect();
-    order.sort_by(|a, b| b.support.cmp(&a.support).then(a.name.cmp(&b.name)));
+fn label_bars(order: &[LabelRow]) -> Result<String> {
     let names: Vec<String> = order
         .iter()
-        .map(|l| format!("{} ({})", l.name, l.support))
+        .map(|l| format!("{} ({})", l.name, l.metrics.support))
         .collect();
     let k = order.len();
-    let height = 90 + ROW_PX * k as u32;
+    let height = 114 + ROW_PX * k as u32;
     svg(WIDTH, height, |root| {
         let mut chart = ChartBuilder::on(root)
             .margin(12)
+            .margin_top(36)
             .x_label_area_size(30)
             .y_label_area_size(170)
             .build_cartesian_2d(0f64..1f64, 0f64..k as f64)
@@ -344,8 +357,17 @@ fn label_bars(labels: &[LabelStats]) -> Result<String> {
             let y = (k - 1 - row) as f64;
             chart
                 .draw_series([
-                    Rectangle::new([(0.0, y + 0.52), (label.f1, y + 0.9)], f1_colour.filled()),
-                    Rectangle::new([(0.0, y + 0.1), (label.ap, y + 0.48)], ap_colour.filled()),
+                    Rectangle::new(
+                        [(0.0, y + 0.52), (label.metrics.f1, y + 0.9)],
+                        f1_colour.filled(),
+                    ),
+                    Rectangle::new(
+                        [
+                            (0.0, y + 0.1),
+                            (label.metrics.average_precision.unwrap_or(0.0), y + 0.48),
+                        ],
+                        ap_colour.filled(),
+                    ),
                 ])
                 .map_err(plot_err)?;
         }
@@ -354,8 +376,8 @@ fn label_bars(labels: &[LabelStats]) -> Result<String> {
             .iter()
             .enumerate()
         {
-            let x = WIDTH as i32 - 150;
-            let y = 14 + 16 * i as i32;
+            let x = 190 + 110 * i as i32;
+            let y = 10;
             root.draw(&Rectangle::new([(x, y), (x + 12, y + 10)], colour.filled()))
                 .map_err(plot_err)?;
             root.draw(&Text::new(*name, (x + 18, y), ("sans-serif", 13)))
@@ -366,7 +388,7 @@ fn label_bars(labels: &[LabelStats]) -> Result<String> {
 }
 
 /// A K x K heat-map of values in [0, 1] with label names on both axes.
-fn heatmap(names: &[&str], matrix: &[Vec<f64>]) -> Result<String> {
+fn heatmap(names: &[String], matrix: &[Vec<f64>]) -> Result<String> {
     let k = matrix.len();
     let cell = (560 / k.max(1)).clamp(8, 28) as i32;
     let left = 150;
@@ -396,7 +418,7 @@ fn heatmap(names: &[&str], matrix: &[Vec<f64>]) -> Result<String> {
                 ))
                 .map_err(plot_err)?;
             }
-            let name = names.get(i).copied().unwrap_or("?");
+            let name = names.get(i).map_or("?", String::as_str);
             let style = font.clone().color(&BLACK).pos(text_anchor::Pos::new(
                 text_anchor::HPos::Right,
                 text_anchor::VPos::Center,
@@ -445,24 +467,23 @@ fn heatmap(names: &[&str], matrix: &[Vec<f64>]) -> Result<String> {
     })
 }
 
-fn label_table(labels: &[LabelStats]) -> String {
+fn label_table(order: &[LabelRow]) -> String {
     let mut html = String::from(
         "<table><tr><th>label</th><th>support</th><th>precision</th><th>recall</th><th>F1</th><th>AP</th><th>threshold</th></tr>",
     );
-    let mut order: Vec<&LabelStats> = labels.iter().collect();
-    order.sort_by(|a, b| b.support.cmp(&a.support).then(a.name.cmp(&b.name)));
     for l in order {
+        let m = l.metrics;
         let _ = write!(
             html,
             "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{:.3}</td><td class=\"n\">{:.3}</td>\
              <td class=\"n\">{:.3}</td><td class=\"n\">{:.3}</td><td class=\"n\">{:.3}</td></tr>",
-            escape(&l.name),
-            l.support,
-            l.precision,
-            l.recall,
-            l.f1,
-            l.ap,
-            l.threshold
+            escape(l.name),
+            m.support,
+            m.precision,
+            m.recall,
+            m.f1,
+            m.average_precision.unwrap_or(0.0),
+            m.threshold
         );
     }
     html.push_str("</table>");
@@ -474,36 +495,50 @@ mod tests {
     use super::*;
 
     fn sample() -> ReportData {
-        let labels: Vec<LabelStats> = (0..5)
-            .map(|i| LabelStats {
-                name: format!("label<{i}>"),
-                support: 10 - i,
+        let per_label: Vec<LabelMetrics> = (0..5)
+            .map(|i| LabelMetrics {
+                label: i,
+                support: 10 - i as u64,
+                predicted: 8,
                 precision: 0.9,
                 recall: 0.5 + 0.1 * i as f64,
-                f1: 0.6,
-                ap: 0.7,
+                f1: 0.6 - 0.1 * i as f64,
+                average_precision: Some(0.7),
                 threshold: 0.3,
             })
             .collect();
+        let record = |stage: &str, epoch: usize| EpochRecord {
+            stage: stage.into(),
+            epoch,
+            train_loss: 1.0 / epoch as f64,
+            train_micro_f1: None,
+            val_loss: Some(1.2 / epoch as f64),
+            val_micro_f1: Some(0.5 + 0.1 * epoch as f64),
+            val_macro_f1: None,
+            val_map: Some(0.4),
+            lr: 1e-3,
+            train_seconds: 0.1,
+            seconds: 0.2,
+        };
         ReportData {
             title: "run & test".into(),
             facts: vec![("head".into(), "mlp".into())],
             metrics: vec![("micro-F1".into(), 0.81234)],
-            history: (1..=4)
-                .map(|e| EpochPoint {
-                    epoch: e,
-                    train_loss: 1.0 / e as f64,
-                    val_loss: Some(1.2 / e as f64),
-                    val_micro_f1: Some(0.5 + 0.1 * e as f64),
-                    val_macro_f1: None,
-                    val_map: Some(0.4),
-                })
-                .collect(),
+            history: [
+                ("warmup:image", 1),
+                ("train", 1),
+                ("train", 2),
+                ("train", 3),
+            ]
+            .into_iter()
+            .map(|(stage, epoch)| record(stage, epoch))
+            .collect(),
             pr_curve: vec![(0.0, 1.0), (0.5, 0.9), (1.0, 0.3)],
             cooccurrence: (0..5)
                 .map(|i| (0..5).map(|j| if i == j { 1.0 } else { 0.2 }).collect())
                 .collect(),
-            labels,
+            label_names: (0..5).map(|i| format!("label<{i}>")).collect(),
+            per_label,
         }
     }
 
@@ -539,6 +574,9 @@ mod tests {
     fn summary_names_weakest_labels() {
         let text = terminal_summary(&sample());
         assert!(text.contains("micro-F1"));
-        assert!(text.contains("weakest labels"));
+        assert!(
+            text.contains("weakest labels: label<4> (0.20, n=6)"),
+            "{text}"
+        );
     }
 }

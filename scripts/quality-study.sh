@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Quality study on the full openclipart set (docs/results.md): every head x loss of multiclip on
+# cached DINOv2-S + MiniLM features, trained on the train part of the seeded split, thresholds
+# tuned on validation, scored on the held-out test part (test.csv + test_labels.csv).
+#
+#   scripts/quality-study.sh grid      # every head x loss with the default hyper-parameters
+#   scripts/quality-study.sh sweep     # hyper-parameters of the best heads (picked on validation)
+#   scripts/quality-study.sh table     # the markdown table of everything run so far
+#   scripts/quality-study.sh all       # extract (resumable) + split + grid + sweep + table
+#
+# Resumable: a run whose results row exists is skipped. One training process at a time.
+# MC (the multiclip binary, default target/release/multiclip), DATA, OUT can be overridden.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MC=${MC:-target/release/multiclip}
+DATA=${DATA:-data/openclipart-full}
+BACKBONE=${BACKBONE:-dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2}
+TRAIN_CACHE=${TRAIN_CACHE:-cache/oc-train}
+TEST_CACHE=${TEST_CACHE:-cache/oc-test}
+SPLIT=${SPLIT:-checkpoints/oc/split.json}
+OUT=${OUT:-checkpoints/oc/study}
+SEED=${SEED:-3407}
+RESULTS=$OUT/results.tsv
+LOGS=$OUT/logs
+
+HEADS=(mlp mlp:hidden=0 router router+multistage "router:inputs=image+text" ensemble gat
+    ml_decoder:input=text)
+LOSSES=(bce smoothing focal zlpr asl angular margin)
+
+mkdir -p "$OUT" "$LOGS"
+[[ -f $RESULTS ]] || printf 'name\thead\tloss\targs\tval_map\tval_micro_f1\tval_macro_f1\ttest_map\ttest_micro_f1\ttest_macro_f1\tseconds\n' >"$RESULTS"
+
+extract() {
+    for part in train test; do
+        local cache=$TRAIN_CACHE
+        [[ $part == test ]] && cache=$TEST_CACHE
+        "$MC" extract --data "$DATA" --split "$part" --backbone "$BACKBONE" --out "$cache" \
+            --shard-rows 512 --on-error skip
+    done
+    [[ -f $SPLIT ]] || "$MC" dataset split "$DATA" --seed "$SEED" --val-fraction 0.15 --out "$SPLIT"
+}
+
+# metrics LOG -> "mAP micro-F1 macro-F1" from the output of `multiclip evaluate`.
+metrics() {
+    awk '$1 == "micro" { mi = $4 } $1 == "macro" { ma = $4 } $1 == "mAP" { m = $2 }
+         END { if (m == "" || mi == "") exit 1; print m "\t" mi "\t" ma }' "$1"
+}
+
+# run NAME HEAD LOSS [extra train flags...]: train, evaluate on val and test, append a row.
+run() {
+    local name=$1 spec=$2 head=$2 loss=$3
+    shift 3
+    if cut -f1 "$RESULTS" | grep -qx "$name"; then return 0; fi
+    local flags=("$@")
+    if [[ $head == *+multistage ]]; then
+        head=${head%+multistage}
+        flags+=(--multistage)
+    fi
+    rm -f "$OUT/$name".*
+    local start=$SECONDS
+    echo "== $name: --head $head --loss $loss ${flags[*]}"
+    if ! "$MC" train --cache "$TRAIN_CACHE" --split "$SPLIT" --data "$DATA" --head "$head" \
+        --loss "$loss" --seed "$SEED" --out "$OUT" --name "$name" "${flags[@]}" \
+        >"$LOGS/$name.train.log" 2>&1; then
+        echo "   FAILED (see $LOGS/$name.train.log)"
+        tail -3 "$LOGS/$name.train.log"
+        return 0
+    fi
+    local seconds=$((SECONDS - start))
+    "$MC" evaluate --checkpoint "$OUT/$name" --part val >"$LOGS/$name.val.log" 2>&1
+    "$MC" evaluate --checkpoint "$OUT/$name" --part test --cache "$TEST_CACHE" \
+        >"$LOGS/$name.test.log" 2>&1
+    local val test
+    val=$(metrics "$LOGS/$name.val.log")
+    test=$(metrics "$LOGS/$name.test.log")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$spec" "$loss" "${*:-}" "$val" "$test" \
+        "$seconds" >>"$RESULTS"
+    echo "   val $val | test $test | ${seconds}s"
+}
+
+slug() { tr ':=+,' '-_p_' <<<"$1"; }
+
+# Every head x loss; ordered so that partial results are useful: the MLP with every loss, every
+# head with BCE, then the rest.
+grid() {
+    local head loss
+    for loss in "${LOSSES[@]}"; do run "mlp__$loss" mlp "$loss"; done
+    for head in "${HEADS[@]}"; do run "$(slug "$head")__bce" "$head" bce; done
+    for head in "${HEADS[@]}"; do
+        for loss in "${LOSSES[@]}"; do
+            run "$(slug "$head")__$loss" "$head" "$loss"
+        done
+    done
+}
+
+# The best (head, loss) pairs of the grid by validation micro-F1 (never by test).
+best_on_val() {
+    awk -F'\t' 'NR > 1 && $4 == "" { print $6 "\t" $2 "\t" $3 }' "$RESULTS" | sort -gr | head -n "$1"
+}
+
+sweep() {
+    local n=${SWEEP_TOP:-3}
+    best_on_val "$n" | while IFS=$'\t' read -r _ head loss; do
+        local base
+        base="$(slug "$head")__$loss"
+        run "$base--lr3e-3" "$head" "$loss" --lr 3e-3
+        run "$base--lr3e-4" "$head" "$loss" --lr 3e-4
+        run "$base--wd0.1" "$head" "$loss" --weight-decay 0.1
+        run "$base--bs64" "$head" "$loss" --batch-size 64
+        run "$base--bs1024" "$head" "$loss" --batch-size 1024
+        run "$base--pat30" "$head" "$loss" --patience 30 --epochs 300
+        run "$base--metric-map" "$head" "$loss" --metric map
+        run "$base--const" "$head" "$loss" --schedule constant
+        if [[ $head == mlp* || $head == router* || $head == ensemble* ]]; then
+            local sep=":"
+            [[ $head == *:* ]] && sep=","
+            [[ $head == mlp:hidden=0 ]] && continue
+            local plain=${head%+multistage} ms=""
+            [[ $head == *+multistage ]] && ms="+multistage"
+            run "$base--drop0.3" "$plain${sep}dropout=0.3$ms" "$loss"
+            run "$base--drop0.5" "$plain${sep}dropout=0.5$ms" "$loss"
+            run "$base--h2048-drop0.5" "$plain${sep}hidden=2048,dropout=0.5$ms" "$loss"
+            run "$base--h256" "$plain${sep}hidden=256$ms" "$loss"
+        fi
+    done
+}
+
+table() {
+    awk -F'\t' 'NR == 1 {
+            print "| head | loss | extra flags | val mAP | val micro-F1 | test mAP | test micro-F1 (tuned) | test macro-F1 | s |"
+            print "|---|---|---|---|---|---|---|---|---|"; next }
+        { printf "| `%s` | %s | %s | %.3f | %.3f | %.3f | %.3f | %.3f | %s |\n",
+            $2, $3, ($4 == "" ? "" : "`" $4 "`"), $5, $6, $8, $9, $10, $11 }' "$RESULTS"
+}
+
+case ${1:-all} in
+extract) extract ;;
+grid) grid ;;
+sweep) sweep ;;
+table) table ;;
+all) extract && grid && sweep && table ;;
+*) echo "usage: $0 [extract|grid|sweep|table|all]" >&2 && exit 2 ;;
+esac

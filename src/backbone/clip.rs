@@ -1,0 +1,597 @@
+//! CLIP (OpenAI ViT-B/32, B/16, L/14, L/14-336 in the Hugging Face `CLIPModel` layout): the model
+//! read from `config.json` + `model.safetensors`, equal to transformers' `CLIPModel`.
+//!
+//! Outputs (see [`ClipModel::image_features`], [`ClipModel::text_features`]):
+//! - `image`: `visual_projection(post_layernorm(CLS))`, L2-normalised (as `CLIPModel.forward`
+//!   returns `image_embeds`), [projection_dim];
+//! - `text`: `text_projection(final_layer_norm(h_eos))`, L2-normalised, [projection_dim], where the
+//!   end-of-text position is chosen as transformers does for the config: the arg-max token id
+//!   for legacy configs (`eos_token_id == 2`, e.g. the openai/* checkpoints), else the first
+//!   `eos_token_id`;
+//! - `image_tokens` (optional): every vision token after `post_layernorm`, [1 + patches, hidden]
+//!   (row 0 is the class token): the same normalisation the pooled CLS gets before projection,
+//!   for token-level heads.
+//!
+//! The text model is causal, so the tokens after the end-of-text token cannot change the pooled
+//! output: each batch runs only up to its longest caption instead of 77 padded positions.
+//!
+//! As a [`Backbone`] ([`ClipBackbone`], spec `clip:<dir or Hub id>[?options]`): images go through
+//! `preprocessor_config.json` (CLIPImageProcessor: bicubic shortest side, center crop, OpenAI
+//! mean/std); captions through a template (option `template`, default `{caption}`; the original
+//! wrote spaCy noun phrases into "The photo contains ...", which a template replaces) and
+//! `tokenizer.json`, truncated to 77 tokens keeping the end token. Option `image_tokens=true`
+//! adds the `image_tokens` output.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{D, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, causal_mask};
+use super::options::Options;
+use super::preprocess::ImagePreprocess;
+use super::source::{ModelDir, load_weights};
+use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
+
+/// `config.json` of a `CLIPModel`; missing fields take transformers' defaults.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClipConfig {
+    #[serde(default)]
+    pub text_config: ClipTextConfig,
+    #[serde(default)]
+    pub vision_config: ClipVisionConfig,
+    #[serde(default = "default_projection_dim")]
+    pub projection_dim: usize,
+}
+
+fn default_projection_dim() -> usize {
+    512
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub eos_token_id: u32,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading CLIP config {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing CLIP config {}", path.display()))
+    }
+}
+
+/// Loads one CLIP encoder layer (`self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`).
+fn load_layer(
+    vb: VarBuilder,
+    dim: usize,
+    inner: usize,
+    heads: usize,
+    act: Activation,
+    eps: f64,
+) -> Result<PreNormLayer> {
+    let attn = vb.pp("self_attn");
+    let q = Linear::load(attn.pp("q_proj"), dim, dim, true)?;
+    let k = Linear::load(attn.pp("k_proj"), dim, dim, true)?;
+    let v = Linear::load(attn.pp("v_proj"), dim, dim, true)?;
+    Ok(PreNormLayer {
+        ln1: LayerNorm::load(vb.pp("layer_norm1"), dim, eps)?,
+        qkv: Linear::concat(&[q, k, v])?,
+        out: Linear::load(attn.pp("out_proj"), dim, dim, true)?,
+        ln2: LayerNorm::load(vb.pp("layer_norm2"), dim, eps)?,
+        fc1: Linear::load(vb.pp("mlp").pp("fc1"), dim, inner, true)?,
+        fc2: Linear::load(vb.pp("mlp").pp("fc2"), inner, dim, true)?,
+        act,
+        heads,
+    })
+}
+
+fn load_layers(
+    vb: VarBuilder,
+    count: usize,
+    dim: usize,
+    inner: usize,
+    heads: usize,
+    act: &str,
+    eps: f64,
+) -> Result<Vec<PreNormLayer>> {
+    let act = Activation::from_hf(act)?;
+    (0..count)
+        .map(|i| load_layer(vb.pp(i), dim, inner, heads, act, eps))
+        .collect()
+}
+
+/// `CLIPVisionModel`.
+#[derive(Clone, Debug)]
+struct ClipVision {
+    patch: PatchEmbedding,
+    /// [1, 1, D]
+    class_embedding: Tensor,
+    /// [1, 1 + patches, D]
+    position_embedding: Tensor,
+    pre_layernorm: LayerNorm,
+    layers: Vec<PreNormLayer>,
+    post_layernorm: LayerNorm,
+    image_size: usize,
+}
+
+impl ClipVision {
+    fn load(vb: VarBuilder, cfg: &ClipVisionConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        let positions = (cfg.image_size / cfg.patch_size).pow(2) + 1;
+        Ok(Self {
+            patch: PatchEmbedding::load(
+                emb.pp("patch_embedding"),
+                cfg.num_channels,
+                d,
+                cfg.patch_size,
+                false,
+            )?,
+            class_embedding: emb.get(d, "class_embedding")?.reshape((1, 1, d))?,
+            position_embedding: emb
+                .pp("position_embedding")
+                .get((positions, d), "weight")?
+                .unsqueeze(0)?,
+            // The Hub spells it "pre_layrnorm".
+            pre_layernorm: LayerNorm::load(vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
+            layers: load_layers(
+                vb.pp("encoder").pp("layers"),
+                cfg.num_hidden_layers,
+                d,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                &cfg.hidden_act,
+                cfg.layer_norm_eps,
+            )?,
+            post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
+            image_size: cfg.image_size,
+        })
+    }
+
+    /// pixels [B, C, S, S] -> last hidden state [B, 1 + patches, D] (before `post_layernorm`).
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = pixels.dims4()?;
+        anyhow::ensure!(
+            h == self.image_size && w == self.image_size,
+            "CLIP vision expects {0}x{0} pixel values, got {h}x{w}",
+            self.image_size
+        );
+        let patches = self.patch.forward(pixels)?;
+        let d = patches.dim(D::Minus1)?;
+        let cls = self.class_embedding.broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let mut x = self.pre_layernorm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, None)?;
+        }
+        Ok(x)
+    }
+}
+
+/// `CLIPTextModel`.
+#[derive(Clone, Debug)]
+struct ClipText {
+    /// [vocab, D]
+    token_embedding: Tensor,
+    /// [max_positions, D]
+    position_embedding: Tensor,
+    layers: Vec<PreNormLayer>,
+    final_layer_norm: LayerNorm,
+    eos_token_id: u32,
+}
+
+impl ClipText {
+    fn load(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        Ok(Self {
+            token_embedding: emb
+                .pp("token_embedding")
+                .get((cfg.vocab_size, d), "weight")?,
+            position_embedding: emb
+                .pp("position_embedding")
+                .get((cfg.max_position_embeddings, d), "weight")?,
+            layers: load_layers(
+                vb.pp("encoder").pp("layers"),
+                cfg.num_hidden_layers,
+                d,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                &cfg.hidden_act,
+                cfg.layer_norm_eps,
+            )?,
+            final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
+            eos_token_id: cfg.eos_token_id,
+        })
+    }
+
+    fn max_positions(&self) -> usize {
+        self.position_embedding.dim(0).expect("2-D position table")
+    }
+
+    /// Token ids (with start and end tokens) -> pooled states [B, D] after `final_layer_norm`.
+    fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let device = self.token_embedding.device();
+        let eos: Vec<usize> = ids
+            .iter()
+            .map(|s| eos_position(s, self.eos_token_id))
+            .collect();
+        // Causal attention: positions after the end token cannot change it; run to the longest.
+        let len = eos.iter().map(|&e| e + 1).max().unwrap_or(1);
+        anyhow::ensure!(
+            len <= self.max_positions(),
+            "caption of {len} tokens is longer than the text model's {} positions",
+            self.max_positions()
+        );
+        let flat: Vec<u32> = ids
+            .iter()
+            .flat_map(|s| (0..len).map(move |i| s.get(i).copied().unwrap_or(0)))
+            .collect();
+        let b = ids.len();
+        let flat = Tensor::from_vec(flat, b * len, device)?;
+        let x = self
+            .token_embedding
+            .index_select(&flat, 0)?
+            .reshape((b, len, ()))?
+            .broadcast_add(&self.position_embedding.narrow(0, 0, len)?.unsqueeze(0)?)?;
+        let mask = causal_mask(len, device)?;
+        let mut x = x;
+        for layer in &self.layers {
+            x = layer.forward(&x, Some(&mask))?;
+        }
+        let d = x.dim(D::Minus1)?;
+        let rows: Vec<u32> = eos
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (i * len + e) as u32)
+            .collect();
+        let pooled = x
+            .reshape((b * len, d))?
+            .index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+        self.final_layer_norm.forward(&pooled)
+    }
+}
+
+/// Where transformers' `CLIPTextModel` pools: the first arg-max token id when the config has the
+/// legacy `eos_token_id == 2`, else the first `eos_token_id` (position 0 when absent).
+pub fn eos_position(ids: &[u32], eos_token_id: u32) -> usize {
+    if eos_token_id == 2 {
+        let max = ids.iter().copied().max().unwrap_or(0);
+        ids.iter().position(|&t| t == max).unwrap_or(0)
+    } else {
+        ids.iter().position(|&t| t == eos_token_id).unwrap_or(0)
+    }
+}
+
+/// Loads `tokenizer.json` with truncation to `max_length` tokens (special tokens included, so
+/// the end token survives) and, when `pad_id` is given, padding to exactly `max_length` with that
+/// id; any truncation or padding stored in the file is replaced.
+pub fn load_tokenizer(path: &Path, max_length: usize, pad_id: Option<u32>) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("reading tokenizer {}: {e}", path.display()))?;
+    tok.with_truncation(Some(TruncationParams {
+        max_length,
+        ..Default::default()
+    }))
+    .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", path.display()))?;
+    let padding = match pad_id {
+        Some(pad_id) => {
+            let pad_token = tok.id_to_token(pad_id).with_context(|| {
+                format!("tokenizer {} has no pad token id {pad_id}", path.display())
+            })?;
+            Some(PaddingParams {
+                strategy: PaddingStrategy::Fixed(max_length),
+                pad_id,
+                pad_token,
+                ..Default::default()
+            })
+        }
+        None => None,
+    };
+    tok.with_padding(padding);
+    Ok(tok)
+}
+
+/// Encodes one caption with special tokens; returns (ids, attention mask).
+pub fn encode(tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, Vec<u8>)> {
+    let enc = tok
+        .encode(text, true)
+        .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
+    let mask = enc.get_attention_mask().iter().map(|&m| m as u8).collect();
+    Ok((enc.get_ids().to_vec(), mask))
+}
+
+/// Rows divided by their L2 norm (`x / ||x||`, as transformers' retrieval heads do).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// A `CLIPModel` without the logit scale.
+#[derive(Clone, Debug)]
+pub struct ClipModel {
+    vision: ClipVision,
+    text: ClipText,
+    visual_projection: Linear,
+    text_projection: Linear,
+}
+
+impl ClipModel {
+    pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        let (tc, vc) = (&cfg.text_config, &cfg.vision_config);
+        if vb.device().is_cpu() {
+            super::cpu_ops::keep_freed_memory();
+        }
+        Ok(Self {
+            vision: ClipVision::load(vb.pp("vision_model"), vc)?,
+            text: ClipText::load(vb.pp("text_model"), tc)?,
+            visual_projection: Linear::load(
+                vb.pp("visual_projection"),
+                vc.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+            text_projection: Linear::load(
+                vb.pp("text_projection"),
+                tc.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.text.token_embedding.device()
+    }
+
+    /// Number of text positions (77 for every OpenAI checkpoint).
+    pub fn max_text_tokens(&self) -> usize {
+        self.text.max_positions()
+    }
+
+    /// pixels [B, 3, S, S] (CLIP-normalised) -> (`image` [B, P] L2-normalised, `image_tokens`
+    /// [B, 1 + patches, D] after `post_layernorm` when `with_tokens`).
+    pub fn image_features(
+        &self,
+        pixels: &Tensor,
+        with_tokens: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let hidden = self.vision.forward(pixels)?;
+        if with_tokens {
+            let tokens = self.vision.post_layernorm.forward(&hidden)?;
+            let pooled = tokens.narrow(1, 0, 1)?.squeeze(1)?;
+            let embeds = l2_normalize(&self.visual_projection.forward(&pooled)?)?;
+            Ok((embeds, Some(tokens)))
+        } else {
+            let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+            let pooled = self.vision.post_layernorm.forward(&cls)?;
+            Ok((
+                l2_normalize(&self.visual_projection.forward(&pooled)?)?,
+                None,
+            ))
+        }
+    }
+
+    /// Token ids per caption (start token .. end token, as the tokenizer gives them; anything
+    /// after the end token is ignored) -> `text` [B, P] L2-normalised.
+    pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let pooled = self.text.forward(ids)?;
+        l2_normalize(&self.text_projection.forward(&pooled)?)
+    }
+}
+
+/// Images of a batch, decoded and checked.
+pub(crate) fn batch_images<'a>(batch: &'a [Sample]) -> Result<Vec<&'a image::RgbImage>> {
+    batch
+        .iter()
+        .map(|s| {
+            s.image
+                .as_ref()
+                .with_context(|| format!("sample {} has no image", s.id))
+        })
+        .collect()
+}
+
+/// The `clip` backbone: outputs `image`, `text` and, with `image_tokens=true`, `image_tokens`.
+pub struct ClipBackbone {
+    id: String,
+    model: ClipModel,
+    config: ClipConfig,
+    preprocess: ImagePreprocess,
+    tokenizer: Tokenizer,
+    template: String,
+    image_tokens: bool,
+    weights_sha256: Vec<(String, String)>,
+    device: Device,
+}
+
+/// A batch prepared by [`ClipBackbone::prepare`].
+struct ClipBatch {
+    pixels: Tensor,
+    ids: Vec<Vec<u32>>,
+}
+
+impl ClipBackbone {
+    /// Loads `config.json`, `preprocessor_config.json`, `tokenizer.json` and the weights.
+    pub fn load(id: &str, dir: &ModelDir, options: &Options, device: &Device) -> Result<Self> {
+        options.check_known("clip", &["template", "image_tokens"])?;
+        let config = ClipConfig::from_file(&dir.file("config.json")?)?;
+        let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
+        let weights = load_weights(
+            dir,
+            device,
+            "text_model.embeddings.token_embedding.weight",
+            &[],
+        )?;
+        let model = ClipModel::load(weights.vb, &config)
+            .with_context(|| format!("cannot build CLIP from {}", dir.location))?;
+        let tokenizer = load_tokenizer(
+            &dir.file("tokenizer.json")?,
+            config.text_config.max_position_embeddings,
+            None,
+        )?;
+        Ok(Self {
+            id: id.to_string(),
+            model,
+            config,
+            preprocess,
+            tokenizer,
+            template: options.template("{caption}")?,
+            image_tokens: options.flag("image_tokens")?,
+            weights_sha256: weights.sha256,
+            device: device.clone(),
+        })
+    }
+}
+
+impl Backbone for ClipBackbone {
+    fn info(&self) -> BackboneInfo {
+        BackboneInfo {
+            id: self.id.clone(),
+            weights_sha256: self.weights_sha256.clone(),
+            preprocessing: serde_json::json!({
+                "image": self.preprocess.describe(),
+                "text": {
+                    "tokenizer": "tokenizer.json",
+                    "max_tokens": self.config.text_config.max_position_embeddings,
+                    "truncation": "keep the end token",
+                    "pooling": "end-of-text token",
+                },
+            }),
+            text_template: Some(self.template.clone()),
+        }
+    }
+
+    fn outputs(&self) -> Vec<OutputSpec> {
+        let feature = |name: &str, shape: Vec<usize>| OutputSpec {
+            name: name.into(),
+            shape,
+            kind: OutputKind::Feature,
+        };
+        let p = self.config.projection_dim;
+        let mut outputs = vec![feature("image", vec![p]), feature("text", vec![p])];
+        if self.image_tokens {
+            let v = &self.config.vision_config;
+            let tokens = (v.image_size / v.patch_size).pow(2) + 1;
+            outputs.push(feature("image_tokens", vec![tokens, v.hidden_size]));
+        }
+        outputs
+    }
+
+    fn needs_images(&self) -> bool {
+        true
+    }
+
+    fn needs_text(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
+        let pixels = self.preprocess.batch(&batch_images(batch)?, &self.device)?;
+        let ids = batch
+            .iter()
+            .map(|s| {
+                let text = self.template.replace("{caption}", &s.caption);
+                Ok(encode(&self.tokenizer, &text)?.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Box::new(ClipBatch { pixels, ids }))
+    }
+
+    fn forward(&self, prepared: Prepared) -> Result<Vec<Tensor>> {
+        let batch = prepared.downcast::<ClipBatch>().map_err(|_| {
+            anyhow::anyhow!("clip forward got a batch prepared by another backbone")
+        })?;
+        let (image, tokens) = self
+            .model
+            .image_features(&batch.pixels, self.image_tokens)?;
+        let text = self.model.text_features(&batch.ids)?;
+        Ok(std::iter::once(image)
+            .chain(std::iter::once(text))
+            .chain(tokens)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eos_position_follows_the_config_rule() {
+        let ids = [49406, 320, 49407, 49407];
+        assert_eq!(eos_position(&ids, 2), 2);
+        assert_eq!(eos_position(&ids, 49407), 2);
+        // A newer config with a custom end token that is not the largest id.
+        assert_eq!(eos_position(&[49406, 7, 5, 0], 5), 2);
+        assert_eq!(eos_position(&[49406, 7, 5, 0], 2), 0);
+    }
+
+    #[test]
+    fn config_defaults_are_vit_b32() {
+        let cfg: ClipConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(cfg.vision_config.patch_size, 32);
+        assert_eq!(cfg.text_config.max_position_embeddings, 77);
+        assert_eq!(cfg.projection_dim, 512);
+    }
+}
