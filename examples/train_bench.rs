@@ -71,6 +71,20 @@ fn memory_mib() -> (f64, f64) {
     (field("RssAnon:"), field("VmHWM:"))
 }
 
+/// CPU seconds (user + system, all threads) this process has used so far.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0))
+        / ticks_per_second
+}
+
 fn main() -> Result<()> {
     multiclip::train::threads::single_threaded_elementwise_by_default();
     let args = Args::parse();
@@ -134,7 +148,9 @@ fn main() -> Result<()> {
         device,
     };
     let before = memory_mib();
+    let cpu_before = cpu_seconds();
     let outcome = fit(head.as_ref(), &varmap, &Loss::Bce, &data, &config)?;
+    let cpu_per_epoch = (cpu_seconds() - cpu_before) / outcome.history.len().max(1) as f64;
     let after = memory_mib();
     let env = |name: &str| std::env::var(name).unwrap_or_else(|_| "default".into());
     let threads = format!(
@@ -161,7 +177,8 @@ fn main() -> Result<()> {
     println!(
         "SUMMARY head={} batch={} cache_rows={cache_rows} threads={threads} \
          median_train_s={median:.3} \
-         samples_per_s={:.0} rss_anon_mib={:.0} (before training {:.0}) peak_rss_mib={:.0}",
+         samples_per_s={:.0} cpu_s_per_epoch={cpu_per_epoch:.2} rss_anon_mib={:.0} \
+         (before training {:.0}) peak_rss_mib={:.0}",
         args.head,
         args.batch_size,
         data.train_rows.len() as f64 / median,

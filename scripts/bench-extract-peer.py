@@ -7,7 +7,12 @@ one warm-up batch (model loading is not timed, as multiclip's rows/s does not co
 
 Usage: "$PY" scripts/bench-extract-peer.py image DATASET_DIR BATCH OUT.npy
        "$PY" scripts/bench-extract-peer.py text  DATASET_DIR BATCH OUT.npy [--sorted]
-Prints one line: `peer <kind> batch B: N items in S s = R items/s, peak RSS M MiB`.
+       "$PY" scripts/bench-extract-peer.py padding DATASET_DIR BATCH
+Prints one line: `peer <kind> batch B: N items in S s = R items/s, peak RSS M MiB`; `padding`
+prints instead the token positions the text encoder computes (and the attention work, sum of
+rows x length^2) when batches are padded in dataset order, globally sorted by token length, or
+formed as multiclip does (each shard's rows sorted by caption length in characters, windows of
+B, each split into sub-batches of at most 4096 padded tokens), against none padded.
 Models come from models/dinov2-small and models/all-MiniLM-L6-v2 beside this script's repo.
 """
 
@@ -91,7 +96,47 @@ def text_run(dataset, batch, by_length):
     return captions, run
 
 
+def padded_work(batches):
+    """(token positions, attention work) of running `batches` of token lengths, each padded."""
+    return (sum(len(b) * max(b) for b in batches), sum(len(b) * max(b) ** 2 for b in batches))
+
+
+def multiclip_batches(lengths, chars, batch, shard_rows=4096, sub_batch_tokens=4096):
+    """The sub-batches multiclip runs (src/extract.rs windows, src/backbone/sentence.rs groups)."""
+    out = []
+    for start in range(0, len(lengths), shard_rows):
+        rows = sorted(range(start, min(start + shard_rows, len(lengths))), key=chars.__getitem__)
+        for w in range(0, len(rows), batch):
+            window = sorted(lengths[r] for r in rows[w:w + batch])
+            s = 0
+            while s < len(window):
+                e = s + 1
+                while e < len(window) and (e + 1 - s) * window[e] <= sub_batch_tokens:
+                    e += 1
+                out.append(window[s:e])
+                s = e
+    return out
+
+
+def padding_report(dataset, batch):
+    tok = AutoTokenizer.from_pretrained(ROOT / "models/all-MiniLM-L6-v2")
+    captions = [c for _, c in rows_of(dataset)]
+    lengths = [len(t) for t in tok(captions, truncation=True, max_length=256)["input_ids"]]
+    chunks = lambda ls: [ls[i:i + batch] for i in range(0, len(ls), batch)]
+    for name, batches in (
+        ("no padding", [[n] for n in lengths]),
+        ("peer, padded in dataset order", chunks(lengths)),
+        ("peer, sorted by token length", chunks(sorted(lengths))),
+        ("multiclip", multiclip_batches(lengths, [len(c) for c in captions], batch)),
+    ):
+        tokens, attention = padded_work(batches)
+        print(f"batch {batch}, {len(captions)} captions, {name}: {tokens} token positions, "
+              f"attention {attention}, {len(batches)} forward calls")
+
+
 def main():
+    if sys.argv[1] == "padding":
+        return padding_report(Path(sys.argv[2]), int(sys.argv[3]))
     kind, dataset, batch, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(2)
     if kind == "image":

@@ -63,8 +63,9 @@ wait_quiet() {
   done
 }
 
-# peak RSS in MiB from a /usr/bin/time -v log
+# peak RSS in MiB and CPU seconds (user + system, whole process) from a /usr/bin/time -v log
 peak_mib() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$1"; }
+cpu_s() { awk -F': ' '/(User|System) time/ { t += $2 } END { printf "%.0f", t }' "$1"; }
 
 # multiclip LABEL DATASET SPEC BATCH -> prints "rate peak_mib" and keeps the logs in $WORK
 multiclip() {
@@ -75,7 +76,7 @@ multiclip() {
     >"$WORK/$label.log" 2>"$WORK/$label.err" || { cat "$WORK/$label.err" >&2; exit 1; }
   local rate
   rate=$(sed -n 's/.*computed now in .* s (\([0-9.]*\) rows\/s).*/\1/p' "$WORK/$label.log")
-  echo "$rate $(peak_mib "$WORK/$label.time")"
+  echo "$rate $(peak_mib "$WORK/$label.time") $(cpu_s "$WORK/$label.time")"
   rm -rf "$out"
 }
 
@@ -88,7 +89,7 @@ peer() {
     { cat "$WORK/$label.err" >&2; exit 1; }
   local rate
   rate=$(sed -n 's/.* = \([0-9.]*\) [a-z]*\/s.*/\1/p' "$WORK/$label.log")
-  echo "$rate $(peak_mib "$WORK/$label.time")"
+  echo "$rate $(peak_mib "$WORK/$label.time") $(cpu_s "$WORK/$label.time")"
   rm -f "$WORK/$label.npy"
 }
 
@@ -99,16 +100,16 @@ images=$(subset "$N")
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs);" \
     "threads $THREADS; $(date -u +%FT%TZ); binary $BIN ($(git rev-parse --short HEAD))"
   echo
-  echo "| workload | batch | items | multiclip /s | peer /s | ratio | multiclip peak RSS | peer peak RSS | load before (1/5/15 min) |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| workload | batch | items | multiclip /s | peer /s | ratio | multiclip peak RSS | peer peak RSS | CPU s multiclip / peer | load before (1/5/15 min) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
 } | tee "$RESULTS"
 
 for b in $IMAGE_BATCHES; do
   wait_quiet
   before=$(load)
-  read -r mr mm <<<"$(multiclip "dinov2-b$b" "$images" dinov2:models/dinov2-small "$b")"
-  read -r pr pm <<<"$(peer "peer-dinov2-b$b" image "$images" "$b")"
-  echo "| DINOv2-S image, e2e | $b | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr") | $mm MiB | $pm MiB | $before |" |
+  read -r mr mm mc <<<"$(multiclip "dinov2-b$b" "$images" dinov2:models/dinov2-small "$b")"
+  read -r pr pm pc <<<"$(peer "peer-dinov2-b$b" image "$images" "$b")"
+  echo "| DINOv2-S image, e2e | $b | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
     tee -a "$RESULTS"
 done
 
@@ -120,24 +121,24 @@ done
 for b in $TEXT_BATCHES; do
   wait_quiet
   before=$(load)
-  read -r mr mm <<<"$(multiclip "minilm-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b")"
-  read -r pr pm <<<"$(peer "peer-minilm-b$b" text "$texts" "$b")"
-  read -r sr sm <<<"$(peer "peer-minilm-sorted-b$b" text "$texts" "$b" --sorted)"
-  echo "| MiniLM-L6 text, e2e (peer padded per batch) | $b | $n_texts | $mr texts/s | $pr texts/s | $(ratio "$mr" "$pr") | $mm MiB | $pm MiB | $before |" |
+  read -r mr mm mc <<<"$(multiclip "minilm-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b")"
+  read -r pr pm pc <<<"$(peer "peer-minilm-b$b" text "$texts" "$b")"
+  read -r sr sm sc <<<"$(peer "peer-minilm-sorted-b$b" text "$texts" "$b" --sorted)"
+  echo "| MiniLM-L6 text, e2e (peer padded per batch) | $b | $n_texts | $mr texts/s | $pr texts/s | $(ratio "$mr" "$pr") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
     tee -a "$RESULTS"
-  echo "| MiniLM-L6 text, e2e (peer sorted by length) | $b | $n_texts | $mr texts/s | $sr texts/s | $(ratio "$mr" "$sr") | $mm MiB | $sm MiB | $before |" |
+  echo "| MiniLM-L6 text, e2e (peer sorted by length) | $b | $n_texts | $mr texts/s | $sr texts/s | $(ratio "$mr" "$sr") | $mm MiB | $sm MiB | $mc / $sc | $before |" |
     tee -a "$RESULTS"
 done
 
 # Memory at two dataset sizes (batch 32, default shard size): bounded by batch and shard, not rows.
 {
   echo
-  echo "| multiclip extract dinov2-s, batch 32 | rows | img/s | peak RSS | load before |"
-  echo "|---|---|---|---|---|"
+  echo "| multiclip extract dinov2-s, batch 32 | rows | img/s | peak RSS | CPU s | load before |"
+  echo "|---|---|---|---|---|---|"
 } | tee -a "$RESULTS"
 for n in "$N" $((4 * N)); do
   wait_quiet
   before=$(load)
-  read -r mr mm <<<"$(multiclip "dinov2-mem-$n" "$(subset "$n")" dinov2:models/dinov2-small 32)"
-  echo "| | $n | $mr | $mm MiB | $before |" | tee -a "$RESULTS"
+  read -r mr mm mc <<<"$(multiclip "dinov2-mem-$n" "$(subset "$n")" dinov2:models/dinov2-small 32)"
+  echo "| | $n | $mr | $mm MiB | $mc | $before |" | tee -a "$RESULTS"
 done

@@ -132,6 +132,7 @@ def main():
     loss_fn = nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(3407)
     times = []
+    cpu_started = time.process_time()
     for epoch in range(a.epochs):
         order = rng.permutation(train_rows)
         model.train()
@@ -151,8 +152,10 @@ def main():
         print(f"peer head={a.head} batch={a.batch_size} epoch={epoch + 1} train_s={seconds:.3f} "
               f"samples_per_s={len(order) / seconds:.0f} loss={total / len(order):.4f}", flush=True)
     median = sorted(times)[len(times) // 2]
+    cpu = (time.process_time() - cpu_started) / a.epochs
     print(f"SUMMARY peer head={a.head} batch={a.batch_size} threads={a.threads} "
-          f"median_train_s={median:.3f} samples_per_s={len(train_rows) / median:.0f}")
+          f"median_train_s={median:.3f} samples_per_s={len(train_rows) / median:.0f} "
+          f"cpu_s_per_epoch={cpu:.2f}")
 
 
 if __name__ == "__main__":

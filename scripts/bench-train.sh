@@ -4,7 +4,8 @@
 # synthetic caches, run back to back so that both see the same machine load.
 # Usage: scripts/bench-train.sh [OUT_DIR]   (default target/bench-train; appends to OUT_DIR/results.log)
 # Env: THREADS (default 2), EPOCHS (mlp/router epochs, default 2), ML_DECODER_ROWS (rows of the
-# ml_decoder probes, default 1024; 2048 at batch 2048), SKIP_BUILD=1 to reuse the built example.
+# ml_decoder probes, default 1024; 2048 at batch 2048), SKIP_BUILD=1 to reuse the built example,
+# BENCH_BIN=path to run another build of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/bench-train}"
@@ -14,7 +15,7 @@ mld_rows="${ML_DECODER_ROWS:-1024}"
 mkdir -p "$out"
 log="$out/results.log"
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --example train_bench
-bench="${CARGO_TARGET_DIR:-target}/release/examples/train_bench"
+bench="${BENCH_BIN:-${CARGO_TARGET_DIR:-target}/release/examples/train_bench}"
 py="$(scripts/python-env.sh)"
 export RAYON_NUM_THREADS="$threads"
 # The trainer's default (src/train/threads.rs), spelled out for binaries built before it.
