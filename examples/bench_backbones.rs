@@ -136,6 +136,7 @@ fn bench_texts(model: &dyn Backbone, rows: &[(String, String)], repeats: usize) 
 }
 
 fn main() -> Result<()> {
+    multiclip::runtime::keep_freed_memory();
     let repeats: usize = std::env::args()
         .nth(1)
         .map_or(Ok(3), |a| a.parse())

@@ -86,7 +86,7 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> Result<()> {
-    multiclip::train::threads::single_threaded_elementwise_by_default();
+    multiclip::runtime::single_threaded_elementwise_by_default();
     let args = Args::parse();
     let head_config: HeadConfig = match args.head.as_str() {
         "mlp" => "mlp:inputs=image".parse()?,

@@ -200,9 +200,6 @@ pub struct BlipItmModel {
 impl BlipItmModel {
     pub fn load(vb: VarBuilder, cfg: &BlipConfig) -> Result<Self> {
         let (tc, vc) = (&cfg.text_config, &cfg.vision_config);
-        if vb.device().is_cpu() {
-            super::cpu_ops::keep_freed_memory();
-        }
         let proj = cfg.image_text_hidden_size;
         Ok(Self {
             vision: BlipVision::load(vb.pp("vision_model"), vc)?,

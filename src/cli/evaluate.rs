@@ -34,7 +34,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
-    multiclip::train::threads::single_threaded_elementwise_by_default();
+    multiclip::runtime::single_threaded_elementwise_by_default();
     let request = EvaluateRequest {
         checkpoint: args.checkpoint,
         cache: args.cache,

@@ -17,7 +17,6 @@ pub mod optim;
 pub mod run;
 pub mod schedule;
 pub mod targets;
-pub mod threads;
 
 use crate::cache::{BatchOrder, CacheReader};
 use crate::heads::{self, Head, Inputs};
