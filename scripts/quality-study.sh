@@ -7,6 +7,7 @@
 #   scripts/quality-study.sh sweep     # hyper-parameters of the best heads (picked on validation)
 #   scripts/quality-study.sh table     # the markdown table of everything run so far
 #   scripts/quality-study.sh all       # extract (resumable) + split + grid + sweep + table
+#   scripts/quality-study.sh one NAME HEAD LOSS [train flags...]   # a single run
 #
 # Resumable: a run whose results row exists is skipped. One training process at a time.
 # MC (the multiclip binary, default target/release/multiclip), DATA, OUT can be overridden.
@@ -27,6 +28,9 @@ LOGS=$OUT/logs
 HEADS=(mlp mlp:hidden=0 router router+multistage "router:inputs=image+text" ensemble gat
     ml_decoder:input=text)
 LOSSES=(bce smoothing focal zlpr asl angular margin)
+# STUDY_HEADS / STUDY_LOSSES (space-separated) restrict the grid.
+[[ -n ${STUDY_HEADS:-} ]] && read -ra HEADS <<<"$STUDY_HEADS"
+[[ -n ${STUDY_LOSSES:-} ]] && read -ra LOSSES <<<"$STUDY_LOSSES"
 
 mkdir -p "$OUT" "$LOGS"
 [[ -f $RESULTS ]] || printf 'name\thead\tloss\targs\tval_map\tval_micro_f1\tval_macro_f1\ttest_map\ttest_micro_f1\ttest_macro_f1\tseconds\n' >"$RESULTS"
@@ -51,16 +55,19 @@ metrics() {
 run() {
     local name=$1 spec=$2 head=$2 loss=$3
     shift 3
+    # One training process at a time (another run of this script may be training).
+    while pgrep -f -- "$MC train " >/dev/null; do sleep 5; done
     if cut -f1 "$RESULTS" | grep -qx "$name"; then return 0; fi
     local flags=("$@")
     if [[ $head == *+multistage ]]; then
         head=${head%+multistage}
         flags+=(--multistage)
     fi
-    rm -f "$OUT/$name".*
     local start=$SECONDS
     echo "== $name: --head $head --loss $loss ${flags[*]}"
-    if ! "$MC" train --cache "$TRAIN_CACHE" --split "$SPLIT" --data "$DATA" --head "$head" \
+    # A finished checkpoint (its report is written last) whose scoring was interrupted is kept.
+    [[ -f $OUT/$name.report.html ]] || rm -f "$OUT/$name".*
+    if [[ ! -f $OUT/$name.report.html ]] && ! "$MC" train --cache "$TRAIN_CACHE" --split "$SPLIT" --data "$DATA" --head "$head" \
         --loss "$loss" --seed "$SEED" --out "$OUT" --name "$name" "${flags[@]}" \
         >"$LOGS/$name.train.log" 2>&1; then
         echo "   FAILED (see $LOGS/$name.train.log)"
@@ -126,7 +133,18 @@ sweep() {
     done
 }
 
+# The baselines of scripts/baselines.py (BASELINES, a tsv), as a markdown table.
+baseline_table() {
+    awk -F'\t' 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i
+            print "| model | features | test mAP | micro-F1 at 0.5 | micro-F1 greedy 0.01..0.80 (macro) | micro-F1 exact search (macro) |"
+            print "|---|---|---|---|---|---|"; next }
+        { printf "| %s | %s | %.3f | %.3f | %.3f (%.3f) | %.3f (%.3f) |\n", $c["model"], $c["features"],
+            $c["test_map"], $c["test_micro_0.5"], $c["test_micro_greedy"], $c["test_macro_greedy"],
+            $c["test_micro_exact"], $c["test_macro_exact"] }' "$1"
+}
+
 table() {
+    [[ -f ${BASELINES:-$OUT/../baselines.tsv} ]] && baseline_table "${BASELINES:-$OUT/../baselines.tsv}" && echo
     awk -F'\t' 'NR == 1 {
             print "| head | loss | extra flags | val mAP | val micro-F1 | test mAP | test micro-F1 (tuned) | test macro-F1 | s |"
             print "|---|---|---|---|---|---|---|---|---|"; next }
@@ -139,6 +157,7 @@ extract) extract ;;
 grid) grid ;;
 sweep) sweep ;;
 table) table ;;
+one) shift && run "$@" ;;
 all) extract && grid && sweep && table ;;
-*) echo "usage: $0 [extract|grid|sweep|table|all]" >&2 && exit 2 ;;
+*) echo "usage: $0 [extract|grid|sweep|table|all|one NAME HEAD LOSS FLAGS...]" >&2 && exit 2 ;;
 esac
