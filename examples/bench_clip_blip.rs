@@ -26,6 +26,7 @@ fn median_rate(items: usize, repeats: usize, mut run: impl FnMut() -> Result<()>
 }
 
 fn main() -> Result<()> {
+    multiclip::runtime::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
         bail!("usage: bench_clip_blip <clip|blip> <model dir> <batch> <repeats> [tokens]");

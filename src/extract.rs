@@ -2,9 +2,13 @@
 //!
 //! Work is split into fixed shards (see [`crate::cache`]); only the shards this worker owns and
 //! that are not already complete are computed, so re-running after a crash or `kill -9` resumes.
-//! Inside a shard, rows go to the backbone in windows of `--batch-size` consecutive rows (a row
-//! that fails with `--on-error skip` leaves its window one row short), so a shard's bytes never
-//! depend on which process or run computed it.
+//! Inside a shard, rows go to the backbone in windows of `--batch-size` rows (a row that fails
+//! with `--on-error skip` leaves its window one row short). For a backbone that reads text, the
+//! windows are formed from the shard's rows sorted by caption length (stable), so that captions
+//! of similar length share a batch and the text encoder computes (almost) no padding; the shard
+//! stores its rows in dataset order whatever the order of its windows. For images alone, windows
+//! are consecutive rows. Windows depend only on the shard's rows and the batch size, so a shard's
+//! bytes never depend on which process or run computed it.
 //!
 //! Threads: a producer thread loads each window's images and captions in parallel (rayon) and
 //! runs [`Backbone::prepare`]; prepared batches wait in a bounded channel (`prefetch` deep) while
@@ -255,28 +259,10 @@ pub fn extract(
     let (mut input_wait, mut forward) = (Duration::ZERO, Duration::ZERO);
     let (sender, receiver) =
         crossbeam_channel::bounded::<Result<PreparedWindow>>(options.prefetch.max(1));
-    let (ranges_ref, pending_ref) = (&ranges, &pending);
     std::thread::scope(|scope| -> Result<()> {
         // The producer owns the sender: when it is done, the channel closes and the loop below ends.
-        scope.spawn(move || {
-            let ranges = ranges_ref;
-            for &shard in pending_ref {
-                let range = ranges[shard].clone();
-                let windows: Vec<_> = range.clone().step_by(options.batch_size).collect();
-                for (k, &first) in windows.iter().enumerate() {
-                    let window = first..(first + options.batch_size).min(range.end);
-                    let item =
-                        prepare_window(backbone, selected, options, shard, window).map(|mut w| {
-                            w.last_of_shard = k + 1 == windows.len();
-                            w
-                        });
-                    let failed = item.is_err();
-                    if sender.send(item).is_err() || failed {
-                        return; // The consumer stopped, or there is nothing more to do.
-                    }
-                }
-            }
-        });
+        let (ranges, pending) = (&ranges, &pending);
+        scope.spawn(move || produce(backbone, selected, options, ranges, pending, sender));
         let receiver = receiver; // Dropped on return, which unblocks the producer.
         let mut builder: Option<ShardBuilder> = None;
         loop {
@@ -296,9 +282,8 @@ pub fn extract(
                 let forward_start = Instant::now();
                 let outputs = backbone.forward(prepared).with_context(|| {
                     format!(
-                        "backbone forward failed on rows {}..={} of shard {}",
-                        window.rows.first().map_or(0, |r| r.0),
-                        window.rows.last().map_or(0, |r| r.0),
+                        "backbone forward failed on {} of shard {}",
+                        describe_rows(&window.rows),
                         window.shard
                     )
                 })?;
@@ -333,18 +318,72 @@ pub fn extract(
     })
 }
 
+/// The producer thread: loads and prepares the windows of the `pending` shards in order and
+/// sends them to the model thread. Stops after the first error (sent on) or when the model thread
+/// hangs up.
+fn produce(
+    backbone: &dyn Backbone,
+    selected: &SelectedRows,
+    options: &ExtractOptions,
+    ranges: &[std::ops::Range<usize>],
+    pending: &[usize],
+    sender: crossbeam_channel::Sender<Result<PreparedWindow>>,
+) {
+    for &shard in pending {
+        let windows = shard_windows(
+            &selected.rows,
+            ranges[shard].clone(),
+            options.batch_size,
+            backbone.needs_text(),
+        );
+        for (k, window) in windows.iter().enumerate() {
+            let item = prepare_window(backbone, selected, options, shard, window).map(|mut w| {
+                w.last_of_shard = k + 1 == windows.len();
+                w
+            });
+            let failed = item.is_err();
+            if sender.send(item).is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+/// The windows (dataset positions, increasing in each) in which the rows of one shard go to the
+/// backbone: `batch_size` consecutive rows, or, `by_caption_length`, `batch_size` rows at a time
+/// of the shard's rows sorted by caption length (ties in dataset order).
+fn shard_windows(
+    rows: &[Row],
+    range: std::ops::Range<usize>,
+    batch_size: usize,
+    by_caption_length: bool,
+) -> Vec<Vec<usize>> {
+    let mut positions: Vec<usize> = range.collect();
+    if by_caption_length {
+        positions.sort_by_key(|&p| rows[p].caption.chars().count());
+    }
+    positions
+        .chunks(batch_size)
+        .map(|window| {
+            let mut window = window.to_vec();
+            window.sort_unstable();
+            window
+        })
+        .collect()
+}
+
 /// Loads the rows of `window` in parallel and prepares those that loaded.
 fn prepare_window(
     backbone: &dyn Backbone,
     selected: &SelectedRows,
     options: &ExtractOptions,
     shard: usize,
-    window: std::ops::Range<usize>,
+    window: &[usize],
 ) -> Result<PreparedWindow> {
     let (needs_images, needs_text) = (backbone.needs_images(), backbone.needs_text());
     let loaded: Vec<(usize, Result<Sample, String>)> = window
-        .into_par_iter()
-        .map(|position| {
+        .par_iter()
+        .map(|&position| {
             let row = &selected.rows[position];
             (
                 position,
@@ -380,9 +419,8 @@ fn prepare_window(
     } else {
         Some(backbone.prepare(&samples).with_context(|| {
             format!(
-                "cannot preprocess rows {}..={} of shard {shard}",
-                rows[0].0,
-                rows[rows.len() - 1].0
+                "cannot preprocess {} of shard {shard}",
+                describe_rows(&rows)
             )
         })?)
     };
@@ -393,6 +431,27 @@ fn prepare_window(
         prepared,
         last_of_shard: false,
     })
+}
+
+/// `rows 3, 8, 9` (dataset positions of a window's rows), the first and last few of a long one.
+fn describe_rows(rows: &[(usize, String)]) -> String {
+    const SHOWN: usize = 6;
+    let list = |rows: &[(usize, String)]| {
+        rows.iter()
+            .map(|r| r.0.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if rows.len() <= SHOWN {
+        format!("rows {}", list(rows))
+    } else {
+        format!(
+            "{} rows: {}, ..., {}",
+            rows.len(),
+            list(&rows[..SHOWN / 2]),
+            list(&rows[rows.len() - SHOWN / 2..])
+        )
+    }
 }
 
 /// Reads what the backbone needs of one row; the error is the reason the row cannot be used.
@@ -440,7 +499,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// A backbone without weights: `image` = mean RGB of the image / 255 and `text` =
-    /// [caption length, batch size seen].
+    /// [caption length, batch size seen, longest caption of the batch].
     struct MeanColour;
 
     impl Backbone for MeanColour {
@@ -461,7 +520,7 @@ mod tests {
                 },
                 OutputSpec {
                     name: "text".into(),
-                    shape: vec![2],
+                    shape: vec![3],
                     kind: OutputKind::Feature,
                 },
             ]
@@ -474,6 +533,7 @@ mod tests {
         }
         fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
             let n = batch.len();
+            let longest = batch.iter().map(|s| s.caption.len()).max().unwrap_or(0);
             let mut image = Vec::new();
             let mut text = Vec::new();
             for s in batch {
@@ -482,7 +542,7 @@ mod tests {
                 for c in 0..3 {
                     image.push(img.pixels().map(|p| p[c] as f32).sum::<f32>() / pixels / 255.0);
                 }
-                text.extend([s.caption.len() as f32, n as f32]);
+                text.extend([s.caption.len() as f32, n as f32, longest as f32]);
             }
             Ok(Box::new((image, text, n)))
         }
@@ -492,17 +552,23 @@ mod tests {
                 .map_err(|_| anyhow::anyhow!("foreign batch"))?;
             Ok(vec![
                 Tensor::from_vec(image, (n, 3), &Device::Cpu)?,
-                Tensor::from_vec(text, (n, 2), &Device::Cpu)?,
+                Tensor::from_vec(text, (n, 3), &Device::Cpu)?,
             ])
         }
     }
 
-    /// A dataset of `n` solid-colour PNGs with captions; the images in `broken` are not PNGs.
+    /// A dataset of `n` solid-colour PNGs captioned `caption {i}`; the images in `broken` are
+    /// not PNGs.
     fn dataset(n: usize, broken: &[usize]) -> tempfile::TempDir {
+        let captions: Vec<String> = (0..n).map(|i| format!("caption {i}")).collect();
+        dataset_with(&captions, broken)
+    }
+
+    fn dataset_with(captions: &[String], broken: &[usize]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("data")).unwrap();
         let mut csv = String::from("ImageID,Labels,Caption\n");
-        for i in 0..n {
+        for (i, caption) in captions.iter().enumerate() {
             let path = dir.path().join("data").join(format!("{i}.png"));
             if broken.contains(&i) {
                 std::fs::write(&path, b"not an image").unwrap();
@@ -511,7 +577,7 @@ mod tests {
                     .save(&path)
                     .unwrap();
             }
-            csv.push_str(&format!("{i}.png,1,\"caption {i}\"\n"));
+            csv.push_str(&format!("{i}.png,1,\"{caption}\"\n"));
         }
         std::fs::write(dir.path().join("train.csv"), csv).unwrap();
         dir
@@ -548,10 +614,65 @@ mod tests {
         );
         // Windows of 3 inside shards of 4: rows 4, 5, 6 form one batch, row 7 another.
         let text = reader.gather("text", &[4, 7], &Device::Cpu).unwrap();
-        assert_eq!(text.to_vec2::<f32>().unwrap(), vec![[9.0, 3.0], [9.0, 1.0]]);
+        assert_eq!(
+            text.to_vec2::<f32>().unwrap(),
+            vec![[9.0, 3.0, 9.0], [9.0, 1.0, 9.0]]
+        );
         // Running again computes nothing.
         let again = extract(&MeanColour, &selected, &options(out.path(), OnError::Fail)).unwrap();
         assert_eq!((again.shards_written, again.shards_reused), (0, 3));
+    }
+
+    #[test]
+    fn captions_of_similar_length_share_a_batch_and_rows_keep_dataset_order() {
+        let captions: Vec<String> = [9, 1, 8, 2, 7, 3, 1]
+            .iter()
+            .map(|&n| "w".repeat(n))
+            .collect();
+        let data = dataset_with(&captions, &[]);
+        let out = tempfile::tempdir().unwrap();
+        let selected = SelectedRows::read(data.path(), SplitSelection::Train).unwrap();
+        let mut opts = options(out.path(), OnError::Fail);
+        opts.shard_rows = 7;
+        extract(&MeanColour, &selected, &opts).unwrap();
+        let reader = CacheReader::open(out.path()).unwrap();
+        let text = reader
+            .gather("text", &(0..7).collect::<Vec<_>>(), &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // Sorted by length: [1, 1, 2] [3, 7, 8] [9]; each row's own length in dataset order.
+        let expected = [
+            [9.0, 1.0, 9.0],
+            [1.0, 3.0, 2.0],
+            [8.0, 3.0, 8.0],
+            [2.0, 3.0, 2.0],
+            [7.0, 3.0, 8.0],
+            [3.0, 3.0, 8.0],
+            [1.0, 3.0, 2.0],
+        ];
+        assert_eq!(text, expected.map(|r| r.to_vec()).to_vec());
+        assert_eq!(reader.ids()[4], "4.png");
+    }
+
+    #[test]
+    fn windows_are_consecutive_rows_or_sorted_by_caption_length() {
+        let rows: Vec<Row> = (0..7)
+            .map(|i| Row {
+                id: i.to_string(),
+                caption: "w".repeat(7 - i),
+                image_path: PathBuf::new(),
+                source: String::new(),
+            })
+            .collect();
+        assert_eq!(
+            shard_windows(&rows, 1..7, 4, false),
+            vec![vec![1, 2, 3, 4], vec![5, 6]]
+        );
+        assert_eq!(
+            shard_windows(&rows, 1..7, 4, true),
+            vec![vec![3, 4, 5, 6], vec![1, 2]]
+        );
     }
 
     #[test]

@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod predict;
 pub mod report;
+pub mod runtime;
 pub mod train;

@@ -35,6 +35,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    multiclip::runtime::keep_freed_memory();
     cli::init_logging();
     let cli = Cli::parse();
     match cli.command {

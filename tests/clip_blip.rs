@@ -60,8 +60,11 @@ fn assert_close(name: &str, got: &Tensor, want: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Token ids and attention mask, one row per sample.
+type IdsAndMask = (Vec<Vec<u32>>, Vec<Vec<u8>>);
+
 /// Rows of the [B, T] i64 `input_ids` / `attention_mask` as u32 ids and u8 mask.
-fn ids_and_mask(e: &HashMap<String, Tensor>) -> Result<(Vec<Vec<u32>>, Vec<Vec<u8>>)> {
+fn ids_and_mask(e: &HashMap<String, Tensor>) -> Result<IdsAndMask> {
     let ids: Vec<Vec<i64>> = e["input_ids"].to_vec2()?;
     let mask: Vec<Vec<i64>> = e["attention_mask"].to_vec2()?;
     Ok((

@@ -358,3 +358,51 @@ fn head_specs_parse_and_reject_typos() {
     assert!("transformer".parse::<HeadConfig>().is_err());
     assert!("mlp:hidden".parse::<HeadConfig>().is_err());
 }
+
+#[test]
+fn micro_batches_give_the_full_batch_numbers() -> Result<()> {
+    let d = data(8)?;
+    for spec in [
+        "ml_decoder:d_model=32,heads=4,ffn=64,dropout=0",
+        "router:hidden=16",
+    ] {
+        let cfg: HeadConfig = spec.parse().expect("spec");
+        let (map, head) = build(&cfg, &d.ctx);
+        let vars = map.all_vars();
+        let forward = |x: &Inputs| head.forward(x, true);
+        let full = heads::loss_and_grads(&forward, &d.inputs, &d.targets, N, &vars, &bce)?;
+        let chunked = heads::loss_and_grads(&forward, &d.inputs, &d.targets, 5, &vars, &bce)?;
+        let (full_loss, loss) = (full.loss, chunked.loss);
+        let outputs = (full.outputs - &chunked.outputs)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
+        assert!(outputs.to_scalar::<f32>()? < 1e-5, "{spec}: outputs differ");
+        let (full, chunked) = (full.grads, chunked.grads);
+        assert!(
+            (full_loss - loss).abs() < 1e-5,
+            "{spec}: {full_loss} vs {loss}"
+        );
+        for var in &vars {
+            let (a, b) = (
+                full.get(var.as_tensor()).expect("grad"),
+                chunked.get(var.as_tensor()).expect("grad"),
+            );
+            let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{spec}: gradient differs by {diff}");
+        }
+        let whole = head.forward(&d.inputs, false)?;
+        let predicted = head.predict(&d.inputs)?;
+        assert_eq!(
+            whole.flatten_all()?.to_vec1::<f32>()?,
+            predicted.flatten_all()?.to_vec1::<f32>()?
+        );
+    }
+    let mut bad = d.inputs.clone();
+    bad.insert(
+        "text".into(),
+        Tensor::zeros((N - 1, DIM), DType::F32, &Device::Cpu)?,
+    );
+    assert!(heads::batch_size(&bad).is_err());
+    Ok(())
+}

@@ -395,6 +395,20 @@ fn train_evaluate_predict_from_the_command_line() {
         assert!(table.contains(column), "{table}");
     }
 
+    // A test set with ground truth (`ImageID,Labels`), one label unknown to the checkpoint.
+    let train_csv = std::fs::read_to_string(f.data.join("train.csv")).unwrap();
+    let mut test_labels = String::from("ImageID,Labels\n");
+    for line in train_csv.lines().skip(1).take(40) {
+        let mut fields = line.splitn(3, ',');
+        let (id, labels) = (fields.next().unwrap(), fields.next().unwrap());
+        test_labels.push_str(&format!("{id},{labels}\n"));
+    }
+    test_labels.push_str("41.jpg,99\n");
+    std::fs::write(f.data.join("test_labels.csv"), test_labels).unwrap();
+    let tested = multiclip(&["evaluate", "--checkpoint", checkpoint_s, "--part", "test"]);
+    let table = String::from_utf8_lossy(&tested.stdout);
+    assert!(table.contains("Test part, 41 rows"), "{table}");
+
     let predictions = f.root.join("predictions.csv");
     let probabilities = f.root.join("probs.csv");
     multiclip(&[

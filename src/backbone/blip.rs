@@ -200,9 +200,6 @@ pub struct BlipItmModel {
 impl BlipItmModel {
     pub fn load(vb: VarBuilder, cfg: &BlipConfig) -> Result<Self> {
         let (tc, vc) = (&cfg.text_config, &cfg.vision_config);
-        if vb.device().is_cpu() {
-            super::cpu_ops::keep_freed_memory();
-        }
         let proj = cfg.image_text_hidden_size;
         Ok(Self {
             vision: BlipVision::load(vb.pp("vision_model"), vc)?,
@@ -221,7 +218,7 @@ impl BlipItmModel {
     pub fn forward(&self, pixels: &Tensor, ids: &[u32], keep: &[u8]) -> Result<BlipFeatures> {
         let b = pixels.dim(0)?;
         anyhow::ensure!(
-            ids.len() == keep.len() && ids.len() % b.max(1) == 0,
+            ids.len() == keep.len() && ids.len().is_multiple_of(b.max(1)),
             "text batch does not match the {b} images"
         );
         let t = ids.len() / b.max(1);

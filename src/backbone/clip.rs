@@ -379,9 +379,6 @@ pub struct ClipModel {
 impl ClipModel {
     pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
         let (tc, vc) = (&cfg.text_config, &cfg.vision_config);
-        if vb.device().is_cpu() {
-            super::cpu_ops::keep_freed_memory();
-        }
         Ok(Self {
             vision: ClipVision::load(vb.pp("vision_model"), vc)?,
             text: ClipText::load(vb.pp("text_model"), tc)?,
@@ -441,7 +438,7 @@ impl ClipModel {
 }
 
 /// Images of a batch, decoded and checked.
-pub(crate) fn batch_images<'a>(batch: &'a [Sample]) -> Result<Vec<&'a image::RgbImage>> {
+pub(crate) fn batch_images(batch: &[Sample]) -> Result<Vec<&image::RgbImage>> {
     batch
         .iter()
         .map(|s| {

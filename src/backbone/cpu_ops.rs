@@ -189,23 +189,6 @@ pub fn softmax_last_dim(x: Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax_last_dim(&x)?)
 }
 
-/// Keeps freed memory in the process heap instead of returning it to the OS (glibc): without
-/// it every large activation (tens of MB at batch 8) is a fresh `mmap` whose pages are faulted
-/// in and zeroed again, ~10-20% of a BLIP forward. Process-wide; done once.
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: mallopt only changes allocator tunables; valid parameters.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_MAX, 0);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-            }
-        });
-    }
-}
-
 /// Whether `t` can take the in-place CPU kernels.
 fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()

@@ -9,10 +9,10 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{Activation, fused_qkv, self_attention};
+use super::layers::{Activation, Linear, self_attention};
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
 use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
@@ -55,24 +55,22 @@ fn default_true() -> bool {
     true
 }
 
+/// One encoder layer; the layer scales are folded into `attn_out` and `fc2`.
 struct Layer {
     norm1: LayerNorm,
     qkv: Linear,
     attn_out: Linear,
-    scale1: Tensor,
     norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
-    scale2: Tensor,
 }
 
 /// The DINOv2 transformer.
 pub struct Dinov2Model {
     config: Config,
     activation: Activation,
-    /// Patch projection as a matrix: `[hidden, channels * patch * patch]`.
-    patch_weight: Tensor,
-    patch_bias: Tensor,
+    /// Patch projection as a matrix product over `channels * patch * patch` pixel rows.
+    patch_projection: Linear,
     cls_token: Tensor,
     /// `[1 + grid * grid, hidden]` as trained.
     position_embeddings: Tensor,
@@ -96,8 +94,10 @@ impl Dinov2Model {
         let grid = config.image_size / p;
         let emb = vb.pp("embeddings");
         let proj = emb.pp("patch_embeddings").pp("projection");
-        let patch_weight = proj.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?;
-        let patch_bias = proj.get(d, "bias")?;
+        let patch_projection = Linear::new(
+            proj.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?,
+            Some(proj.get(d, "bias")?),
+        )?;
         let cls_token = emb.get((1, 1, d), "cls_token")?.reshape((1, d))?;
         let position_embeddings = emb
             .get((1, grid * grid + 1, d), "position_embeddings")?
@@ -108,20 +108,17 @@ impl Dinov2Model {
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
                 let attn = vb.pp("attention");
+                let scale1 = vb.pp("layer_scale1").get(d, "lambda1")?;
+                let scale2 = vb.pp("layer_scale2").get(d, "lambda1")?;
+                let qkv_names = ["query", "key", "value"];
                 Ok(Layer {
                     norm1: layer_norm(vb.pp("norm1"), d, eps)?,
-                    qkv: fused_qkv(
-                        &attn.pp("attention"),
-                        ["query", "key", "value"],
-                        d,
-                        config.qkv_bias,
-                    )?,
-                    attn_out: candle_nn::linear(d, d, attn.pp("output").pp("dense"))?,
-                    scale1: vb.pp("layer_scale1").get(d, "lambda1")?,
+                    qkv: Linear::load_fused(&attn.pp("attention"), qkv_names, d, config.qkv_bias)?,
+                    attn_out: Linear::load(attn.pp("output").pp("dense"), d, d, true)?
+                        .scaled(&scale1)?,
                     norm2: layer_norm(vb.pp("norm2"), d, eps)?,
-                    fc1: candle_nn::linear(d, mlp_dim, vb.pp("mlp").pp("fc1"))?,
-                    fc2: candle_nn::linear(mlp_dim, d, vb.pp("mlp").pp("fc2"))?,
-                    scale2: vb.pp("layer_scale2").get(d, "lambda1")?,
+                    fc1: Linear::load(vb.pp("mlp").pp("fc1"), d, mlp_dim, true)?,
+                    fc2: Linear::load(vb.pp("mlp").pp("fc2"), mlp_dim, d, true)?.scaled(&scale2)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -129,8 +126,7 @@ impl Dinov2Model {
         Ok(Self {
             config,
             activation,
-            patch_weight,
-            patch_bias,
+            patch_projection,
             cls_token,
             position_embeddings,
             interpolated: Mutex::new(HashMap::new()),
@@ -192,9 +188,7 @@ impl Dinov2Model {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * rows * cols, c * p * p))?;
-        let embedded = patches
-            .matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?;
+        let embedded = self.patch_projection.forward(&patches)?;
         let embedded = embedded.reshape((b, rows * cols, d))?;
         let cls = self.cls_token.unsqueeze(0)?.expand((b, 1, d))?;
         let tokens = Tensor::cat(&[&cls, &embedded], 1)?;
@@ -206,14 +200,14 @@ impl Dinov2Model {
         let heads = self.config.num_attention_heads;
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&layer.norm1.forward(&x)?)?;
-            let attn = self_attention(&qkv, b, seq, heads, None)?;
-            let attn = layer.attn_out.forward(&attn)?;
-            x = (x + attn.broadcast_mul(&layer.scale1)?)?;
-            let hidden = self
-                .activation
-                .apply(&layer.fc1.forward(&layer.norm2.forward(&x)?)?)?;
-            let mlp = layer.fc2.forward(&hidden)?;
-            x = (x + mlp.broadcast_mul(&layer.scale2)?)?;
+            let attn = layer
+                .attn_out
+                .forward(&self_attention(&qkv, b, seq, heads, None)?)?;
+            x = (x + attn)?;
+            let hidden = layer
+                .fc1
+                .forward_act(&layer.norm2.forward(&x)?, Some(self.activation))?;
+            x = (x + layer.fc2.forward(&hidden)?)?;
         }
         Ok(self.final_norm.forward(&x)?.reshape((b, seq, d))?)
     }
@@ -276,6 +270,10 @@ pub fn bicubic_resize_torch(
     }
     out
 }
+
+/// Images per forward pass inside [`Backbone::forward`]: larger batches run as several passes
+/// (the matrix products are already large at 8 x 257 tokens; bigger ones only grow the scores).
+const FORWARD_CHUNK: usize = 8;
 
 /// A loaded DINOv2 backbone with its preprocessing.
 pub struct Dinov2Backbone {
@@ -353,8 +351,17 @@ impl Backbone for Dinov2Backbone {
         let pixels = prepared.downcast::<Tensor>().map_err(|_| {
             anyhow::anyhow!("dinov2 forward got a batch prepared by another backbone")
         })?;
-        let (cls, patch_mean) = self.model.embed(&pixels)?;
-        Ok(vec![cls, patch_mean])
+        // Sub-batches keep the attention scores of a forward pass in cache and memory bounded.
+        let (mut cls, mut patch_mean) = (Vec::new(), Vec::new());
+        let n = pixels.dim(0)?;
+        for start in (0..n).step_by(FORWARD_CHUNK) {
+            let (c, p) =
+                self.model
+                    .embed(&pixels.narrow(0, start, FORWARD_CHUNK.min(n - start))?)?;
+            cls.push(c);
+            patch_mean.push(p);
+        }
+        Ok(vec![Tensor::cat(&cls, 0)?, Tensor::cat(&patch_mean, 0)?])
     }
 }
 

@@ -47,56 +47,32 @@ impl Activation {
     }
 }
 
-/// Loads `prefix.{query,key,value}` (or any three projections) as one `[3 * dim, dim]` linear
-/// layer, so the three projections are a single matrix product.
-pub fn fused_qkv(
-    vb: &VarBuilder,
-    names: [&str; 3],
-    dim: usize,
-    bias: bool,
-) -> Result<candle_nn::Linear> {
-    let mut weights = Vec::with_capacity(3);
-    let mut biases = Vec::with_capacity(3);
-    for name in names {
-        let vb = vb.pp(name);
-        weights.push(vb.get((dim, dim), "weight")?);
-        if bias {
-            biases.push(vb.get(dim, "bias")?);
-        }
-    }
-    let weight = Tensor::cat(&weights, 0)?;
-    let bias = if bias {
-        Some(Tensor::cat(&biases, 0)?)
-    } else {
-        None
-    };
-    Ok(candle_nn::Linear::new(weight, bias))
-}
-
 /// Self-attention core: `qkv` is `[batch * seq, 3 * dim]` (queries, keys, values side by side);
-/// `mask_bias`, when given, is added to the scores (`[batch, 1, 1, seq]`, 0 or a large negative).
+/// `mask`, when given, is `[batch, seq]` (1 = token, 0 = padding, never attended to).
 /// Returns the per-head contexts merged back to `[batch * seq, dim]`.
 pub fn self_attention(
     qkv: &Tensor,
     batch: usize,
     seq: usize,
     heads: usize,
-    mask_bias: Option<&Tensor>,
+    mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dim = qkv.dim(1)? / 3;
     let head_dim = dim / heads;
-    let qkv = qkv
-        .reshape((batch, seq, 3, heads, head_dim))?
-        .permute((2, 0, 3, 1, 4))?;
+    let qkv = qkv.reshape((batch, seq, 3, heads, head_dim))?;
+    // [batch, seq, heads, head_dim] views of the three parts
+    let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2));
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let q = (qkv.get(0)?.contiguous()? * scale)?;
-    let k = qkv.get(1)?.contiguous()?;
-    let v = qkv.get(2)?.contiguous()?;
-    let mut scores = q.matmul(&k.t()?)?;
-    if let Some(mask_bias) = mask_bias {
-        scores = scores.broadcast_add(mask_bias)?;
+    let q = (part(0)?.transpose(1, 2)?.contiguous()? * scale)?; // [batch, heads, seq, head_dim]
+    let k_t = part(1)?.permute((0, 2, 3, 1))?.contiguous()?; // [batch, heads, head_dim, seq]
+    let v = part(2)?.transpose(1, 2)?.contiguous()?;
+    let mut scores = q.matmul(&k_t)?;
+    if let Some(mask) = mask {
+        // 0 where attended, the most negative f32 on padding (as transformers).
+        let bias = ((1.0 - mask)? * f32::MIN as f64)?.reshape((batch, 1, 1, seq))?;
+        scores = scores.broadcast_add(&bias)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = softmax_last_dim(scores)?;
     let context = probs.matmul(&v)?; // [batch, heads, seq, head_dim]
     Ok(context.transpose(1, 2)?.reshape((batch * seq, dim))?)
 }
@@ -143,6 +119,21 @@ impl Linear {
         Self::new(weight, bias)
     }
 
+    /// Loads three `[dim, dim]` projections (e.g. query, key, value) under `vb` as one
+    /// `[3 * dim, dim]` layer: a single matrix product.
+    pub fn load_fused(
+        vb: &VarBuilder,
+        names: [&str; 3],
+        dim: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let parts = names
+            .iter()
+            .map(|name| Self::load(vb.pp(*name), dim, dim, with_bias))
+            .collect::<Result<Vec<_>>>()?;
+        Self::concat(&parts)
+    }
+
     /// Stacks several layers with the same input into one (e.g. q, k, v -> qkv).
     pub fn concat(parts: &[Linear]) -> Result<Self> {
         let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
@@ -155,6 +146,13 @@ impl Linear {
         } else {
             bail!("cannot fuse linear layers where only some have a bias")
         };
+        Self::new(weight, bias)
+    }
+
+    /// Folds a per-output scale (DINOv2's layer scale) into the layer: `(x W^T + b) * s`.
+    pub fn scaled(self, scale: &Tensor) -> Result<Self> {
+        let weight = self.weight.broadcast_mul(&scale.unsqueeze(1)?)?;
+        let bias = self.bias.map(|b| b * scale).transpose()?;
         Self::new(weight, bias)
     }
 

@@ -8,11 +8,11 @@
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use super::layers::{Activation, fused_qkv, masked_mean, self_attention};
+use super::layers::{Activation, Linear, masked_mean, self_attention};
 use super::source::{ModelDir, load_weights};
 use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
@@ -75,6 +75,7 @@ impl BertEncoder {
         }
         let activation = Activation::from_hf(&config.hidden_act)?;
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
+        let ffn = config.intermediate_size;
         let emb = vb.pp("embeddings");
         let word_embeddings =
             candle_nn::embedding(config.vocab_size, d, emb.pp("word_embeddings"))?;
@@ -91,19 +92,11 @@ impl BertEncoder {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
                 let attn = vb.pp("attention");
                 Ok(Layer {
-                    qkv: fused_qkv(&attn.pp("self"), ["query", "key", "value"], d, true)?,
-                    attn_out: candle_nn::linear(d, d, attn.pp("output").pp("dense"))?,
+                    qkv: Linear::load_fused(&attn.pp("self"), ["query", "key", "value"], d, true)?,
+                    attn_out: Linear::load(attn.pp("output").pp("dense"), d, d, true)?,
                     attn_norm: candle_nn::layer_norm(d, eps, attn.pp("output").pp("LayerNorm"))?,
-                    intermediate: candle_nn::linear(
-                        d,
-                        config.intermediate_size,
-                        vb.pp("intermediate").pp("dense"),
-                    )?,
-                    output: candle_nn::linear(
-                        config.intermediate_size,
-                        d,
-                        vb.pp("output").pp("dense"),
-                    )?,
+                    intermediate: Linear::load(vb.pp("intermediate").pp("dense"), d, ffn, true)?,
+                    output: Linear::load(vb.pp("output").pp("dense"), ffn, d, true)?,
                     output_norm: candle_nn::layer_norm(d, eps, vb.pp("output").pp("LayerNorm"))?,
                 })
             })
@@ -138,24 +131,14 @@ impl BertEncoder {
                 .unsqueeze(0)?,
         )?;
         let mut x = self.embed_norm.forward(&x.reshape((b * seq, d))?)?;
-        // 0 where attended, the most negative f32 on padding (as transformers).
-        let mask_bias = mask
-            .map(|m| -> Result<Tensor> {
-                Ok(((1.0 - m)? * f32::MIN as f64)?.reshape((b, 1, 1, seq))?)
-            })
-            .transpose()?;
         let heads = self.config.num_attention_heads;
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&x)?;
-            let attn = layer.attn_out.forward(&self_attention(
-                &qkv,
-                b,
-                seq,
-                heads,
-                mask_bias.as_ref(),
-            )?)?;
+            let attn = layer
+                .attn_out
+                .forward(&self_attention(&qkv, b, seq, heads, mask)?)?;
             x = layer.attn_norm.forward(&(attn + x)?)?;
-            let hidden = self.activation.apply(&layer.intermediate.forward(&x)?)?;
+            let hidden = layer.intermediate.forward_act(&x, Some(self.activation))?;
             x = layer
                 .output_norm
                 .forward(&(layer.output.forward(&hidden)? + x)?)?;

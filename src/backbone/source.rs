@@ -56,6 +56,8 @@ enum Origin {
     Hub {
         repo: String,
         offline: bool,
+        /// File names of the repo, asked from the Hub once.
+        files: std::sync::OnceLock<Vec<String>>,
     },
 }
 
@@ -74,6 +76,7 @@ impl ModelDir {
             Origin::Hub {
                 repo: location.to_string(),
                 offline,
+                files: std::sync::OnceLock::new(),
             }
         } else {
             bail!(
@@ -97,19 +100,24 @@ impl ModelDir {
             Origin::Hub {
                 repo,
                 offline: true,
+                ..
             } => Ok(hf_hub::Cache::from_env().model(repo.clone()).get(name)),
             Origin::Hub {
                 repo,
                 offline: false,
+                files,
             } => {
                 let api = hf_hub::api::sync::ApiBuilder::from_env()
                     .build()
                     .context("cannot set up the Hugging Face Hub client")?;
                 let repo_api = api.model(repo.clone());
-                let info = repo_api.info().with_context(|| {
-                    format!("cannot reach the Hub repo {repo} (set HF_HUB_OFFLINE=1 to use the local cache only)")
-                })?;
-                if !info.siblings.iter().any(|s| s.rfilename == name) {
+                if files.get().is_none() {
+                    let info = repo_api.info().with_context(|| {
+                        format!("cannot reach the Hub repo {repo} (set HF_HUB_OFFLINE=1 to use the local cache only)")
+                    })?;
+                    let _ = files.set(info.siblings.into_iter().map(|s| s.rfilename).collect());
+                }
+                if !files.get().is_some_and(|f| f.iter().any(|f| f == name)) {
                     return Ok(None);
                 }
                 let path = repo_api
@@ -128,6 +136,7 @@ impl ModelDir {
                 Origin::Hub {
                     repo,
                     offline: true,
+                    ..
                 } => format!(
                     "{name} of {repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
                 ),

@@ -216,17 +216,34 @@ impl CacheReader {
     }
 }
 
-/// Converts one stored row to f32.
+/// Converts one stored row to f32. Uses the vectorised slice conversions when the bytes are
+/// aligned (always, for shards written by multiclip on a little-endian machine), else decodes
+/// element by element.
 fn decode_row(dtype: StoredDtype, bytes: &[u8], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let little_endian = cfg!(target_endian = "little");
     match dtype {
         StoredDtype::F16 => {
-            for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-                *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            // SAFETY: every bit pattern is a valid f16; `align_to` only returns a properly
+            // aligned middle part.
+            let (head, values, tail) = unsafe { bytes.align_to::<half::f16>() };
+            if little_endian && head.is_empty() && tail.is_empty() {
+                values.convert_to_f32_slice(dst);
+            } else {
+                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
             }
         }
         StoredDtype::F32 => {
-            for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            // SAFETY: every bit pattern is a valid f32; see above.
+            let (head, values, tail) = unsafe { bytes.align_to::<f32>() };
+            if little_endian && head.is_empty() && tail.is_empty() {
+                dst.copy_from_slice(values);
+            } else {
+                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
             }
         }
         StoredDtype::U8 => {
@@ -323,6 +340,50 @@ mod tests {
             small.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             big_rows.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn shards_are_plain_safetensors_for_other_readers() {
+        let dir = synthetic_cache(10, 4, &[]);
+        let reader = CacheReader::open(dir.path()).unwrap();
+        let tensors = candle_core::safetensors::load(
+            dir.path().join("shard-00001.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for name in ["image", "tokens", "mask"] {
+            let theirs = tensors[name].to_dtype(candle_core::DType::F32).unwrap();
+            let ours = reader.gather(name, &[4, 5, 6, 7], &Device::Cpu).unwrap();
+            assert_eq!(theirs.dims(), ours.dims());
+            assert_eq!(
+                theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                ours.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn aligned_and_unaligned_decoding_agree() {
+        let values = [1.5f32, -2.25, 65504.0, 1e-3];
+        for dtype in [StoredDtype::F16, StoredDtype::F32] {
+            let mut bytes = vec![0u8];
+            for v in values {
+                match dtype {
+                    StoredDtype::F16 => bytes.extend(half::f16::from_f32(v).to_le_bytes()),
+                    _ => bytes.extend(v.to_le_bytes()),
+                }
+            }
+            let n = bytes.len() - 1;
+            let mut aligned_copy = vec![0u64; n.div_ceil(8)];
+            // SAFETY: u64 storage reinterpreted as bytes, for an 8-aligned buffer.
+            let aligned = unsafe { aligned_copy.align_to_mut::<u8>().1 };
+            aligned[..n].copy_from_slice(&bytes[1..]);
+            let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
+            decode_row(dtype, &aligned[..n], &mut a);
+            decode_row(dtype, &bytes[1..], &mut b);
+            assert_eq!(a, b);
+            assert_eq!(a[..2], [1.5, -2.25]);
+        }
     }
 
     #[test]

@@ -348,14 +348,15 @@ pub(crate) fn describe_shard_file(
     })
 }
 
-/// Accumulates the rows of one shard, batch by batch, in dataset order.
+/// Accumulates the rows of one shard, batch by batch, in any order; the shard stores them in
+/// dataset order.
 pub struct ShardBuilder {
     index: usize,
     range: Range<usize>,
     outputs: Vec<StoredOutput>,
     data: Vec<Vec<u8>>,
     ids: Vec<String>,
-    /// Dataset position of each stored row (increasing).
+    /// Dataset position of each stored row, in push order.
     positions: Vec<usize>,
     skipped: Vec<SkippedRow>,
 }
@@ -392,9 +393,9 @@ impl ShardBuilder {
         Ok(())
     }
 
-    /// Appends a batch: `rows` are (dataset position, id), positions increasing across all
-    /// pushes, and
-    /// `outputs` the backbone's tensors, one per output, each `[rows.len(), ...shape]`.
+    /// Adds a batch: `rows` are (dataset position, id), each position of the shard given once,
+    /// in any order across pushes, and `outputs` the backbone's tensors, one per output, each
+    /// `[rows.len(), ...shape]`.
     pub fn push(&mut self, rows: &[(usize, String)], outputs: &[Tensor]) -> Result<()> {
         ensure!(
             outputs.len() == self.outputs.len(),
@@ -412,22 +413,20 @@ impl ShardBuilder {
                 tensor.dims()
             );
         }
-        let mut last = self.positions.last().copied();
         for (position, _) in rows {
             self.check_position(*position)?;
-            ensure!(
-                last.is_none_or(|l| *position > l),
-                "row {position} given out of order for shard {}",
-                self.index
-            );
-            last = Some(*position);
         }
-        for ((out, buf), tensor) in self.outputs.iter().zip(&mut self.data).zip(outputs) {
+        let mut all_values = Vec::with_capacity(outputs.len());
+        for (out, tensor) in self.outputs.iter().zip(outputs) {
             let values = tensor
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()
                 .with_context(|| format!("cannot read backbone output `{}`", out.name))?;
+            check_storable(out, &values, rows)?;
+            all_values.push(values);
+        }
+        for ((out, buf), values) in self.outputs.iter().zip(&mut self.data).zip(all_values) {
             encode_values(out.dtype, &values, buf);
         }
         self.positions.extend(rows.iter().map(|(p, _)| *p));
@@ -442,8 +441,32 @@ impl ShardBuilder {
         Ok(())
     }
 
+    /// Puts the stored rows (ids, positions and every output's bytes) in dataset order.
+    fn sort_rows(&mut self) {
+        if self.positions.is_sorted() {
+            return;
+        }
+        let mut order: Vec<usize> = (0..self.positions.len()).collect();
+        order.sort_by_key(|&k| self.positions[k]);
+        let rows = order.len();
+        for buf in &mut self.data {
+            let row_bytes = buf.len() / rows;
+            let mut sorted = Vec::with_capacity(buf.len());
+            for &k in &order {
+                sorted.extend_from_slice(&buf[k * row_bytes..(k + 1) * row_bytes]);
+            }
+            *buf = sorted;
+        }
+        self.ids = order
+            .iter()
+            .map(|&k| std::mem::take(&mut self.ids[k]))
+            .collect();
+        self.positions = order.iter().map(|&k| self.positions[k]).collect();
+    }
+
     fn finish(mut self, fingerprint: &str) -> Result<(ShardMeta, Vec<Vec<u8>>)> {
         self.skipped.sort_by_key(|s| s.row);
+        self.sort_rows();
         let mut covered: Vec<usize> = self
             .positions
             .iter()
@@ -471,6 +494,35 @@ impl ShardBuilder {
             self.data,
         ))
     }
+}
+
+/// Refuses NaN/infinite values and values beyond f16's range for an f16 output, naming the row.
+fn check_storable(out: &StoredOutput, values: &[f32], rows: &[(usize, String)]) -> Result<()> {
+    let limit = match out.dtype {
+        StoredDtype::F16 => f32::from(half::f16::MAX),
+        StoredDtype::F32 | StoredDtype::U8 => f32::MAX,
+    };
+    let row_len = out.row_len().max(1);
+    if let Some(k) = values
+        .iter()
+        .position(|v| !v.is_finite() || v.abs() > limit)
+    {
+        let (position, id) = &rows[k / row_len];
+        let value = values[k];
+        if value.is_finite() {
+            bail!(
+                "backbone output `{}` of row {position} ({id}) holds {value}, beyond the f16 \
+                 range (±{limit}): extract with --dtype f32",
+                out.name
+            );
+        }
+        bail!(
+            "backbone output `{}` of row {position} ({id}) holds {value}: the model produced a \
+             non-finite value",
+            out.name
+        );
+    }
+    Ok(())
 }
 
 /// Appends `values` to `buf` in the stored element type (little endian; masks as 0/1 bytes).
@@ -658,16 +710,65 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn builder_rejects_bad_shapes_and_order() {
+    fn builder_rejects_bad_shapes_and_rows_outside_the_shard() {
         let header = test_header(10, 4);
         let mut b = ShardBuilder::new(&header.outputs, 0, 0..4);
         let ids = vec![(1, "1.jpg".to_string())];
         assert!(b.push(&ids, &synthetic_outputs(&[1, 2])).is_err());
-        b.push(&ids, &synthetic_outputs(&[1])).unwrap();
         assert!(
-            b.push(&[(0, "0.jpg".into())], &synthetic_outputs(&[0]))
+            b.push(&[(4, "4.jpg".into())], &synthetic_outputs(&[4]))
                 .is_err()
         );
+        b.push(&ids, &synthetic_outputs(&[1])).unwrap();
         assert!(!b.is_complete());
+    }
+
+    #[test]
+    fn rows_pushed_in_any_order_are_stored_in_dataset_order() {
+        let header = test_header(10, 4);
+        let in_order = tempfile::tempdir().unwrap();
+        write_synthetic(in_order.path(), &header, WorkerSlot::SINGLE, &[5], None)
+            .finish()
+            .unwrap();
+        let shuffled = tempfile::tempdir().unwrap();
+        let mut writer = CacheWriter::open(shuffled.path(), header, WorkerSlot::SINGLE).unwrap();
+        for (index, batches) in [
+            (0, vec![vec![3, 0], vec![2, 1]]),
+            (1, vec![vec![7], vec![6, 4]]),
+            (2, vec![vec![9, 8]]),
+        ] {
+            let mut builder = writer.builder(index);
+            for rows in batches {
+                let ids: Vec<(usize, String)> =
+                    rows.iter().map(|&r| (r, format!("{r}.jpg"))).collect();
+                builder.push(&ids, &synthetic_outputs(&rows)).unwrap();
+            }
+            if index == 1 {
+                builder
+                    .skip(SkippedRow {
+                        row: 5,
+                        id: "5.jpg".into(),
+                        reason: "bad".into(),
+                    })
+                    .unwrap();
+            }
+            writer.write_shard(builder).unwrap();
+        }
+        writer.finish().unwrap();
+        assert_eq!(dir_bytes(in_order.path()), dir_bytes(shuffled.path()));
+    }
+
+    #[test]
+    fn a_row_given_twice_is_refused() {
+        let header = test_header(10, 4);
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = CacheWriter::open(dir.path(), header, WorkerSlot::SINGLE).unwrap();
+        let mut builder = writer.builder(0);
+        for rows in [[0, 1], [1, 2]] {
+            let ids: Vec<(usize, String)> = rows.iter().map(|&r| (r, format!("{r}.jpg"))).collect();
+            builder.push(&ids, &synthetic_outputs(&rows)).unwrap();
+        }
+        let err = writer.write_shard(builder).unwrap_err();
+        assert!(format!("{err:#}").contains("exactly once"), "{err:#}");
     }
 }

@@ -172,10 +172,11 @@ impl Runner {
                 names.join(", ")
             );
         };
-        println!("\n== missing {}: running `{fetch}`", names.join(", "));
         if self.dry_run {
+            println!("\n== missing {}: would run `{fetch}`", names.join(", "));
             return Ok(());
         }
+        println!("\n== missing {}: running `{fetch}`", names.join(", "));
         let status = Command::new("sh")
             .arg("-c")
             .arg(fetch)

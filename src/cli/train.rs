@@ -105,6 +105,7 @@ fn parse_head_config(text_or_path: &str) -> Result<HeadConfig> {
 
 /// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
 pub fn run(args: TrainArgs) -> Result<PathBuf> {
+    multiclip::runtime::single_threaded_elementwise_by_default();
     let head = match (&args.head, &args.head_config) {
         (_, Some(config)) => parse_head_config(config)?,
         (Some(spec), None) => spec.parse::<HeadConfig>()?,
@@ -168,4 +169,23 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
     println!("report:     {}", written.html.display());
     println!("metrics:    {}", written.metrics_json.display());
     Ok(report.checkpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_configs_come_inline_as_json_or_toml_or_from_a_file() {
+        let json = parse_head_config(r#"{"kind": "mlp", "hidden": 0}"#).unwrap();
+        let toml = parse_head_config("kind = \"mlp\"\nhidden = 0").unwrap();
+        assert_eq!(json, toml);
+        assert_eq!(json, "mlp:hidden=0".parse::<HeadConfig>().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("head.toml");
+        std::fs::write(&file, "kind = \"router\"\ninputs = [\"image\", \"text\"]").unwrap();
+        let from_file = parse_head_config(file.to_str().unwrap()).unwrap();
+        assert_eq!(from_file.kind(), "router");
+        assert!(parse_head_config("kind = \"nope\"").is_err());
+    }
 }

@@ -113,24 +113,28 @@ impl Feature {
             .collect()
     }
 
-    /// `[B, dim]` f32 features of the batch.
+    /// `[B, dim]` f32 features of the batch, each row L2-normalised: backbones store features at
+    /// very different scales (DINOv2's CLS has norm ~40, MiniLM's text 1), and concatenated raw the
+    /// large ones drown the small ones (measured in docs/results.md), as the original's heads and
+    /// the baselines avoid by normalising every feature.
     pub fn forward(&self, x: &Inputs) -> Result<Tensor> {
         let value = lookup(x, &self.name)?;
-        match value.rank() {
-            2 => as_f32(value),
+        let pooled = match value.rank() {
+            2 => as_f32(value)?,
             3 => {
                 let mask = match &self.mask {
                     Some(mask) => Some(lookup(x, mask)?),
                     None => None,
                 };
-                masked_mean(&as_f32(value)?, mask)
+                masked_mean(&as_f32(value)?, mask)?
             }
             _ => candle_core::bail!(
                 "batch entry `{}` has shape {:?}; expected [B, D] or [B, T, D]",
                 self.name,
                 value.shape()
             ),
-        }
+        };
+        l2_normalise_rows(&pooled)
     }
 }
 
@@ -148,11 +152,40 @@ pub fn masked_mean(tokens: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
+/// Each row of `[B, D]` scaled to unit L2 norm (an all-zero row stays zero).
+pub fn l2_normalise_rows(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(1)?
+        .sqrt()?
+        .clamp(1e-12f32, f32::INFINITY)?;
+    x.broadcast_div(&norm)
+}
+
 /// Concatenate per-feature `[B, D_i]` tensors along the feature axis.
 pub fn concat(parts: &[Tensor]) -> Result<Tensor> {
     if parts.len() == 1 {
         Ok(parts[0].clone())
     } else {
         Tensor::cat(parts, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn features_come_out_with_unit_norm_whatever_their_stored_scale() {
+        let ctx = HeadContext {
+            input_shapes: [("image".to_string(), vec![2])].into(),
+            ..Default::default()
+        };
+        let feature = Feature::resolve("image", &ctx).unwrap();
+        let stored = Tensor::new(&[[30f32, 40.0], [0.0, 0.0]], &Device::Cpu).unwrap();
+        let x: Inputs = [("image".to_string(), stored)].into();
+        let out = feature.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(out, vec![vec![0.6, 0.8], vec![0.0, 0.0]]);
     }
 }

@@ -16,11 +16,11 @@
 
 use anyhow::bail;
 use candle_core::{D, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::features::{Feature, concat};
-use super::layers::{l2_normalize, leaky_relu};
+use super::layers::{Linear, add_bias, l2_normalize, leaky_relu};
 use super::mlp::inputs_or_pooled;
 use super::{Head, HeadContext, Inputs, buffer};
 
@@ -163,7 +163,7 @@ impl GatLayer {
             stdev: (1.0 / dh as f64).sqrt(),
         };
         Ok(Self {
-            weight: candle_nn::linear_no_bias(dim, dim, vb.clone())?,
+            weight: Linear::without_bias(dim, dim, vb.clone())?,
             att_src: vb.get_with_hints((heads, 1, dh), "att_src", att_init)?,
             att_dst: vb.get_with_hints((heads, 1, dh), "att_dst", att_init)?,
             bias: vb.get_with_hints(dim, "bias", candle_nn::init::ZERO)?,
@@ -188,11 +188,11 @@ impl GatLayer {
             .unsqueeze(1)?; // [H, 1, K]
         let scores = leaky_relu(&src.broadcast_add(&dst)?, 0.2)?.broadcast_add(log_adj)?;
         let alpha = candle_nn::ops::softmax(&scores, D::Minus1)?; // [H, K, K]
-        alpha
+        let nodes_out = alpha
             .matmul(&wh)? // [H, K, dh]
             .transpose(0, 1)?
-            .reshape((k, dim))?
-            .broadcast_add(&self.bias)
+            .reshape((k, dim))?;
+        add_bias(&nodes_out, &self.bias)
     }
 }
 
@@ -254,7 +254,7 @@ impl GatHead {
             Some(vb.get_with_hints(k, "label_bias", candle_nn::init::ZERO)?)
         };
         Ok(Self {
-            proj: candle_nn::linear(in_dim, cfg.hidden, vb.pp("proj"))?,
+            proj: Linear::new(in_dim, cfg.hidden, vb.pp("proj"))?,
             label_embed: vb.get_with_hints(
                 (k, cfg.hidden),
                 "label_embed",
@@ -299,7 +299,7 @@ impl Head for GatHead {
         let sample = self.proj.forward(&concat(&parts)?)?;
         let classifiers = self.label_classifiers()?;
         match &self.label_bias {
-            Some(bias) => sample.matmul(&classifiers.t()?)?.broadcast_add(bias),
+            Some(bias) => add_bias(&sample.matmul(&classifiers.t()?)?, bias),
             None => l2_normalize(&sample)?
                 .matmul(&l2_normalize(&classifiers)?.t()?)?
                 .clamp(-1f32, 1f32),

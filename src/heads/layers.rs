@@ -1,17 +1,88 @@
 //! Differentiable building blocks shared by the heads.
 //!
-//! Everything here records a backward op for every trainable tensor: layer norm is written from
-//! basic ops (candle_nn's fast path has no gradient), softmax is `candle_nn::ops::softmax`, and
-//! dropout draws its mask from a seeded stream so a run is reproducible.
+//! Everything here records a backward op for every trainable tensor (candle_nn's layer-norm fast
+//! path has none): on the CPU the bias add and the layer norm are fused kernels with hand-written
+//! backward passes ([`super::fused`]), elsewhere they are basic differentiable ops. Softmax is
+//! `candle_nn::ops::softmax`; dropout draws its mask from a seeded stream so a run is
+//! reproducible.
 
 use std::sync::Mutex;
 
 use candle_core::{D, DType, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
+use super::fused;
 use super::init::stream;
+
+/// Whether the fused CPU kernels apply to `x`.
+fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// `x + b` over the last dimension (fused on the CPU: its bias gradient avoids candle's slow
+/// strided sum over rows).
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        fused::bias_add(x, b)
+    } else {
+        x.broadcast_add(b)
+    }
+}
+
+/// A fully-connected layer `y = x W^T + b` on the last dimension of an input of any rank.
+/// Variables `weight` `[out, in]` (Kaiming normal) and `bias` `[out]` (uniform +-1/sqrt(in)),
+/// as in `candle_nn::linear`.
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let mut linear = Self::without_bias(in_dim, out_dim, vb.clone())?;
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        linear.bias = Some(vb.get_with_hints(out_dim, "bias", init)?);
+        Ok(linear)
+    }
+
+    pub fn without_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        Ok(Self {
+            weight: vb.get_with_hints((out_dim, in_dim), "weight", init)?,
+            bias: None,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let rows = x.elem_count() / in_dim;
+        let x = x.reshape((rows, in_dim))?;
+        // An input outside the autograd graph (cached features) needs no gradient.
+        let y = if fusable(&x) && !x.track_op() && self.weight.track_op() {
+            fused::matmul_weight_grad_only(&x, &self.weight)?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
+        let y = match &self.bias {
+            Some(b) => add_bias(&y, b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = out_dim;
+        }
+        y.reshape(out_dims)
+    }
+}
 
 /// Inverted dropout with a seeded mask stream (identity in evaluation or when `p` is 0).
 pub struct Dropout {
@@ -32,8 +103,13 @@ impl Dropout {
         })
     }
 
+    /// Whether `forward` changes anything in this mode.
+    pub fn is_active(&self, train: bool) -> bool {
+        train && self.p > 0.0
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train || self.p == 0.0 {
+        if !self.is_active(train) {
             return Ok(x.clone());
         }
         let n = x.elem_count();
@@ -79,6 +155,17 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fusable(x) {
+            fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+        } else {
+            self.forward_basic(x)
+        }
+    }
+}
+
+impl LayerNorm {
+    /// The same maths from basic differentiable ops (any device).
+    fn forward_basic(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -122,7 +209,7 @@ impl Classifier {
             )?;
             Ok(Self::Cosine { weight })
         } else {
-            Ok(Self::Linear(candle_nn::linear(in_dim, out_dim, vb)?))
+            Ok(Self::Linear(Linear::new(in_dim, out_dim, vb)?))
         }
     }
 }
@@ -159,7 +246,7 @@ impl Mlp {
         let (hidden, out_in) = if hidden == 0 {
             (None, in_dim)
         } else {
-            let linear = candle_nn::linear(in_dim, hidden, vb.pp("hidden"))?;
+            let linear = Linear::new(in_dim, hidden, vb.pp("hidden"))?;
             let drop = Dropout::new(dropout, seed, &vb, "hidden")?;
             (Some((linear, drop)), hidden)
         };
@@ -219,6 +306,53 @@ mod tests {
             assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         }
         Ok(())
+    }
+
+    #[test]
+    fn fused_kernels_match_basic_ops_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = seeded_var_builder(&map, 4, &dev);
+        let mut ln = LayerNorm::new(7, vb.pp("ln"))?;
+        ln.weight = (Tensor::randn(1f32, 0.5, 7, &dev)?).contiguous()?;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 50, 7), &dev)?)?;
+        let b = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, 7, &dev)?)?;
+        let w = candle_core::Var::from_tensor(&ln.weight)?;
+        let ln = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: ln.bias,
+            eps: ln.eps,
+        };
+        let target = Tensor::randn(0f32, 1.0, (3, 50, 7), &dev)?;
+        let check = |fast: Tensor, slow: Tensor, tracked: &[&candle_core::Var]| -> Result<()> {
+            assert!(max_diff(&fast, &slow)? < 1e-5);
+            let gf = (fast * &target)?.sum_all()?.backward()?;
+            let gs = (slow * &target)?.sum_all()?.backward()?;
+            for var in tracked {
+                let (a, b) = (gf.get(var.as_tensor()), gs.get(var.as_tensor()));
+                let diff = max_diff(a.expect("fused grad"), b.expect("basic grad"))?;
+                assert!(diff < 1e-4, "gradient differs by {diff}");
+            }
+            Ok(())
+        };
+        check(ln.forward(&x)?, ln.forward_basic(&x)?, &[&x, &w])?;
+        check(add_bias(&x, &b)?, x.broadcast_add(&b)?, &[&x, &b])?;
+        // A linear layer on an untracked input: only the weight's gradient is computed.
+        let input = Tensor::randn(0f32, 1.0, (150, 7), &dev)?;
+        let mut linear = Linear::without_bias(7, 7, vb.pp("lin"))?;
+        let lw = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 7), &dev)?)?;
+        linear.weight = lw.as_tensor().clone();
+        let reference = input.matmul(&lw.as_tensor().t()?)?;
+        check(
+            linear.forward(&input)?.reshape((3, 50, 7))?,
+            reference.reshape((3, 50, 7))?,
+            &[&lw],
+        )?;
+        Ok(())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar()
     }
 
     #[test]

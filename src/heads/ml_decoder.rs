@@ -23,12 +23,12 @@
 
 use anyhow::{Context, bail};
 use candle_core::{D, DType, Device, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::features::{default_mask_name, lookup, shape_of};
 use super::init::seeded_tensor;
-use super::layers::{Dropout, LayerNorm, l2_normalize};
+use super::layers::{Dropout, LayerNorm, Linear, add_bias, l2_normalize};
 use super::{Head, HeadContext, Inputs, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,22 +179,22 @@ impl MlDecoderHead {
             mask,
             heads: cfg.heads,
             d_model: d,
-            input_proj: candle_nn::linear(in_dim, d, vb.pp("input_proj"))?,
+            input_proj: Linear::new(in_dim, d, vb.pp("input_proj"))?,
             query_key: if is_sequence {
                 Some((
-                    candle_nn::linear(d, d, attn.pp("q_proj"))?,
-                    candle_nn::linear_no_bias(d, d, attn.pp("k_proj"))?,
+                    Linear::new(d, d, attn.pp("q_proj"))?,
+                    Linear::without_bias(d, d, attn.pp("k_proj"))?,
                 ))
             } else {
                 None
             },
-            v_proj: candle_nn::linear(d, d, attn.pp("v_proj"))?,
-            out_proj: candle_nn::linear(d, d, attn.pp("out_proj"))?,
+            v_proj: Linear::new(d, d, attn.pp("v_proj"))?,
+            out_proj: Linear::new(d, d, attn.pp("out_proj"))?,
             norm1: LayerNorm::new(d, vb.pp("norm1"))?,
             norm2: LayerNorm::new(d, vb.pp("norm2"))?,
             norm3: LayerNorm::new(d, vb.pp("norm3"))?,
-            fc1: candle_nn::linear(d, cfg.ffn, ffn.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.ffn, d, ffn.pp("fc2"))?,
+            fc1: Linear::new(d, cfg.ffn, ffn.pp("fc1"))?,
+            fc2: Linear::new(cfg.ffn, d, ffn.pp("fc2"))?,
             drop_query: Dropout::new(p, ctx.seed, &vb, "query")?,
             drop_attn: Dropout::new(p, ctx.seed, &vb, "attn")?,
             drop_ffn_hidden: Dropout::new(p, ctx.seed, &vb, "ffn_hidden")?,
@@ -282,7 +282,7 @@ impl MlDecoderHead {
         let (k, d) = self.queries.dims2()?;
         let dh = d / self.heads;
         // t = LN1(q + dropout(q)): per sample when dropout is active, else shared by the batch.
-        let t = if train {
+        let t = if self.drop_query.is_active(train) {
             let q = self
                 .queries
                 .unsqueeze(0)?
@@ -293,7 +293,7 @@ impl MlDecoderHead {
         } else {
             self.norm1.forward(&(&self.queries * 2.0)?)?.unsqueeze(0)?
         };
-        let mixed = match (&self.query_key, &memory.keys) {
+        let attended = match (&self.query_key, &memory.keys) {
             (Some((q_proj, _)), Some(keys)) => {
                 let q = self.split_heads(&q_proj.forward(&t)?)?; // [B or 1, H, K, dh]
                 let q = q.broadcast_as((b, self.heads, k, dh))?.contiguous()?;
@@ -302,15 +302,18 @@ impl MlDecoderHead {
                 let scores = (q.matmul(&keys.t()?)? * (1.0 / (dh as f64).sqrt()))?
                     .broadcast_add(&memory.bias)?;
                 let attention = candle_nn::ops::softmax(&scores, D::Minus1)?;
-                attention
+                let mixed = attention
                     .matmul(&values)? // [B, H, K, dh]
                     .transpose(1, 2)?
-                    .reshape((b, k, d))?
+                    .reshape((b, k, d))?;
+                self.out_proj.forward(&mixed)?
             }
-            // One key per sample: every query gets its value.
-            _ => memory.values.broadcast_as((b, k, d))?,
+            // One key per sample: every query gets its (projected) value.
+            _ => self
+                .out_proj
+                .forward(&memory.values)?
+                .broadcast_as((b, k, d))?,
         };
-        let attended = self.out_proj.forward(&mixed)?;
         let t = self
             .norm2
             .forward(&t.broadcast_add(&self.drop_attn.forward(&attended, train)?)?)?;
@@ -321,15 +324,21 @@ impl MlDecoderHead {
         let t = self
             .norm3
             .forward(&(&t + self.drop_ffn.forward(&ffn, train)?)?)?;
+        // Group fully-connected: one dot product per class, as a batched product over classes
+        // (its weight gradient is then a matrix product, not a strided sum over the batch).
+        let (t, w) = match &self.group_bias {
+            Some(_) => (t, self.group_weight.clone()),
+            None => (l2_normalize(&t)?, l2_normalize(&self.group_weight)?),
+        };
+        let logits = t
+            .transpose(0, 1)?
+            .contiguous()? // [K, B, d]
+            .matmul(&w.unsqueeze(2)?)? // [K, B, 1]
+            .squeeze(2)?
+            .t()?;
         match &self.group_bias {
-            Some(bias) => t
-                .broadcast_mul(&self.group_weight)?
-                .sum(D::Minus1)?
-                .broadcast_add(bias),
-            None => l2_normalize(&t)?
-                .broadcast_mul(&l2_normalize(&self.group_weight)?)?
-                .sum(D::Minus1)?
-                .clamp(-1f32, 1f32),
+            Some(bias) => add_bias(&logits, bias),
+            None => logits.clamp(-1f32, 1f32),
         }
     }
 }
@@ -531,7 +540,9 @@ mod tests {
 
     #[test]
     fn shared_query_path_in_eval_equals_the_per_sample_path() -> anyhow::Result<()> {
-        let head = head(0.0)?; // no dropout: train mode only switches to the per-sample path
+        // A dropout that (almost surely) never drops: train mode then only switches to the
+        // per-sample query path.
+        let head = head(1e-9)?;
         let x = batch(0.0)?;
         assert!(max_diff(&head.forward(&x, false)?, &head.forward(&x, true)?)? < 1e-5);
         Ok(())

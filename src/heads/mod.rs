@@ -17,6 +17,7 @@
 
 pub mod ensemble;
 pub mod features;
+mod fused;
 pub mod gat;
 pub mod init;
 pub mod layers;
@@ -163,6 +164,117 @@ pub trait Head: Send + Sync {
     fn part_forward(&self, part: &str, _x: &Inputs, _train: bool) -> Result<Tensor> {
         candle_core::bail!("this head has no part `{part}`")
     }
+
+    /// Evaluation logits `[B, K]` for a batch of any size, computed in micro-batches of
+    /// [`MICRO_BATCH_ROWS`] and detached: memory stays bounded and large batches cost no more
+    /// per sample than small ones.
+    fn predict(&self, x: &Inputs) -> Result<Tensor> {
+        let logits = micro_batches(x, MICRO_BATCH_ROWS)?
+            .iter()
+            .map(|chunk| Ok(self.forward(chunk, false)?.detach()))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&logits, 0)
+    }
+}
+
+/// Rows per micro-batch: activations of a few hundred samples stay in cache; thousands do not
+/// (ML-Decoder: ~35% more CPU time per sample at 4096 rows in one piece than at 256).
+pub const MICRO_BATCH_ROWS: usize = 256;
+
+/// Split a batch into consecutive pieces of at most `rows` samples (views, no copies).
+pub fn micro_batches(x: &Inputs, rows: usize) -> Result<Vec<Inputs>> {
+    let total = batch_size(x)?;
+    let rows = rows.max(1);
+    (0..total)
+        .step_by(rows)
+        .map(|start| {
+            let len = rows.min(total - start);
+            x.iter()
+                .map(|(name, t)| Ok((name.clone(), t.narrow(0, start, len)?)))
+                .collect()
+        })
+        .collect()
+}
+
+/// The number of samples in a batch (every entry must agree).
+pub fn batch_size(x: &Inputs) -> Result<usize> {
+    let mut size: Option<(&String, usize)> = None;
+    for (name, t) in x {
+        let n = t.dim(0)?;
+        match size {
+            None => size = Some((name, n)),
+            Some((first, m)) if m != n => candle_core::bail!(
+                "batch entries `{first}` ({m} rows) and `{name}` ({n} rows) differ"
+            ),
+            Some(_) => {}
+        }
+    }
+    match size {
+        Some((_, n)) => Ok(n),
+        None => candle_core::bail!("empty batch: no inputs"),
+    }
+}
+
+/// What [`loss_and_grads`] returns for a batch.
+pub struct BatchGrads {
+    /// Mean loss over the batch.
+    pub loss: f32,
+    /// Gradients of the mean loss for the variables asked for.
+    pub grads: candle_core::backprop::GradStore,
+    /// The forward pass's outputs `[B, K]`, detached.
+    pub outputs: Tensor,
+}
+
+/// Mean loss, its gradients and the outputs for a batch of any size, computed over micro-batches
+/// of `rows` samples whose gradients are summed (weighted by their share of the batch): the same
+/// numbers as one pass over the whole batch for a loss that is a mean over samples, with memory
+/// bounded by `rows` and no extra cost per sample for large batches ([`MICRO_BATCH_ROWS`] is a
+/// good `rows`). `forward` is e.g. `|x| head.forward(x, true)` or a part's forward; `loss(outputs,
+/// targets)` returns the mean loss of a micro-batch; `targets` are split like `x`; `vars` are
+/// the variables to differentiate (e.g. `varmap.all_vars()`). Dropout draws continue from the
+/// head's streams in micro-batch order.
+pub fn loss_and_grads(
+    forward: &dyn Fn(&Inputs) -> Result<Tensor>,
+    x: &Inputs,
+    targets: &Tensor,
+    rows: usize,
+    vars: &[candle_core::Var],
+    loss: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<BatchGrads> {
+    let total = batch_size(x)?;
+    if targets.dim(0)? != total {
+        candle_core::bail!("{} target rows for a batch of {total}", targets.dim(0)?);
+    }
+    let mut grads = candle_core::backprop::GradStore::default();
+    let mut mean_loss = 0f32;
+    let mut outputs = Vec::new();
+    let mut start = 0;
+    for chunk in micro_batches(x, rows)? {
+        let len = batch_size(&chunk)?;
+        let share = len as f64 / total as f64;
+        let output = forward(&chunk)?;
+        let chunk_loss = (loss(&output, &targets.narrow(0, start, len)?)? * share)?;
+        mean_loss += chunk_loss
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        let chunk_grads = chunk_loss.backward()?;
+        for var in vars {
+            if let Some(g) = chunk_grads.get(var.as_tensor()) {
+                let g = match grads.get(var.as_tensor()) {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                };
+                grads.insert(var.as_tensor(), g);
+            }
+        }
+        outputs.push(output.detach());
+        start += len;
+    }
+    Ok(BatchGrads {
+        loss: mean_loss,
+        grads,
+        outputs: Tensor::cat(&outputs, 0)?,
+    })
 }
 
 /// Build the head described by `cfg`. Checks that every input it needs is in

@@ -165,15 +165,24 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing a report chart: {e:?}")
 }
 
+/// The axes of a line chart.
+struct Axes<'a> {
+    x: &'a str,
+    y: &'a str,
+    x_range: (f64, f64),
+    y_range: (f64, f64),
+    /// Label the x axis with whole numbers (epochs).
+    whole_x: bool,
+    legend: SeriesLabelPosition,
+}
+
 /// Draws lines (name, colour, points) on one chart with a legend.
 fn line_chart(
     title: &str,
-    y_desc: &str,
-    legend: SeriesLabelPosition,
-    x_range: (f64, f64),
-    y_range: (f64, f64),
+    axes: Axes,
     lines: &[(&str, RGBColor, Vec<(f64, f64)>)],
 ) -> Result<String> {
+    let (x_range, y_range) = (axes.x_range, axes.y_range);
     svg(CURVE_WIDTH, 340, |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 18))
@@ -184,12 +193,15 @@ fn line_chart(
             .map_err(plot_err)?;
         chart
             .configure_mesh()
-            .x_desc(if title.contains("recall") {
-                "recall"
-            } else {
-                "epoch"
+            .x_desc(axes.x)
+            .y_desc(axes.y)
+            .x_label_formatter(&|x| {
+                if axes.whole_x {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.1}")
+                }
             })
-            .y_desc(y_desc)
             .draw()
             .map_err(plot_err)?;
         for (name, colour, points) in lines {
@@ -202,7 +214,7 @@ fn line_chart(
         }
         chart
             .configure_series_labels()
-            .position(legend)
+            .position(axes.legend)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.3))
             .draw()
@@ -242,14 +254,15 @@ fn loss_chart(history: &[EpochRecord]) -> Result<String> {
     if !val.is_empty() {
         lines.push(("validation loss", RED, val));
     }
-    line_chart(
-        "Loss",
-        "loss",
-        SeriesLabelPosition::UpperRight,
-        epoch_range(&history),
-        (0.0, max * 1.05 + 1e-9),
-        &lines,
-    )
+    let axes = Axes {
+        x: "epoch",
+        y: "loss",
+        x_range: epoch_range(&history),
+        y_range: (0.0, max * 1.05 + 1e-9),
+        whole_x: true,
+        legend: SeriesLabelPosition::UpperRight,
+    };
+    line_chart("Loss", axes, &lines)
 }
 
 fn metric_chart(history: &[EpochRecord]) -> Result<String> {
@@ -276,23 +289,29 @@ fn metric_chart(history: &[EpochRecord]) -> Result<String> {
     .into_iter()
     .filter(|(_, _, points)| !points.is_empty())
     .collect();
-    line_chart(
-        "Validation metrics",
-        "score",
-        SeriesLabelPosition::LowerRight,
-        epoch_range(&history),
-        (0.0, 1.0),
-        &lines,
-    )
+    let axes = Axes {
+        x: "epoch",
+        y: "score",
+        x_range: epoch_range(&history),
+        y_range: (0.0, 1.0),
+        whole_x: true,
+        legend: SeriesLabelPosition::LowerRight,
+    };
+    line_chart("Validation metrics", axes, &lines)
 }
 
 fn pr_chart(points: &[(f64, f64)]) -> Result<String> {
+    let axes = Axes {
+        x: "recall",
+        y: "precision",
+        x_range: (0.0, 1.0),
+        y_range: (0.0, 1.02),
+        whole_x: false,
+        legend: SeriesLabelPosition::LowerLeft,
+    };
     line_chart(
         "Precision vs recall",
-        "precision",
-        SeriesLabelPosition::LowerLeft,
-        (0.0, 1.0),
-        (0.0, 1.02),
+        axes,
         &[("micro", RGBColor(31, 119, 180), points.to_vec())],
     )
 }
@@ -304,10 +323,11 @@ fn label_bars(order: &[LabelRow]) -> Result<String> {
         .map(|l| format!("{} ({})", l.name, l.metrics.support))
         .collect();
     let k = order.len();
-    let height = 90 + ROW_PX * k as u32;
+    let height = 114 + ROW_PX * k as u32;
     svg(WIDTH, height, |root| {
         let mut chart = ChartBuilder::on(root)
             .margin(12)
+            .margin_top(36)
             .x_label_area_size(30)
             .y_label_area_size(170)
             .build_cartesian_2d(0f64..1f64, 0f64..k as f64)
@@ -356,8 +376,8 @@ fn label_bars(order: &[LabelRow]) -> Result<String> {
             .iter()
             .enumerate()
         {
-            let x = WIDTH as i32 - 150;
-            let y = 14 + 16 * i as i32;
+            let x = 190 + 110 * i as i32;
+            let y = 10;
             root.draw(&Rectangle::new([(x, y), (x + 12, y + 10)], colour.filled()))
                 .map_err(plot_err)?;
             root.draw(&Text::new(*name, (x + 18, y), ("sans-serif", 13)))

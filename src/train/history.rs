@@ -11,7 +11,7 @@ pub struct EpochRecord {
     pub epoch: usize,
     /// Mean training loss over the epoch's batches.
     pub train_loss: f64,
-    /// Micro-F1 at threshold 0.5 of the epoch's own training outputs (warm-up stages only).
+    /// Micro-F1 of the epoch's own training outputs, thresholds tuned on them (warm-up stages).
     pub train_micro_f1: Option<f64>,
     /// Validation loss, micro/macro-F1 with thresholds tuned on validation, and mAP (main stage).
     pub val_loss: Option<f64>,

@@ -43,7 +43,7 @@ pub fn score_rows(
         let batch = batch?;
         let batch_rows = batch.rows.clone();
         let output = head
-            .forward(&batch_inputs(batch), false)
+            .predict(&batch_inputs(batch))
             .context("head forward pass")?;
         if let Some(targets) = targets {
             let y = targets.gather(&batch_rows, device)?;

@@ -337,20 +337,29 @@ fn run_epoch(
     let mut last_lr = schedule.lr_at(*step);
     let mut rows = Vec::new();
     let mut probabilities = Vec::new();
+    let vars = optimizer.vars();
     for batch in batches {
         let batch = batch?;
         let batch_rows = batch.rows.clone();
         let y = data.targets.gather(&batch_rows, &data.device)?;
-        let output = forward(&batch_inputs(batch)).context("head forward pass")?;
-        let batch_loss = loss.compute(&output, &y)?;
-        let grads = batch_loss.backward()?;
+        // Micro-batches of MICRO_BATCH_ROWS rows: the same gradients as one pass over the batch,
+        // with activation memory bounded whatever the batch size.
+        let computed = heads::loss_and_grads(
+            forward,
+            &batch_inputs(batch),
+            &y,
+            heads::MICRO_BATCH_ROWS,
+            &vars,
+            &|output, targets| loss.compute(output, targets),
+        )
+        .context("head forward and backward pass")?;
         last_lr = schedule.lr_at(*step);
-        optimizer.step(&grads, last_lr, config.clip_grad)?;
+        optimizer.step(&computed.grads, last_lr, config.clip_grad)?;
         *step += 1;
-        let value = batch_loss.to_scalar::<f32>()? as f64;
+        let value = computed.loss as f64;
         loss_sum += value * batch_rows.len() as f64;
         if pass.collect_outputs {
-            let probs = candle_nn::ops::sigmoid(&loss.inference_logits(&output.detach())?)?;
+            let probs = candle_nn::ops::sigmoid(&loss.inference_logits(&computed.outputs)?)?;
             probabilities.extend(probs.flatten_all()?.to_vec1::<f32>()?);
             rows.extend(batch_rows);
         }
@@ -417,11 +426,4 @@ pub fn measure(probabilities: &[f32], truth: &[f32], num_labels: usize, loss: f6
         per_label: metrics::per_label_table(probabilities, truth, &thresholds, true),
         thresholds,
     }
-}
-
-/// Micro-F1 of `probabilities >= 0.5` (the warm-up stages' plateau test).
-fn micro_f1_at_half(probabilities: &[f32], truth: &[f32], num_labels: usize) -> f64 {
-    let predictions = metrics::apply_thresholds_flat(probabilities, &vec![0.5; num_labels], false);
-    let truth: Vec<bool> = truth.iter().map(|&t| t >= 0.5).collect();
-    metrics::averages(&predictions, &truth, num_labels).micro.f1
 }

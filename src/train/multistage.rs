@@ -1,6 +1,7 @@
 //! The multi-stage recipe of the original CLIP router: before the whole head is trained, each of
 //! its parts (e.g. the image expert and the text expert of a router) is trained on its own until
-//! its training micro-F1 gains less than `plateau_gain` (0.01) in an epoch.
+//! its training micro-F1 gains less than `plateau_gain` (0.01) in an epoch. That micro-F1 is
+//! measured on the epoch's training outputs with thresholds tuned on them.
 
 use super::history::EpochRecord;
 use super::optim::AdamW;
@@ -72,8 +73,16 @@ pub fn warm_up_parts(
                 &mut step,
             )?;
             let truth = data.targets.rows(&trained.rows);
-            let f1 =
-                super::micro_f1_at_half(&trained.probabilities, &truth, data.targets.num_labels());
+            // Thresholds tuned on the epoch's own outputs: the gain measures how much better the
+            // part separates the labels, whatever the calibration of its probabilities (a focal
+            // or margin loss keeps them far from 0.5 early on).
+            let f1 = super::measure(
+                &trained.probabilities,
+                &truth,
+                data.targets.num_labels(),
+                trained.mean_loss,
+            )
+            .micro_f1();
             tracing::info!(
                 "{stage} epoch {:>3}  loss {:.4}  train micro-F1 {:.4}",
                 epoch + 1,

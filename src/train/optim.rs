@@ -118,6 +118,11 @@ impl AdamW {
         (names(true), names(false))
     }
 
+    /// The optimised variables, sorted by name.
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
     /// Global L2 norm of the gradients of this optimizer's parameters.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sum = 0f64;

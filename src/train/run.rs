@@ -8,7 +8,7 @@ use super::checkpoint::{
 use super::targets::Targets;
 use super::{TrainConfig, TrainData, TrainOutcome, fit, rows_for_ids};
 use crate::cache::CacheReader;
-use crate::data::labels::LabelVocab;
+use crate::data::labels::{LABELS_FILE, LabelVocab};
 use crate::data::split::Split;
 use crate::data::{Dataset, Part, Record};
 use crate::heads::{self, HeadConfig, LabelCooccurrence};
@@ -73,6 +73,17 @@ pub fn labelled_records(data: &Path, reader: &CacheReader) -> Result<Vec<Record>
     dataset.records(Part::Train)
 }
 
+/// The label vocabulary written beside the split file (`labels.json`, by `multiclip dataset
+/// split`), or, without one, the vocabulary of the labelled records.
+pub fn split_vocabulary(split: &Path, records: &[Record]) -> Result<LabelVocab> {
+    let beside = split.with_file_name(LABELS_FILE);
+    if beside.is_file() {
+        LabelVocab::load(&beside)
+    } else {
+        LabelVocab::from_records(records)
+    }
+}
+
 /// The head configuration adapted to the loss: the angular loss needs a head that outputs
 /// cosines; every other loss needs free logits.
 pub fn head_for_loss(head: &HeadConfig, loss: &Loss) -> Result<HeadConfig> {
@@ -98,7 +109,7 @@ pub fn head_for_loss(head: &HeadConfig, loss: &Loss) -> Result<HeadConfig> {
 pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     let reader = CacheReader::open(&request.cache)?;
     let records = labelled_records(&request.data, &reader)?;
-    let vocab = LabelVocab::from_records(&records)?;
+    let vocab = split_vocabulary(&request.split, &records)?;
     let split = Split::load(&request.split)?;
     split
         .check_matches(&records)
@@ -158,11 +169,11 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
         written_by: format!("multiclip {}", env!("CARGO_PKG_VERSION")),
     };
     let backbone = backbone_short_name(&reader.manifest().header.backbone.id);
-    let loss_kind = request.loss.kind();
+    let loss_name = request.loss.to_string();
     let parts = NameParts {
         head: head_config.kind(),
         backbone: &backbone,
-        loss: loss_kind,
+        loss: &loss_name,
         lr: config.lr,
         batch_size: config.batch_size,
         seed: config.seed,
@@ -178,4 +189,20 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
         meta: checkpoint.meta,
         outcome,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_angular_loss_turns_the_head_to_cosines_and_others_refuse_them() {
+        let mlp: HeadConfig = "mlp".parse().unwrap();
+        let angular = Loss::ANGULAR;
+        assert!(head_for_loss(&mlp, &angular).unwrap().cosine());
+        assert!(!head_for_loss(&mlp, &Loss::Bce).unwrap().cosine());
+        let cosine: HeadConfig = "mlp:cosine=true".parse().unwrap();
+        let err = head_for_loss(&cosine, &Loss::Bce).unwrap_err().to_string();
+        assert!(err.contains("angular"), "{err}");
+    }
 }

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# End-to-end extraction benchmark: `multiclip extract` (decode + preprocess + forward + shard
+# write, with the prefetching producer) against the PyTorch + transformers peer
+# (scripts/bench-extract-peer.py: decode + HF preprocessing + forward, sequential), on the same real
+# openclipart images and captions, the same threads (2) and batch sizes, each multiclip run
+# directly followed by its peer so both see the same machine load. Also the peak RSS of multiclip
+# extract at two dataset sizes (N and 4N rows).
+#
+# Usage: scripts/bench-extract.sh [N_IMAGES]        (default 256)
+# Env:   BIN      multiclip binary (default /tmp/mc-bench: copy target/release/multiclip there,
+#                 other builds overwrite the shared one)
+#        DATA     openclipart dataset in competition format (default data/openclipart-full)
+#        TEXT_DATA  dataset whose captions (train + test) the text runs embed (default $DATA)
+#        WORK     scratch folder (default /tmp/mc-bench-runs)
+#        THREADS  2;  IMAGE_BATCHES "1 8 32";  TEXT_BATCHES "32 256"
+#        MAX_LOAD wait (up to MAX_WAIT s, default 120) before each pair until the 1-minute load
+#                 average is below this (default: no waiting)
+# Needs: models/dinov2-small and models/all-MiniLM-L6-v2 (scripts/fetch-weights.sh), the Python
+# venv (scripts/python-env.sh), /usr/bin/time. Writes $WORK/results.md (a markdown table).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${1:-256}
+BIN=${BIN:-/tmp/mc-bench}
+DATA=${DATA:-data/openclipart-full}
+TEXT_DATA=${TEXT_DATA:-$DATA}
+WORK=${WORK:-/tmp/mc-bench-runs}
+THREADS=${THREADS:-2}
+IMAGE_BATCHES=${IMAGE_BATCHES:-1 8 32}
+TEXT_BATCHES=${TEXT_BATCHES:-32 256}
+MAX_LOAD=${MAX_LOAD:-}
+MAX_WAIT=${MAX_WAIT:-120}
+PY=$(scripts/python-env.sh)
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+export TOKENIZERS_PARALLELISM=false
+
+[ -x "$BIN" ] || { echo "no binary $BIN: cargo build --release && cp target/release/multiclip $BIN" >&2; exit 1; }
+for m in models/dinov2-small models/all-MiniLM-L6-v2; do
+  [ -d "$m" ] || { echo "missing $m: run scripts/fetch-weights.sh" >&2; exit 1; }
+done
+mkdir -p "$WORK"
+RESULTS=$WORK/results.md
+
+# A dataset of the first $1 rows of $DATA/train.csv (images by symlink).
+subset() {
+  local dir=$WORK/data-$1
+  if [ ! -f "$dir/train.csv" ]; then
+    mkdir -p "$dir"
+    ln -sfn "$(realpath "$DATA/data")" "$dir/data"
+    head -n $(($1 + 1)) "$DATA/train.csv" >"$dir/train.csv"
+  fi
+  echo "$dir"
+}
+
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+
+wait_quiet() {
+  [ -n "$MAX_LOAD" ] || return 0
+  local waited=0
+  while awk -v max="$MAX_LOAD" '{ exit !($1 >= max) }' /proc/loadavg && [ "$waited" -lt "$MAX_WAIT" ]; do
+    sleep 15
+    waited=$((waited + 15))
+  done
+}
+
+# peak RSS in MiB and CPU seconds (user + system, whole process) from a /usr/bin/time -v log
+peak_mib() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$1"; }
+cpu_s() { awk -F': ' '/(User|System) time/ { t += $2 } END { printf "%.0f", t }' "$1"; }
+
+# multiclip LABEL DATASET SPEC BATCH -> prints "rate peak_mib" and keeps the logs in $WORK
+multiclip() {
+  local label=$1 dataset=$2 spec=$3 batch=$4 out=$WORK/cache-$1
+  rm -rf "$out"
+  /usr/bin/time -v -o "$WORK/$label.time" "$BIN" extract --data "$dataset" --split all \
+    --backbone "$spec" --batch-size "$batch" --threads "$THREADS" --out "$out" \
+    >"$WORK/$label.log" 2>"$WORK/$label.err" || { cat "$WORK/$label.err" >&2; exit 1; }
+  local rate
+  rate=$(sed -n 's/.*computed now in .* s (\([0-9.]*\) rows\/s).*/\1/p' "$WORK/$label.log")
+  echo "$rate $(peak_mib "$WORK/$label.time") $(cpu_s "$WORK/$label.time")"
+  rm -rf "$out"
+}
+
+# peer LABEL KIND DATASET BATCH [--sorted] -> prints "rate peak_mib"
+peer() {
+  local label=$1 kind=$2 dataset=$3 batch=$4
+  shift 4
+  /usr/bin/time -v -o "$WORK/$label.time" "$PY" scripts/bench-extract-peer.py "$kind" "$dataset" \
+    "$batch" "$WORK/$label.npy" "$@" >"$WORK/$label.log" 2>"$WORK/$label.err" ||
+    { cat "$WORK/$label.err" >&2; exit 1; }
+  local rate
+  rate=$(sed -n 's/.* = \([0-9.]*\) [a-z]*\/s.*/\1/p' "$WORK/$label.log")
+  echo "$rate $(peak_mib "$WORK/$label.time") $(cpu_s "$WORK/$label.time")"
+  rm -f "$WORK/$label.npy"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+images=$(subset "$N")
+{
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs);" \
+    "threads $THREADS; $(date -u +%FT%TZ); binary $BIN ($(git rev-parse --short HEAD))"
+  echo
+  echo "| workload | batch | items | multiclip /s | peer /s | ratio | multiclip peak RSS | peer peak RSS | CPU s multiclip / peer | load before (1/5/15 min) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+} | tee "$RESULTS"
+
+for b in $IMAGE_BATCHES; do
+  wait_quiet
+  before=$(load)
+  read -r mr mm mc <<<"$(multiclip "dinov2-b$b" "$images" dinov2:models/dinov2-small "$b")"
+  read -r pr pm pc <<<"$(peer "peer-dinov2-b$b" image "$images" "$b")"
+  echo "| DINOv2-S image, e2e | $b | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
+    tee -a "$RESULTS"
+done
+
+texts=$TEXT_DATA
+n_texts=0
+for csv in "$texts/train.csv" "$texts/test.csv"; do
+  [ -f "$csv" ] && n_texts=$((n_texts + $(tail -n +2 "$csv" | wc -l)))
+done
+for b in $TEXT_BATCHES; do
+  wait_quiet
+  before=$(load)
+  read -r mr mm mc <<<"$(multiclip "minilm-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b")"
+  read -r pr pm pc <<<"$(peer "peer-minilm-b$b" text "$texts" "$b")"
+  read -r sr sm sc <<<"$(peer "peer-minilm-sorted-b$b" text "$texts" "$b" --sorted)"
+  echo "| MiniLM-L6 text, e2e (peer padded per batch) | $b | $n_texts | $mr texts/s | $pr texts/s | $(ratio "$mr" "$pr") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
+    tee -a "$RESULTS"
+  echo "| MiniLM-L6 text, e2e (peer sorted by length) | $b | $n_texts | $mr texts/s | $sr texts/s | $(ratio "$mr" "$sr") | $mm MiB | $sm MiB | $mc / $sc | $before |" |
+    tee -a "$RESULTS"
+done
+
+# Memory at two dataset sizes (batch 32, default shard size): bounded by batch and shard, not rows.
+{
+  echo
+  echo "| multiclip extract dinov2-s, batch 32 | rows | img/s | peak RSS | CPU s | load before |"
+  echo "|---|---|---|---|---|---|"
+} | tee -a "$RESULTS"
+for n in "$N" $((4 * N)); do
+  wait_quiet
+  before=$(load)
+  read -r mr mm mc <<<"$(multiclip "dinov2-mem-$n" "$(subset "$n")" dinov2:models/dinov2-small 32)"
+  echo "| | $n | $mr | $mm MiB | $mc | $before |" | tee -a "$RESULTS"
+done
