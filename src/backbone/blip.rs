@@ -22,14 +22,14 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use super::blip_text::{BlipTextConfig, BlipTextEncoder};
 use super::clip::{batch_images, encode, l2_normalize, load_tokenizer};
-use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer};
+use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
@@ -115,14 +115,9 @@ impl BlipConfig {
 /// `BlipVisionModel`.
 #[derive(Clone, Debug)]
 struct BlipVision {
-    patch: PatchEmbedding,
-    /// [1, 1, D]
-    class_embedding: Tensor,
-    /// [1, 1 + patches, D]
-    position_embedding: Tensor,
+    embeddings: VitEmbeddings,
     layers: Vec<PreNormLayer>,
     post_layernorm: LayerNorm,
-    image_size: usize,
 }
 
 impl BlipVision {
@@ -149,27 +144,20 @@ impl BlipVision {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            patch: PatchEmbedding::load(emb.pp("patch_embedding"), 3, d, cfg.patch_size, true)?,
-            class_embedding: emb.get((1, 1, d), "class_embedding")?,
-            position_embedding: emb.get((1, positions, d), "position_embedding")?,
+            embeddings: VitEmbeddings {
+                patch: PatchEmbedding::load(emb.pp("patch_embedding"), 3, d, cfg.patch_size, true)?,
+                class_embedding: emb.get((1, 1, d), "class_embedding")?,
+                position_embedding: emb.get((1, positions, d), "position_embedding")?,
+                image_size: cfg.image_size,
+            },
             layers,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), d, eps)?,
-            image_size: cfg.image_size,
         })
     }
 
     /// pixels [B, 3, S, S] -> `post_layernorm(last hidden state)` [B, 1 + patches, D].
     fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = pixels.dims4()?;
-        anyhow::ensure!(
-            h == self.image_size && w == self.image_size,
-            "BLIP vision expects {0}x{0} pixel values, got {h}x{w}",
-            self.image_size
-        );
-        let patches = self.patch.forward(pixels)?;
-        let d = patches.dim(D::Minus1)?;
-        let cls = self.class_embedding.broadcast_as((b, 1, d))?;
-        let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let mut x = self.embeddings.forward(pixels, "BLIP")?;
         for layer in &self.layers {
             x = layer.forward(&x, None)?;
         }

@@ -30,7 +30,9 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, causal_mask};
+use super::layers::{
+    Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings, causal_mask,
+};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
@@ -163,15 +165,10 @@ fn load_layers(
 /// `CLIPVisionModel`.
 #[derive(Clone, Debug)]
 struct ClipVision {
-    patch: PatchEmbedding,
-    /// [1, 1, D]
-    class_embedding: Tensor,
-    /// [1, 1 + patches, D]
-    position_embedding: Tensor,
+    embeddings: VitEmbeddings,
     pre_layernorm: LayerNorm,
     layers: Vec<PreNormLayer>,
     post_layernorm: LayerNorm,
-    image_size: usize,
 }
 
 impl ClipVision {
@@ -180,18 +177,21 @@ impl ClipVision {
         let emb = vb.pp("embeddings");
         let positions = (cfg.image_size / cfg.patch_size).pow(2) + 1;
         Ok(Self {
-            patch: PatchEmbedding::load(
-                emb.pp("patch_embedding"),
-                cfg.num_channels,
-                d,
-                cfg.patch_size,
-                false,
-            )?,
-            class_embedding: emb.get(d, "class_embedding")?.reshape((1, 1, d))?,
-            position_embedding: emb
-                .pp("position_embedding")
-                .get((positions, d), "weight")?
-                .unsqueeze(0)?,
+            embeddings: VitEmbeddings {
+                patch: PatchEmbedding::load(
+                    emb.pp("patch_embedding"),
+                    cfg.num_channels,
+                    d,
+                    cfg.patch_size,
+                    false,
+                )?,
+                class_embedding: emb.get(d, "class_embedding")?.reshape((1, 1, d))?,
+                position_embedding: emb
+                    .pp("position_embedding")
+                    .get((positions, d), "weight")?
+                    .unsqueeze(0)?,
+                image_size: cfg.image_size,
+            },
             // The Hub spells it "pre_layrnorm".
             pre_layernorm: LayerNorm::load(vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
             layers: load_layers(
@@ -204,22 +204,12 @@ impl ClipVision {
                 cfg.layer_norm_eps,
             )?,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
-            image_size: cfg.image_size,
         })
     }
 
     /// pixels [B, C, S, S] -> last hidden state [B, 1 + patches, D] (before `post_layernorm`).
     fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = pixels.dims4()?;
-        anyhow::ensure!(
-            h == self.image_size && w == self.image_size,
-            "CLIP vision expects {0}x{0} pixel values, got {h}x{w}",
-            self.image_size
-        );
-        let patches = self.patch.forward(pixels)?;
-        let d = patches.dim(D::Minus1)?;
-        let cls = self.class_embedding.broadcast_as((b, 1, d))?;
-        let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let x = self.embeddings.forward(pixels, "CLIP")?;
         let mut x = self.pre_layernorm.forward(&x)?;
         for layer in &self.layers {
             x = layer.forward(&x, None)?;

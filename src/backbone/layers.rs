@@ -393,3 +393,32 @@ mod tests {
         );
     }
 }
+
+/// ViT input tokens as CLIP and BLIP build them: the class token followed by the patch
+/// embeddings, plus learned absolute position embeddings, for square images of one fixed size.
+#[derive(Clone, Debug)]
+pub struct VitEmbeddings {
+    pub patch: PatchEmbedding,
+    /// [1, 1, D]
+    pub class_embedding: Tensor,
+    /// [1, 1 + patches, D]
+    pub position_embedding: Tensor,
+    pub image_size: usize,
+}
+
+impl VitEmbeddings {
+    /// pixels [B, C, S, S] -> tokens [B, 1 + patches, D]; `model` names the model in the error
+    /// about a wrong image size.
+    pub fn forward(&self, pixels: &Tensor, model: &str) -> Result<Tensor> {
+        let (b, _, h, w) = pixels.dims4()?;
+        anyhow::ensure!(
+            h == self.image_size && w == self.image_size,
+            "{model} vision expects {0}x{0} pixel values, got {h}x{w}",
+            self.image_size
+        );
+        let patches = self.patch.forward(pixels)?;
+        let d = patches.dim(D::Minus1)?;
+        let cls = self.class_embedding.broadcast_as((b, 1, d))?;
+        Ok(Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?)
+    }
+}
