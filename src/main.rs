@@ -36,6 +36,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     multiclip::runtime::keep_freed_memory();
+    multiclip::runtime::single_threaded_elementwise_by_default();
     cli::init_logging();
     let cli = Cli::parse();
     match cli.command {

@@ -8,8 +8,9 @@ use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::attention::{Mask, attention};
 use super::cpu_ops::residual_add;
-use super::layers::{Activation, LayerNorm, Linear, attention, padding_mask};
+use super::layers::{Activation, LayerNorm, Linear};
 
 /// `text_config` of a BLIP `config.json`; missing fields take transformers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -70,7 +71,7 @@ impl BertAttention {
     }
 
     /// `x` [B, T, D] attends to `context` [B, S, D_kv] (itself for self-attention).
-    fn forward(&self, x: &Tensor, context: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, context: &Tensor, mask: Option<Mask>) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
         let q = self.query.forward(x)?;
         let kv = self.key_value.forward(context)?;
@@ -94,7 +95,7 @@ struct BertLayer {
 
 impl BertLayer {
     fn forward(&self, x: &Tensor, mask: &Tensor, image: Option<&Tensor>) -> Result<Tensor> {
-        let x = self.attention.forward(x, x, Some(mask))?;
+        let x = self.attention.forward(x, x, Some(Mask::Keys(mask)))?;
         let x = match image {
             Some(image) => self.cross_attention.forward(&x, image, None)?,
             None => x,
@@ -191,7 +192,8 @@ impl BlipTextEncoder {
             .reshape((batch, t, ()))?
             .broadcast_add(&self.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?)?;
         let mut x = self.embeddings_norm.forward(&x)?;
-        let mask = padding_mask(keep, batch, device)?;
+        let keep: Vec<f32> = keep.iter().map(|&k| f32::from(k != 0)).collect();
+        let mask = Tensor::from_vec(keep, (batch, t), device)?;
         for layer in &self.layers {
             x = layer.forward(&x, &mask, image)?;
         }

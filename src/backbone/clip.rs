@@ -30,9 +30,8 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::layers::{
-    Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings, causal_mask,
-};
+use super::attention::Mask;
+use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
@@ -284,10 +283,9 @@ impl ClipText {
             .index_select(&flat, 0)?
             .reshape((b, len, ()))?
             .broadcast_add(&self.position_embedding.narrow(0, 0, len)?.unsqueeze(0)?)?;
-        let mask = causal_mask(len, device)?;
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, Some(&mask))?;
+            x = layer.forward(&x, Some(Mask::Causal))?;
         }
         let d = x.dim(D::Minus1)?;
         let rows: Vec<u32> = eos

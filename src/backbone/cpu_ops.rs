@@ -95,7 +95,7 @@ unsafe fn bias_act_rows_avx2(rows: &mut [f32], bias: Option<&[f32]>, act: Option
 
 fn bias_act_dispatch(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU supports the enabled features (checked just above).
         return unsafe { bias_act_rows_avx2(rows, bias, act) };
     }
@@ -151,17 +151,44 @@ impl candle_core::InplaceOp1 for SoftmaxLastDim {
     }
 }
 
+/// Lanes of the explicit 8-wide reductions below: a float sum or max over one accumulator is a
+/// serial dependency chain the compiler may not reorder, eight independent ones vectorise.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn lanes_reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, v));
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, v);
+        }
+    }
+    acc.iter().fold(tail, |a, &v| f(a, v))
+}
+
+/// Softmax of one row in place; entries whose `keep` flag is 0 get probability 0.
+#[inline(always)]
+fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>) {
+    if let Some(keep) = keep {
+        row.iter_mut()
+            .zip(keep)
+            .for_each(|(v, &k)| *v = if k != 0.0 { *v } else { f32::MIN });
+    }
+    let max = lanes_reduce(row, f32::MIN, |a, v| if v > a { v } else { a });
+    row.iter_mut().for_each(|v| *v = exp(*v - max));
+    if let Some(keep) = keep {
+        row.iter_mut().zip(keep).for_each(|(v, &k)| *v *= k);
+    }
+    let inv = 1.0 / lanes_reduce(row, 0.0, |a, v| a + v);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
 #[inline(always)]
 fn softmax_rows(rows: &mut [f32], width: usize) {
     for row in rows.chunks_exact_mut(width) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = exp(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
+        softmax_row_impl(row, None);
     }
 }
 
@@ -171,13 +198,36 @@ unsafe fn softmax_rows_avx2(rows: &mut [f32], width: usize) {
     softmax_rows(rows, width)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32], keep: Option<&[f32]>) {
+    softmax_row_impl(row, keep)
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[allow(unreachable_code)]
+    false
+}
+
 fn softmax_dispatch(rows: &mut [f32], width: usize) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU supports the enabled features (checked just above).
         return unsafe { softmax_rows_avx2(rows, width) };
     }
     softmax_rows(rows, width)
+}
+
+/// Softmax of one row in place (`keep`: optional 1/0 flags, 0 = probability 0).
+pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the enabled features (checked just above).
+        return unsafe { softmax_row_avx2(row, keep) };
+    }
+    softmax_row_impl(row, keep)
 }
 
 /// Softmax over the last dimension; in place on a CPU f32 tensor the caller owns.

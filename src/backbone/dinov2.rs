@@ -12,7 +12,9 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{Activation, Linear, self_attention};
+use super::attention::self_attention;
+use super::cpu_ops::residual_add;
+use super::layers::{Activation, Linear};
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
 use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
@@ -203,11 +205,11 @@ impl Dinov2Model {
             let attn = layer
                 .attn_out
                 .forward(&self_attention(&qkv, b, seq, heads, None)?)?;
-            x = (x + attn)?;
+            x = residual_add(&x, attn)?;
             let hidden = layer
                 .fc1
                 .forward_act(&layer.norm2.forward(&x)?, Some(self.activation))?;
-            x = (x + layer.fc2.forward(&hidden)?)?;
+            x = residual_add(&x, layer.fc2.forward(&hidden)?)?;
         }
         Ok(self.final_norm.forward(&x)?.reshape((b, seq, d))?)
     }

@@ -1,15 +1,15 @@
 //! Inference building blocks shared by the transformer backbones: activations by their Hugging
 //! Face names, a linear layer that runs as one matrix product over all tokens (bias and
-//! activation fused on the CPU), layer norm, multi-head attention with an optional additive mask
-//! (self- and cross-attention), the pre-norm ViT/CLIP encoder layer, the ViT patch embedding as
-//! one matrix product, and the fused-QKV self-attention on flattened activations used by DINOv2
-//! and the sentence encoder. Frozen weights only: the fast, gradient-free candle kernels are fine.
+//! activation fused on the CPU), layer norm, the pre-norm ViT/CLIP encoder layer, the ViT patch
+//! embedding as one matrix product and the ViT input tokens; attention is in [`super::attention`].
+//! Frozen weights only: the fast, gradient-free candle kernels are fine.
 
 use anyhow::{Result, bail};
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{D, DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu_ops::{bias_act, residual_add, softmax_last_dim};
+use super::attention::{Mask, attention};
+use super::cpu_ops::{bias_act, residual_add};
 
 /// A feed-forward activation, named as in Hugging Face configs (`hidden_act`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,36 +45,6 @@ impl Activation {
             Self::Silu => x.silu(),
         }
     }
-}
-
-/// Self-attention core: `qkv` is `[batch * seq, 3 * dim]` (queries, keys, values side by side);
-/// `mask`, when given, is `[batch, seq]` (1 = token, 0 = padding, never attended to).
-/// Returns the per-head contexts merged back to `[batch * seq, dim]`.
-pub fn self_attention(
-    qkv: &Tensor,
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
-    let dim = qkv.dim(1)? / 3;
-    let head_dim = dim / heads;
-    let qkv = qkv.reshape((batch, seq, 3, heads, head_dim))?;
-    // [batch, seq, heads, head_dim] views of the three parts
-    let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2));
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let q = (part(0)?.transpose(1, 2)?.contiguous()? * scale)?; // [batch, heads, seq, head_dim]
-    let k_t = part(1)?.permute((0, 2, 3, 1))?.contiguous()?; // [batch, heads, head_dim, seq]
-    let v = part(2)?.transpose(1, 2)?.contiguous()?;
-    let mut scores = q.matmul(&k_t)?;
-    if let Some(mask) = mask {
-        // 0 where attended, the most negative f32 on padding (as transformers).
-        let bias = ((1.0 - mask)? * f32::MIN as f64)?.reshape((batch, 1, 1, seq))?;
-        scores = scores.broadcast_add(&bias)?;
-    }
-    let probs = softmax_last_dim(scores)?;
-    let context = probs.matmul(&v)?; // [batch, heads, seq, head_dim]
-    Ok(context.transpose(1, 2)?.reshape((batch * seq, dim))?)
 }
 
 /// Mean over `dim` 1 of `[batch, seq, dim]` rows where `mask` (`[batch, seq]`, 1/0 f32) is 1.
@@ -209,58 +179,6 @@ impl LayerNorm {
     }
 }
 
-/// `[B, T, H * dh]` -> contiguous `[B, H, T, dh]`.
-fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, t, d) = x.dims3()?;
-    Ok(x.reshape((b, t, heads, d / heads))?
-        .transpose(1, 2)?
-        .contiguous()?)
-}
-
-/// Scaled dot-product attention over already projected `q` [B, Tq, D] and `k`, `v` [B, Tk, D]
-/// with `heads` heads. `mask` is added to the scores and broadcast to [B, H, Tq, Tk] (0 keeps,
-/// -inf drops). Returns [B, Tq, D].
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (b, tq, d) = q.dims3()?;
-    let head_dim = d / heads;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let q = split_heads(&(q * scale)?, heads)?;
-    let k = split_heads(k, heads)?;
-    let v = split_heads(v, heads)?;
-    let scores = q.matmul(&k.t()?)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = softmax_last_dim(scores)?;
-    let out = probs.matmul(&v)?; // [B, H, Tq, dh]
-    Ok(out.transpose(1, 2)?.reshape((b, tq, d))?)
-}
-
-/// Additive causal mask [1, 1, T, T]: 0 on and below the diagonal, -inf above.
-pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (1, 1, t, t), device)?)
-}
-
-/// Additive padding mask [B, 1, 1, T] from 0/1 keep flags (row-major [B, T]).
-pub fn padding_mask(keep: &[u8], batch: usize, device: &Device) -> Result<Tensor> {
-    let t = keep.len() / batch;
-    let mask: Vec<f32> = keep
-        .iter()
-        .map(|&k| if k != 0 { 0.0 } else { f32::NEG_INFINITY })
-        .collect();
-    Ok(Tensor::from_vec(mask, (batch, 1, 1, t), device)?)
-}
-
 /// One pre-norm transformer layer (CLIP text and vision, BLIP vision):
 /// `x = x + out(attn(ln1(x)))`, `x = x + fc2(act(fc1(ln2(x))))`.
 #[derive(Clone, Debug)]
@@ -277,7 +195,7 @@ pub struct PreNormLayer {
 }
 
 impl PreNormLayer {
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: Option<Mask>) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
         let h = self.ln1.forward(x)?;
         let qkv = self.qkv.forward(&h)?;
@@ -345,6 +263,7 @@ impl PatchEmbedding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn patch_embedding_equals_strided_conv() -> Result<()> {
@@ -366,21 +285,6 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-4, "max diff {diff}");
-        Ok(())
-    }
-
-    #[test]
-    fn causal_attention_ignores_later_tokens() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &dev)?;
-        let full = attention(&x, &x, &x, 2, Some(&causal_mask(5, &dev)?))?;
-        let prefix = x.narrow(1, 0, 3)?;
-        let short = attention(&prefix, &prefix, &prefix, 2, Some(&causal_mask(3, &dev)?))?;
-        let diff = (full.narrow(1, 0, 3)? - short)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "max diff {diff}");
         Ok(())
     }
 

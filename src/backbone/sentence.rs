@@ -12,7 +12,9 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use super::layers::{Activation, Linear, masked_mean, self_attention};
+use super::attention::{Mask, self_attention};
+use super::cpu_ops::residual_add;
+use super::layers::{Activation, Linear, masked_mean};
 use super::source::{ModelDir, load_weights};
 use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
@@ -134,14 +136,18 @@ impl BertEncoder {
         let heads = self.config.num_attention_heads;
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&x)?;
-            let attn = layer
-                .attn_out
-                .forward(&self_attention(&qkv, b, seq, heads, mask)?)?;
-            x = layer.attn_norm.forward(&(attn + x)?)?;
+            let attn = layer.attn_out.forward(&self_attention(
+                &qkv,
+                b,
+                seq,
+                heads,
+                mask.map(Mask::Keys),
+            )?)?;
+            x = layer.attn_norm.forward(&residual_add(&x, attn)?)?;
             let hidden = layer.intermediate.forward_act(&x, Some(self.activation))?;
             x = layer
                 .output_norm
-                .forward(&(layer.output.forward(&hidden)? + x)?)?;
+                .forward(&residual_add(&x, layer.output.forward(&hidden)?)?)?;
         }
         Ok(x.reshape((b, seq, d))?)
     }

@@ -34,7 +34,6 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
-    multiclip::runtime::single_threaded_elementwise_by_default();
     let request = EvaluateRequest {
         checkpoint: args.checkpoint,
         cache: args.cache,

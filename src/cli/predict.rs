@@ -31,7 +31,6 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
-    multiclip::runtime::single_threaded_elementwise_by_default();
     let device = Device::Cpu;
     let reader = CacheReader::open(&args.cache)?;
     let model = Model::load(&args.checkpoint, &reader, &device)?;

@@ -105,7 +105,6 @@ fn parse_head_config(text_or_path: &str) -> Result<HeadConfig> {
 
 /// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
 pub fn run(args: TrainArgs) -> Result<PathBuf> {
-    multiclip::runtime::single_threaded_elementwise_by_default();
     let head = match (&args.head, &args.head_config) {
         (_, Some(config)) => parse_head_config(config)?,
         (Some(spec), None) => spec.parse::<HeadConfig>()?,
