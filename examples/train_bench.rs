@@ -86,6 +86,8 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> Result<()> {
+    // As the multiclip binary does at start (src/main.rs).
+    multiclip::runtime::keep_freed_memory();
     multiclip::runtime::single_threaded_elementwise_by_default();
     let args = Args::parse();
     let head_config: HeadConfig = match args.head.as_str() {
@@ -128,8 +130,12 @@ fn main() -> Result<()> {
         eval_batch_size: args.batch_size.min(1024),
         epochs: args.epochs,
         patience: args.epochs + 1,
+        // The peer's work (scripts/bench-train-peer.py): AdamW at 1e-3, constant rate, no
+        // gradient clipping.
+        lr: 1e-3,
         schedule: ScheduleKind::Constant,
         warmup_epochs: 0.0,
+        clip_grad: None,
         ..TrainConfig::default()
     };
     let device = Device::Cpu;

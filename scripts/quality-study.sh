@@ -111,8 +111,8 @@ sweep() {
     best_on_val "$n" | while IFS=$'\t' read -r _ head loss; do
         local base
         base="$(slug "$head")__$loss"
-        run "$base--lr3e-3" "$head" "$loss" --lr 3e-3
-        run "$base--lr3e-4" "$head" "$loss" --lr 3e-4
+        run "$base--lr1e-2" "$head" "$loss" --lr 1e-2
+        run "$base--lr1e-3" "$head" "$loss" --lr 1e-3
         run "$base--wd0.1" "$head" "$loss" --weight-decay 0.1
         run "$base--bs64" "$head" "$loss" --batch-size 64
         run "$base--bs1024" "$head" "$loss" --batch-size 1024

@@ -191,6 +191,44 @@ fn every_trainable_variable_gets_a_gradient() -> Result<()> {
     Ok(())
 }
 
+/// Every head with a logit bias exposes it, and the trainer's prior initialisation sets it to
+/// the label frequencies' log-odds (cosine heads have none).
+#[test]
+fn logit_biases_start_at_the_label_prior() -> anyhow::Result<()> {
+    let d = data(3)?;
+    let positives: Vec<usize> = (0..K)
+        .map(|k| {
+            d.targets
+                .narrow(1, k, 1)
+                .and_then(|c| c.sum_all()?.to_scalar::<f32>())
+        })
+        .map(|c| c.map(|c| c as usize))
+        .collect::<Result<_>>()?;
+    for cfg in configs() {
+        let (map, head) = build(&cfg, &d.ctx);
+        let biases = head.logit_biases();
+        assert!(!biases.is_empty(), "{cfg}: no logit bias");
+        heads::init::logit_biases_from_prior(head.as_ref(), &map, &positives, N)?;
+        for bias in head.logit_biases() {
+            for (k, got) in bias.to_vec1::<f32>()?.into_iter().enumerate() {
+                let p = (positives[k] as f64 + 0.5) / (N as f64 + 1.0);
+                let want = (p / (1.0 - p)).ln() as f32;
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "{cfg}: label {k}: {got} vs {want}"
+                );
+            }
+        }
+        assert!(
+            build(&with_cosine(&cfg), &d.ctx)
+                .1
+                .logit_biases()
+                .is_empty()
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn every_head_overfits_a_tiny_set() -> Result<()> {
     let d = data(2)?;

@@ -106,6 +106,10 @@ impl EnsembleHead {
 }
 
 impl Head for EnsembleHead {
+    fn logit_biases(&self) -> Vec<Tensor> {
+        self.mixture.logit_biases()
+    }
+
     fn inputs(&self) -> Vec<String> {
         self.mixture.inputs()
     }

@@ -4,7 +4,8 @@
 //! sums the gradient over the leading dimension with a strided reduction that costs ~20x a
 //! contiguous pass, and a layer norm built from basic ops records ~10 ops whose gradients are
 //! each materialised. These ops do the same maths in one or two passes:
-//! [`bias_add`] (x + b on the last dimension; the bias gradient is a row-sum by matrix product),
+//! [`bias_add`] (x + b on the last dimension; the bias gradient is a row-sum by matrix product)
+//! and [`bias_relu`] (the same followed by a ReLU, whose candle backward is five passes),
 //! [`layer_norm`] (normalise the last dimension, scale, shift; one pass forward, one backward),
 //! and [`matmul_weight_grad_only`] (x W^T for an input that needs no gradient: candle's matmul
 //! backward always computes the input's gradient too, a third of an MLP's work on cached
@@ -16,6 +17,8 @@ use rayon::prelude::*;
 
 /// Rows per parallel task: enough work per task to beat the scheduling cost.
 const ROWS_PER_TASK: usize = 64;
+/// Elements per parallel task of the element-wise passes.
+const CHUNK: usize = 1 << 14;
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -33,11 +36,14 @@ fn column_sums(x: &Tensor) -> Result<Tensor> {
     ones.matmul(&x.reshape((rows, n))?)?.reshape(n)
 }
 
-struct BiasAdd;
+/// `x + b`, or `max(x + b, 0)` when `relu`.
+struct BiasAdd {
+    relu: bool,
+}
 
 impl CustomOp2 for BiasAdd {
     fn name(&self) -> &'static str {
-        "bias-add"
+        if self.relu { "bias-relu" } else { "bias-add" }
     }
 
     fn cpu_fwd(
@@ -50,11 +56,13 @@ impl CustomOp2 for BiasAdd {
         let x = contiguous_f32(s1, l1, self.name())?;
         let b = contiguous_f32(s2, l2, self.name())?;
         let mut out = x.to_vec();
+        let relu = self.relu;
         out.par_chunks_mut(b.len() * ROWS_PER_TASK)
             .for_each(|rows| {
                 for row in rows.chunks_exact_mut(b.len()) {
                     for (o, &bias) in row.iter_mut().zip(b) {
-                        *o += bias;
+                        let v = *o + bias;
+                        *o = if relu { v.max(0.0) } else { v };
                     }
                 }
             });
@@ -65,20 +73,65 @@ impl CustomOp2 for BiasAdd {
         &self,
         _x: &Tensor,
         _b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), Some(column_sums(grad)?)))
+        let grad = if self.relu {
+            grad.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?
+        } else {
+            grad.clone()
+        };
+        let bias_grad = column_sums(&grad)?;
+        Ok((Some(grad), Some(bias_grad)))
     }
 }
 
-/// `x + b` with `b` `[n]` added to every row of `x` `[.., n]` (CPU, f32).
-pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `grad` where the ReLU's output is positive, 0 elsewhere: one pass.
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, self.name())?;
+        let y = contiguous_f32(s2, l2, self.name())?;
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .for_each(|(o, (g, y))| {
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    *o = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+fn bias_op(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     let n = x.dim(candle_core::D::Minus1)?;
     if b.dims() != [n] || x.dtype() != DType::F32 || b.dtype() != DType::F32 {
         candle_core::bail!("bias-add: bias {:?} for input {:?}", b.shape(), x.shape());
     }
-    x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+    x.contiguous()?
+        .apply_op2(&b.contiguous()?, BiasAdd { relu })
+}
+
+/// `x + b` with `b` `[n]` added to every row of `x` `[.., n]` (CPU, f32).
+pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    bias_op(x, b, false)
+}
+
+/// `max(x + b, 0)`: the bias add and the ReLU in one pass each way (CPU, f32).
+pub fn bias_relu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    bias_op(x, b, true)
 }
 
 struct LayerNormOp {

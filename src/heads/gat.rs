@@ -286,6 +286,10 @@ impl GatHead {
 }
 
 impl Head for GatHead {
+    fn logit_biases(&self) -> Vec<Tensor> {
+        self.label_bias.iter().cloned().collect()
+    }
+
     fn inputs(&self) -> Vec<String> {
         self.features.iter().flat_map(Feature::inputs).collect()
     }

@@ -21,6 +21,38 @@ pub fn seeded_var_builder(varmap: &VarMap, seed: u64, device: &Device) -> VarBui
     VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone())
 }
 
+/// Starts every logit bias of `head` ([`super::Head::logit_biases`]) at the log-odds of its
+/// label's frequency: `positives[k]` of `rows` training samples carry label `k` (add-half
+/// smoothing, so an unseen label starts finite and very negative).
+pub fn logit_biases_from_prior(
+    head: &dyn super::Head,
+    varmap: &VarMap,
+    positives: &[usize],
+    rows: usize,
+) -> anyhow::Result<()> {
+    let prior: Vec<f32> = positives
+        .iter()
+        .map(|&count| {
+            let p = (count as f64 + 0.5) / (rows as f64 + 1.0);
+            (p / (1.0 - p)).ln() as f32
+        })
+        .collect();
+    let vars = varmap.all_vars();
+    for bias in head.logit_biases() {
+        anyhow::ensure!(
+            bias.dims() == [prior.len()],
+            "a logit bias of shape {:?} for {} labels",
+            bias.dims(),
+            prior.len()
+        );
+        let Some(var) = vars.iter().find(|v| v.as_tensor().id() == bias.id()) else {
+            anyhow::bail!("a logit bias of the head is not one of its trainable variables");
+        };
+        var.set(&Tensor::new(prior.as_slice(), bias.device())?)?;
+    }
+    Ok(())
+}
+
 /// A random stream for the object called `name` under the run seed `seed`.
 pub fn stream(seed: u64, name: &str) -> ChaCha8Rng {
     // FNV-1a: stable across platforms and Rust versions, unlike `DefaultHasher`.

@@ -60,8 +60,9 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// `y = x W^T + b`, followed by a ReLU when `relu` (fused with the bias add on the CPU).
+    fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let dims = x.dims();
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows = x.elem_count() / in_dim;
@@ -73,7 +74,10 @@ impl Module for Linear {
             x.matmul(&self.weight.t()?)?
         };
         let y = match &self.bias {
+            Some(b) if relu && fusable(&y) => fused::bias_relu(&y, b)?,
+            Some(b) if relu => add_bias(&y, b)?.relu()?,
             Some(b) => add_bias(&y, b)?,
+            None if relu => y.relu()?,
             None => y,
         };
         let mut out_dims = dims.to_vec();
@@ -81,6 +85,17 @@ impl Module for Linear {
             *last = out_dim;
         }
         y.reshape(out_dims)
+    }
+
+    /// `relu(x W^T + b)`.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, true)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
     }
 }
 
@@ -214,6 +229,16 @@ impl Classifier {
     }
 }
 
+impl Classifier {
+    /// The bias added to the logits (none for a cosine classifier).
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Linear(linear) => linear.bias.as_ref(),
+            Self::Cosine { .. } => None,
+        }
+    }
+}
+
 impl Module for Classifier {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -254,10 +279,15 @@ impl Mlp {
         Ok(Self { hidden, out })
     }
 
+    /// The bias added to the logits (none for a cosine classifier).
+    pub fn logit_bias(&self) -> Option<&Tensor> {
+        self.out.bias()
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match &self.hidden {
             Some((linear, drop)) => {
-                let h = drop.forward(&linear.forward(x)?.relu()?, train)?;
+                let h = drop.forward(&linear.forward_relu(x)?, train)?;
                 self.out.forward(&h)
             }
             None => self.out.forward(x),
@@ -337,6 +367,11 @@ mod tests {
         };
         check(ln.forward(&x)?, ln.forward_basic(&x)?, &[&x, &w])?;
         check(add_bias(&x, &b)?, x.broadcast_add(&b)?, &[&x, &b])?;
+        check(
+            fused::bias_relu(&x, &b)?,
+            x.broadcast_add(&b)?.relu()?,
+            &[&x, &b],
+        )?;
         // A linear layer on an untracked input: only the weight's gradient is computed.
         let input = Tensor::randn(0f32, 1.0, (150, 7), &dev)?;
         let mut linear = Linear::without_bias(7, 7, vb.pp("lin"))?;

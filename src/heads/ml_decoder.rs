@@ -266,7 +266,7 @@ impl MlDecoderHead {
 
     /// Input projection + ReLU of `[N, D]` token rows (any float dtype).
     fn project(&self, rows: &Tensor) -> Result<Tensor> {
-        self.input_proj.forward(&rows.to_dtype(DType::F32)?)?.relu()
+        self.input_proj.forward_relu(&rows.to_dtype(DType::F32)?)
     }
 
     /// `[B, T', d]` -> `[B, heads, T', d / heads]`.
@@ -319,7 +319,7 @@ impl MlDecoderHead {
             .forward(&t.broadcast_add(&self.drop_attn.forward(&attended, train)?)?)?;
         let hidden = self
             .drop_ffn_hidden
-            .forward(&self.fc1.forward(&t)?.relu()?, train)?;
+            .forward(&self.fc1.forward_relu(&t)?, train)?;
         let ffn = self.fc2.forward(&hidden)?;
         let t = self
             .norm3
@@ -388,6 +388,10 @@ fn real_positions(mask: &Tensor, b: usize, t: usize) -> Result<RealPositions> {
 }
 
 impl Head for MlDecoderHead {
+    fn logit_biases(&self) -> Vec<Tensor> {
+        self.group_bias.iter().cloned().collect()
+    }
+
     fn inputs(&self) -> Vec<String> {
         std::iter::once(self.input.clone())
             .chain(self.mask.clone())

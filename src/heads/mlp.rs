@@ -74,6 +74,10 @@ impl MlpHead {
 }
 
 impl Head for MlpHead {
+    fn logit_biases(&self) -> Vec<Tensor> {
+        self.mlp.logit_bias().into_iter().cloned().collect()
+    }
+
     fn inputs(&self) -> Vec<String> {
         self.features.iter().flat_map(Feature::inputs).collect()
     }

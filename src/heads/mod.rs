@@ -150,6 +150,13 @@ pub trait Head: Send + Sync {
     /// Logits `[B, K]` (cosines in [-1, 1] for a cosine head). `train` turns dropout on.
     fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor>;
 
+    /// The trainable biases added straight to the logits (`[K]` each): the trainer starts them at
+    /// the label prior's log-odds, so that training does not spend its first epochs learning
+    /// label frequencies (and a router is not pulled toward whichever expert gets there first).
+    fn logit_biases(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+
     /// Fixed (never optimised) tensors to save with the weights, by full name.
     fn buffers(&self) -> Vec<(String, Tensor)> {
         Vec::new()

@@ -144,6 +144,14 @@ impl Mixture {
         logits.broadcast_mul(&weights)?.sum(1)
     }
 
+    /// Every expert's logit bias (the mixture's logits are their weighted mean).
+    pub fn logit_biases(&self) -> Vec<Tensor> {
+        self.experts
+            .iter()
+            .filter_map(|e| e.mlp.logit_bias().cloned())
+            .collect()
+    }
+
     pub fn parts(&self) -> Vec<HeadPart> {
         self.experts
             .iter()
@@ -220,6 +228,10 @@ impl RouterHead {
 }
 
 impl Head for RouterHead {
+    fn logit_biases(&self) -> Vec<Tensor> {
+        self.mixture.logit_biases()
+    }
+
     fn inputs(&self) -> Vec<String> {
         self.mixture.inputs()
     }

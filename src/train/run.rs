@@ -127,6 +127,9 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     let varmap = VarMap::new();
     let vb = heads::init::seeded_var_builder(&varmap, config.seed, &request.device);
     let head = heads::build(&head_config, &ctx, vb)?;
+    let mut positives = vec![0; vocab.len()];
+    label_sets.iter().flatten().for_each(|&k| positives[k] += 1);
+    heads::init::logit_biases_from_prior(head.as_ref(), &varmap, &positives, train_rows.len())?;
     tracing::info!(
         "training {} on {} ({} training / {} validation rows, {} labels) with loss {}",
         head_config.kind(),
