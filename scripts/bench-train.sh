@@ -18,7 +18,7 @@ log="$out/results.log"
 bench="${BENCH_BIN:-${CARGO_TARGET_DIR:-target}/release/examples/train_bench}"
 py="$(scripts/python-env.sh)"
 export RAYON_NUM_THREADS="$threads"
-# The trainer's default (src/train/threads.rs), spelled out for binaries built before it.
+# multiclip's default (src/runtime.rs), spelled out for binaries built before it.
 export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"
 
 ours() { "$bench" --dir "$out" "$@" 2>/dev/null | grep SUMMARY | tee -a "$log"; }

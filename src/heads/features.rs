@@ -154,6 +154,9 @@ pub fn masked_mean(tokens: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 
 /// Each row of `[B, D]` scaled to unit L2 norm (an all-zero row stays zero).
 pub fn l2_normalise_rows(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+        return super::fused::normalise_rows_untracked(x);
+    }
     let norm = x
         .sqr()?
         .sum_keepdim(1)?
@@ -187,5 +190,12 @@ mod tests {
         let x: Inputs = [("image".to_string(), stored)].into();
         let out = feature.forward(&x).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(out, vec![vec![0.6, 0.8], vec![0.0, 0.0]]);
+        // The fused kernel (untracked CPU input) and the basic ops agree.
+        let x = Tensor::randn(0f32, 3.0, (5, 7), &Device::Cpu).unwrap();
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let fused = l2_normalise_rows(&x).unwrap();
+        let basic = l2_normalise_rows(var.as_tensor()).unwrap();
+        let diff = (fused - basic).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

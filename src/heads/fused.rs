@@ -7,12 +7,15 @@
 //! [`bias_add`] (x + b on the last dimension; the bias gradient is a row-sum by matrix product)
 //! and [`bias_relu`] (the same followed by a ReLU, whose candle backward is five passes),
 //! [`layer_norm`] (normalise the last dimension, scale, shift; one pass forward, one backward),
-//! and [`matmul_weight_grad_only`] (x W^T for an input that needs no gradient: candle's matmul
+//! [`matmul_weight_grad_only`] (x W^T for an input that needs no gradient: candle's matmul
 //! backward always computes the input's gradient too, a third of an MLP's work on cached
-//! features). CPU and f32 only; callers fall back to basic ops elsewhere. Row loops run on
+//! features) and [`normalise_rows_untracked`] (unit-norm rows of cached features in one pass
+//! instead of four). CPU and f32 only; callers fall back to basic ops elsewhere. Row loops run on
 //! rayon's pool.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// Rows per parallel task: enough work per task to beat the scheduling cost.
@@ -280,6 +283,37 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     let op = LayerNormOp { eps: eps as f32 };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+/// Each row scaled to unit L2 norm (an all-zero row stays zero), in one pass.
+struct NormaliseRows;
+
+impl CustomOp1 for NormaliseRows {
+    fn name(&self) -> &'static str {
+        "normalise-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let n = layout.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = x.to_vec();
+        out.par_chunks_mut(n * ROWS_PER_TASK).for_each(|rows| {
+            for row in rows.chunks_exact_mut(n) {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// Rows of `x` `[B, n]` scaled to unit L2 norm, without a backward op: for inputs outside the
+/// autograd graph (cached features). CPU, f32.
+pub fn normalise_rows_untracked(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F32 || x.track_op() {
+        candle_core::bail!("normalise-rows: untracked f32 input only");
+    }
+    x.contiguous()?.apply_op1_no_bwd(&NormaliseRows)
 }
 
 /// The identity on `x W^T` whose backward gives `W` its gradient `g^T x` and nothing else.

@@ -388,6 +388,10 @@ fn real_positions(mask: &Tensor, b: usize, t: usize) -> Result<RealPositions> {
 }
 
 impl Head for MlDecoderHead {
+    fn micro_batch_rows(&self) -> usize {
+        super::MICRO_BATCH_ROWS
+    }
+
     fn logit_biases(&self) -> Vec<Tensor> {
         self.group_bias.iter().cloned().collect()
     }

@@ -221,6 +221,7 @@ pub fn fit(
                 epoch: epoch as u64,
             },
             collect_outputs: false,
+            micro_batch_rows: head.micro_batch_rows(),
         };
         let trained = run_epoch(
             &pass,
@@ -298,6 +299,8 @@ struct EpochPass<'a> {
     order: BatchOrder,
     /// Keep the outputs' probabilities (for the warm-up's train micro-F1).
     collect_outputs: bool,
+    /// Rows per forward/backward piece of a batch ([`Head::micro_batch_rows`]).
+    micro_batch_rows: usize,
 }
 
 /// What one pass over the training rows gave.
@@ -343,13 +346,13 @@ fn run_epoch(
         let batch = batch?;
         let batch_rows = batch.rows.clone();
         let y = data.targets.gather(&batch_rows, &data.device)?;
-        // Micro-batches of MICRO_BATCH_ROWS rows: the same gradients as one pass over the batch,
-        // with activation memory bounded whatever the batch size.
+        // Micro-batches: the same gradients as one pass over the batch, with activation memory
+        // bounded whatever the batch size.
         let computed = heads::loss_and_grads(
             forward,
             &batch_inputs(batch),
             &y,
-            heads::MICRO_BATCH_ROWS,
+            pass.micro_batch_rows,
             &vars,
             &|output, targets| loss.compute(output, targets),
         )

@@ -60,6 +60,7 @@ pub fn warm_up_parts(
                     epoch: ((index as u64 + 1) << 32) | epoch as u64,
                 },
                 collect_outputs: true,
+                micro_batch_rows: head.micro_batch_rows(),
             };
             let trained = run_epoch(
                 &pass,
