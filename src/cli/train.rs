@@ -35,9 +35,9 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "head")]
     pub head_config: Option<String>,
     /// Loss: bce, smoothing[:eps], focal[:alpha,gamma], margin[:s,m], angular[:s,m], zlpr,
-    /// asl[:gamma_neg,gamma_pos,clip]. The default, ASL, was the best loss measured on real data
-    /// (docs/results.md).
-    #[arg(long, default_value = "asl")]
+    /// asl[:gamma_neg,gamma_pos,clip]. The default, label smoothing, was the best loss averaged
+    /// over every head on real data (docs/results.md).
+    #[arg(long, default_value = "smoothing")]
     pub loss: Loss,
     /// Peak learning rate.
     #[arg(long, default_value_t = TrainConfig::default().lr)]
