@@ -92,7 +92,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let head_config: HeadConfig = match args.head.as_str() {
         "mlp" => "mlp:inputs=image".parse()?,
-        "router" => "router:inputs=image+text".parse()?,
+        // The peer's router (scripts/bench-train-peer.py) is linear: nn.Linear(2 * d, 2).
+        "router" => "router:inputs=image+text,router_hidden=0".parse()?,
         "ml_decoder" => "ml_decoder:input=multimodal_tokens".parse()?,
         spec => spec.parse()?,
     };
