@@ -265,6 +265,7 @@ pub fn extract(
         scope.spawn(move || produce(backbone, selected, options, ranges, pending, sender));
         let receiver = receiver; // Dropped on return, which unblocks the producer.
         let mut builder: Option<ShardBuilder> = None;
+        let mut rows_done = 0usize;
         loop {
             let waiting = Instant::now();
             let Ok(item) = receiver.recv() else { break };
@@ -291,9 +292,14 @@ pub fn extract(
                 current.push(&window.rows, &outputs)?;
             }
             bar.inc(done as u64);
+            rows_done += done;
             if window.last_of_shard {
                 let complete = builder.take().context("shard builder missing")?;
                 writer.write_shard(complete)?;
+                if bar.is_hidden() {
+                    // No terminal (a batch job's log): one progress line per shard instead.
+                    log_progress(window.shard, rows_done, pending_rows, start.elapsed());
+                }
             }
         }
         Ok(())
@@ -474,6 +480,16 @@ fn load_sample(
         image,
         caption: row.caption.clone(),
     })
+}
+
+/// The progress line logged after each shard when no progress bar is drawn.
+fn log_progress(shard: usize, done: usize, total: usize, elapsed: Duration) {
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
+    let eta = (total - done.min(total)) as f64 / rate.max(1e-9);
+    tracing::info!(
+        "shard {shard} written: {done}/{total} rows ({:.0}%), {rate:.1} rows/s, ETA {eta:.0} s",
+        100.0 * done as f64 / total.max(1) as f64
+    );
 }
 
 fn progress_bar(len: u64, visible: bool) -> ProgressBar {
