@@ -398,7 +398,8 @@ fn bad_rows_fail_by_name_or_are_recorded_as_skipped() {
         .collect();
     assert_eq!(skipped, vec![(3, "3.png"), (5, "5.png"), (7, "7.png")]);
 
-    // An empty caption is refused by the csv reader, naming the file and line.
+    // An empty caption: a hard error naming the row, file and line with the text backbone, or a
+    // row recorded as skipped with --on-error skip.
     let csv = fs::read_to_string(data.join("train.csv")).unwrap();
     let csv = csv.replace(
         "2.png,3,\"a picture of thing 2 with many many  words\"",
@@ -406,13 +407,25 @@ fn bad_rows_fail_by_name_or_are_recorded_as_skipped() {
     );
     assert!(csv.contains("2.png,3,\"\""));
     fs::write(data.join("train.csv"), csv).unwrap();
-    let output = extract_cmd(&data, &tmp.path().join("other"), &opts)
-        .output()
-        .unwrap();
+    let other = tmp.path().join("other");
+    let output = extract_cmd(&data, &other, &opts).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("train.csv") && stderr.contains("line 4") && stderr.contains("2.png"),
+        stderr.contains("train.csv line 4")
+            && stderr.contains("2.png")
+            && stderr.contains("empty caption"),
         "{stderr}"
     );
+    let mut skip = extract_cmd(&data, &other, &opts);
+    skip.args(["--on-error", "skip"]);
+    let stdout = String::from_utf8_lossy(&run_ok(&mut skip).stdout).into_owned();
+    assert!(stdout.contains("row 2 (2.png): empty caption"), "{stdout}");
+    let skipped: Vec<usize> = CacheReader::open(&other)
+        .unwrap()
+        .manifest()
+        .skipped()
+        .map(|s| s.row)
+        .collect();
+    assert_eq!(skipped, vec![2, 3, 5, 7]);
 }

@@ -292,7 +292,12 @@ fn build_record(
         bail!("line {line}: row has no image id");
     }
     if caption.trim().is_empty() {
-        bail!("line {line}: row `{id}` has no caption");
+        // Kept: an image-only backbone does not need it, and `extract` refuses it for a text
+        // backbone by row (or records it as skipped with `--on-error skip`).
+        problems.push(Problem {
+            line,
+            message: format!("row `{id}` has an empty caption"),
+        });
     }
     let labels = labels.map(|field| {
         let tokens: Vec<String> = field.split_whitespace().map(str::to_owned).collect();
