@@ -304,6 +304,11 @@ mod tests {
         let (ck, cv) = (context.narrow(2, 0, d)?, context.narrow(2, d, d)?);
         let fused = attention(&q, &ck, &cv, heads, None)?;
         assert!(max_diff(&fused, &attention_ops(&q, &ck, &cv, heads, None)?) < 1e-6);
+        // Every key masked: uniform attention (the mean of the values) as in transformers, not NaN.
+        let none = Tensor::zeros((b, t), DType::F32, &dev)?;
+        let mask = Some(Mask::Keys(&none));
+        let fused = attention(&q, &k, &v, heads, mask)?;
+        assert!(max_diff(&fused, &attention_ops(&q, &k, &v, heads, mask)?) < 1e-6);
         Ok(())
     }
 

@@ -177,6 +177,11 @@ fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>) {
             .for_each(|(v, &k)| *v = if k != 0.0 { *v } else { f32::MIN });
     }
     let max = lanes_reduce(row, f32::MIN, |a, v| if v > a { v } else { a });
+    if keep.is_some() && max == f32::MIN {
+        // Every entry masked: uniform, as transformers' additive most-negative mask gives.
+        row.fill(1.0 / row.len() as f32);
+        return;
+    }
     row.iter_mut().for_each(|v| *v = exp(*v - max));
     if let Some(keep) = keep {
         row.iter_mut().zip(keep).for_each(|(v, &k)| *v *= k);
