@@ -176,12 +176,11 @@ struct Axes<'a> {
     legend: SeriesLabelPosition,
 }
 
-/// Draws lines (name, colour, points) on one chart with a legend.
-fn line_chart(
-    title: &str,
-    axes: Axes,
-    lines: &[(&str, RGBColor, Vec<(f64, f64)>)],
-) -> Result<String> {
+/// One line of a chart: name, colour, points.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
+/// Draws lines on one chart with a legend.
+fn line_chart(title: &str, axes: Axes, lines: &[Series]) -> Result<String> {
     let (x_range, y_range) = (axes.x_range, axes.y_range);
     svg(CURVE_WIDTH, 340, |root| {
         let mut chart = ChartBuilder::on(root)
@@ -273,7 +272,7 @@ fn metric_chart(history: &[EpochRecord]) -> Result<String> {
             .filter_map(|p| Some((p.epoch as f64, f(p)?)))
             .collect()
     };
-    let lines: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = [
+    let lines: Vec<Series> = [
         (
             "micro-F1",
             RGBColor(31, 119, 180),
