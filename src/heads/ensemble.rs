@@ -8,14 +8,13 @@
 //!
 //! Variables: `bases.probe_<input>.out.*`, `bases.fused.{hidden,out}.*`, `router.*`.
 
-use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::HeadContext;
 use super::features::Feature;
 use super::layers::Mlp;
 use super::router::{Expert, Mixture, var_prefix};
-use super::{Head, HeadContext, HeadPart, Inputs};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,69 +59,48 @@ fn all_features(ctx: &HeadContext) -> Vec<String> {
     names
 }
 
-pub struct EnsembleHead {
-    mixture: Mixture,
-}
-
-impl EnsembleHead {
-    pub fn new(cfg: &EnsembleConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
-        let names = if cfg.inputs.is_empty() {
-            all_features(ctx)
-        } else {
-            cfg.inputs.clone()
-        };
-        let features = Feature::resolve_all(&names, ctx)?;
-        let k = ctx.num_labels;
-        let mut experts = Vec::with_capacity(features.len() + 1);
-        for (i, f) in features.iter().enumerate() {
-            let name = format!("probe_{}", f.name);
-            let evb = vb.pp("bases").pp(&name);
-            experts.push(Expert {
-                var_prefix: var_prefix(&evb),
-                features: vec![i],
-                mlp: Mlp::new(f.dim, 0, k, 0.0, cfg.cosine, ctx.seed, evb)?,
-                name,
-            });
-        }
-        let fused_dim = features.iter().map(|f| f.dim).sum();
-        let fvb = vb.pp("bases").pp("fused");
+/// The `ensemble` head: the bases, mixed by the router.
+pub fn build(cfg: &EnsembleConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Mixture> {
+    let names = if cfg.inputs.is_empty() {
+        all_features(ctx)
+    } else {
+        cfg.inputs.clone()
+    };
+    let features = Feature::resolve_all(&names, ctx)?;
+    let k = ctx.num_labels;
+    let mut experts = Vec::with_capacity(features.len() + 1);
+    for (i, f) in features.iter().enumerate() {
+        let name = format!("probe_{}", f.name);
+        let evb = vb.pp("bases").pp(&name);
         experts.push(Expert {
-            name: "fused".into(),
-            var_prefix: var_prefix(&fvb),
-            features: (0..features.len()).collect(),
-            mlp: Mlp::new(
-                fused_dim,
-                cfg.hidden,
-                k,
-                cfg.dropout,
-                cfg.cosine,
-                ctx.seed,
-                fvb,
-            )?,
+            var_prefix: var_prefix(&evb),
+            features: vec![i],
+            mlp: Mlp::new(f.dim, 0, k, 0.0, cfg.cosine, ctx.seed, evb)?,
+            name,
         });
-        let mixture = Mixture::new(features, experts, cfg.hidden, cfg.dropout, ctx.seed, vb)?;
-        Ok(Self { mixture })
     }
-}
-
-impl Head for EnsembleHead {
-    fn logit_biases(&self) -> Vec<Tensor> {
-        self.mixture.logit_biases()
-    }
-
-    fn inputs(&self) -> Vec<String> {
-        self.mixture.inputs()
-    }
-
-    fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
-        self.mixture.forward(x, train)
-    }
-
-    fn parts(&self) -> Vec<HeadPart> {
-        self.mixture.parts()
-    }
-
-    fn part_forward(&self, part: &str, x: &Inputs, train: bool) -> Result<Tensor> {
-        self.mixture.part_forward(part, x, train)
-    }
+    let fused_dim = features.iter().map(|f| f.dim).sum();
+    let fvb = vb.pp("bases").pp("fused");
+    experts.push(Expert {
+        name: "fused".into(),
+        var_prefix: var_prefix(&fvb),
+        features: (0..features.len()).collect(),
+        mlp: Mlp::new(
+            fused_dim,
+            cfg.hidden,
+            k,
+            cfg.dropout,
+            cfg.cosine,
+            ctx.seed,
+            fvb,
+        )?,
+    });
+    Ok(Mixture::new(
+        features,
+        experts,
+        cfg.hidden,
+        cfg.dropout,
+        ctx.seed,
+        vb,
+    )?)
 }

@@ -304,8 +304,8 @@ pub fn build(cfg: &HeadConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Res
     }
     let head: Box<dyn Head> = match cfg {
         HeadConfig::Mlp(c) => Box::new(mlp::MlpHead::new(c, ctx, vb)?),
-        HeadConfig::Router(c) => Box::new(router::RouterHead::new(c, ctx, vb)?),
-        HeadConfig::Ensemble(c) => Box::new(ensemble::EnsembleHead::new(c, ctx, vb)?),
+        HeadConfig::Router(c) => Box::new(router::build(c, ctx, vb)?),
+        HeadConfig::Ensemble(c) => Box::new(ensemble::build(c, ctx, vb)?),
         HeadConfig::Gat(c) => Box::new(gat::GatHead::new(c, ctx, vb)?),
         HeadConfig::MlDecoder(c) => Box::new(ml_decoder::MlDecoderHead::new(c, ctx, vb)?),
     };

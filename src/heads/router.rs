@@ -64,8 +64,9 @@ pub(crate) struct Expert {
     pub mlp: Mlp,
 }
 
-/// Experts mixed by per-sample softmax weights from a router MLP on all features.
-pub(crate) struct Mixture {
+/// Experts mixed by per-sample softmax weights from a router MLP on all features: the `router`
+/// and `ensemble` heads (they differ only in the experts they build).
+pub struct Mixture {
     features: Vec<Feature>,
     experts: Vec<Expert>,
     router: Mlp,
@@ -74,7 +75,7 @@ pub(crate) struct Mixture {
 impl Mixture {
     /// A mixture of `experts` over `features`; the router (variables under `router.`) reads all
     /// features concatenated.
-    pub fn new(
+    pub(crate) fn new(
         features: Vec<Feature>,
         experts: Vec<Expert>,
         router_hidden: usize,
@@ -99,10 +100,6 @@ impl Mixture {
         })
     }
 
-    pub fn inputs(&self) -> Vec<String> {
-        self.features.iter().flat_map(Feature::inputs).collect()
-    }
-
     fn features(&self, x: &Inputs) -> Result<Vec<Tensor>> {
         self.features.iter().map(|f| f.forward(x)).collect()
     }
@@ -112,27 +109,31 @@ impl Mixture {
         expert.mlp.forward(&concat(&parts)?, train)
     }
 
-    /// Each expert's logits `[B, K]`, in expert order.
-    pub fn expert_logits(&self, x: &Inputs, train: bool) -> Result<Vec<Tensor>> {
-        let feats = self.features(x)?;
-        self.experts
-            .iter()
-            .map(|e| self.expert_forward(e, &feats, train))
-            .collect()
-    }
-
-    /// Routing weights `[B, experts]`, each row summing to 1.
-    pub fn weights(&self, x: &Inputs, train: bool) -> Result<Tensor> {
-        let feats = self.features(x)?;
-        self.router_weights(&feats, train)
-    }
-
     fn router_weights(&self, feats: &[Tensor], train: bool) -> Result<Tensor> {
         let scores = self.router.forward(&concat(feats)?, train)?;
         candle_nn::ops::softmax(&scores, D::Minus1)
     }
+}
 
-    pub fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
+/// The full variable-name prefix (with a trailing dot) of `vb`.
+pub(crate) fn var_prefix(vb: &VarBuilder) -> String {
+    format!("{}.", vb.prefix())
+}
+
+impl Head for Mixture {
+    /// Every expert's logit bias (the mixture's logits are their weighted mean).
+    fn logit_biases(&self) -> Vec<Tensor> {
+        self.experts
+            .iter()
+            .filter_map(|e| e.mlp.logit_bias().cloned())
+            .collect()
+    }
+
+    fn inputs(&self) -> Vec<String> {
+        self.features.iter().flat_map(Feature::inputs).collect()
+    }
+
+    fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
         let feats = self.features(x)?;
         let logits = self
             .experts
@@ -144,15 +145,7 @@ impl Mixture {
         logits.broadcast_mul(&weights)?.sum(1)
     }
 
-    /// Every expert's logit bias (the mixture's logits are their weighted mean).
-    pub fn logit_biases(&self) -> Vec<Tensor> {
-        self.experts
-            .iter()
-            .filter_map(|e| e.mlp.logit_bias().cloned())
-            .collect()
-    }
-
-    pub fn parts(&self) -> Vec<HeadPart> {
+    fn parts(&self) -> Vec<HeadPart> {
         self.experts
             .iter()
             .map(|e| HeadPart {
@@ -162,7 +155,7 @@ impl Mixture {
             .collect()
     }
 
-    pub fn part_forward(&self, part: &str, x: &Inputs, train: bool) -> Result<Tensor> {
+    fn part_forward(&self, part: &str, x: &Inputs, train: bool) -> Result<Tensor> {
         let Some(expert) = self.experts.iter().find(|e| e.name == part) else {
             let names: Vec<&str> = self.experts.iter().map(|e| e.name.as_str()).collect();
             candle_core::bail!("no part `{part}`; parts: {}", names.join(", "));
@@ -172,79 +165,36 @@ impl Mixture {
     }
 }
 
-/// The full variable-name prefix (with a trailing dot) of `vb`.
-pub(crate) fn var_prefix(vb: &VarBuilder) -> String {
-    format!("{}.", vb.prefix())
-}
-
-pub struct RouterHead {
-    mixture: Mixture,
-}
-
-impl RouterHead {
-    pub fn new(cfg: &RouterConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
-        let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
-        let experts = features
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let evb = vb.pp("experts").pp(&f.name);
-                Ok(Expert {
-                    name: f.name.clone(),
-                    var_prefix: var_prefix(&evb),
-                    features: vec![i],
-                    mlp: Mlp::new(
-                        f.dim,
-                        cfg.hidden,
-                        ctx.num_labels,
-                        cfg.dropout,
-                        cfg.cosine,
-                        ctx.seed,
-                        evb,
-                    )?,
-                })
+/// The `router` head: one MLP expert per input, mixed by the router.
+pub fn build(cfg: &RouterConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Mixture> {
+    let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
+    let experts = features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let evb = vb.pp("experts").pp(&f.name);
+            Ok(Expert {
+                name: f.name.clone(),
+                var_prefix: var_prefix(&evb),
+                features: vec![i],
+                mlp: Mlp::new(
+                    f.dim,
+                    cfg.hidden,
+                    ctx.num_labels,
+                    cfg.dropout,
+                    cfg.cosine,
+                    ctx.seed,
+                    evb,
+                )?,
             })
-            .collect::<Result<Vec<_>>>()?;
-        let mixture = Mixture::new(
-            features,
-            experts,
-            cfg.router_hidden,
-            cfg.dropout,
-            ctx.seed,
-            vb,
-        )?;
-        Ok(Self { mixture })
-    }
-
-    /// Each modality's own logits `[B, K]`, in input order (for warming the experts up).
-    pub fn modality_logits(&self, x: &Inputs, train: bool) -> Result<Vec<Tensor>> {
-        self.mixture.expert_logits(x, train)
-    }
-
-    /// The per-sample modality weights `[B, modalities]` (rows sum to 1).
-    pub fn routing_weights(&self, x: &Inputs, train: bool) -> Result<Tensor> {
-        self.mixture.weights(x, train)
-    }
-}
-
-impl Head for RouterHead {
-    fn logit_biases(&self) -> Vec<Tensor> {
-        self.mixture.logit_biases()
-    }
-
-    fn inputs(&self) -> Vec<String> {
-        self.mixture.inputs()
-    }
-
-    fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
-        self.mixture.forward(x, train)
-    }
-
-    fn parts(&self) -> Vec<HeadPart> {
-        self.mixture.parts()
-    }
-
-    fn part_forward(&self, part: &str, x: &Inputs, train: bool) -> Result<Tensor> {
-        self.mixture.part_forward(part, x, train)
-    }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Mixture::new(
+        features,
+        experts,
+        cfg.router_hidden,
+        cfg.dropout,
+        ctx.seed,
+        vb,
+    )?)
 }
