@@ -108,6 +108,13 @@ impl LabelCooccurrence {
         Ok(Self { counts })
     }
 
+    /// Samples carrying each label (the diagonal of the counts).
+    pub fn label_counts(&self) -> Vec<usize> {
+        (0..self.counts.len())
+            .map(|k| self.counts[k][k] as usize)
+            .collect()
+    }
+
     /// P(j | i) `[K][K]`: the share of samples with label i that also have label j (0 for a
     /// label without samples).
     pub fn conditional(&self) -> Vec<Vec<f64>> {

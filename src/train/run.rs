@@ -123,12 +123,11 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
 
     let head_config = head_for_loss(&request.head, &request.loss)?;
     let config = &request.config;
+    let positives = cooccurrence.label_counts();
     let ctx = head_context(&reader, vocab.len(), Some(cooccurrence), config.seed);
     let varmap = VarMap::new();
     let vb = heads::init::seeded_var_builder(&varmap, config.seed, &request.device);
     let head = heads::build(&head_config, &ctx, vb)?;
-    let mut positives = vec![0; vocab.len()];
-    label_sets.iter().flatten().for_each(|&k| positives[k] += 1);
     heads::init::logit_biases_from_prior(head.as_ref(), &varmap, &positives, train_rows.len())?;
     tracing::info!(
         "training {} on {} ({} training / {} validation rows, {} labels) with loss {}",
