@@ -12,7 +12,7 @@ use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_ops::{softmax_last_dim, softmax_row};
+use super::cpu_ops::softmax_row;
 
 /// Which keys a query may attend to.
 #[derive(Clone, Copy, Debug)]
@@ -57,9 +57,11 @@ pub fn attention(
         k.dims(),
         v.dims()
     );
-    if mask.is_some_and(|m| matches!(m, Mask::Causal)) {
-        anyhow::ensure!(tq == tk, "causal attention needs as many queries as keys");
-    }
+    let causal = matches!(mask, Some(Mask::Causal));
+    anyhow::ensure!(
+        !causal || tq == tk,
+        "causal attention needs as many queries as keys"
+    );
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if cpu_f32(q) && cpu_f32(k) && cpu_f32(v) {
         let keep = match mask {
@@ -68,7 +70,7 @@ pub fn attention(
         };
         let op = FusedAttention {
             heads,
-            causal: matches!(mask, Some(Mask::Causal)),
+            causal,
             keep,
         };
         return Ok(q.apply_op3_no_bwd(k, v, &op)?);
@@ -116,7 +118,7 @@ fn attention_ops(
         }
         None => {}
     }
-    let probs = softmax_last_dim(scores)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let out = probs.matmul(&v)?; // [B, H, Tq, dh]
     Ok(out.transpose(1, 2)?.reshape((b, tq, d))?)
 }
@@ -191,32 +193,18 @@ impl CustomOp3 for FusedAttention {
                 let q = &q.data[s * q.batch_stride + h * dh..];
                 let k = &k.data[s * k.batch_stride + h * dh..];
                 let v = &v.data[s * v.batch_stride + h * dh..];
-                // SAFETY: every index the products touch lies inside its slice: rows < tq (tk)
-                // times the row stride plus columns < dh, as the layouts were checked to be
-                // [B, T, D] with a contiguous last dimension; `dst` rows are d apart and this
+                // SAFETY (both products): every index they touch lies inside its slice: rows
+                // < tq (tk) times the row stride plus columns < dh, as the layouts were checked to
+                // be [B, T, D] with a contiguous last dimension; `dst` rows are d apart and this
                 // task's columns h * dh .. (h + 1) * dh belong to it alone.
                 unsafe {
                     // scores = scale * q k^T  [tq, tk]
-                    gemm::gemm(
-                        tq,
-                        tk,
-                        dh,
-                        scores.as_mut_ptr(),
-                        1,
-                        tk as isize,
-                        false,
-                        q.as_ptr(),
-                        1,
-                        q_rs,
-                        k.as_ptr(),
-                        k_rs,
-                        1,
-                        0.0,
+                    product(
+                        (tq, tk, dh),
+                        (scores.as_mut_ptr(), tk as isize),
+                        (q.as_ptr(), q_rs, 1),
+                        (k.as_ptr(), 1, k_rs),
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 let keep = self.keep.as_deref().map(|m| &m[s * tk..(s + 1) * tk]);
@@ -231,30 +219,54 @@ impl CustomOp3 for FusedAttention {
                 // SAFETY: as above.
                 unsafe {
                     // out[s, :, h] = scores v  [tq, dh]
-                    gemm::gemm(
-                        tq,
-                        dh,
-                        tk,
-                        dst.0.add(s * tq * d + h * dh),
-                        1,
-                        d as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        tk as isize,
-                        v.as_ptr(),
-                        1,
-                        v_rs,
-                        0.0,
+                    product(
+                        (tq, dh, tk),
+                        (dst.0.add(s * tq * d + h * dh), d as isize),
+                        (scores.as_ptr(), tk as isize, 1),
+                        (v.as_ptr(), v_rs, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((b, tq, d))))
+    }
+}
+
+/// `dst = scale * lhs rhs` for `(m, n, k)` matrices given as (pointer, row stride, column stride)
+/// (`dst`: pointer and row stride, columns contiguous), single-threaded: the caller parallelises.
+///
+/// # Safety
+/// Every element the strides address must lie in its allocation, and `dst` must not alias.
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, isize),
+    (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, isize, isize),
+    scale: f32,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs,
+            false,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 

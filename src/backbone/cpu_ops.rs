@@ -1,6 +1,6 @@
 //! Fused, in-place, multi-threaded element-wise kernels for the CPU inference path of the
-//! transformer backbones: `y = act(y + bias)` right after a matrix product and `x += y` for
-//! residuals. candle runs each of these as separate single-threaded passes that allocate a new
+//! transformer backbones: `y = act(y + bias)` right after a matrix product, `x += y` for
+//! residuals, and the row softmax of the fused attention ([`super::attention`]). candle runs each of these as separate single-threaded passes that allocate a new
 //! tensor; on two cores that costs as much as a fifth of a ViT forward.
 //!
 //! Activations use vectorisable polynomial approximations of exp and erf (errors ~1e-7 absolute,
@@ -128,29 +128,6 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
     }
 }
 
-struct SoftmaxLastDim;
-
-impl candle_core::InplaceOp1 for SoftmaxLastDim {
-    fn name(&self) -> &'static str {
-        "multiclip-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("softmax: f32 only")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("softmax: contiguous tensors only")
-        };
-        let width = *layout.dims().last().unwrap_or(&1);
-        let chunk = (CHUNK / width).max(1) * width;
-        data[start..end]
-            .par_chunks_mut(chunk)
-            .for_each(|rows| softmax_dispatch(rows, width));
-        Ok(())
-    }
-}
-
 /// Lanes of the explicit 8-wide reductions below: a float sum or max over one accumulator is a
 /// serial dependency chain the compiler may not reorder, eight independent ones vectorise.
 const LANES: usize = 8;
@@ -190,19 +167,6 @@ fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
-#[inline(always)]
-fn softmax_rows(rows: &mut [f32], width: usize) {
-    for row in rows.chunks_exact_mut(width) {
-        softmax_row_impl(row, None);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2(rows: &mut [f32], width: usize) {
-    softmax_rows(rows, width)
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_row_avx2(row: &mut [f32], keep: Option<&[f32]>) {
@@ -216,15 +180,6 @@ fn has_avx2_fma() -> bool {
     false
 }
 
-fn softmax_dispatch(rows: &mut [f32], width: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the enabled features (checked just above).
-        return unsafe { softmax_rows_avx2(rows, width) };
-    }
-    softmax_rows(rows, width)
-}
-
 /// Softmax of one row in place (`keep`: optional 1/0 flags, 0 = probability 0).
 pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>) {
     #[cfg(target_arch = "x86_64")]
@@ -233,15 +188,6 @@ pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>) {
         return unsafe { softmax_row_avx2(row, keep) };
     }
     softmax_row_impl(row, keep)
-}
-
-/// Softmax over the last dimension; in place on a CPU f32 tensor the caller owns.
-pub fn softmax_last_dim(x: Tensor) -> Result<Tensor> {
-    if is_cpu_f32(&x) {
-        x.inplace_op1(&SoftmaxLastDim)?;
-        return Ok(x);
-    }
-    Ok(candle_nn::ops::softmax_last_dim(&x)?)
 }
 
 /// Whether `t` can take the in-place CPU kernels.
@@ -372,10 +318,16 @@ mod tests {
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{act:?}: {diff}");
         }
-        let want = candle_nn::ops::softmax_last_dim(&x)?;
-        let got = softmax_last_dim(x.copy()?)?;
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "softmax: {diff}");
+        let want = candle_nn::ops::softmax_last_dim(&x)?.to_vec2::<f32>()?;
+        for (mut row, want) in x.to_vec2::<f32>()?.into_iter().zip(want) {
+            softmax_row(&mut row, None);
+            let diff = row
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-6, "softmax: {diff}");
+        }
         let got = residual_add(&x, b.broadcast_as((37, 24))?.contiguous()?)?;
         let want = x.broadcast_add(&b)?;
         assert_eq!(
