@@ -4,12 +4,13 @@
 //! optional probabilities file.
 
 use crate::cache::CacheReader;
+use crate::cache::files::sha256_file;
 use crate::data::Record;
 use crate::data::labels::LabelVocab;
 use crate::data::split::Split;
 use crate::heads::{self, Head, HeadContext};
 use crate::metrics::{self, LabelMetrics, Metrics};
-use crate::train::checkpoint::{Checkpoint, CheckpointMeta, sha256_file};
+use crate::train::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::train::inference::{Scores, score_rows};
 use crate::train::rows_for_ids;
 use crate::train::run::labelled_records;

@@ -5,14 +5,14 @@
 //! errors name the tensor and the file.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+
+use crate::cache::files::sha256_file;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
-use sha2::{Digest, Sha256};
 
 /// One `family:location` part of a backbone spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,24 +181,6 @@ impl ModelDir {
             self.location
         )
     }
-}
-
-/// sha256 (hex) of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// (file name, sha256) of each weight file.

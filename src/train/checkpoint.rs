@@ -362,13 +362,6 @@ fn create_exclusive(dir: &Path, name: &str) -> Result<Option<fs::File>> {
     }
 }
 
-/// Hex SHA-256 of a file's bytes (for the split file).
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

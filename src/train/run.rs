@@ -3,11 +3,12 @@
 
 use super::checkpoint::{
     CacheIdentity, Checkpoint, CheckpointMeta, FORMAT_VERSION, NameParts, SplitRef,
-    backbone_short_name, sha256_file,
+    backbone_short_name,
 };
 use super::targets::Targets;
 use super::{TrainConfig, TrainData, TrainOutcome, fit, rows_for_ids};
 use crate::cache::CacheReader;
+use crate::cache::files::sha256_file;
 use crate::data::labels::{LABELS_FILE, LabelVocab};
 use crate::data::split::Split;
 use crate::data::{Dataset, Part, Record};
