@@ -16,7 +16,6 @@
 //! thus overlap the model, and memory stays bounded by `prefetch` batches plus one shard.
 
 use crate::backbone::{Backbone, Prepared, Sample};
-use crate::cache::files::sha256_file;
 use crate::cache::manifest::FORMAT_VERSION;
 use crate::cache::verify::DatasetRows;
 use crate::cache::{
@@ -24,6 +23,7 @@ use crate::cache::{
     StoredOutput, WorkerSlot,
 };
 use crate::data::{Dataset, Part, image::load_rgb};
+use crate::files::sha256_file;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;

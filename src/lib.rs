@@ -8,6 +8,7 @@ pub mod backbone;
 pub mod cache;
 pub mod data;
 pub mod extract;
+pub mod files;
 pub mod heads;
 pub mod loss;
 pub mod metrics;

@@ -4,10 +4,10 @@
 //! optional probabilities file.
 
 use crate::cache::CacheReader;
-use crate::cache::files::sha256_file;
 use crate::data::Record;
 use crate::data::labels::LabelVocab;
 use crate::data::split::Split;
+use crate::files::sha256_file;
 use crate::heads::{self, Head, HeadContext};
 use crate::metrics::{self, LabelMetrics, Metrics};
 use crate::train::checkpoint::{Checkpoint, CheckpointMeta};

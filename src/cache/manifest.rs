@@ -3,9 +3,9 @@
 //! version); its [`CacheHeader::fingerprint`] is stamped into every shard, part and manifest so a
 //! re-run with other settings into the same directory is refused instead of mixing caches.
 
-use super::files;
 use super::layout::MANIFEST_FILE;
 use crate::backbone::{BackboneInfo, OutputKind, OutputSpec};
+use crate::files;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -24,7 +24,7 @@
 //! numbers (`0..len()`) count stored rows only.
 //!
 //! **Crash safety.** Every file is written to a temporary name in the same directory, fsynced,
-//! renamed into place and the directory fsynced ([`files::write_atomic`]). A shard file that exists
+//! renamed into place and the directory fsynced ([`crate::files::write_atomic`]). A shard file that exists
 //! under its final name is complete; a re-run recomputes only the missing ones. Shard bytes depend
 //! only on the settings recorded in the manifest header (no timestamps, one metadata key), so an
 //! interrupted-then-resumed run and a multi-worker run produce byte-identical files.
@@ -34,7 +34,6 @@
 //! [`reader`] (memory-mapped reading), [`batches`] (batch iteration), [`verify`] and [`merge`].
 
 pub mod batches;
-pub mod files;
 pub mod layout;
 pub mod manifest;
 pub mod merge;

@@ -2,10 +2,10 @@
 //! row ranges against the manifest, and (when given) the manifest's dataset against the dataset
 //! itself. Every problem names the file it is about; nothing stops at the first one.
 
-use super::files;
 use super::layout::{MANIFEST_FILE, PARTS_DIR, shard_file_name, shard_ranges};
 use super::manifest::{DatasetFingerprint, Manifest, ShardEntry};
 use super::shard::ShardLayout;
+use crate::files;
 use anyhow::Result;
 use rayon::prelude::*;
 use std::fs::{self, File};

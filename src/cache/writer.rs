@@ -2,12 +2,12 @@
 //! computing (for this worker), writes each completed [`ShardBuilder`] atomically, and finally
 //! writes `manifest.json` (single process) or this worker's part (`parts/worker-I-of-N.json`).
 
-use super::files::{self, remove_stale_temps, write_atomic};
 use super::layout::{
     MANIFEST_FILE, PARTS_DIR, WorkerSlot, part_file_name, shard_file_name, shard_ranges,
 };
 use super::manifest::{CacheHeader, Manifest, ShardEntry, SkippedRow, StoredDtype, StoredOutput};
 use super::shard::{self, ShardLayout, ShardMeta};
+use crate::files::{self, remove_stale_temps, write_atomic};
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;

@@ -8,10 +8,10 @@ use super::checkpoint::{
 use super::targets::Targets;
 use super::{TrainConfig, TrainData, TrainOutcome, fit, rows_for_ids};
 use crate::cache::CacheReader;
-use crate::cache::files::sha256_file;
 use crate::data::labels::{LABELS_FILE, LabelVocab};
 use crate::data::split::Split;
 use crate::data::{Dataset, Part, Record};
+use crate::files::sha256_file;
 use crate::heads::{self, HeadConfig, LabelCooccurrence};
 use crate::loss::Loss;
 use crate::predict::head_context;

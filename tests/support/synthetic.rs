@@ -102,7 +102,7 @@ impl Synthetic {
     /// Writes the cache of the dataset in `data_dir` (whose train.csv must exist) into `dir`.
     pub fn write_cache(&self, data_dir: &Path, dir: &Path) -> Result<()> {
         let csv = data_dir.join("train.csv");
-        let sha256 = multiclip::cache::files::sha256_file(&csv)?;
+        let sha256 = multiclip::files::sha256_file(&csv)?;
         let header = CacheHeader {
             format_version: FORMAT_VERSION,
             tool_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -1,6 +1,8 @@
-//! Crash-safe file writing and checksums: write to a temporary name beside the target, fsync,
-//! rename into place, fsync the directory. A reader (or a re-run after `kill -9`) therefore sees
-//! either the complete old state or the complete new file, never a partial one.
+//! Crash-safe file writing and checksums, at the bottom of the crate so that every stage can use
+//! them (the cache's shards and manifest, weight and csv hashes in backbone, extract, train and
+//! predict). Writing goes to a temporary name beside the target, fsync, rename into place, fsync
+//! the directory: a reader (or a re-run after `kill -9`) therefore sees either the complete old
+//! state or the complete new file, never a partial one.
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
