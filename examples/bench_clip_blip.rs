@@ -51,7 +51,7 @@ fn main() -> Result<()> {
                 Ok(())
             })?;
             println!("clip image forward: {rate:.2} img/s (batch {batch})");
-            let n = tokens.unwrap_or(model.max_text_tokens());
+            let n = tokens.unwrap_or(cfg.text_config.max_position_embeddings);
             let ids: Vec<Vec<u32>> = (0..batch)
                 .map(|i| {
                     let mut row: Vec<u32> = (0..n as u32)

@@ -197,10 +197,6 @@ impl BlipItmModel {
         })
     }
 
-    pub fn max_text_tokens(&self) -> usize {
-        self.text.max_positions()
-    }
-
     /// `pixels` [B, 3, S, S]; `ids`, `keep` row-major [B, T] as the tokenizer pads them (right
     /// padding, 1 = token).
     pub fn forward(&self, pixels: &Tensor, ids: &[u32], keep: &[u8]) -> Result<BlipFeatures> {

@@ -166,7 +166,7 @@ impl BlipTextEncoder {
         })
     }
 
-    pub fn max_positions(&self) -> usize {
+    fn max_positions(&self) -> usize {
         self.position_embeddings.dim(0).expect("2-D position table")
     }
 

@@ -389,11 +389,6 @@ impl ClipModel {
         self.text.token_embedding.device()
     }
 
-    /// Number of text positions (77 for every OpenAI checkpoint).
-    pub fn max_text_tokens(&self) -> usize {
-        self.text.max_positions()
-    }
-
     /// pixels [B, 3, S, S] (CLIP-normalised) -> (`image` [B, P] L2-normalised, `image_tokens`
     /// [B, 1 + patches, D] after `post_layernorm` when `with_tokens`).
     pub fn image_features(

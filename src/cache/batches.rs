@@ -42,11 +42,6 @@ impl BatchPlan {
             next: 0,
         })
     }
-
-    /// Batches in total (including those already taken).
-    pub fn num_batches(&self) -> usize {
-        self.rows.len().div_ceil(self.batch_size)
-    }
 }
 
 impl Iterator for BatchPlan {
