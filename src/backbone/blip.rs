@@ -27,9 +27,10 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
+use super::activation::Activation;
 use super::blip_text::{BlipTextConfig, BlipTextEncoder};
 use super::clip::{batch_images, encode, l2_normalize, load_tokenizer};
-use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
+use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};

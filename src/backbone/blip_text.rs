@@ -8,9 +8,10 @@ use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::activation::Activation;
 use super::attention::{Mask, attention};
 use super::cpu_ops::residual_add;
-use super::layers::{Activation, LayerNorm, Linear};
+use super::layers::{LayerNorm, Linear};
 
 /// `text_config` of a BLIP `config.json`; missing fields take transformers' defaults.
 #[derive(Clone, Debug, Deserialize)]

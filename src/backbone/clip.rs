@@ -30,8 +30,9 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use super::activation::Activation;
 use super::attention::Mask;
-use super::layers::{Activation, LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
+use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};

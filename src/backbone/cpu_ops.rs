@@ -10,7 +10,7 @@ use anyhow::Result;
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use rayon::prelude::*;
 
-use super::layers::Activation;
+use super::activation::Activation;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;

@@ -12,9 +12,10 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
+use super::activation::Activation;
 use super::attention::self_attention;
 use super::cpu_ops::residual_add;
-use super::layers::{Activation, Linear};
+use super::layers::Linear;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
 use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};

@@ -1,51 +1,16 @@
-//! Inference building blocks shared by the transformer backbones: activations by their Hugging
-//! Face names, a linear layer that runs as one matrix product over all tokens (bias and
-//! activation fused on the CPU), layer norm, the pre-norm ViT/CLIP encoder layer, the ViT patch
-//! embedding as one matrix product and the ViT input tokens; attention is in [`super::attention`].
+//! Inference building blocks shared by the transformer backbones: a linear layer that runs as
+//! one matrix product over all tokens (bias and activation fused on the CPU), layer norm, the
+//! pre-norm ViT/CLIP encoder layer, the ViT patch embedding as one matrix product and the ViT
+//! input tokens; attention is in [`super::attention`], activations in [`super::activation`].
 //! Frozen weights only: the fast, gradient-free candle kernels are fine.
 
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::activation::Activation;
 use super::attention::{Mask, attention};
 use super::cpu_ops::{bias_act, residual_add};
-
-/// A feed-forward activation, named as in Hugging Face configs (`hidden_act`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// Exact GELU (erf), `gelu` in transformers.
-    Gelu,
-    /// Tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`).
-    GeluTanh,
-    /// `quick_gelu`: x * sigmoid(1.702 x), used by OpenAI's CLIP.
-    QuickGelu,
-    Relu,
-    Silu,
-}
-
-impl Activation {
-    pub fn from_hf(name: &str) -> Result<Self> {
-        Ok(match name {
-            "gelu" => Self::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
-            "quick_gelu" => Self::QuickGelu,
-            "relu" => Self::Relu,
-            "silu" | "swish" => Self::Silu,
-            other => bail!("activation `{other}` is not supported"),
-        })
-    }
-
-    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Gelu => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Self::Relu => x.relu(),
-            Self::Silu => x.silu(),
-        }
-    }
-}
 
 /// Mean over `dim` 1 of `[batch, seq, dim]` rows where `mask` (`[batch, seq]`, 1/0 f32) is 1.
 pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -286,15 +251,6 @@ mod tests {
             .to_scalar::<f32>()?;
         assert!(diff < 1e-4, "max diff {diff}");
         Ok(())
-    }
-
-    #[test]
-    fn unknown_activation_is_an_error() {
-        assert!(Activation::from_hf("swish_v9").is_err());
-        assert_eq!(
-            Activation::from_hf("quick_gelu").unwrap(),
-            Activation::QuickGelu
-        );
     }
 }
 

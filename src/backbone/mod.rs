@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub mod activation;
 pub mod attention;
 pub mod blip;
 pub mod blip_text;

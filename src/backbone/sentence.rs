@@ -12,9 +12,10 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
+use super::activation::Activation;
 use super::attention::{Mask, self_attention};
 use super::cpu_ops::residual_add;
-use super::layers::{Activation, Linear, masked_mean};
+use super::layers::{Linear, masked_mean};
 use super::source::{ModelDir, load_weights};
 use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
