@@ -30,11 +30,11 @@ use tokenizers::Tokenizer;
 use super::activation::Activation;
 use super::blip_text::{BlipTextConfig, BlipTextEncoder};
 use super::clip::{batch_images, encode, l2_normalize, load_tokenizer};
+use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
-use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
 /// Caption template of the original: `{caption}` is replaced by the caption after
 /// [`blip_caption_case`].

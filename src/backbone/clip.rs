@@ -32,11 +32,11 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::activation::Activation;
 use super::attention::Mask;
+use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
-use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
 /// `config.json` of a `CLIPModel`; missing fields take transformers' defaults.
 #[derive(Clone, Debug, Deserialize)]

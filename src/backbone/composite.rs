@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use candle_core::Tensor;
 
-use super::{Backbone, BackboneInfo, OutputSpec, Prepared, Sample};
+use super::contract::{Backbone, BackboneInfo, OutputSpec, Prepared, Sample};
 
 pub struct CompositeBackbone {
     id: String,

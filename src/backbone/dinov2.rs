@@ -14,11 +14,11 @@ use serde::Deserialize;
 
 use super::activation::Activation;
 use super::attention::self_attention;
+use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::cpu_ops::residual_add;
 use super::layers::Linear;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
-use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
 /// The fields of `Dinov2Config` the forward pass needs.
 #[derive(Clone, Debug, Deserialize)]

@@ -14,10 +14,10 @@ use tokenizers::Tokenizer;
 
 use super::activation::Activation;
 use super::attention::{Mask, self_attention};
+use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::cpu_ops::residual_add;
 use super::layers::{Linear, masked_mean};
 use super::source::{ModelDir, load_weights};
-use super::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
 /// The fields of `BertConfig` the forward pass needs.
 #[derive(Clone, Debug, Deserialize)]
