@@ -14,7 +14,8 @@ use candle_nn::VarBuilder;
 use multiclip::backbone::blip::{
     BLIP_DEFAULT_TEMPLATE, BLIP_TEXT_TOKENS, BlipConfig, BlipItmModel, blip_caption_case,
 };
-use multiclip::backbone::clip::{ClipConfig, ClipModel, encode, load_tokenizer};
+use multiclip::backbone::clip::{ClipConfig, ClipModel};
+use multiclip::backbone::text::{encode, load_tokenizer};
 use multiclip::backbone::{self, OutputKind, Sample};
 
 const TOLERANCE: f32 = 1e-4;

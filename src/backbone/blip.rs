@@ -29,12 +29,13 @@ use tokenizers::Tokenizer;
 
 use super::activation::Activation;
 use super::blip_text::{BlipTextConfig, BlipTextEncoder};
-use super::clip::{batch_images, encode, l2_normalize, load_tokenizer};
+use super::clip::l2_normalize;
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
+use super::text::{encode, load_tokenizer};
 
 /// Caption template of the original: `{caption}` is replaced by the caption after
 /// [`blip_caption_case`].
@@ -335,7 +336,7 @@ impl Backbone for BlipBackbone {
     }
 
     fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
-        let pixels = self.preprocess.batch(&batch_images(batch)?, &self.device)?;
+        let pixels = self.preprocess.batch(batch, &self.device)?;
         let mut ids = Vec::with_capacity(batch.len() * BLIP_TEXT_TOKENS);
         let mut keep = Vec::with_capacity(batch.len() * BLIP_TEXT_TOKENS);
         for s in batch {

@@ -28,7 +28,7 @@ use anyhow::{Context, Result};
 use candle_core::{D, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
 
 use super::activation::Activation;
 use super::attention::Mask;
@@ -37,6 +37,7 @@ use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddin
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
+use super::text::{encode, load_tokenizer};
 
 /// `config.json` of a `CLIPModel`; missing fields take transformers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -312,44 +313,6 @@ pub fn eos_position(ids: &[u32], eos_token_id: u32) -> usize {
     }
 }
 
-/// Loads `tokenizer.json` with truncation to `max_length` tokens (special tokens included, so
-/// the end token survives) and, when `pad_id` is given, padding to exactly `max_length` with that
-/// id; any truncation or padding stored in the file is replaced.
-pub fn load_tokenizer(path: &Path, max_length: usize, pad_id: Option<u32>) -> Result<Tokenizer> {
-    let mut tok = Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("reading tokenizer {}: {e}", path.display()))?;
-    tok.with_truncation(Some(TruncationParams {
-        max_length,
-        ..Default::default()
-    }))
-    .map_err(|e| anyhow::anyhow!("tokenizer {}: {e}", path.display()))?;
-    let padding = match pad_id {
-        Some(pad_id) => {
-            let pad_token = tok.id_to_token(pad_id).with_context(|| {
-                format!("tokenizer {} has no pad token id {pad_id}", path.display())
-            })?;
-            Some(PaddingParams {
-                strategy: PaddingStrategy::Fixed(max_length),
-                pad_id,
-                pad_token,
-                ..Default::default()
-            })
-        }
-        None => None,
-    };
-    tok.with_padding(padding);
-    Ok(tok)
-}
-
-/// Encodes one caption with special tokens; returns (ids, attention mask).
-pub fn encode(tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, Vec<u8>)> {
-    let enc = tok
-        .encode(text, true)
-        .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
-    let mask = enc.get_attention_mask().iter().map(|&m| m as u8).collect();
-    Ok((enc.get_ids().to_vec(), mask))
-}
-
 /// Rows divided by their L2 norm (`x / ||x||`, as transformers' retrieval heads do).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
@@ -419,18 +382,6 @@ impl ClipModel {
         let pooled = self.text.forward(ids)?;
         l2_normalize(&self.text_projection.forward(&pooled)?)
     }
-}
-
-/// Images of a batch, decoded and checked.
-pub(crate) fn batch_images(batch: &[Sample]) -> Result<Vec<&image::RgbImage>> {
-    batch
-        .iter()
-        .map(|s| {
-            s.image
-                .as_ref()
-                .with_context(|| format!("sample {} has no image", s.id))
-        })
-        .collect()
 }
 
 /// The `clip` backbone: outputs `image`, `text` and, with `image_tokens=true`, `image_tokens`.
@@ -528,7 +479,7 @@ impl Backbone for ClipBackbone {
     }
 
     fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
-        let pixels = self.preprocess.batch(&batch_images(batch)?, &self.device)?;
+        let pixels = self.preprocess.batch(batch, &self.device)?;
         let ids = batch
             .iter()
             .map(|s| {

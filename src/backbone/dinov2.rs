@@ -339,15 +339,7 @@ impl Backbone for Dinov2Backbone {
     }
 
     fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
-        let images = batch
-            .iter()
-            .map(|s| {
-                s.image
-                    .as_ref()
-                    .with_context(|| format!("sample {} has no image", s.id))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Box::new(self.preprocess.batch(&images, &self.device)?))
+        Ok(Box::new(self.preprocess.batch(batch, &self.device)?))
     }
 
     fn forward(&self, prepared: Prepared) -> Result<Vec<Tensor>> {

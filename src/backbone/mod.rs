@@ -22,6 +22,7 @@ pub mod options;
 pub mod preprocess;
 pub mod sentence;
 pub mod source;
+pub mod text;
 
 pub use contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 

@@ -15,6 +15,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::contract::Sample;
+
 /// How the image is resized before cropping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -240,9 +242,18 @@ impl ImagePreprocess {
         (out, (h, w))
     }
 
-    /// Preprocesses a batch in parallel into one `[batch, 3, H, W]` tensor. All images must come
-    /// out the same size (always true with a crop or an exact resize).
-    pub fn batch(&self, images: &[&RgbImage], device: &Device) -> Result<Tensor> {
+    /// Preprocesses the images of a batch (every sample must have one) in parallel into one
+    /// `[batch, 3, H, W]` tensor. All images must come out the same size (always true with a crop
+    /// or an exact resize).
+    pub fn batch(&self, samples: &[Sample], device: &Device) -> Result<Tensor> {
+        let images = samples
+            .iter()
+            .map(|s| {
+                s.image
+                    .as_ref()
+                    .with_context(|| format!("sample {} has no image", s.id))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let processed: Vec<(Vec<f32>, (u32, u32))> =
             images.par_iter().map(|image| self.apply(image)).collect();
         let Some((_, (h, w))) = processed.first() else {

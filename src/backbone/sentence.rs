@@ -18,6 +18,7 @@ use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, 
 use super::cpu_ops::residual_add;
 use super::layers::{Linear, masked_mean};
 use super::source::{ModelDir, load_weights};
+use super::text::{read_tokenizer, set_length};
 
 /// The fields of `BertConfig` the forward pass needs.
 #[derive(Clone, Debug, Deserialize)]
@@ -210,8 +211,7 @@ impl SentenceBackbone {
     pub fn load(id: &str, dir: &ModelDir, device: &Device) -> Result<Self> {
         let config: Config = dir.json("config.json")?;
         let tokenizer_path = dir.file("tokenizer.json")?;
-        let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", tokenizer_path.display()))?;
+        let mut tokenizer = read_tokenizer(&tokenizer_path)?;
         // sentence-transformers truncates at max_seq_length, else the tokenizer's own limit.
         let st_limit = match dir.optional_file("sentence_bert_config.json")? {
             Some(_) => {
@@ -224,15 +224,7 @@ impl SentenceBackbone {
             .or_else(|| tokenizer.get_truncation().map(|t| t.max_length))
             .unwrap_or(config.max_position_embeddings)
             .min(config.max_position_embeddings);
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_tokens,
-                ..Default::default()
-            }))
-            .map_err(|e| {
-                anyhow::anyhow!("cannot set truncation on {}: {e}", tokenizer_path.display())
-            })?;
+        set_length(&mut tokenizer, &tokenizer_path, max_tokens, None)?;
         let pooling = match dir.optional_file("1_Pooling/config.json")? {
             None => Pooling::Mean,
             Some(_) => {
