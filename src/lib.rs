@@ -16,4 +16,5 @@ pub mod pipeline;
 pub mod predict;
 pub mod report;
 pub mod runtime;
+pub mod tensor_ops;
 pub mod train;

@@ -29,13 +29,13 @@ use tokenizers::Tokenizer;
 
 use super::activation::Activation;
 use super::blip_text::{BlipTextConfig, BlipTextEncoder};
-use super::clip::l2_normalize;
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
 use super::text::{encode, load_tokenizer};
+use crate::tensor_ops::l2_normalize;
 
 /// Caption template of the original: `{caption}` is replaced by the caption after
 /// [`blip_caption_case`].

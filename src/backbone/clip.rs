@@ -38,6 +38,7 @@ use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
 use super::text::{encode, load_tokenizer};
+use crate::tensor_ops::l2_normalize;
 
 /// `config.json` of a `CLIPModel`; missing fields take transformers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -313,12 +314,6 @@ pub fn eos_position(ids: &[u32], eos_token_id: u32) -> usize {
     }
 }
 
-/// Rows divided by their L2 norm (`x / ||x||`, as transformers' retrieval heads do).
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    Ok(x.broadcast_div(&norm)?)
-}
-
 /// A `CLIPModel` without the logit scale.
 #[derive(Clone, Debug)]
 pub struct ClipModel {
@@ -380,7 +375,7 @@ impl ClipModel {
     /// after the end token is ignored) -> `text` [B, P] L2-normalised.
     pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         let pooled = self.text.forward(ids)?;
-        l2_normalize(&self.text_projection.forward(&pooled)?)
+        Ok(l2_normalize(&self.text_projection.forward(&pooled)?)?)
     }
 }
 

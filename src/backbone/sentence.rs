@@ -19,6 +19,7 @@ use super::cpu_ops::residual_add;
 use super::layers::{Linear, masked_mean};
 use super::source::{ModelDir, load_weights};
 use super::text::{read_tokenizer, set_length};
+use crate::tensor_ops::l2_normalize;
 
 /// The fields of `BertConfig` the forward pass needs.
 #[derive(Clone, Debug, Deserialize)]
@@ -285,13 +286,7 @@ impl SentenceBackbone {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
         };
         if self.normalize {
-            // sentence-transformers: x / max(||x||, 1e-12)
-            let norm = pooled
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12, f64::MAX)?;
-            Ok(pooled.broadcast_div(&norm)?)
+            Ok(l2_normalize(&pooled)?)
         } else {
             Ok(pooled)
         }
