@@ -1,7 +1,8 @@
 //! Tensor maths shared by the frozen backbones and the trainable heads, at the bottom of the crate
-//! so that both import it from here: L2 normalisation of rows as torch's `F.normalize` does it.
+//! so that both import it from here: L2 normalisation of rows as torch's `F.normalize` does it,
+//! and the mean of a token sequence over its real (unmasked) tokens.
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 
 /// Rows (the last dimension) divided by their L2 norm, `x / max(||x||, 1e-12)`: torch's
 /// `F.normalize(x, dim=-1)`, which BLIP's retrieval head and sentence-transformers' `Normalize`
@@ -17,6 +18,21 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&norm)
 }
 
+/// Mean of `[B, T, D]` tokens over the positions where `mask` `[B, T]` is non-zero (all positions
+/// without a mask): sentence-transformers' mean pooling, and the heads' pooling of cached token
+/// sequences. A sample without any real token gives zeros.
+pub fn masked_mean(tokens: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        None => tokens.mean(1),
+        Some(mask) => {
+            let mask = mask.ne(0f32)?.to_dtype(DType::F32)?; // [B, T]
+            let summed = tokens.broadcast_mul(&mask.unsqueeze(D::Minus1)?)?.sum(1)?;
+            let count = mask.sum_keepdim(1)?.clamp(1f32, f32::INFINITY)?;
+            summed.broadcast_div(&count)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -28,6 +44,27 @@ mod tests {
         assert_eq!(
             l2_normalize(&x)?.to_vec2::<f32>()?,
             vec![vec![0.6, 0.8], vec![0.0, 0.0]]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn masked_mean_averages_real_tokens_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let tokens = Tensor::new(&[[[1f32, 2.0], [3.0, 4.0], [50.0, 60.0]]], &dev)?;
+        let mask = Tensor::new(&[[1f32, 1.0, 0.0]], &dev)?;
+        assert_eq!(
+            masked_mean(&tokens, Some(&mask))?.to_vec2::<f32>()?,
+            vec![vec![2.0, 3.0]]
+        );
+        let none = Tensor::zeros((1, 3), DType::F32, &dev)?;
+        assert_eq!(
+            masked_mean(&tokens, Some(&none))?.to_vec2::<f32>()?,
+            vec![vec![0.0, 0.0]]
+        );
+        assert_eq!(
+            masked_mean(&tokens, None)?.to_vec2::<f32>()?,
+            vec![vec![18.0, 22.0]]
         );
         Ok(())
     }

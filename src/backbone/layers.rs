@@ -12,13 +12,6 @@ use super::activation::Activation;
 use super::attention::{Mask, attention};
 use super::cpu_ops::{bias_act, residual_add};
 
-/// Mean over `dim` 1 of `[batch, seq, dim]` rows where `mask` (`[batch, seq]`, 1/0 f32) is 1.
-pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let summed = x.broadcast_mul(&mask.unsqueeze(D::Minus1)?)?.sum(1)?;
-    let counts = mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
-    Ok(summed.broadcast_div(&counts)?)
-}
-
 /// A dense layer `y = x W^T + b` over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
 pub struct Linear {

@@ -16,10 +16,10 @@ use super::activation::Activation;
 use super::attention::{Mask, self_attention};
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::cpu_ops::residual_add;
-use super::layers::{Linear, masked_mean};
+use super::layers::Linear;
 use super::source::{ModelDir, load_weights};
 use super::text::{read_tokenizer, set_length};
-use crate::tensor_ops::l2_normalize;
+use crate::tensor_ops::{l2_normalize, masked_mean};
 
 /// The fields of `BertConfig` the forward pass needs.
 #[derive(Clone, Debug, Deserialize)]
@@ -281,8 +281,7 @@ impl SentenceBackbone {
         let mask = Tensor::from_vec(mask, (rows.len(), seq), &self.device)?;
         let hidden = self.model.forward(&ids, padded.then_some(&mask))?;
         let pooled = match self.pooling {
-            Pooling::Mean if padded => masked_mean(&hidden, &mask)?,
-            Pooling::Mean => hidden.mean(1)?,
+            Pooling::Mean => masked_mean(&hidden, padded.then_some(&mask))?,
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
         };
         if self.normalize {

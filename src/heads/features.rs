@@ -2,10 +2,11 @@
 //! a masked mean, and the error that names a missing cache output.
 
 use anyhow::{Context, bail};
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::layers::as_f32;
 use super::{HeadContext, Inputs};
+use crate::tensor_ops::masked_mean;
 
 /// The mask output that goes with token sequence `name`: `<stem>_mask` where `name` is
 /// `<stem>_tokens` (`multimodal_tokens` -> `multimodal_mask`), else `<name>_mask`.
@@ -135,20 +136,6 @@ impl Feature {
             ),
         };
         l2_normalise_rows(&pooled)
-    }
-}
-
-/// Mean of `[B, T, D]` tokens over the positions where `mask` `[B, T]` is non-zero (all positions
-/// without a mask). A sample without any real token gives zeros.
-pub fn masked_mean(tokens: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    match mask {
-        None => tokens.mean(1),
-        Some(mask) => {
-            let mask = mask.ne(0f32)?.to_dtype(DType::F32)?; // [B, T]
-            let summed = tokens.broadcast_mul(&mask.unsqueeze(D::Minus1)?)?.sum(1)?;
-            let count = mask.sum_keepdim(1)?.clamp(1f32, f32::INFINITY)?;
-            summed.broadcast_div(&count)
-        }
     }
 }
 
