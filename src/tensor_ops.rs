@@ -1,8 +1,45 @@
 //! Tensor maths shared by the frozen backbones and the trainable heads, at the bottom of the crate
 //! so that both import it from here: L2 normalisation of rows as torch's `F.normalize` does it,
-//! and the mean of a token sequence over its real (unmasked) tokens.
+//! the mean of a token sequence over its real (unmasked) tokens, and what the fused CPU kernels of
+//! both (`backbone::cpu_ops` and `backbone::attention` for inference, `heads::fused` with backward
+//! passes for training) have in common: when they apply ([`is_cpu_f32`]), their task size
+//! ([`CHUNK`]) and their access to a contiguous tensor's data ([`contiguous_f32`]).
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{CpuStorage, D, DType, Layout, Result, Tensor};
+
+/// Elements per parallel task of the element-wise CPU kernels: enough work per rayon task to beat
+/// its scheduling cost.
+pub const CHUNK: usize = 1 << 14;
+
+/// Whether `t` is an f32 tensor on the CPU: the tensors the fused CPU kernels take (others go
+/// through candle's ops).
+pub fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The f32 data of a contiguous tensor in a custom op's `cpu_fwd`; `op` names the op in errors.
+pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input is not contiguous"),
+    }
+}
+
+/// [`contiguous_f32`] for an in-place op.
+pub fn contiguous_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 only")
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
+        None => candle_core::bail!("{op}: input is not contiguous"),
+    }
+}
 
 /// Rows (the last dimension) divided by their L2 norm, `x / max(||x||, 1e-12)`: torch's
 /// `F.normalize(x, dim=-1)`, which BLIP's retrieval head and sentence-transformers' `Normalize`

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use super::cpu_ops::softmax_row;
+use crate::tensor_ops::is_cpu_f32;
 
 /// Which keys a query may attend to.
 #[derive(Clone, Copy, Debug)]
@@ -62,8 +63,7 @@ pub fn attention(
         !causal || tq == tk,
         "causal attention needs as many queries as keys"
     );
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if cpu_f32(q) && cpu_f32(k) && cpu_f32(v) {
+    if is_cpu_f32(q) && is_cpu_f32(k) && is_cpu_f32(v) {
         let keep = match mask {
             Some(Mask::Keys(m)) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
             _ => None,

@@ -7,13 +7,11 @@
 //! far below the 1e-4 parity tolerance). Other devices and dtypes go through candle's own ops.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, DType, Layout, Tensor};
+use candle_core::{CpuStorage, Layout, Tensor};
 use rayon::prelude::*;
 
 use super::activation::Activation;
-
-/// Elements per parallel task.
-const CHUNK: usize = 1 << 14;
+use crate::tensor_ops::{CHUNK, contiguous_f32, contiguous_f32_mut, is_cpu_f32};
 
 /// exp(x) for f32 (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp).
 #[inline(always)]
@@ -113,13 +111,7 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("bias-act: f32 only")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bias-act: contiguous tensors only")
-        };
-        let data = &mut data[start..end];
+        let data = contiguous_f32_mut(storage, layout, self.name())?;
         let width = self.bias.map_or(1, <[f32]>::len);
         let chunk = (CHUNK / width).max(1) * width;
         data.par_chunks_mut(chunk)
@@ -191,8 +183,8 @@ pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>) {
 }
 
 /// Whether `t` can take the in-place CPU kernels.
-fn is_cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+fn is_inplace_ready(t: &Tensor) -> bool {
+    is_cpu_f32(t) && t.is_contiguous()
 }
 
 /// `act(y + bias)` with `bias` broadcast over the last dimension; in place on a CPU f32 `y`
@@ -205,7 +197,7 @@ pub fn bias_act(
     if bias.is_none() && act.is_none() {
         return Ok(y);
     }
-    if is_cpu_f32(&y) {
+    if is_inplace_ready(&y) {
         y.inplace_op1(&BiasAct {
             bias: bias.map(|(_, host)| host),
             act,
@@ -236,16 +228,10 @@ impl candle_core::InplaceOp2 for AddAssign {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
-            candle_core::bail!("add-assign: f32 only")
-        };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("add-assign: contiguous tensors only")
-        };
-        a[a0..a1]
-            .par_chunks_mut(CHUNK)
-            .zip(b[b0..b1].par_chunks(CHUNK))
+        let b = contiguous_f32(s2, l2, self.name())?;
+        let a = contiguous_f32_mut(s1, l1, self.name())?;
+        a.par_chunks_mut(CHUNK)
+            .zip(b.par_chunks(CHUNK))
             .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(x, y)| *x += y));
         Ok(())
     }
@@ -253,7 +239,7 @@ impl candle_core::InplaceOp2 for AddAssign {
 
 /// `x + y` (same shape); in place into `y` on the CPU (the caller must own `y`).
 pub fn residual_add(x: &Tensor, y: Tensor) -> Result<Tensor> {
-    if is_cpu_f32(x) && is_cpu_f32(&y) && x.dims() == y.dims() {
+    if is_inplace_ready(x) && is_inplace_ready(&y) && x.dims() == y.dims() {
         y.inplace_op2(x, &AddAssign)?;
         return Ok(y);
     }

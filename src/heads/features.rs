@@ -2,11 +2,11 @@
 //! a masked mean, and the error that names a missing cache output.
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::layers::as_f32;
 use super::{HeadContext, Inputs};
-use crate::tensor_ops::masked_mean;
+use crate::tensor_ops::{is_cpu_f32, masked_mean};
 
 /// The mask output that goes with token sequence `name`: `<stem>_mask` where `name` is
 /// `<stem>_tokens` (`multimodal_tokens` -> `multimodal_mask`), else `<name>_mask`.
@@ -141,7 +141,7 @@ impl Feature {
 
 /// Each row of `[B, D]` scaled to unit L2 norm (an all-zero row stays zero).
 pub fn l2_normalise_rows(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+    if is_cpu_f32(x) && !x.track_op() {
         return super::fused::normalise_rows_untracked(x);
     }
     let norm = x

@@ -18,18 +18,10 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::tensor_ops::{CHUNK, contiguous_f32};
+
 /// Rows per parallel task: enough work per task to beat the scheduling cost.
 const ROWS_PER_TASK: usize = 64;
-/// Elements per parallel task of the element-wise passes.
-const CHUNK: usize = 1 << 14;
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: input is not contiguous"),
-    }
-}
 
 /// Sums of `[.., n]` over every leading dimension, as `[n]`, by a matrix product with ones.
 fn column_sums(x: &Tensor) -> Result<Tensor> {

@@ -15,16 +15,12 @@ use rand_chacha::ChaCha8Rng;
 
 use super::fused;
 use super::init::stream;
-
-/// Whether the fused CPU kernels apply to `x`.
-fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
-}
+use crate::tensor_ops::is_cpu_f32;
 
 /// `x + b` over the last dimension (fused on the CPU: its bias gradient avoids candle's slow
 /// strided sum over rows).
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fusable(x) {
+    if is_cpu_f32(x) {
         fused::bias_add(x, b)
     } else {
         x.broadcast_add(b)
@@ -68,13 +64,13 @@ impl Linear {
         let rows = x.elem_count() / in_dim;
         let x = x.reshape((rows, in_dim))?;
         // An input outside the autograd graph (cached features) needs no gradient.
-        let y = if fusable(&x) && !x.track_op() && self.weight.track_op() {
+        let y = if is_cpu_f32(&x) && !x.track_op() && self.weight.track_op() {
             fused::matmul_weight_grad_only(&x, &self.weight)?
         } else {
             x.matmul(&self.weight.t()?)?
         };
         let y = match &self.bias {
-            Some(b) if relu && fusable(&y) => fused::bias_relu(&y, b)?,
+            Some(b) if relu && is_cpu_f32(&y) => fused::bias_relu(&y, b)?,
             Some(b) if relu => add_bias(&y, b)?.relu()?,
             Some(b) => add_bias(&y, b)?,
             None if relu => y.relu()?,
@@ -170,7 +166,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fusable(x) {
+        if is_cpu_f32(x) {
             fused::layer_norm(x, &self.weight, &self.bias, self.eps)
         } else {
             self.forward_basic(x)
