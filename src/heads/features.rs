@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 
 use super::layers::as_f32;
 use super::{HeadContext, Inputs};
-use crate::tensor_ops::{is_cpu_f32, masked_mean};
+use crate::tensor_ops::{is_cpu_f32, l2_normalize, masked_mean};
 
 /// The mask output that goes with token sequence `name`: `<stem>_mask` where `name` is
 /// `<stem>_tokens` (`multimodal_tokens` -> `multimodal_mask`), else `<name>_mask`.
@@ -135,21 +135,17 @@ impl Feature {
                 value.shape()
             ),
         };
-        l2_normalise_rows(&pooled)
+        l2_normalize_features(&pooled)
     }
 }
 
-/// Each row of `[B, D]` scaled to unit L2 norm (an all-zero row stays zero).
-pub fn l2_normalise_rows(x: &Tensor) -> Result<Tensor> {
+/// Each row of `[B, D]` features scaled to unit L2 norm, as [`l2_normalize`] (an all-zero row
+/// stays zero), in one fused pass on the CPU when the features need no gradient (cached ones).
+pub fn l2_normalize_features(x: &Tensor) -> Result<Tensor> {
     if is_cpu_f32(x) && !x.track_op() {
-        return super::fused::normalise_rows_untracked(x);
+        return super::fused::normalize_rows_untracked(x);
     }
-    let norm = x
-        .sqr()?
-        .sum_keepdim(1)?
-        .sqrt()?
-        .clamp(1e-12f32, f32::INFINITY)?;
-    x.broadcast_div(&norm)
+    l2_normalize(x)
 }
 
 /// Concatenate per-feature `[B, D_i]` tensors along the feature axis.
@@ -180,8 +176,8 @@ mod tests {
         // The fused kernel (untracked CPU input) and the basic ops agree.
         let x = Tensor::randn(0f32, 3.0, (5, 7), &Device::Cpu).unwrap();
         let var = candle_core::Var::from_tensor(&x).unwrap();
-        let fused = l2_normalise_rows(&x).unwrap();
-        let basic = l2_normalise_rows(var.as_tensor()).unwrap();
+        let fused = l2_normalize_features(&x).unwrap();
+        let basic = l2_normalize_features(var.as_tensor()).unwrap();
         let diff = (fused - basic).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }

@@ -9,7 +9,7 @@
 //! [`layer_norm`] (normalise the last dimension, scale, shift; one pass forward, one backward),
 //! [`matmul_weight_grad_only`] (x W^T for an input that needs no gradient: candle's matmul
 //! backward always computes the input's gradient too, a third of an MLP's work on cached
-//! features) and [`normalise_rows_untracked`] (unit-norm rows of cached features in one pass
+//! features) and [`normalize_rows_untracked`] (unit-norm rows of cached features in one pass
 //! instead of four). CPU and f32 only; callers fall back to basic ops elsewhere. Row loops run on
 //! rayon's pool.
 
@@ -278,11 +278,11 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 }
 
 /// Each row scaled to unit L2 norm (an all-zero row stays zero), in one pass.
-struct NormaliseRows;
+struct NormalizeRows;
 
-impl CustomOp1 for NormaliseRows {
+impl CustomOp1 for NormalizeRows {
     fn name(&self) -> &'static str {
-        "normalise-rows"
+        "normalize-rows"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -301,11 +301,11 @@ impl CustomOp1 for NormaliseRows {
 
 /// Rows of `x` `[B, n]` scaled to unit L2 norm, without a backward op: for inputs outside the
 /// autograd graph (cached features). CPU, f32.
-pub fn normalise_rows_untracked(x: &Tensor) -> Result<Tensor> {
+pub fn normalize_rows_untracked(x: &Tensor) -> Result<Tensor> {
     if x.dtype() != DType::F32 || x.track_op() {
-        candle_core::bail!("normalise-rows: untracked f32 input only");
+        candle_core::bail!("normalize-rows: untracked f32 input only");
     }
-    x.contiguous()?.apply_op1_no_bwd(&NormaliseRows)
+    x.contiguous()?.apply_op1_no_bwd(&NormalizeRows)
 }
 
 /// The identity on `x W^T` whose backward gives `W` its gradient `g^T x` and nothing else.

@@ -20,7 +20,7 @@ use candle_nn::{Init, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::features::{Feature, concat};
-use super::layers::{Linear, add_bias, l2_normalize, leaky_relu};
+use super::layers::{Linear, add_bias, l2_normalize_smooth, leaky_relu};
 use super::mlp::inputs_or_pooled;
 use super::{Head, HeadContext, Inputs, buffer};
 
@@ -311,8 +311,8 @@ impl Head for GatHead {
         let classifiers = self.label_classifiers()?;
         match &self.label_bias {
             Some(bias) => add_bias(&sample.matmul(&classifiers.t()?)?, bias),
-            None => l2_normalize(&sample)?
-                .matmul(&l2_normalize(&classifiers)?.t()?)?
+            None => l2_normalize_smooth(&sample)?
+                .matmul(&l2_normalize_smooth(&classifiers)?.t()?)?
                 .clamp(-1f32, 1f32),
         }
     }

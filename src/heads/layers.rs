@@ -187,8 +187,11 @@ impl LayerNorm {
     }
 }
 
-/// Rows of `x` scaled to unit L2 norm (a tiny epsilon keeps zero rows finite).
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+/// Rows of `x` scaled to unit L2 norm for trainable tensors (class weights, GAT and ML-Decoder
+/// outputs): `x / sqrt(||x||^2 + 1e-12)`, the epsilon inside the root so that an all-zero row has
+/// a finite gradient (the gradient of [`crate::tensor_ops::l2_normalize`]'s clamped norm is 0/0
+/// there). In f32 both give the same value for any row with `||x||^2` above ~2e-5.
+pub fn l2_normalize_smooth(x: &Tensor) -> Result<Tensor> {
     let norm = (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
     x.broadcast_div(&norm)
 }
@@ -240,7 +243,7 @@ impl Module for Classifier {
         match self {
             Self::Linear(linear) => linear.forward(x),
             Self::Cosine { weight } => {
-                let cos = l2_normalize(x)?.matmul(&l2_normalize(weight)?.t()?)?;
+                let cos = l2_normalize_smooth(x)?.matmul(&l2_normalize_smooth(weight)?.t()?)?;
                 cos.clamp(-1f32, 1f32)
             }
         }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::features::{default_mask_name, lookup, shape_of};
 use super::init::seeded_tensor;
-use super::layers::{Dropout, LayerNorm, Linear, add_bias, l2_normalize};
+use super::layers::{Dropout, LayerNorm, Linear, add_bias, l2_normalize_smooth};
 use super::{Head, HeadContext, Inputs, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -328,7 +328,10 @@ impl MlDecoderHead {
         // (its weight gradient is then a matrix product, not a strided sum over the batch).
         let (t, w) = match &self.group_bias {
             Some(_) => (t, self.group_weight.clone()),
-            None => (l2_normalize(&t)?, l2_normalize(&self.group_weight)?),
+            None => (
+                l2_normalize_smooth(&t)?,
+                l2_normalize_smooth(&self.group_weight)?,
+            ),
         };
         let logits = t
             .transpose(0, 1)?
