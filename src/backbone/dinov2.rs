@@ -8,15 +8,15 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::activation::Activation;
 use super::attention::self_attention;
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::cpu_ops::residual_add;
-use super::layers::Linear;
+use super::layers::{LayerNorm, Linear};
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
 
@@ -83,10 +83,6 @@ pub struct Dinov2Model {
     final_norm: LayerNorm,
 }
 
-fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
-    Ok(candle_nn::layer_norm(dim, eps, vb)?)
-}
-
 impl Dinov2Model {
     pub fn new(vb: VarBuilder, config: Config) -> Result<Self> {
         if config.use_swiglu_ffn {
@@ -115,17 +111,17 @@ impl Dinov2Model {
                 let scale2 = vb.pp("layer_scale2").get(d, "lambda1")?;
                 let qkv_names = ["query", "key", "value"];
                 Ok(Layer {
-                    norm1: layer_norm(vb.pp("norm1"), d, eps)?,
+                    norm1: LayerNorm::load(vb.pp("norm1"), d, eps)?,
                     qkv: Linear::load_fused(&attn.pp("attention"), qkv_names, d, config.qkv_bias)?,
                     attn_out: Linear::load(attn.pp("output").pp("dense"), d, d, true)?
                         .scaled(&scale1)?,
-                    norm2: layer_norm(vb.pp("norm2"), d, eps)?,
+                    norm2: LayerNorm::load(vb.pp("norm2"), d, eps)?,
                     fc1: Linear::load(vb.pp("mlp").pp("fc1"), d, mlp_dim, true)?,
                     fc2: Linear::load(vb.pp("mlp").pp("fc2"), mlp_dim, d, true)?.scaled(&scale2)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = layer_norm(vb.pp("layernorm"), d, eps)?;
+        let final_norm = LayerNorm::load(vb.pp("layernorm"), d, eps)?;
         Ok(Self {
             config,
             activation,

@@ -119,10 +119,18 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Loads `weight` and `bias` [dim] under `vb` (or `gamma` and `beta`, as older BERT
+    /// checkpoints name them).
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let name = |names: [&'static str; 2]| {
+            names
+                .into_iter()
+                .find(|n| vb.contains_tensor(n))
+                .unwrap_or(names[0])
+        };
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
+            weight: vb.get(dim, name(["weight", "gamma"]))?,
+            bias: vb.get(dim, name(["bias", "beta"]))?,
             eps: eps as f32,
         })
     }

@@ -8,7 +8,7 @@
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
@@ -16,7 +16,7 @@ use super::activation::Activation;
 use super::attention::{Mask, self_attention};
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::cpu_ops::residual_add;
-use super::layers::Linear;
+use super::layers::{LayerNorm, Linear};
 use super::source::{ModelDir, load_weights};
 use super::text::{read_tokenizer, set_length};
 use crate::tensor_ops::{l2_normalize, masked_mean};
@@ -91,7 +91,7 @@ impl BertEncoder {
             .pp("token_type_embeddings")
             .get((config.type_vocab_size, d), "weight")?
             .narrow(0, 0, 1)?;
-        let embed_norm = candle_nn::layer_norm(d, eps, emb.pp("LayerNorm"))?;
+        let embed_norm = LayerNorm::load(emb.pp("LayerNorm"), d, eps)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
@@ -99,10 +99,10 @@ impl BertEncoder {
                 Ok(Layer {
                     qkv: Linear::load_fused(&attn.pp("self"), ["query", "key", "value"], d, true)?,
                     attn_out: Linear::load(attn.pp("output").pp("dense"), d, d, true)?,
-                    attn_norm: candle_nn::layer_norm(d, eps, attn.pp("output").pp("LayerNorm"))?,
+                    attn_norm: LayerNorm::load(attn.pp("output").pp("LayerNorm"), d, eps)?,
                     intermediate: Linear::load(vb.pp("intermediate").pp("dense"), d, ffn, true)?,
                     output: Linear::load(vb.pp("output").pp("dense"), ffn, d, true)?,
-                    output_norm: candle_nn::layer_norm(d, eps, vb.pp("output").pp("LayerNorm"))?,
+                    output_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), d, eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
