@@ -1,6 +1,6 @@
-//! Where things live in a cache directory and which rows go where: file names, the fixed
-//! partition of the selected dataset rows into shards, and the deterministic assignment of shards
-//! to workers (shard `i` belongs to worker `i % count`).
+//! Where things live in a cache directory and which rows go where: file names (built and parsed
+//! only here), the fixed partition of the selected dataset rows into shards, and the
+//! deterministic assignment of shards to workers (shard `i` belongs to worker `i % count`).
 
 use anyhow::{Result, bail};
 use std::ops::Range;
@@ -10,14 +10,42 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// Folder of per-worker manifest parts (multi-worker runs, until `cache merge`).
 pub const PARTS_DIR: &str = "parts";
 
+const SHARD_PREFIX: &str = "shard-";
+const SHARD_SUFFIX: &str = ".safetensors";
+const PART_PREFIX: &str = "worker-";
+const PART_SUFFIX: &str = ".json";
+
 /// `shard-00042.safetensors`.
 pub fn shard_file_name(index: usize) -> String {
-    format!("shard-{index:05}.safetensors")
+    format!("{SHARD_PREFIX}{index:05}{SHARD_SUFFIX}")
+}
+
+/// The index of a shard file name (`shard-00042.safetensors` -> 42), None for any other name.
+pub fn parse_shard_file_name(name: &str) -> Option<usize> {
+    name.strip_prefix(SHARD_PREFIX)?
+        .strip_suffix(SHARD_SUFFIX)?
+        .parse()
+        .ok()
 }
 
 /// `worker-1-of-3.json`.
 pub fn part_file_name(slot: WorkerSlot) -> String {
-    format!("worker-{}-of-{}.json", slot.index, slot.count)
+    format!("{PART_PREFIX}{}-of-{}{PART_SUFFIX}", slot.index, slot.count)
+}
+
+/// Whether `name` is meant as a part file (`worker-*.json`), well-formed or not.
+pub fn is_part_file_name(name: &str) -> bool {
+    name.starts_with(PART_PREFIX) && name.ends_with(PART_SUFFIX)
+}
+
+/// The (index, count) of a part file name (`worker-1-of-3.json` -> (1, 3)), None when it is not
+/// of that form (the numbers are not checked against each other: see [`WorkerSlot::new`]).
+pub fn parse_part_file_name(name: &str) -> Option<(usize, usize)> {
+    let (index, count) = name
+        .strip_prefix(PART_PREFIX)?
+        .strip_suffix(PART_SUFFIX)?
+        .split_once("-of-")?;
+    Some((index.parse().ok()?, count.parse().ok()?))
 }
 
 /// Dataset positions covered by each shard: `[i*shard_rows, min((i+1)*shard_rows, rows))`.
@@ -116,6 +144,18 @@ mod tests {
         assert_eq!(shard_ranges(10, 4), vec![0..4, 4..8, 8..10]);
         assert_eq!(shard_ranges(8, 4), vec![0..4, 4..8]);
         assert!(shard_ranges(0, 4).is_empty());
+    }
+
+    #[test]
+    fn file_names_parse_back() {
+        assert_eq!(parse_shard_file_name(&shard_file_name(42)), Some(42));
+        assert_eq!(parse_shard_file_name("shard-00042.json"), None);
+        assert_eq!(parse_shard_file_name("shard-x.safetensors"), None);
+        let slot = WorkerSlot::new(1, 3).unwrap();
+        assert_eq!(parse_part_file_name(&part_file_name(slot)), Some((1, 3)));
+        assert!(is_part_file_name("worker-x.json"));
+        assert_eq!(parse_part_file_name("worker-x.json"), None);
+        assert!(!is_part_file_name("notes.json"));
     }
 
     #[test]

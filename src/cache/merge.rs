@@ -4,7 +4,8 @@
 
 use super::layout::{MANIFEST_FILE, WorkerSlot, part_file_name, shard_ranges};
 use super::manifest::Manifest;
-use super::writer::{check_same_run, list_parts, remove_parts};
+use super::parts;
+use super::writer::check_same_run;
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,7 +22,7 @@ pub enum MergeOutcome {
 
 /// Merges the worker parts in `dir` into `dir/manifest.json`.
 pub fn merge(dir: &Path) -> Result<MergeOutcome> {
-    let part_paths = list_parts(dir)?;
+    let part_paths = parts::list(dir)?;
     let manifest_path = dir.join(MANIFEST_FILE);
     if part_paths.is_empty() {
         if manifest_path.exists() {
@@ -63,7 +64,7 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
     let mut count = None;
     let mut slots = Vec::new();
     for path in &part_paths {
-        let slot = parse_part_name(path)?;
+        let slot = parts::slot_of(path)?;
         if count.is_some_and(|c| c != slot.count) {
             bail!(
                 "{} has parts from runs with different --num-workers ({} and {}): delete the \
@@ -130,29 +131,11 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
     );
     let shard_count = shards.len();
     Manifest::new(header, shards.into_values().collect()).save(&manifest_path)?;
-    remove_parts(dir)?;
+    parts::remove(dir)?;
     Ok(MergeOutcome::Merged {
         parts: count,
         shards: shard_count,
     })
-}
-
-/// Reads the slot from `worker-I-of-N.json`.
-fn parse_part_name(path: &Path) -> Result<WorkerSlot> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let parsed = name
-        .strip_prefix("worker-")
-        .and_then(|n| n.strip_suffix(".json"))
-        .and_then(|n| n.split_once("-of-"))
-        .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)));
-    match parsed {
-        Some((index, count)) => WorkerSlot::new(index, count)
-            .with_context(|| format!("{}: invalid part name", path.display())),
-        None => bail!("{}: not a worker-I-of-N.json part name", path.display()),
-    }
 }
 
 #[cfg(test)]

@@ -31,12 +31,14 @@
 //!
 //! Modules: [`manifest`] (the JSON index), [`layout`] (file names, row partition, worker
 //! assignment), [`shard`] (encoding/decoding one shard), [`writer`] (resumable writing),
-//! [`reader`] (memory-mapped reading), [`batches`] (batch iteration), [`verify`] and [`merge`].
+//! `parts` (the per-worker manifests of a multi-worker run), [`reader`] (memory-mapped reading),
+//! [`batches`] (batch iteration), [`verify`] and [`merge`].
 
 pub mod batches;
 pub mod layout;
 pub mod manifest;
 pub mod merge;
+pub(crate) mod parts;
 pub mod reader;
 pub mod shard;
 pub mod verify;

@@ -1,11 +1,10 @@
 //! Resumable, crash-safe writing of a cache: [`CacheWriter`] decides which shards still need
 //! computing (for this worker), writes each completed [`ShardBuilder`] atomically, and finally
-//! writes `manifest.json` (single process) or this worker's part (`parts/worker-I-of-N.json`).
+//! writes `manifest.json` (single process) or this worker's part ([`super::parts`]).
 
-use super::layout::{
-    MANIFEST_FILE, PARTS_DIR, WorkerSlot, part_file_name, shard_file_name, shard_ranges,
-};
+use super::layout::{MANIFEST_FILE, WorkerSlot, shard_file_name, shard_ranges};
 use super::manifest::{CacheHeader, Manifest, ShardEntry, SkippedRow, StoredDtype, StoredOutput};
+use super::parts;
 use super::shard::{self, ShardLayout, ShardMeta};
 use crate::files::{self, remove_stale_temps, write_atomic};
 use anyhow::{Context, Result, bail, ensure};
@@ -51,7 +50,7 @@ impl CacheWriter {
         if merged {
             recorded.push((manifest_path.clone(), Manifest::load(&manifest_path)?));
         }
-        for part in list_parts(dir)? {
+        for part in parts::list(dir)? {
             recorded.push((part.clone(), Manifest::load(&part)?));
         }
         for (path, manifest) in recorded {
@@ -188,19 +187,12 @@ impl CacheWriter {
             let path = self.dir.join(MANIFEST_FILE);
             remove_stale_temps(&self.dir, MANIFEST_FILE)?;
             manifest.save(&path)?;
-            remove_parts(&self.dir)?;
+            parts::remove(&self.dir)?;
             Ok(path)
         } else if self.merged && self.written == 0 {
             Ok(self.dir.join(MANIFEST_FILE))
         } else {
-            let parts = self.dir.join(PARTS_DIR);
-            fs::create_dir_all(&parts)
-                .with_context(|| format!("cannot create {}", parts.display()))?;
-            let name = part_file_name(self.slot);
-            remove_stale_temps(&parts, &name)?;
-            let path = parts.join(name);
-            manifest.save(&path)?;
-            Ok(path)
+            parts::save(&self.dir, self.slot, &manifest)
         }
     }
 }
@@ -228,36 +220,6 @@ pub(crate) fn check_same_run(
         },
         path.parent().map_or(path, |p| p).display()
     )
-}
-
-/// Per-worker part files in `dir/parts`, sorted by name.
-pub(crate) fn list_parts(dir: &Path) -> Result<Vec<PathBuf>> {
-    let parts = dir.join(PARTS_DIR);
-    if !parts.exists() {
-        return Ok(Vec::new());
-    }
-    let mut paths = Vec::new();
-    for entry in fs::read_dir(&parts).with_context(|| format!("cannot list {}", parts.display()))? {
-        let path = entry
-            .with_context(|| format!("cannot list {}", parts.display()))?
-            .path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        if name.is_some_and(|n| n.starts_with("worker-") && n.ends_with(".json")) {
-            paths.push(path);
-        }
-    }
-    paths.sort();
-    Ok(paths)
-}
-
-/// Removes `dir/parts` (after its content went into `manifest.json`).
-pub(crate) fn remove_parts(dir: &Path) -> Result<()> {
-    let parts = dir.join(PARTS_DIR);
-    if parts.exists() {
-        fs::remove_dir_all(&parts).with_context(|| format!("cannot remove {}", parts.display()))?;
-        files::sync_dir(dir)?;
-    }
-    Ok(())
 }
 
 /// Errors if any shard file in `dir` was written by a different extraction (checked from its
