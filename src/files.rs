@@ -15,6 +15,11 @@ fn temp_prefix(final_name: &str) -> String {
     format!(".{final_name}.tmp")
 }
 
+/// Whether `name` is a temporary file of an interrupted [`write_atomic`] (of any target).
+pub fn is_temp_file_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp")
+}
+
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename + fsync of the directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = parent_dir(path);
@@ -117,6 +122,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(".a.json.tmp.123"), b"x").unwrap();
         fs::write(dir.path().join(".b.json.tmp.123"), b"x").unwrap();
+        assert!(is_temp_file_name(".b.json.tmp.123") && !is_temp_file_name("b.json"));
         assert_eq!(remove_stale_temps(dir.path(), "a.json").unwrap(), 1);
         assert!(dir.path().join(".b.json.tmp.123").exists());
     }

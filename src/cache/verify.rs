@@ -2,7 +2,9 @@
 //! row ranges against the manifest, and (when given) the manifest's dataset against the dataset
 //! itself. Every problem names the file it is about; nothing stops at the first one.
 
-use super::layout::{MANIFEST_FILE, PARTS_DIR, shard_file_name, shard_ranges};
+use super::layout::{
+    MANIFEST_FILE, PARTS_DIR, parse_shard_file_name, shard_file_name, shard_ranges,
+};
 use super::manifest::{DatasetFingerprint, Manifest, ShardEntry};
 use super::shard::ShardLayout;
 use crate::files;
@@ -140,12 +142,14 @@ pub fn verify(dir: &Path, dataset: Option<&DatasetRows>) -> Result<VerifyReport>
 
     for entry in fs::read_dir(dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp") {
+        if files::is_temp_file_name(&name) {
             report.warnings.push(format!(
                 "{}: stray temporary file of an interrupted write",
                 entry.path().display()
             ));
-        } else if name.starts_with("shard-") && !manifest.shards.iter().any(|s| s.file == name) {
+        } else if parse_shard_file_name(&name).is_some()
+            && !manifest.shards.iter().any(|s| s.file == name)
+        {
             report.warnings.push(format!(
                 "{}: shard file not listed in the manifest",
                 entry.path().display()

@@ -2,7 +2,9 @@
 //! computing (for this worker), writes each completed [`ShardBuilder`] atomically, and finally
 //! writes `manifest.json` (single process) or this worker's part ([`super::parts`]).
 
-use super::layout::{MANIFEST_FILE, WorkerSlot, shard_file_name, shard_ranges};
+use super::layout::{
+    MANIFEST_FILE, WorkerSlot, parse_shard_file_name, shard_file_name, shard_ranges,
+};
 use super::manifest::{CacheHeader, Manifest, ShardEntry, SkippedRow, StoredDtype, StoredOutput};
 use super::parts;
 use super::shard::{self, ShardLayout, ShardMeta};
@@ -232,11 +234,7 @@ fn check_foreign_shards(dir: &Path, fingerprint: &str, shards: usize) -> Result<
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let Some(index) = name
-            .strip_prefix("shard-")
-            .and_then(|n| n.strip_suffix(".safetensors"))
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
+        let Some(index) = parse_shard_file_name(name) else {
             continue;
         };
         let Ok(meta) = read_shard_meta(&path) else {
