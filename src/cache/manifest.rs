@@ -263,6 +263,31 @@ impl Manifest {
         files::write_atomic(path, &self.to_bytes())
     }
 
+    /// Errors unless this manifest or part (read from `path`) records the extraction of `header`
+    /// (whose fingerprint is `fingerprint`), naming the settings that differ.
+    pub fn check_same_run(
+        &self,
+        path: &Path,
+        header: &CacheHeader,
+        fingerprint: &str,
+    ) -> Result<()> {
+        if self.fingerprint == fingerprint {
+            return Ok(());
+        }
+        let diffs = self.header.differences(header);
+        bail!(
+            "{} belongs to a different extraction (differs in: {}). Use another --out directory, or \
+             delete {} to start over",
+            path.display(),
+            if diffs.is_empty() {
+                "settings".to_string()
+            } else {
+                diffs.join(", ")
+            },
+            path.parent().map_or(path, |p| p).display()
+        )
+    }
+
     /// Every skipped row of every shard, in row order.
     pub fn skipped(&self) -> impl Iterator<Item = &SkippedRow> {
         self.shards.iter().flat_map(|s| s.skipped.iter())

@@ -5,7 +5,6 @@
 use super::layout::{MANIFEST_FILE, WorkerSlot, part_file_name, shard_ranges};
 use super::manifest::Manifest;
 use super::parts;
-use super::writer::check_same_run;
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::BTreeMap;
 use std::fs;
@@ -47,17 +46,11 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
         first_path.display()
     );
     for (path, part) in &parts[1..] {
-        check_same_run(path, &part.header, &part.fingerprint, &header, &fingerprint)?;
+        part.check_same_run(path, &header, &fingerprint)?;
     }
     if manifest_path.exists() {
         let existing = Manifest::load(&manifest_path)?;
-        check_same_run(
-            &manifest_path,
-            &existing.header,
-            &existing.fingerprint,
-            &header,
-            &fingerprint,
-        )?;
+        existing.check_same_run(&manifest_path, &header, &fingerprint)?;
     }
 
     // The worker count comes from the part names; every worker 0..N must be there.

@@ -56,13 +56,7 @@ impl CacheWriter {
             recorded.push((part.clone(), Manifest::load(&part)?));
         }
         for (path, manifest) in recorded {
-            check_same_run(
-                &path,
-                &manifest.header,
-                &manifest.fingerprint,
-                &header,
-                &fingerprint,
-            )?;
+            manifest.check_same_run(&path, &header, &fingerprint)?;
             known.extend(manifest.shards.into_iter().map(|s| (s.index, s)));
         }
 
@@ -197,31 +191,6 @@ impl CacheWriter {
             parts::save(&self.dir, self.slot, &manifest)
         }
     }
-}
-
-/// Errors unless a recorded index (manifest or part at `path`) belongs to the same extraction.
-pub(crate) fn check_same_run(
-    path: &Path,
-    recorded: &CacheHeader,
-    recorded_fingerprint: &str,
-    header: &CacheHeader,
-    fingerprint: &str,
-) -> Result<()> {
-    if recorded_fingerprint == fingerprint {
-        return Ok(());
-    }
-    let diffs = recorded.differences(header);
-    bail!(
-        "{} belongs to a different extraction (differs in: {}). Use another --out directory, or \
-         delete {} to start over",
-        path.display(),
-        if diffs.is_empty() {
-            "settings".to_string()
-        } else {
-            diffs.join(", ")
-        },
-        path.parent().map_or(path, |p| p).display()
-    )
 }
 
 /// Errors if any shard file in `dir` was written by a different extraction (checked from its
