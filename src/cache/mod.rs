@@ -51,4 +51,5 @@ pub use manifest::{
     StoredOutput,
 };
 pub use reader::CacheReader;
-pub use writer::{CacheWriter, ShardBuilder};
+pub use shard::ShardBuilder;
+pub use writer::CacheWriter;

@@ -5,12 +5,11 @@
 use super::layout::{
     MANIFEST_FILE, WorkerSlot, parse_shard_file_name, shard_file_name, shard_ranges,
 };
-use super::manifest::{CacheHeader, Manifest, ShardEntry, SkippedRow, StoredDtype, StoredOutput};
+use super::manifest::{CacheHeader, Manifest, ShardEntry, SkippedRow};
 use super::parts;
-use super::shard::{self, ShardLayout, ShardMeta};
+use super::shard::{self, ShardBuilder, ShardLayout, ShardMeta};
 use crate::files::{self, remove_stale_temps, write_atomic};
 use anyhow::{Context, Result, bail, ensure};
-use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::fs;
 use std::ops::Range;
@@ -140,7 +139,7 @@ impl CacheWriter {
 
     /// Encodes a complete shard and writes it atomically.
     pub fn write_shard(&mut self, builder: ShardBuilder) -> Result<()> {
-        let index = builder.index;
+        let index = builder.index();
         ensure!(
             self.slot.owns(index),
             "shard {index} belongs to another worker"
@@ -277,206 +276,11 @@ pub(crate) fn describe_shard_file(
     })
 }
 
-/// Accumulates the rows of one shard, batch by batch, in any order; the shard stores them in
-/// dataset order.
-pub struct ShardBuilder {
-    index: usize,
-    range: Range<usize>,
-    outputs: Vec<StoredOutput>,
-    data: Vec<Vec<u8>>,
-    ids: Vec<String>,
-    /// Dataset position of each stored row, in push order.
-    positions: Vec<usize>,
-    skipped: Vec<SkippedRow>,
-}
-
-impl ShardBuilder {
-    pub fn new(outputs: &[StoredOutput], index: usize, range: Range<usize>) -> Self {
-        Self {
-            index,
-            range,
-            outputs: outputs.to_vec(),
-            data: vec![Vec::new(); outputs.len()],
-            ids: Vec::new(),
-            positions: Vec::new(),
-            skipped: Vec::new(),
-        }
-    }
-
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
-    /// Whether every position of the shard is stored or skipped.
-    pub fn is_complete(&self) -> bool {
-        self.ids.len() + self.skipped.len() == self.range.len()
-    }
-
-    fn check_position(&self, position: usize) -> Result<()> {
-        ensure!(
-            self.range.contains(&position),
-            "row {position} is outside shard {} (rows {:?})",
-            self.index,
-            self.range
-        );
-        Ok(())
-    }
-
-    /// Adds a batch: `rows` are (dataset position, id), each position of the shard given once,
-    /// in any order across pushes, and `outputs` the backbone's tensors, one per output, each
-    /// `[rows.len(), ...shape]`.
-    pub fn push(&mut self, rows: &[(usize, String)], outputs: &[Tensor]) -> Result<()> {
-        ensure!(
-            outputs.len() == self.outputs.len(),
-            "backbone returned {} outputs, expected {}",
-            outputs.len(),
-            self.outputs.len()
-        );
-        for (out, tensor) in self.outputs.iter().zip(outputs) {
-            let mut shape = vec![rows.len()];
-            shape.extend(&out.shape);
-            ensure!(
-                tensor.dims() == shape.as_slice(),
-                "backbone output `{}` has shape {:?}, expected {shape:?}",
-                out.name,
-                tensor.dims()
-            );
-        }
-        for (position, _) in rows {
-            self.check_position(*position)?;
-        }
-        let mut all_values = Vec::with_capacity(outputs.len());
-        for (out, tensor) in self.outputs.iter().zip(outputs) {
-            let values = tensor
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-                .with_context(|| format!("cannot read backbone output `{}`", out.name))?;
-            check_storable(out, &values, rows)?;
-            all_values.push(values);
-        }
-        for ((out, buf), values) in self.outputs.iter().zip(&mut self.data).zip(all_values) {
-            encode_values(out.dtype, &values, buf);
-        }
-        self.positions.extend(rows.iter().map(|(p, _)| *p));
-        self.ids.extend(rows.iter().map(|(_, id)| id.clone()));
-        Ok(())
-    }
-
-    /// Records a row that is not stored (in any order relative to [`ShardBuilder::push`]).
-    pub fn skip(&mut self, row: SkippedRow) -> Result<()> {
-        self.check_position(row.row)?;
-        self.skipped.push(row);
-        Ok(())
-    }
-
-    /// Puts the stored rows (ids, positions and every output's bytes) in dataset order.
-    fn sort_rows(&mut self) {
-        if self.positions.is_sorted() {
-            return;
-        }
-        let mut order: Vec<usize> = (0..self.positions.len()).collect();
-        order.sort_by_key(|&k| self.positions[k]);
-        let rows = order.len();
-        for buf in &mut self.data {
-            let row_bytes = buf.len() / rows;
-            let mut sorted = Vec::with_capacity(buf.len());
-            for &k in &order {
-                sorted.extend_from_slice(&buf[k * row_bytes..(k + 1) * row_bytes]);
-            }
-            *buf = sorted;
-        }
-        self.ids = order
-            .iter()
-            .map(|&k| std::mem::take(&mut self.ids[k]))
-            .collect();
-        self.positions = order.iter().map(|&k| self.positions[k]).collect();
-    }
-
-    fn finish(mut self, fingerprint: &str) -> Result<(ShardMeta, Vec<Vec<u8>>)> {
-        self.skipped.sort_by_key(|s| s.row);
-        self.sort_rows();
-        let mut covered: Vec<usize> = self
-            .positions
-            .iter()
-            .copied()
-            .chain(self.skipped.iter().map(|s| s.row))
-            .collect();
-        covered.sort_unstable();
-        ensure!(
-            covered.iter().copied().eq(self.range.clone()),
-            "shard {}: {} stored + {} skipped rows do not cover its {} rows exactly once",
-            self.index,
-            self.ids.len(),
-            self.skipped.len(),
-            self.range.len()
-        );
-        Ok((
-            ShardMeta {
-                fingerprint: fingerprint.to_string(),
-                index: self.index,
-                start: self.range.start,
-                end: self.range.end,
-                ids: self.ids,
-                skipped: self.skipped,
-            },
-            self.data,
-        ))
-    }
-}
-
-/// Refuses NaN/infinite values and values beyond f16's range for an f16 output, naming the row.
-fn check_storable(out: &StoredOutput, values: &[f32], rows: &[(usize, String)]) -> Result<()> {
-    let limit = match out.dtype {
-        StoredDtype::F16 => f32::from(half::f16::MAX),
-        StoredDtype::F32 | StoredDtype::U8 => f32::MAX,
-    };
-    let row_len = out.row_len().max(1);
-    if let Some(k) = values
-        .iter()
-        .position(|v| !v.is_finite() || v.abs() > limit)
-    {
-        let (position, id) = &rows[k / row_len];
-        let value = values[k];
-        if value.is_finite() {
-            bail!(
-                "backbone output `{}` of row {position} ({id}) holds {value}, beyond the f16 \
-                 range (±{limit}): extract with --dtype f32",
-                out.name
-            );
-        }
-        bail!(
-            "backbone output `{}` of row {position} ({id}) holds {value}: the model produced a \
-             non-finite value",
-            out.name
-        );
-    }
-    Ok(())
-}
-
-/// Appends `values` to `buf` in the stored element type (little endian; masks as 0/1 bytes).
-fn encode_values(dtype: StoredDtype, values: &[f32], buf: &mut Vec<u8>) {
-    buf.reserve(values.len() * dtype.size());
-    match dtype {
-        StoredDtype::F16 => {
-            for v in values {
-                buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-            }
-        }
-        StoredDtype::F32 => {
-            for v in values {
-                buf.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        StoredDtype::U8 => buf.extend(values.iter().map(|v| u8::from(*v != 0.0))),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::cache::manifest::tests::test_header;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     /// Synthetic backbone outputs for dataset positions `rows`: `image` = position + k/8,
     /// `tokens` = position * 10 + k, `mask` = [1, position % 2].
@@ -636,20 +440,6 @@ pub(crate) mod tests {
         fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let w = CacheWriter::open(dir.path(), header, WorkerSlot::SINGLE).unwrap();
         assert_eq!(w.pending(), vec![1, 2]);
-    }
-
-    #[test]
-    fn builder_rejects_bad_shapes_and_rows_outside_the_shard() {
-        let header = test_header(10, 4);
-        let mut b = ShardBuilder::new(&header.outputs, 0, 0..4);
-        let ids = vec![(1, "1.jpg".to_string())];
-        assert!(b.push(&ids, &synthetic_outputs(&[1, 2])).is_err());
-        assert!(
-            b.push(&[(4, "4.jpg".into())], &synthetic_outputs(&[4]))
-                .is_err()
-        );
-        b.push(&ids, &synthetic_outputs(&[1])).unwrap();
-        assert!(!b.is_complete());
     }
 
     #[test]
