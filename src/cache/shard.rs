@@ -1,6 +1,6 @@
 //! One shard file: collecting its rows ([`ShardBuilder`]: batches in any order, stored in dataset
-//! order as f16, f32 or u8 bytes), encoding (deterministic bytes), and decoding into byte ranges
-//! of the file ([`ShardLayout`]).
+//! order as f16, f32 or u8 bytes), encoding (deterministic bytes), and decoding: the whole file
+//! into byte ranges ([`ShardLayout`]) or its header alone ([`read_meta`]).
 //!
 //! A shard is a safetensors file with one tensor per output, named after it and shaped
 //! `[rows, ...shape]`, plus one metadata entry, `multiclip`, holding a JSON [`ShardMeta`] (the row
@@ -14,7 +14,9 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::Read;
 use std::ops::Range;
+use std::path::Path;
 
 /// The safetensors metadata key holding the [`ShardMeta`] JSON.
 pub const META_KEY: &str = "multiclip";
@@ -92,6 +94,41 @@ impl safetensors::View for RawView<'_> {
     }
 }
 
+/// The largest safetensors header read (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The [`ShardMeta`] in a shard's safetensors metadata.
+fn meta_of(metadata: &safetensors::tensor::Metadata) -> Result<ShardMeta> {
+    let meta_json = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .with_context(|| format!("no `{META_KEY}` metadata: not a multiclip shard"))?;
+    serde_json::from_str(meta_json).with_context(|| format!("invalid `{META_KEY}` metadata"))
+}
+
+/// Reads the [`ShardMeta`] of a shard file from its safetensors header alone (the length prefix
+/// and the JSON header, parsed by the safetensors crate), never its tensor data.
+pub fn read_meta(path: &Path) -> Result<ShardMeta> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .with_context(|| format!("{} is too short for a safetensors file", path.display()))?;
+    let len = u64::from_le_bytes(len);
+    ensure!(
+        len <= MAX_HEADER_BYTES,
+        "{}: safetensors header too large",
+        path.display()
+    );
+    let mut json = vec![0u8; len as usize];
+    file.read_exact(&mut json)
+        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&json)
+        .with_context(|| format!("{}: invalid safetensors header", path.display()))?;
+    meta_of(&metadata).with_context(|| path.display().to_string())
+}
+
 /// A decoded shard: its metadata and where each output's bytes are in the file.
 #[derive(Clone, Debug)]
 pub struct ShardLayout {
@@ -114,13 +151,7 @@ impl ShardLayout {
     ) -> Result<Self> {
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow::anyhow!("not a complete safetensors file ({e:?})"))?;
-        let meta_json = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(META_KEY))
-            .with_context(|| format!("no `{META_KEY}` metadata: not a multiclip shard"))?;
-        let meta: ShardMeta = serde_json::from_str(meta_json)
-            .with_context(|| format!("invalid `{META_KEY}` metadata"))?;
+        let meta = meta_of(&metadata)?;
         if meta.fingerprint != fingerprint {
             bail!(
                 "written by a different extraction (settings fingerprint {} instead of {fingerprint})",
@@ -436,6 +467,21 @@ pub(crate) mod tests {
         let image = &a[layout.ranges[0].clone()];
         assert_eq!(image.len(), 2 * 3 * 2);
         assert_eq!(half::f16::from_le_bytes([image[0], image[1]]).to_f32(), 3.0);
+    }
+
+    #[test]
+    fn meta_reads_from_the_header_alone() {
+        let header = test_header(5, 3);
+        let bytes = synthetic_shard(&header, 1, &[4]);
+        let full = ShardLayout::parse(&bytes, &header, &header.fingerprint(), 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard-00001.safetensors");
+        // Only the header is read: a shard cut right after it still gives its metadata.
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        std::fs::write(&path, &bytes[..header_end]).unwrap();
+        assert_eq!(read_meta(&path).unwrap(), full.meta);
+        std::fs::write(&path, &bytes[..header_end - 1]).unwrap();
+        assert!(read_meta(&path).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::layout::{
 };
 use super::manifest::{CacheHeader, Manifest, ShardEntry, SkippedRow};
 use super::parts;
-use super::shard::{self, ShardBuilder, ShardLayout, ShardMeta};
+use super::shard::{self, ShardBuilder, ShardLayout};
 use crate::files::{self, remove_stale_temps, write_atomic};
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::BTreeMap;
@@ -205,7 +205,7 @@ fn check_foreign_shards(dir: &Path, fingerprint: &str, shards: usize) -> Result<
         let Some(index) = parse_shard_file_name(name) else {
             continue;
         };
-        let Ok(meta) = read_shard_meta(&path) else {
+        let Ok(meta) = shard::read_meta(&path) else {
             continue;
         };
         if meta.fingerprint != fingerprint || index >= shards {
@@ -221,38 +221,6 @@ fn check_foreign_shards(dir: &Path, fingerprint: &str, shards: usize) -> Result<
         }
     }
     Ok(())
-}
-
-/// Reads only the [`ShardMeta`] of a shard file (its safetensors header), not the data.
-pub fn read_shard_meta(path: &Path) -> Result<ShardMeta> {
-    use std::io::Read;
-    let mut file =
-        fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .with_context(|| format!("{} is too short for a safetensors file", path.display()))?;
-    let len = u64::from_le_bytes(len);
-    ensure!(
-        len <= 100_000_000,
-        "{}: safetensors header too large",
-        path.display()
-    );
-    let mut json = vec![0u8; len as usize];
-    file.read_exact(&mut json)
-        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
-    #[derive(serde::Deserialize)]
-    struct Header {
-        #[serde(rename = "__metadata__")]
-        metadata: std::collections::HashMap<String, String>,
-    }
-    let parsed: Header = serde_json::from_slice(&json)
-        .with_context(|| format!("{}: invalid safetensors header", path.display()))?;
-    let meta = parsed
-        .metadata
-        .get(shard::META_KEY)
-        .with_context(|| format!("{} is not a multiclip shard", path.display()))?;
-    serde_json::from_str(meta)
-        .with_context(|| format!("{}: invalid shard metadata", path.display()))
 }
 
 /// Reads, checks and hashes a complete shard file into its manifest entry.
