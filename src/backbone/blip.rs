@@ -30,7 +30,7 @@ use tokenizers::Tokenizer;
 use super::activation::Activation;
 use super::blip_text::{BlipTextConfig, BlipTextEncoder};
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
-use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
+use super::layers::{FrozenLayerNorm, FrozenLinear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
@@ -119,7 +119,7 @@ impl BlipConfig {
 struct BlipVision {
     embeddings: VitEmbeddings,
     layers: Vec<PreNormLayer>,
-    post_layernorm: LayerNorm,
+    post_layernorm: FrozenLayerNorm,
 }
 
 impl BlipVision {
@@ -134,12 +134,12 @@ impl BlipVision {
                 let l = vb.pp("encoder").pp("layers").pp(i);
                 let attn = l.pp("self_attn");
                 Ok(PreNormLayer {
-                    ln1: LayerNorm::load(l.pp("layer_norm1"), d, eps)?,
-                    qkv: Linear::load(attn.pp("qkv"), d, 3 * d, true)?,
-                    out: Linear::load(attn.pp("projection"), d, d, true)?,
-                    ln2: LayerNorm::load(l.pp("layer_norm2"), d, eps)?,
-                    fc1: Linear::load(l.pp("mlp").pp("fc1"), d, cfg.intermediate_size, true)?,
-                    fc2: Linear::load(l.pp("mlp").pp("fc2"), cfg.intermediate_size, d, true)?,
+                    ln1: FrozenLayerNorm::load(l.pp("layer_norm1"), d, eps)?,
+                    qkv: FrozenLinear::load(attn.pp("qkv"), d, 3 * d, true)?,
+                    out: FrozenLinear::load(attn.pp("projection"), d, d, true)?,
+                    ln2: FrozenLayerNorm::load(l.pp("layer_norm2"), d, eps)?,
+                    fc1: FrozenLinear::load(l.pp("mlp").pp("fc1"), d, cfg.intermediate_size, true)?,
+                    fc2: FrozenLinear::load(l.pp("mlp").pp("fc2"), cfg.intermediate_size, d, true)?,
                     act,
                     heads: cfg.num_attention_heads,
                 })
@@ -153,7 +153,7 @@ impl BlipVision {
                 image_size: cfg.image_size,
             },
             layers,
-            post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), d, eps)?,
+            post_layernorm: FrozenLayerNorm::load(vb.pp("post_layernorm"), d, eps)?,
         })
     }
 
@@ -183,8 +183,8 @@ pub struct BlipFeatures {
 pub struct BlipItmModel {
     vision: BlipVision,
     text: BlipTextEncoder,
-    vision_proj: Linear,
-    text_proj: Linear,
+    vision_proj: FrozenLinear,
+    text_proj: FrozenLinear,
 }
 
 impl BlipItmModel {
@@ -194,8 +194,8 @@ impl BlipItmModel {
         Ok(Self {
             vision: BlipVision::load(vb.pp("vision_model"), vc)?,
             text: BlipTextEncoder::load(vb.pp("text_encoder"), tc)?,
-            vision_proj: Linear::load(vb.pp("vision_proj"), vc.hidden_size, proj, true)?,
-            text_proj: Linear::load(vb.pp("text_proj"), tc.hidden_size, proj, true)?,
+            vision_proj: FrozenLinear::load(vb.pp("vision_proj"), vc.hidden_size, proj, true)?,
+            text_proj: FrozenLinear::load(vb.pp("text_proj"), tc.hidden_size, proj, true)?,
         })
     }
 

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::activation::Activation;
 use super::attention::{Mask, attention};
 use super::cpu_ops::residual_add;
-use super::layers::{LayerNorm, Linear};
+use super::layers::{FrozenLayerNorm, FrozenLinear};
 
 /// `text_config` of a BLIP `config.json`; missing fields take transformers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -49,24 +49,24 @@ impl Default for BlipTextConfig {
 /// `attention` / `crossattention`: projections, then `output.dense` + residual + LayerNorm.
 #[derive(Clone, Debug)]
 struct BertAttention {
-    query: Linear,
+    query: FrozenLinear,
     /// key and value fused, [2D, D_kv].
-    key_value: Linear,
-    dense: Linear,
-    norm: LayerNorm,
+    key_value: FrozenLinear,
+    dense: FrozenLinear,
+    norm: FrozenLayerNorm,
     heads: usize,
 }
 
 impl BertAttention {
     fn load(vb: VarBuilder, dim: usize, kv_dim: usize, heads: usize, eps: f64) -> Result<Self> {
         let s = vb.pp("self");
-        let key = Linear::load(s.pp("key"), kv_dim, dim, true)?;
-        let value = Linear::load(s.pp("value"), kv_dim, dim, true)?;
+        let key = FrozenLinear::load(s.pp("key"), kv_dim, dim, true)?;
+        let value = FrozenLinear::load(s.pp("value"), kv_dim, dim, true)?;
         Ok(Self {
-            query: Linear::load(s.pp("query"), dim, dim, true)?,
-            key_value: Linear::concat(&[key, value])?,
-            dense: Linear::load(vb.pp("output").pp("dense"), dim, dim, true)?,
-            norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), dim, eps)?,
+            query: FrozenLinear::load(s.pp("query"), dim, dim, true)?,
+            key_value: FrozenLinear::concat(&[key, value])?,
+            dense: FrozenLinear::load(vb.pp("output").pp("dense"), dim, dim, true)?,
+            norm: FrozenLayerNorm::load(vb.pp("output").pp("LayerNorm"), dim, eps)?,
             heads,
         })
     }
@@ -88,9 +88,9 @@ impl BertAttention {
 struct BertLayer {
     attention: BertAttention,
     cross_attention: BertAttention,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
+    intermediate: FrozenLinear,
+    output: FrozenLinear,
+    output_norm: FrozenLayerNorm,
     act: Activation,
 }
 
@@ -115,7 +115,7 @@ pub struct BlipTextEncoder {
     word_embeddings: Tensor,
     /// [max_positions, D]
     position_embeddings: Tensor,
-    embeddings_norm: LayerNorm,
+    embeddings_norm: FrozenLayerNorm,
     layers: Vec<BertLayer>,
 }
 
@@ -138,19 +138,19 @@ impl BlipTextEncoder {
                         heads,
                         eps,
                     )?,
-                    intermediate: Linear::load(
+                    intermediate: FrozenLinear::load(
                         l.pp("intermediate").pp("dense"),
                         d,
                         cfg.intermediate_size,
                         true,
                     )?,
-                    output: Linear::load(
+                    output: FrozenLinear::load(
                         l.pp("output").pp("dense"),
                         cfg.intermediate_size,
                         d,
                         true,
                     )?,
-                    output_norm: LayerNorm::load(l.pp("output").pp("LayerNorm"), d, eps)?,
+                    output_norm: FrozenLayerNorm::load(l.pp("output").pp("LayerNorm"), d, eps)?,
                     act,
                 })
             })
@@ -162,7 +162,7 @@ impl BlipTextEncoder {
             position_embeddings: emb
                 .pp("position_embeddings")
                 .get((cfg.max_position_embeddings, d), "weight")?,
-            embeddings_norm: LayerNorm::load(emb.pp("LayerNorm"), d, eps)?,
+            embeddings_norm: FrozenLayerNorm::load(emb.pp("LayerNorm"), d, eps)?,
             layers,
         })
     }

@@ -33,7 +33,7 @@ use tokenizers::Tokenizer;
 use super::activation::Activation;
 use super::attention::Mask;
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
-use super::layers::{LayerNorm, Linear, PatchEmbedding, PreNormLayer, VitEmbeddings};
+use super::layers::{FrozenLayerNorm, FrozenLinear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
@@ -134,16 +134,16 @@ fn load_layer(
     eps: f64,
 ) -> Result<PreNormLayer> {
     let attn = vb.pp("self_attn");
-    let q = Linear::load(attn.pp("q_proj"), dim, dim, true)?;
-    let k = Linear::load(attn.pp("k_proj"), dim, dim, true)?;
-    let v = Linear::load(attn.pp("v_proj"), dim, dim, true)?;
+    let q = FrozenLinear::load(attn.pp("q_proj"), dim, dim, true)?;
+    let k = FrozenLinear::load(attn.pp("k_proj"), dim, dim, true)?;
+    let v = FrozenLinear::load(attn.pp("v_proj"), dim, dim, true)?;
     Ok(PreNormLayer {
-        ln1: LayerNorm::load(vb.pp("layer_norm1"), dim, eps)?,
-        qkv: Linear::concat(&[q, k, v])?,
-        out: Linear::load(attn.pp("out_proj"), dim, dim, true)?,
-        ln2: LayerNorm::load(vb.pp("layer_norm2"), dim, eps)?,
-        fc1: Linear::load(vb.pp("mlp").pp("fc1"), dim, inner, true)?,
-        fc2: Linear::load(vb.pp("mlp").pp("fc2"), inner, dim, true)?,
+        ln1: FrozenLayerNorm::load(vb.pp("layer_norm1"), dim, eps)?,
+        qkv: FrozenLinear::concat(&[q, k, v])?,
+        out: FrozenLinear::load(attn.pp("out_proj"), dim, dim, true)?,
+        ln2: FrozenLayerNorm::load(vb.pp("layer_norm2"), dim, eps)?,
+        fc1: FrozenLinear::load(vb.pp("mlp").pp("fc1"), dim, inner, true)?,
+        fc2: FrozenLinear::load(vb.pp("mlp").pp("fc2"), inner, dim, true)?,
         act,
         heads,
     })
@@ -168,9 +168,9 @@ fn load_layers(
 #[derive(Clone, Debug)]
 struct ClipVision {
     embeddings: VitEmbeddings,
-    pre_layernorm: LayerNorm,
+    pre_layernorm: FrozenLayerNorm,
     layers: Vec<PreNormLayer>,
-    post_layernorm: LayerNorm,
+    post_layernorm: FrozenLayerNorm,
 }
 
 impl ClipVision {
@@ -195,7 +195,7 @@ impl ClipVision {
                 image_size: cfg.image_size,
             },
             // The Hub spells it "pre_layrnorm".
-            pre_layernorm: LayerNorm::load(vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
+            pre_layernorm: FrozenLayerNorm::load(vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
             layers: load_layers(
                 vb.pp("encoder").pp("layers"),
                 cfg.num_hidden_layers,
@@ -205,7 +205,7 @@ impl ClipVision {
                 &cfg.hidden_act,
                 cfg.layer_norm_eps,
             )?,
-            post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
+            post_layernorm: FrozenLayerNorm::load(vb.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
         })
     }
 
@@ -228,7 +228,7 @@ struct ClipText {
     /// [max_positions, D]
     position_embedding: Tensor,
     layers: Vec<PreNormLayer>,
-    final_layer_norm: LayerNorm,
+    final_layer_norm: FrozenLayerNorm,
     eos_token_id: u32,
 }
 
@@ -252,7 +252,11 @@ impl ClipText {
                 &cfg.hidden_act,
                 cfg.layer_norm_eps,
             )?,
-            final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
+            final_layer_norm: FrozenLayerNorm::load(
+                vb.pp("final_layer_norm"),
+                d,
+                cfg.layer_norm_eps,
+            )?,
             eos_token_id: cfg.eos_token_id,
         })
     }
@@ -319,8 +323,8 @@ pub fn eos_position(ids: &[u32], eos_token_id: u32) -> usize {
 pub struct ClipModel {
     vision: ClipVision,
     text: ClipText,
-    visual_projection: Linear,
-    text_projection: Linear,
+    visual_projection: FrozenLinear,
+    text_projection: FrozenLinear,
 }
 
 impl ClipModel {
@@ -329,13 +333,13 @@ impl ClipModel {
         Ok(Self {
             vision: ClipVision::load(vb.pp("vision_model"), vc)?,
             text: ClipText::load(vb.pp("text_model"), tc)?,
-            visual_projection: Linear::load(
+            visual_projection: FrozenLinear::load(
                 vb.pp("visual_projection"),
                 vc.hidden_size,
                 cfg.projection_dim,
                 false,
             )?,
-            text_projection: Linear::load(
+            text_projection: FrozenLinear::load(
                 vb.pp("text_projection"),
                 tc.hidden_size,
                 cfg.projection_dim,

@@ -16,7 +16,7 @@ use super::activation::Activation;
 use super::attention::self_attention;
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::cpu_ops::residual_add;
-use super::layers::{LayerNorm, Linear};
+use super::layers::{FrozenLayerNorm, FrozenLinear};
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, load_weights};
 
@@ -60,12 +60,12 @@ fn default_true() -> bool {
 
 /// One encoder layer; the layer scales are folded into `attn_out` and `fc2`.
 struct Layer {
-    norm1: LayerNorm,
-    qkv: Linear,
-    attn_out: Linear,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    norm1: FrozenLayerNorm,
+    qkv: FrozenLinear,
+    attn_out: FrozenLinear,
+    norm2: FrozenLayerNorm,
+    fc1: FrozenLinear,
+    fc2: FrozenLinear,
 }
 
 /// The DINOv2 transformer.
@@ -73,14 +73,14 @@ pub struct Dinov2Model {
     config: Config,
     activation: Activation,
     /// Patch projection as a matrix product over `channels * patch * patch` pixel rows.
-    patch_projection: Linear,
+    patch_projection: FrozenLinear,
     cls_token: Tensor,
     /// `[1 + grid * grid, hidden]` as trained.
     position_embeddings: Tensor,
     /// Position grids interpolated to other patch grids, by (rows, cols).
     interpolated: Mutex<HashMap<(usize, usize), Tensor>>,
     layers: Vec<Layer>,
-    final_norm: LayerNorm,
+    final_norm: FrozenLayerNorm,
 }
 
 impl Dinov2Model {
@@ -93,7 +93,7 @@ impl Dinov2Model {
         let grid = config.image_size / p;
         let emb = vb.pp("embeddings");
         let proj = emb.pp("patch_embeddings").pp("projection");
-        let patch_projection = Linear::new(
+        let patch_projection = FrozenLinear::new(
             proj.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?,
             Some(proj.get(d, "bias")?),
         )?;
@@ -111,17 +111,23 @@ impl Dinov2Model {
                 let scale2 = vb.pp("layer_scale2").get(d, "lambda1")?;
                 let qkv_names = ["query", "key", "value"];
                 Ok(Layer {
-                    norm1: LayerNorm::load(vb.pp("norm1"), d, eps)?,
-                    qkv: Linear::load_fused(&attn.pp("attention"), qkv_names, d, config.qkv_bias)?,
-                    attn_out: Linear::load(attn.pp("output").pp("dense"), d, d, true)?
+                    norm1: FrozenLayerNorm::load(vb.pp("norm1"), d, eps)?,
+                    qkv: FrozenLinear::load_fused(
+                        &attn.pp("attention"),
+                        qkv_names,
+                        d,
+                        config.qkv_bias,
+                    )?,
+                    attn_out: FrozenLinear::load(attn.pp("output").pp("dense"), d, d, true)?
                         .scaled(&scale1)?,
-                    norm2: LayerNorm::load(vb.pp("norm2"), d, eps)?,
-                    fc1: Linear::load(vb.pp("mlp").pp("fc1"), d, mlp_dim, true)?,
-                    fc2: Linear::load(vb.pp("mlp").pp("fc2"), mlp_dim, d, true)?.scaled(&scale2)?,
+                    norm2: FrozenLayerNorm::load(vb.pp("norm2"), d, eps)?,
+                    fc1: FrozenLinear::load(vb.pp("mlp").pp("fc1"), d, mlp_dim, true)?,
+                    fc2: FrozenLinear::load(vb.pp("mlp").pp("fc2"), mlp_dim, d, true)?
+                        .scaled(&scale2)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = LayerNorm::load(vb.pp("layernorm"), d, eps)?;
+        let final_norm = FrozenLayerNorm::load(vb.pp("layernorm"), d, eps)?;
         Ok(Self {
             config,
             activation,

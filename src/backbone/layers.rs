@@ -2,7 +2,11 @@
 //! one matrix product over all tokens (bias and activation fused on the CPU), layer norm, the
 //! pre-norm ViT/CLIP encoder layer, the ViT patch embedding as one matrix product and the ViT
 //! input tokens; attention is in [`super::attention`], activations in [`super::activation`].
-//! Frozen weights only: the fast, gradient-free candle kernels are fine.
+//!
+//! Frozen weights only, forward passes only: the fast, gradient-free candle kernels are fine.
+//! Hence [`FrozenLinear`] and [`FrozenLayerNorm`], unlike the heads' trainable `Linear` and
+//! `LayerNorm` (`crate::heads::layers`), which initialise their variables and record backward
+//! passes.
 
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Tensor};
@@ -12,9 +16,10 @@ use super::activation::Activation;
 use super::attention::{Mask, attention};
 use super::cpu_ops::{bias_act, residual_add};
 
-/// A dense layer `y = x W^T + b` over the last dimension of any-rank input.
+/// A dense layer `y = x W^T + b` with loaded (frozen) weights over the last dimension of any-rank
+/// input, optionally followed by an activation in the same pass.
 #[derive(Clone, Debug)]
-pub struct Linear {
+pub struct FrozenLinear {
     /// [out, in], as stored by PyTorch.
     weight: Tensor,
     /// [out]
@@ -23,7 +28,7 @@ pub struct Linear {
     bias_host: Option<Vec<f32>>,
 }
 
-impl Linear {
+impl FrozenLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let bias_host = match &bias {
             Some(b) if b.device().is_cpu() => Some(b.to_dtype(DType::F32)?.to_vec1()?),
@@ -63,7 +68,7 @@ impl Linear {
     }
 
     /// Stacks several layers with the same input into one (e.g. q, k, v -> qkv).
-    pub fn concat(parts: &[Linear]) -> Result<Self> {
+    pub fn concat(parts: &[FrozenLinear]) -> Result<Self> {
         let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
         let weight = Tensor::cat(&weights, 0)?;
         let bias = if parts.iter().all(|p| p.bias.is_some()) {
@@ -110,15 +115,15 @@ impl Linear {
     }
 }
 
-/// Layer normalisation over the last dimension.
+/// Layer normalisation over the last dimension with loaded (frozen) scale and shift.
 #[derive(Clone, Debug)]
-pub struct LayerNorm {
+pub struct FrozenLayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f32,
 }
 
-impl LayerNorm {
+impl FrozenLayerNorm {
     /// Loads `weight` and `bias` [dim] under `vb` (or `gamma` and `beta`, as older BERT
     /// checkpoints name them).
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
@@ -149,13 +154,13 @@ impl LayerNorm {
 /// `x = x + out(attn(ln1(x)))`, `x = x + fc2(act(fc1(ln2(x))))`.
 #[derive(Clone, Debug)]
 pub struct PreNormLayer {
-    pub ln1: LayerNorm,
+    pub ln1: FrozenLayerNorm,
     /// Fused query/key/value projection, [3D, D].
-    pub qkv: Linear,
-    pub out: Linear,
-    pub ln2: LayerNorm,
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub qkv: FrozenLinear,
+    pub out: FrozenLinear,
+    pub ln2: FrozenLayerNorm,
+    pub fc1: FrozenLinear,
+    pub fc2: FrozenLinear,
     pub act: Activation,
     pub heads: usize,
 }
@@ -183,7 +188,7 @@ impl PreNormLayer {
 /// patch order (as `conv(x).flatten(2).transpose(1, 2)`).
 #[derive(Clone, Debug)]
 pub struct PatchEmbedding {
-    proj: Linear,
+    proj: FrozenLinear,
     patch: usize,
 }
 
@@ -204,7 +209,7 @@ impl PatchEmbedding {
             None
         };
         Ok(Self {
-            proj: Linear::new(weight, bias)?,
+            proj: FrozenLinear::new(weight, bias)?,
             patch,
         })
     }
@@ -243,7 +248,7 @@ mod tests {
             .flatten_from(2)?
             .transpose(1, 2)?;
         let pe = PatchEmbedding {
-            proj: Linear::new(w.reshape((5, 48))?, Some(b))?,
+            proj: FrozenLinear::new(w.reshape((5, 48))?, Some(b))?,
             patch: 4,
         };
         let diff = (pe.forward(&x)? - conv)?

@@ -16,7 +16,7 @@ use super::activation::Activation;
 use super::attention::{Mask, self_attention};
 use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 use super::cpu_ops::residual_add;
-use super::layers::{LayerNorm, Linear};
+use super::layers::{FrozenLayerNorm, FrozenLinear};
 use super::source::{ModelDir, load_weights};
 use super::text::{read_tokenizer, set_length};
 use crate::tensor_ops::{l2_normalize, masked_mean};
@@ -50,12 +50,12 @@ fn default_position_type() -> String {
 }
 
 struct Layer {
-    qkv: Linear,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
+    qkv: FrozenLinear,
+    attn_out: FrozenLinear,
+    attn_norm: FrozenLayerNorm,
+    intermediate: FrozenLinear,
+    output: FrozenLinear,
+    output_norm: FrozenLayerNorm,
 }
 
 /// A BERT encoder (no pooler).
@@ -66,7 +66,7 @@ pub struct BertEncoder {
     position_embeddings: Tensor,
     /// Token type 0 embedding (sentence-transformers encodes single sentences).
     token_type_embedding: Tensor,
-    embed_norm: LayerNorm,
+    embed_norm: FrozenLayerNorm,
     layers: Vec<Layer>,
 }
 
@@ -91,18 +91,28 @@ impl BertEncoder {
             .pp("token_type_embeddings")
             .get((config.type_vocab_size, d), "weight")?
             .narrow(0, 0, 1)?;
-        let embed_norm = LayerNorm::load(emb.pp("LayerNorm"), d, eps)?;
+        let embed_norm = FrozenLayerNorm::load(emb.pp("LayerNorm"), d, eps)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
                 let attn = vb.pp("attention");
                 Ok(Layer {
-                    qkv: Linear::load_fused(&attn.pp("self"), ["query", "key", "value"], d, true)?,
-                    attn_out: Linear::load(attn.pp("output").pp("dense"), d, d, true)?,
-                    attn_norm: LayerNorm::load(attn.pp("output").pp("LayerNorm"), d, eps)?,
-                    intermediate: Linear::load(vb.pp("intermediate").pp("dense"), d, ffn, true)?,
-                    output: Linear::load(vb.pp("output").pp("dense"), ffn, d, true)?,
-                    output_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), d, eps)?,
+                    qkv: FrozenLinear::load_fused(
+                        &attn.pp("self"),
+                        ["query", "key", "value"],
+                        d,
+                        true,
+                    )?,
+                    attn_out: FrozenLinear::load(attn.pp("output").pp("dense"), d, d, true)?,
+                    attn_norm: FrozenLayerNorm::load(attn.pp("output").pp("LayerNorm"), d, eps)?,
+                    intermediate: FrozenLinear::load(
+                        vb.pp("intermediate").pp("dense"),
+                        d,
+                        ffn,
+                        true,
+                    )?,
+                    output: FrozenLinear::load(vb.pp("output").pp("dense"), ffn, d, true)?,
+                    output_norm: FrozenLayerNorm::load(vb.pp("output").pp("LayerNorm"), d, eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

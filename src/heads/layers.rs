@@ -1,4 +1,6 @@
-//! Differentiable building blocks shared by the heads.
+//! Differentiable building blocks shared by the heads: trainable variables with their
+//! initialisation (the frozen backbones have forward-only twins, `FrozenLinear` and
+//! `FrozenLayerNorm` in `crate::backbone::layers`).
 //!
 //! Everything here records a backward op for every trainable tensor (candle_nn's layer-norm fast
 //! path has none): on the CPU the bias add and the layer norm are fused kernels with hand-written
