@@ -43,7 +43,7 @@ fn main() -> Result<()> {
     match args[0].as_str() {
         "clip" => {
             let cfg = ClipConfig::from_file(&dir.join("config.json"))?;
-            let model = ClipModel::load(vb, &cfg)?;
+            let model = ClipModel::new(&cfg, vb)?;
             let s = cfg.vision_config.image_size;
             let pixels = Tensor::randn(0f32, 1.0, (batch, 3, s, s), &dev)?;
             let rate = median_rate(batch, repeats, || {
@@ -70,7 +70,7 @@ fn main() -> Result<()> {
         }
         "blip" => {
             let cfg = BlipConfig::from_file(&dir.join("config.json"))?;
-            let model = BlipItmModel::load(vb, &cfg)?;
+            let model = BlipItmModel::new(&cfg, vb)?;
             let s = cfg.vision_config.image_size;
             let pixels = Tensor::randn(0f32, 1.0, (batch, 3, s, s), &dev)?;
             let t = BLIP_TEXT_TOKENS;

@@ -131,7 +131,7 @@ fn check_backbone(spec: &str, dir: &Path) -> Result<()> {
 
 fn clip_model_parity(dir: &Path) -> Result<()> {
     let cfg = ClipConfig::from_file(&dir.join("config.json"))?;
-    let model = ClipModel::load(weights(dir)?, &cfg)?;
+    let model = ClipModel::new(&cfg, weights(dir)?)?;
     let e = expected(dir)?;
     let (image, tokens) = model.image_features(&e["pixel_values"], true)?;
     assert_close("clip model image", &image, &e["image"])?;
@@ -147,7 +147,7 @@ fn clip_model_parity(dir: &Path) -> Result<()> {
 
 fn blip_model_parity(dir: &Path) -> Result<()> {
     let cfg = BlipConfig::from_file(&dir.join("config.json"))?;
-    let model = BlipItmModel::load(weights(dir)?, &cfg)?;
+    let model = BlipItmModel::new(&cfg, weights(dir)?)?;
     let e = expected(dir)?;
     let (ids, mask) = ids_and_mask(&e)?;
     let out = model.forward(&e["pixel_values"], &ids.concat(), &mask.concat())?;

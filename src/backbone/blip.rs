@@ -123,7 +123,7 @@ struct BlipVision {
 }
 
 impl BlipVision {
-    fn load(vb: VarBuilder, cfg: &BlipVisionConfig) -> Result<Self> {
+    fn new(cfg: &BlipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         let act = Activation::from_hf(&cfg.hidden_act)?;
@@ -134,12 +134,12 @@ impl BlipVision {
                 let l = vb.pp("encoder").pp("layers").pp(i);
                 let attn = l.pp("self_attn");
                 Ok(PreNormLayer {
-                    ln1: FrozenLayerNorm::load(l.pp("layer_norm1"), d, eps)?,
-                    qkv: FrozenLinear::load(attn.pp("qkv"), d, 3 * d, true)?,
-                    out: FrozenLinear::load(attn.pp("projection"), d, d, true)?,
-                    ln2: FrozenLayerNorm::load(l.pp("layer_norm2"), d, eps)?,
-                    fc1: FrozenLinear::load(l.pp("mlp").pp("fc1"), d, cfg.intermediate_size, true)?,
-                    fc2: FrozenLinear::load(l.pp("mlp").pp("fc2"), cfg.intermediate_size, d, true)?,
+                    ln1: FrozenLayerNorm::new(d, eps, l.pp("layer_norm1"))?,
+                    qkv: FrozenLinear::new(d, 3 * d, attn.pp("qkv"))?,
+                    out: FrozenLinear::new(d, d, attn.pp("projection"))?,
+                    ln2: FrozenLayerNorm::new(d, eps, l.pp("layer_norm2"))?,
+                    fc1: FrozenLinear::new(d, cfg.intermediate_size, l.pp("mlp").pp("fc1"))?,
+                    fc2: FrozenLinear::new(cfg.intermediate_size, d, l.pp("mlp").pp("fc2"))?,
                     act,
                     heads: cfg.num_attention_heads,
                 })
@@ -147,13 +147,13 @@ impl BlipVision {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embeddings: VitEmbeddings {
-                patch: PatchEmbedding::load(emb.pp("patch_embedding"), 3, d, cfg.patch_size, true)?,
+                patch: PatchEmbedding::new(3, d, cfg.patch_size, true, emb.pp("patch_embedding"))?,
                 class_embedding: emb.get((1, 1, d), "class_embedding")?,
                 position_embedding: emb.get((1, positions, d), "position_embedding")?,
                 image_size: cfg.image_size,
             },
             layers,
-            post_layernorm: FrozenLayerNorm::load(vb.pp("post_layernorm"), d, eps)?,
+            post_layernorm: FrozenLayerNorm::new(d, eps, vb.pp("post_layernorm"))?,
         })
     }
 
@@ -188,14 +188,14 @@ pub struct BlipItmModel {
 }
 
 impl BlipItmModel {
-    pub fn load(vb: VarBuilder, cfg: &BlipConfig) -> Result<Self> {
+    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> Result<Self> {
         let (tc, vc) = (&cfg.text_config, &cfg.vision_config);
         let proj = cfg.image_text_hidden_size;
         Ok(Self {
-            vision: BlipVision::load(vb.pp("vision_model"), vc)?,
-            text: BlipTextEncoder::load(vb.pp("text_encoder"), tc)?,
-            vision_proj: FrozenLinear::load(vb.pp("vision_proj"), vc.hidden_size, proj, true)?,
-            text_proj: FrozenLinear::load(vb.pp("text_proj"), tc.hidden_size, proj, true)?,
+            vision: BlipVision::new(vc, vb.pp("vision_model"))?,
+            text: BlipTextEncoder::new(tc, vb.pp("text_encoder"))?,
+            vision_proj: FrozenLinear::new(vc.hidden_size, proj, vb.pp("vision_proj"))?,
+            text_proj: FrozenLinear::new(tc.hidden_size, proj, vb.pp("text_proj"))?,
         })
     }
 
@@ -269,7 +269,7 @@ impl BlipBackbone {
             "text_encoder.embeddings.word_embeddings.weight",
             &[],
         )?;
-        let model = BlipItmModel::load(weights.vb, &config)
+        let model = BlipItmModel::new(&config, weights.vb)
             .with_context(|| format!("cannot build BLIP from {}", dir.location))?;
         let tokenizer = load_tokenizer(
             &dir.file("tokenizer.json")?,

@@ -58,15 +58,15 @@ struct BertAttention {
 }
 
 impl BertAttention {
-    fn load(vb: VarBuilder, dim: usize, kv_dim: usize, heads: usize, eps: f64) -> Result<Self> {
+    fn new(dim: usize, kv_dim: usize, heads: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let s = vb.pp("self");
-        let key = FrozenLinear::load(s.pp("key"), kv_dim, dim, true)?;
-        let value = FrozenLinear::load(s.pp("value"), kv_dim, dim, true)?;
+        let key = FrozenLinear::new(kv_dim, dim, s.pp("key"))?;
+        let value = FrozenLinear::new(kv_dim, dim, s.pp("value"))?;
         Ok(Self {
-            query: FrozenLinear::load(s.pp("query"), dim, dim, true)?,
+            query: FrozenLinear::new(dim, dim, s.pp("query"))?,
             key_value: FrozenLinear::concat(&[key, value])?,
-            dense: FrozenLinear::load(vb.pp("output").pp("dense"), dim, dim, true)?,
-            norm: FrozenLayerNorm::load(vb.pp("output").pp("LayerNorm"), dim, eps)?,
+            dense: FrozenLinear::new(dim, dim, vb.pp("output").pp("dense"))?,
+            norm: FrozenLayerNorm::new(dim, eps, vb.pp("output").pp("LayerNorm"))?,
             heads,
         })
     }
@@ -120,7 +120,7 @@ pub struct BlipTextEncoder {
 }
 
 impl BlipTextEncoder {
-    pub fn load(vb: VarBuilder, cfg: &BlipTextConfig) -> Result<Self> {
+    pub fn new(cfg: &BlipTextConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         let heads = cfg.num_attention_heads;
@@ -130,27 +130,25 @@ impl BlipTextEncoder {
             .map(|i| {
                 let l = vb.pp("encoder").pp("layer").pp(i);
                 Ok(BertLayer {
-                    attention: BertAttention::load(l.pp("attention"), d, d, heads, eps)?,
-                    cross_attention: BertAttention::load(
-                        l.pp("crossattention"),
+                    attention: BertAttention::new(d, d, heads, eps, l.pp("attention"))?,
+                    cross_attention: BertAttention::new(
                         d,
                         cfg.encoder_hidden_size,
                         heads,
                         eps,
+                        l.pp("crossattention"),
                     )?,
-                    intermediate: FrozenLinear::load(
+                    intermediate: FrozenLinear::new(
+                        d,
+                        cfg.intermediate_size,
                         l.pp("intermediate").pp("dense"),
-                        d,
-                        cfg.intermediate_size,
-                        true,
                     )?,
-                    output: FrozenLinear::load(
+                    output: FrozenLinear::new(
+                        cfg.intermediate_size,
+                        d,
                         l.pp("output").pp("dense"),
-                        cfg.intermediate_size,
-                        d,
-                        true,
                     )?,
-                    output_norm: FrozenLayerNorm::load(l.pp("output").pp("LayerNorm"), d, eps)?,
+                    output_norm: FrozenLayerNorm::new(d, eps, l.pp("output").pp("LayerNorm"))?,
                     act,
                 })
             })
@@ -162,7 +160,7 @@ impl BlipTextEncoder {
             position_embeddings: emb
                 .pp("position_embeddings")
                 .get((cfg.max_position_embeddings, d), "weight")?,
-            embeddings_norm: FrozenLayerNorm::load(emb.pp("LayerNorm"), d, eps)?,
+            embeddings_norm: FrozenLayerNorm::new(d, eps, emb.pp("LayerNorm"))?,
             layers,
         })
     }

@@ -125,42 +125,43 @@ impl ClipConfig {
 }
 
 /// Loads one CLIP encoder layer (`self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`).
-fn load_layer(
-    vb: VarBuilder,
+fn clip_layer(
     dim: usize,
     inner: usize,
     heads: usize,
     act: Activation,
     eps: f64,
+    vb: VarBuilder,
 ) -> Result<PreNormLayer> {
     let attn = vb.pp("self_attn");
-    let q = FrozenLinear::load(attn.pp("q_proj"), dim, dim, true)?;
-    let k = FrozenLinear::load(attn.pp("k_proj"), dim, dim, true)?;
-    let v = FrozenLinear::load(attn.pp("v_proj"), dim, dim, true)?;
+    let q = FrozenLinear::new(dim, dim, attn.pp("q_proj"))?;
+    let k = FrozenLinear::new(dim, dim, attn.pp("k_proj"))?;
+    let v = FrozenLinear::new(dim, dim, attn.pp("v_proj"))?;
     Ok(PreNormLayer {
-        ln1: FrozenLayerNorm::load(vb.pp("layer_norm1"), dim, eps)?,
+        ln1: FrozenLayerNorm::new(dim, eps, vb.pp("layer_norm1"))?,
         qkv: FrozenLinear::concat(&[q, k, v])?,
-        out: FrozenLinear::load(attn.pp("out_proj"), dim, dim, true)?,
-        ln2: FrozenLayerNorm::load(vb.pp("layer_norm2"), dim, eps)?,
-        fc1: FrozenLinear::load(vb.pp("mlp").pp("fc1"), dim, inner, true)?,
-        fc2: FrozenLinear::load(vb.pp("mlp").pp("fc2"), inner, dim, true)?,
+        out: FrozenLinear::new(dim, dim, attn.pp("out_proj"))?,
+        ln2: FrozenLayerNorm::new(dim, eps, vb.pp("layer_norm2"))?,
+        fc1: FrozenLinear::new(dim, inner, vb.pp("mlp").pp("fc1"))?,
+        fc2: FrozenLinear::new(inner, dim, vb.pp("mlp").pp("fc2"))?,
         act,
         heads,
     })
 }
 
-fn load_layers(
-    vb: VarBuilder,
+/// `count` CLIP encoder layers (`0`, `1`, ... under `vb`).
+fn clip_layers(
     count: usize,
     dim: usize,
     inner: usize,
     heads: usize,
     act: &str,
     eps: f64,
+    vb: VarBuilder,
 ) -> Result<Vec<PreNormLayer>> {
     let act = Activation::from_hf(act)?;
     (0..count)
-        .map(|i| load_layer(vb.pp(i), dim, inner, heads, act, eps))
+        .map(|i| clip_layer(dim, inner, heads, act, eps, vb.pp(i)))
         .collect()
 }
 
@@ -174,18 +175,18 @@ struct ClipVision {
 }
 
 impl ClipVision {
-    fn load(vb: VarBuilder, cfg: &ClipVisionConfig) -> Result<Self> {
+    fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let positions = (cfg.image_size / cfg.patch_size).pow(2) + 1;
         Ok(Self {
             embeddings: VitEmbeddings {
-                patch: PatchEmbedding::load(
-                    emb.pp("patch_embedding"),
+                patch: PatchEmbedding::new(
                     cfg.num_channels,
                     d,
                     cfg.patch_size,
                     false,
+                    emb.pp("patch_embedding"),
                 )?,
                 class_embedding: emb.get(d, "class_embedding")?.reshape((1, 1, d))?,
                 position_embedding: emb
@@ -195,17 +196,17 @@ impl ClipVision {
                 image_size: cfg.image_size,
             },
             // The Hub spells it "pre_layrnorm".
-            pre_layernorm: FrozenLayerNorm::load(vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
-            layers: load_layers(
-                vb.pp("encoder").pp("layers"),
+            pre_layernorm: FrozenLayerNorm::new(d, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            layers: clip_layers(
                 cfg.num_hidden_layers,
                 d,
                 cfg.intermediate_size,
                 cfg.num_attention_heads,
                 &cfg.hidden_act,
                 cfg.layer_norm_eps,
+                vb.pp("encoder").pp("layers"),
             )?,
-            post_layernorm: FrozenLayerNorm::load(vb.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
+            post_layernorm: FrozenLayerNorm::new(d, cfg.layer_norm_eps, vb.pp("post_layernorm"))?,
         })
     }
 
@@ -233,7 +234,7 @@ struct ClipText {
 }
 
 impl ClipText {
-    fn load(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         Ok(Self {
@@ -243,19 +244,19 @@ impl ClipText {
             position_embedding: emb
                 .pp("position_embedding")
                 .get((cfg.max_position_embeddings, d), "weight")?,
-            layers: load_layers(
-                vb.pp("encoder").pp("layers"),
+            layers: clip_layers(
                 cfg.num_hidden_layers,
                 d,
                 cfg.intermediate_size,
                 cfg.num_attention_heads,
                 &cfg.hidden_act,
                 cfg.layer_norm_eps,
+                vb.pp("encoder").pp("layers"),
             )?,
-            final_layer_norm: FrozenLayerNorm::load(
-                vb.pp("final_layer_norm"),
+            final_layer_norm: FrozenLayerNorm::new(
                 d,
                 cfg.layer_norm_eps,
+                vb.pp("final_layer_norm"),
             )?,
             eos_token_id: cfg.eos_token_id,
         })
@@ -328,22 +329,20 @@ pub struct ClipModel {
 }
 
 impl ClipModel {
-    pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+    pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
         let (tc, vc) = (&cfg.text_config, &cfg.vision_config);
         Ok(Self {
-            vision: ClipVision::load(vb.pp("vision_model"), vc)?,
-            text: ClipText::load(vb.pp("text_model"), tc)?,
-            visual_projection: FrozenLinear::load(
-                vb.pp("visual_projection"),
+            vision: ClipVision::new(vc, vb.pp("vision_model"))?,
+            text: ClipText::new(tc, vb.pp("text_model"))?,
+            visual_projection: FrozenLinear::without_bias(
                 vc.hidden_size,
                 cfg.projection_dim,
-                false,
+                vb.pp("visual_projection"),
             )?,
-            text_projection: FrozenLinear::load(
-                vb.pp("text_projection"),
+            text_projection: FrozenLinear::without_bias(
                 tc.hidden_size,
                 cfg.projection_dim,
-                false,
+                vb.pp("text_projection"),
             )?,
         })
     }
@@ -414,7 +413,7 @@ impl ClipBackbone {
             "text_model.embeddings.token_embedding.weight",
             &[],
         )?;
-        let model = ClipModel::load(weights.vb, &config)
+        let model = ClipModel::new(&config, weights.vb)
             .with_context(|| format!("cannot build CLIP from {}", dir.location))?;
         let tokenizer = load_tokenizer(
             &dir.file("tokenizer.json")?,

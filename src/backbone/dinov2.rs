@@ -84,7 +84,7 @@ pub struct Dinov2Model {
 }
 
 impl Dinov2Model {
-    pub fn new(vb: VarBuilder, config: Config) -> Result<Self> {
+    pub fn new(config: Config, vb: VarBuilder) -> Result<Self> {
         if config.use_swiglu_ffn {
             bail!("DINOv2 with use_swiglu_ffn (the giant model) is not supported");
         }
@@ -93,7 +93,7 @@ impl Dinov2Model {
         let grid = config.image_size / p;
         let emb = vb.pp("embeddings");
         let proj = emb.pp("patch_embeddings").pp("projection");
-        let patch_projection = FrozenLinear::new(
+        let patch_projection = FrozenLinear::from_weights(
             proj.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?,
             Some(proj.get(d, "bias")?),
         )?;
@@ -111,23 +111,17 @@ impl Dinov2Model {
                 let scale2 = vb.pp("layer_scale2").get(d, "lambda1")?;
                 let qkv_names = ["query", "key", "value"];
                 Ok(Layer {
-                    norm1: FrozenLayerNorm::load(vb.pp("norm1"), d, eps)?,
-                    qkv: FrozenLinear::load_fused(
-                        &attn.pp("attention"),
-                        qkv_names,
-                        d,
-                        config.qkv_bias,
-                    )?,
-                    attn_out: FrozenLinear::load(attn.pp("output").pp("dense"), d, d, true)?
+                    norm1: FrozenLayerNorm::new(d, eps, vb.pp("norm1"))?,
+                    qkv: FrozenLinear::fused(qkv_names, d, config.qkv_bias, attn.pp("attention"))?,
+                    attn_out: FrozenLinear::new(d, d, attn.pp("output").pp("dense"))?
                         .scaled(&scale1)?,
-                    norm2: FrozenLayerNorm::load(vb.pp("norm2"), d, eps)?,
-                    fc1: FrozenLinear::load(vb.pp("mlp").pp("fc1"), d, mlp_dim, true)?,
-                    fc2: FrozenLinear::load(vb.pp("mlp").pp("fc2"), mlp_dim, d, true)?
-                        .scaled(&scale2)?,
+                    norm2: FrozenLayerNorm::new(d, eps, vb.pp("norm2"))?,
+                    fc1: FrozenLinear::new(d, mlp_dim, vb.pp("mlp").pp("fc1"))?,
+                    fc2: FrozenLinear::new(mlp_dim, d, vb.pp("mlp").pp("fc2"))?.scaled(&scale2)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = FrozenLayerNorm::load(vb.pp("layernorm"), d, eps)?;
+        let final_norm = FrozenLayerNorm::new(d, eps, vb.pp("layernorm"))?;
         Ok(Self {
             config,
             activation,
@@ -295,7 +289,7 @@ impl Dinov2Backbone {
         let config: Config = dir.json("config.json")?;
         let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
         let weights = load_weights(dir, device, "embeddings.cls_token", &["dinov2"])?;
-        let model = Dinov2Model::new(weights.vb, config)
+        let model = Dinov2Model::new(config, weights.vb)
             .with_context(|| format!("cannot build DINOv2 from {}", dir.location))?;
         Ok(Self {
             id: id.to_string(),

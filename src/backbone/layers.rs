@@ -29,7 +29,8 @@ pub struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// A layer of these weights: `weight` [out, in], `bias` [out].
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let bias_host = match &bias {
             Some(b) if b.device().is_cpu() => Some(b.to_dtype(DType::F32)?.to_vec1()?),
             _ => None,
@@ -41,28 +42,32 @@ impl FrozenLinear {
         })
     }
 
-    /// Loads `weight` [out, in] and, when `with_bias`, `bias` [out] under `vb`.
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
+    /// Loads `weight` [out, in] and `bias` [out] under `vb`.
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load(in_dim, out_dim, true, vb)
+    }
+
+    /// Loads `weight` [out, in] under `vb` (a layer without bias).
+    pub fn without_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load(in_dim, out_dim, false, vb)
+    }
+
+    fn load(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if with_bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        Self::new(weight, bias)
+        Self::from_weights(weight, bias)
     }
 
     /// Loads three `[dim, dim]` projections (e.g. query, key, value) under `vb` as one
     /// `[3 * dim, dim]` layer: a single matrix product.
-    pub fn load_fused(
-        vb: &VarBuilder,
-        names: [&str; 3],
-        dim: usize,
-        with_bias: bool,
-    ) -> Result<Self> {
+    pub fn fused(names: [&str; 3], dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Self> {
         let parts = names
             .iter()
-            .map(|name| Self::load(vb.pp(*name), dim, dim, with_bias))
+            .map(|name| Self::load(dim, dim, with_bias, vb.pp(*name)))
             .collect::<Result<Vec<_>>>()?;
         Self::concat(&parts)
     }
@@ -79,14 +84,14 @@ impl FrozenLinear {
         } else {
             bail!("cannot fuse linear layers where only some have a bias")
         };
-        Self::new(weight, bias)
+        Self::from_weights(weight, bias)
     }
 
     /// Folds a per-output scale (DINOv2's layer scale) into the layer: `(x W^T + b) * s`.
     pub fn scaled(self, scale: &Tensor) -> Result<Self> {
         let weight = self.weight.broadcast_mul(&scale.unsqueeze(1)?)?;
         let bias = self.bias.map(|b| b * scale).transpose()?;
-        Self::new(weight, bias)
+        Self::from_weights(weight, bias)
     }
 
     pub fn out_dim(&self) -> usize {
@@ -126,7 +131,7 @@ pub struct FrozenLayerNorm {
 impl FrozenLayerNorm {
     /// Loads `weight` and `bias` [dim] under `vb` (or `gamma` and `beta`, as older BERT
     /// checkpoints name them).
-    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let name = |names: [&'static str; 2]| {
             names
                 .into_iter()
@@ -193,12 +198,13 @@ pub struct PatchEmbedding {
 }
 
 impl PatchEmbedding {
-    pub fn load(
-        vb: VarBuilder,
+    /// Loads `weight` [D, C, p, p] and, when `with_bias`, `bias` [D] under `vb`.
+    pub fn new(
         channels: usize,
         dim: usize,
         patch: usize,
         with_bias: bool,
+        vb: VarBuilder,
     ) -> Result<Self> {
         let weight = vb
             .get((dim, channels, patch, patch), "weight")?
@@ -209,7 +215,7 @@ impl PatchEmbedding {
             None
         };
         Ok(Self {
-            proj: FrozenLinear::new(weight, bias)?,
+            proj: FrozenLinear::from_weights(weight, bias)?,
             patch,
         })
     }
@@ -248,7 +254,7 @@ mod tests {
             .flatten_from(2)?
             .transpose(1, 2)?;
         let pe = PatchEmbedding {
-            proj: FrozenLinear::new(w.reshape((5, 48))?, Some(b))?,
+            proj: FrozenLinear::from_weights(w.reshape((5, 48))?, Some(b))?,
             patch: 4,
         };
         let diff = (pe.forward(&x)? - conv)?

@@ -71,7 +71,7 @@ pub struct BertEncoder {
 }
 
 impl BertEncoder {
-    pub fn new(vb: VarBuilder, config: Config) -> Result<Self> {
+    pub fn new(config: Config, vb: VarBuilder) -> Result<Self> {
         if config.position_embedding_type != "absolute" {
             bail!(
                 "position_embedding_type `{}` is not supported",
@@ -91,28 +91,18 @@ impl BertEncoder {
             .pp("token_type_embeddings")
             .get((config.type_vocab_size, d), "weight")?
             .narrow(0, 0, 1)?;
-        let embed_norm = FrozenLayerNorm::load(emb.pp("LayerNorm"), d, eps)?;
+        let embed_norm = FrozenLayerNorm::new(d, eps, emb.pp("LayerNorm"))?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
                 let attn = vb.pp("attention");
                 Ok(Layer {
-                    qkv: FrozenLinear::load_fused(
-                        &attn.pp("self"),
-                        ["query", "key", "value"],
-                        d,
-                        true,
-                    )?,
-                    attn_out: FrozenLinear::load(attn.pp("output").pp("dense"), d, d, true)?,
-                    attn_norm: FrozenLayerNorm::load(attn.pp("output").pp("LayerNorm"), d, eps)?,
-                    intermediate: FrozenLinear::load(
-                        vb.pp("intermediate").pp("dense"),
-                        d,
-                        ffn,
-                        true,
-                    )?,
-                    output: FrozenLinear::load(vb.pp("output").pp("dense"), ffn, d, true)?,
-                    output_norm: FrozenLayerNorm::load(vb.pp("output").pp("LayerNorm"), d, eps)?,
+                    qkv: FrozenLinear::fused(["query", "key", "value"], d, true, attn.pp("self"))?,
+                    attn_out: FrozenLinear::new(d, d, attn.pp("output").pp("dense"))?,
+                    attn_norm: FrozenLayerNorm::new(d, eps, attn.pp("output").pp("LayerNorm"))?,
+                    intermediate: FrozenLinear::new(d, ffn, vb.pp("intermediate").pp("dense"))?,
+                    output: FrozenLinear::new(ffn, d, vb.pp("output").pp("dense"))?,
+                    output_norm: FrozenLayerNorm::new(d, eps, vb.pp("output").pp("LayerNorm"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -261,7 +251,7 @@ impl SentenceBackbone {
                 .any(|m| m.kind.ends_with(".Normalize")),
         };
         let weights = load_weights(dir, device, "embeddings.word_embeddings.weight", &["bert"])?;
-        let model = BertEncoder::new(weights.vb, config)
+        let model = BertEncoder::new(config, weights.vb)
             .with_context(|| format!("cannot build the BERT encoder from {}", dir.location))?;
         Ok(Self {
             id: id.to_string(),
