@@ -104,8 +104,9 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    /// A dropout layer whose masks come from the stream of (`seed`, `vb` path + `name`).
-    pub fn new(p: f32, seed: u64, vb: &VarBuilder, name: &str) -> Result<Self> {
+    /// A dropout layer whose masks come from the stream of (`seed`, `vb` path + `name`); it has no
+    /// variables, `vb` only names the stream.
+    pub fn new(p: f32, seed: u64, name: &str, vb: &VarBuilder) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
             candle_core::bail!("dropout probability must be in [0, 1), got {p}");
         }
@@ -273,7 +274,7 @@ impl Mlp {
             (None, in_dim)
         } else {
             let linear = Linear::new(in_dim, hidden, vb.pp("hidden"))?;
-            let drop = Dropout::new(dropout, seed, &vb, "hidden")?;
+            let drop = Dropout::new(dropout, seed, "hidden", &vb)?;
             (Some((linear, drop)), hidden)
         };
         let out = Classifier::new(out_in, out_dim, cosine, vb.pp("out"))?;
@@ -397,8 +398,8 @@ mod tests {
         let map = VarMap::new();
         let vb = seeded_var_builder(&map, 1, &dev);
         let x = Tensor::ones((100, 100), DType::F32, &dev)?;
-        let a = Dropout::new(0.3, 5, &vb, "d")?.forward(&x, true)?;
-        let b = Dropout::new(0.3, 5, &vb, "d")?.forward(&x, true)?;
+        let a = Dropout::new(0.3, 5, "d", &vb)?.forward(&x, true)?;
+        let b = Dropout::new(0.3, 5, "d", &vb)?.forward(&x, true)?;
         assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
         let kept = a
             .ne(0f32)?
@@ -408,7 +409,7 @@ mod tests {
         assert!((kept - 0.7).abs() < 0.03, "kept {kept}");
         let mean = a.mean_all()?.to_scalar::<f32>()?;
         assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
-        let eval = Dropout::new(0.3, 5, &vb, "d")?.forward(&x, false)?;
+        let eval = Dropout::new(0.3, 5, "d", &vb)?.forward(&x, false)?;
         assert_eq!(eval.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
         Ok(())
     }
