@@ -429,3 +429,38 @@ fn bad_rows_fail_by_name_or_are_recorded_as_skipped() {
         .collect();
     assert_eq!(skipped, vec![2, 3, 5, 7]);
 }
+
+/// Two `[[extract]]` stages of one `multiclip run` with different `--threads`: the second runs on
+/// the pool the first set up (and says so) instead of failing, and the caches are the same bytes.
+#[test]
+fn a_second_extract_stage_with_other_threads_runs_on_the_first_pool() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    make_dataset(&data, 6, 0);
+    let (one, two) = (root.path().join("one"), root.path().join("two"));
+    let stage = |out: &Path, threads: usize| {
+        format!(
+            "[[extract]]\ndata = \"{}\"\nbackbone = \"{}\"\nout = \"{}\"\nthreads = {threads}\n",
+            data.display(),
+            backbone_spec(),
+            out.display()
+        )
+    };
+    let pipeline = root.path().join("threads.toml");
+    fs::write(
+        &pipeline,
+        format!(
+            "[pipeline]\nname = \"threads\"\n\n{}\n{}",
+            stage(&one, 1),
+            stage(&two, 2)
+        ),
+    )
+    .unwrap();
+    let output = run_ok(multiclip().arg("run").arg(&pipeline));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--threads 2") && stderr.contains("uses those 1"),
+        "{stderr}"
+    );
+    assert_eq!(tree(&one), tree(&two));
+}

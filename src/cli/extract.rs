@@ -147,16 +147,50 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     Ok(())
 }
 
-/// Uses `threads` CPU threads for rayon (decoding, preprocessing) and candle's matmuls (which read
-/// `RAYON_NUM_THREADS`).
+/// `--threads`: the size of the process's rayon pool, on which decoding, preprocessing, the fused
+/// kernels and candle's matrix products run. A process has one such pool and it cannot be resized,
+/// so the first `--threads` of a process sets it; a later extract stage of the same `multiclip
+/// run` that asks for another count (or comes after the pool was started at its default size)
+/// runs with the pool as it is and says so, rather than fail.
+///
+/// candle also splits each matrix product into `RAYON_NUM_THREADS` tasks (else one per core).
+/// That variable is set to the same count, but only while this is the process's only thread
+/// (always so for `multiclip extract`): writing the environment while another thread may read it
+/// is undefined behaviour.
 fn set_threads(threads: usize) -> Result<()> {
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
-    // SAFETY: called at start-up, before any other thread of this process exists.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .map_err(|e| anyhow::anyhow!("cannot set up {threads} threads: {e}"))
+    static FIRST: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    FIRST.call_once(|| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads);
+        if only_thread_of_process() {
+            // SAFETY: no other thread exists (checked just above), so none can read the
+            // environment while it is written.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+            tracing::debug!("RAYON_NUM_THREADS={threads}");
+            result = pool
+                .build_global()
+                .map_err(|e| anyhow::anyhow!("cannot set up {threads} threads: {e}"));
+        } else {
+            // Fails when an earlier stage already started the pool: the check below says so.
+            let _ = pool.build_global();
+        }
+    });
+    result?;
+    let pool = rayon::current_num_threads();
+    if pool != threads {
+        tracing::warn!(
+            "--threads {threads}: this process already runs a pool of {pool} CPU threads (set by \
+             an earlier stage); the extraction uses those {pool}"
+        );
+    }
+    Ok(())
+}
+
+/// Whether the calling thread is the process's only one (Linux: `/proc/self/task`; elsewhere
+/// unknown, so no).
+fn only_thread_of_process() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|tasks| tasks.count() == 1)
 }
