@@ -36,6 +36,7 @@ fn main() -> Result<()> {
     let repeats: usize = args[3].parse()?;
     let tokens: Option<usize> = args.get(4).map(|t| t.parse()).transpose()?;
     let dev = Device::Cpu;
+    // SAFETY: the memory-mapped weights are only read; nothing may modify the file meanwhile.
     let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)?
     };

@@ -33,6 +33,7 @@ fn expected(dir: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 fn weights(dir: &Path) -> Result<VarBuilder<'static>> {
+    // SAFETY: the memory-mapped fixture is only read, and nothing writes it while the test runs.
     Ok(unsafe {
         VarBuilder::from_mmaped_safetensors(
             &[dir.join("model.safetensors")],

@@ -85,6 +85,11 @@ fn bias_act_rows(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>
     }
 }
 
+/// [`bias_act_rows`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA (check with [`has_avx2_fma`]): running it elsewhere is
+/// undefined behaviour (an illegal instruction at best).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn bias_act_rows_avx2(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>) {
@@ -159,12 +164,17 @@ fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// [`softmax_row_impl`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// As [`bias_act_rows_avx2`]: the CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_row_avx2(row: &mut [f32], keep: Option<&[f32]>) {
     softmax_row_impl(row, keep)
 }
 
+/// Whether this CPU has AVX2 and FMA (the `_avx2` variants may run).
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
