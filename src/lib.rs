@@ -9,6 +9,7 @@ pub mod cache;
 pub mod data;
 pub mod extract;
 pub mod heads;
+pub mod labelled;
 pub mod loss;
 pub mod metrics;
 pub mod pipeline;

@@ -1,9 +1,9 @@
 //! Running a head over cache rows without training: probabilities for validation, evaluation
 //! and prediction, in bounded batches streamed from the cache.
 
-use super::targets::Targets;
 use crate::cache::{Batch, BatchOrder, CacheReader};
 use crate::heads::{Head, Inputs};
+use crate::labelled::Targets;
 use crate::loss::Loss;
 use anyhow::{Context, Result};
 use candle_core::{D, Device};

@@ -16,10 +16,10 @@ pub mod multistage;
 pub mod optim;
 pub mod run;
 pub mod schedule;
-pub mod targets;
 
 use crate::cache::{BatchOrder, CacheReader};
 use crate::heads::{self, Head, Inputs};
+use crate::labelled::Targets;
 use crate::loss::Loss;
 use crate::metrics::{self, LabelMetrics, Metrics, TuneObjective};
 use anyhow::{Context, Result, bail};
@@ -33,7 +33,6 @@ use optim::{AdamW, AdamWConfig};
 use schedule::{LrSchedule, ScheduleKind};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
-use targets::Targets;
 
 /// Every setting of a training run. Defaults suit small heads on frozen features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,23 +150,6 @@ pub struct TrainOutcome {
     pub stopped_early: bool,
     /// Validation of the kept weights (thresholds tuned on validation).
     pub validation: Validation,
-}
-
-/// The cache rows of `ids` (e.g. one side of a split); `what` names them in the error about an
-/// id the cache lacks.
-pub fn rows_for_ids(reader: &CacheReader, ids: &[String], what: &str) -> Result<Vec<usize>> {
-    ids.iter()
-        .map(|id| {
-            reader.index_of(id).with_context(|| {
-                format!(
-                    "{what} id `{id}` is not in cache {} ({} rows): was the cache extracted from \
-                     another dataset or split?",
-                    reader.dir().display(),
-                    reader.len()
-                )
-            })
-        })
-        .collect()
 }
 
 /// The trainable variables of `varmap`, sorted by name.

@@ -5,14 +5,14 @@ use super::checkpoint::{
     CacheIdentity, Checkpoint, CheckpointMeta, FORMAT_VERSION, NameParts, SplitRef,
     backbone_short_name,
 };
-use super::targets::Targets;
-use super::{TrainConfig, TrainData, TrainOutcome, fit, rows_for_ids};
+use super::{TrainConfig, TrainData, TrainOutcome, fit};
 use crate::cache::CacheReader;
 use crate::cache::files::sha256_file;
+use crate::data::Record;
 use crate::data::labels::{LABELS_FILE, LabelVocab};
 use crate::data::split::Split;
-use crate::data::{Dataset, Part, Record};
 use crate::heads::{self, HeadConfig, LabelCooccurrence};
+use crate::labelled::{Targets, labelled_records, rows_for_ids};
 use crate::loss::Loss;
 use crate::predict::head_context;
 use anyhow::{Context, Result, bail};
@@ -45,33 +45,6 @@ pub struct TrainReport {
     pub checkpoint: PathBuf,
     pub meta: CheckpointMeta,
     pub outcome: TrainOutcome,
-}
-
-/// The labelled rows of `data`'s `train.csv`, checked against the csv the cache was built from.
-pub fn labelled_records(data: &Path, reader: &CacheReader) -> Result<Vec<Record>> {
-    let dataset = Dataset::open(data)?;
-    let csv = dataset.csv_path(Part::Train);
-    let recorded = reader
-        .manifest()
-        .header
-        .dataset
-        .parts
-        .iter()
-        .find(|p| p.split == Part::Train.name());
-    if let Some(part) = recorded {
-        let actual = sha256_file(&csv)?;
-        if actual != part.sha256 {
-            bail!(
-                "{} differs from the train.csv cache {} was extracted from (sha256 {} vs {}): \
-                 pass the dataset folder the cache was made from with --data",
-                csv.display(),
-                reader.dir().display(),
-                &actual[..12],
-                &part.sha256[..part.sha256.len().min(12)]
-            );
-        }
-    }
-    dataset.records(Part::Train)
 }
 
 /// The label vocabulary written beside the split file (`labels.json`, by `multiclip dataset
