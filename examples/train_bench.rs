@@ -25,7 +25,7 @@ use multiclip::data::{Dataset, Part};
 use multiclip::heads::{self, HeadConfig};
 use multiclip::labelled::Targets;
 use multiclip::loss::Loss;
-use multiclip::predict::head_context;
+use multiclip::train::run::head_context;
 use multiclip::train::schedule::ScheduleKind;
 use multiclip::train::{TrainConfig, TrainData, fit};
 use std::path::PathBuf;

@@ -12,6 +12,7 @@ pub mod heads;
 pub mod labelled;
 pub mod loss;
 pub mod metrics;
+pub mod model;
 pub mod pipeline;
 pub mod predict;
 pub mod report;

@@ -1,5 +1,5 @@
-//! Using a trained checkpoint on a cache: rebuilding its head (refusing a cache from another
-//! backbone or with other outputs), scoring rows, turning probabilities into label sets with the
+//! Using a trained checkpoint on a cache (refusing a cache from another backbone or with other
+//! outputs): scoring rows, turning probabilities into label sets with the
 //! tuned thresholds, and writing the competition's submission file (`ImageID,Labels`) and an
 //! optional probabilities file.
 
@@ -8,59 +8,14 @@ use crate::cache::files::sha256_file;
 use crate::data::Record;
 use crate::data::labels::LabelVocab;
 use crate::data::split::Split;
-use crate::heads::{self, Head, HeadContext};
 use crate::labelled::{Targets, labelled_records, rows_for_ids};
 use crate::metrics::{self, LabelMetrics, Metrics};
+use crate::model::Model;
 use crate::train::checkpoint::{Checkpoint, CheckpointMeta};
-use crate::train::inference::{Scores, score_rows};
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::Device;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// A checkpoint's head, rebuilt over a compatible cache.
-pub struct Model {
-    pub meta: CheckpointMeta,
-    pub head: Box<dyn Head>,
-}
-
-impl Model {
-    /// Loads the checkpoint at `path` (`NAME`, `NAME.json` or `NAME.safetensors`) for `reader`'s
-    /// cache; fails naming both sides when the cache's backbone or outputs differ.
-    pub fn load(path: &Path, reader: &CacheReader, device: &Device) -> Result<Self> {
-        let checkpoint = Checkpoint::load(path, device)?;
-        let meta = checkpoint.meta;
-        meta.cache
-            .ensure_compatible(reader)
-            .with_context(|| format!("checkpoint {}", meta.name))?;
-        let ctx = head_context(reader, meta.labels.len(), None, meta.seed);
-        let vb = VarBuilder::from_tensors(checkpoint.tensors, DType::F32, device);
-        let head = heads::build(&meta.head, &ctx, vb)
-            .with_context(|| format!("rebuilding the head of checkpoint {}", meta.name))?;
-        Ok(Self { meta, head })
-    }
-
-    /// Probabilities on `rows` (with the mean loss when `targets` are given).
-    pub fn score(
-        &self,
-        reader: &CacheReader,
-        rows: &[usize],
-        batch_size: usize,
-        device: &Device,
-        targets: Option<&Targets>,
-    ) -> Result<Scores> {
-        score_rows(
-            self.head.as_ref(),
-            &self.meta.loss,
-            reader,
-            rows,
-            batch_size,
-            device,
-            targets,
-        )
-    }
-}
 
 /// Which labelled rows `evaluate` scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -112,8 +67,9 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
         .clone()
         .unwrap_or_else(|| meta.data_dir.clone());
     let reader = CacheReader::open(&cache)?;
-    let model = Model::load(&request.checkpoint, &reader, &request.device)?;
-    let vocab = LabelVocab::from_ordered(meta.labels.clone())?;
+    let model = Model::load(&request.checkpoint, &request.device)?;
+    model.ensure_compatible(&reader)?;
+    let vocab = LabelVocab::from_ordered(model.card.labels.clone())?;
     let (records, rows) = match request.part {
         EvalPart::Val | EvalPart::Train => {
             let split_path = request
@@ -124,7 +80,7 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
                 bail!(
                     "split {} changed since checkpoint {} was trained: pass --split explicitly",
                     split_path.display(),
-                    meta.name
+                    model.card.name
                 );
             }
             let split = Split::load(&split_path)?;
@@ -151,7 +107,7 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
         request.part == EvalPart::Test,
     )?;
     targets.ensure_labelled(&rows, reader.ids())?;
-    let scores = model.score(
+    let scores = model.score_rows(
         &reader,
         &rows,
         request.batch_size,
@@ -166,13 +122,13 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
         metrics: Metrics::compute(
             &scores.probabilities,
             &truth,
-            &meta.thresholds,
+            &model.card.thresholds,
             request.at_least_one,
         ),
         per_label: metrics::per_label_table(
             &scores.probabilities,
             &truth,
-            &meta.thresholds,
+            &model.card.thresholds,
             request.at_least_one,
         ),
         truth: truth.iter().map(|&t| t > 0.5).collect(),
@@ -199,12 +155,11 @@ pub fn predict(
     device: &Device,
 ) -> Result<Predictions> {
     let rows: Vec<usize> = (0..reader.len()).collect();
-    let scores = model.score(reader, &rows, batch_size, device, None)?;
-    let decisions =
-        metrics::apply_thresholds_flat(&scores.probabilities, &model.meta.thresholds, at_least_one);
+    let scores = model.score_rows(reader, &rows, batch_size, device, None)?;
+    let decisions = model.decisions(&scores.probabilities, at_least_one);
     Ok(Predictions {
         ids: reader.ids().to_vec(),
-        labels: model.meta.labels.clone(),
+        labels: model.card.labels.clone(),
         probabilities: scores.probabilities,
         decisions,
     })
@@ -247,25 +202,6 @@ pub fn read_predictions(path: &Path) -> Result<Vec<Record>> {
         });
     }
     Ok(records)
-}
-
-/// The context a head is built in over `reader`'s cache: every output's per-row shape.
-pub fn head_context(
-    reader: &CacheReader,
-    num_labels: usize,
-    label_cooccurrence: Option<heads::LabelCooccurrence>,
-    seed: u64,
-) -> HeadContext {
-    HeadContext {
-        num_labels,
-        input_shapes: reader
-            .outputs()
-            .iter()
-            .map(|o| (o.name.clone(), o.shape.clone()))
-            .collect(),
-        label_cooccurrence,
-        seed,
-    }
 }
 
 /// Writes `ImageID,Labels`: one line per id, its predicted labels space-separated in vocabulary

@@ -47,7 +47,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let evaluation = evaluate(&request)?;
     println!(
         "checkpoint {} on {} ({:?} part, {} rows), loss {:.4}",
-        evaluation.meta.name,
+        evaluation.meta.model.name,
         evaluation.cache.display(),
         args.part,
         evaluation.rows,
@@ -56,7 +56,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     print_metrics(
         &evaluation.metrics,
         &evaluation.per_label,
-        &evaluation.meta.labels,
+        &evaluation.meta.model.labels,
     );
     Ok(())
 }

@@ -5,7 +5,8 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
-use multiclip::predict::{Model, predict, write_predictions, write_probabilities};
+use multiclip::model::Model;
+use multiclip::predict::{predict, write_predictions, write_probabilities};
 use std::path::PathBuf;
 
 /// Predict labels for every row of a cache.
@@ -33,7 +34,7 @@ pub struct PredictArgs {
 pub fn run(args: PredictArgs) -> Result<()> {
     let device = Device::Cpu;
     let reader = CacheReader::open(&args.cache)?;
-    let model = Model::load(&args.checkpoint, &reader, &device)?;
+    let model = Model::load(&args.checkpoint, &device)?;
     let predictions = predict(
         &model,
         &reader,
@@ -50,7 +51,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     println!(
         "{} rows labelled with {} -> {}",
         predictions.ids.len(),
-        model.meta.name,
+        model.card.name,
         args.out.display()
     );
     if let Some(path) = &args.probabilities {

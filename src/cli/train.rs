@@ -161,7 +161,7 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
     print_metrics(
         &outcome.validation.metrics,
         &outcome.validation.per_label,
-        &report.meta.labels,
+        &report.meta.model.labels,
     );
     println!("checkpoint: {}", report.checkpoint.display());
     let written = multiclip::report::write_for_checkpoint(&report.checkpoint, &Device::Cpu)?;

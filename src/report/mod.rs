@@ -17,8 +17,8 @@ use serde::Serialize;
 use crate::data::{Dataset, LabelVocab, Part, Split};
 use crate::heads::LabelCooccurrence;
 use crate::metrics::{self, LabelMetrics, Metrics};
+use crate::model::checkpoint::resolve;
 use crate::predict::{EvalPart, EvaluateRequest, Evaluation, evaluate};
-use crate::train::checkpoint::resolve;
 use crate::train::history::EpochRecord;
 
 pub use html::{render_html, terminal_summary};
@@ -89,7 +89,7 @@ pub fn write_for_checkpoint(checkpoint: &Path, device: &Device) -> Result<Writte
         .with_context(|| format!("writing {}", html.display()))?;
     let meta = &evaluation.meta;
     let file = MetricsFile {
-        checkpoint: &meta.name,
+        checkpoint: &meta.model.name,
         part: "val",
         rows: evaluation.rows,
         loss: evaluation.loss,
@@ -98,7 +98,7 @@ pub fn write_for_checkpoint(checkpoint: &Path, device: &Device) -> Result<Writte
             .per_label
             .iter()
             .map(|m| NamedLabelMetrics {
-                name: meta.labels.get(m.label).map_or("?", String::as_str),
+                name: meta.model.labels.get(m.label).map_or("?", String::as_str),
                 metrics: m,
             })
             .collect(),
@@ -119,11 +119,14 @@ fn report_data(evaluation: &Evaluation) -> Result<ReportData> {
     let meta = &evaluation.meta;
     let m = &evaluation.metrics;
     let facts = vec![
-        ("checkpoint".to_string(), meta.name.clone()),
-        ("backbone".to_string(), meta.cache.backbone.id.clone()),
+        ("checkpoint".to_string(), meta.model.name.clone()),
+        (
+            "backbone".to_string(),
+            meta.model.inputs.backbone.id.clone(),
+        ),
         ("cache".to_string(), evaluation.cache.display().to_string()),
-        ("head".to_string(), meta.head.kind().to_string()),
-        ("loss".to_string(), meta.loss.to_string()),
+        ("head".to_string(), meta.model.head.kind().to_string()),
+        ("loss".to_string(), meta.model.loss.to_string()),
         (
             "split".to_string(),
             format!(
@@ -136,12 +139,12 @@ fn report_data(evaluation: &Evaluation) -> Result<ReportData> {
             "training".to_string(),
             format!(
                 "lr {}, batch {}, seed {}, best epoch {}",
-                meta.training.lr, meta.training.batch_size, meta.seed, meta.best_epoch
+                meta.training.lr, meta.training.batch_size, meta.model.seed, meta.best_epoch
             ),
         ),
     ];
     Ok(ReportData {
-        title: format!("multiclip run report: {}", meta.name),
+        title: format!("multiclip run report: {}", meta.model.name),
         facts,
         metrics: vec![
             ("micro-F1".into(), m.averages.micro.f1),
@@ -150,13 +153,13 @@ fn report_data(evaluation: &Evaluation) -> Result<ReportData> {
             ("mAP".into(), m.map),
         ],
         history: meta.history.clone(),
-        label_names: meta.labels.clone(),
+        label_names: meta.model.labels.clone(),
         per_label: evaluation.per_label.clone(),
         pr_curve: metrics::micro_precision_recall_curve(
             &evaluation.probabilities,
             &evaluation.truth,
         ),
-        cooccurrence: training_cooccurrence(&meta.data_dir, &meta.split.path, &meta.labels)?,
+        cooccurrence: training_cooccurrence(&meta.data_dir, &meta.split.path, &meta.model.labels)?,
     })
 }
 

@@ -1,20 +1,18 @@
 //! One training run from files: a cache, the dataset it was extracted from (for the labels), a
 //! split file, a head and a loss -> a checkpoint. The `train` command and pipelines call this.
 
-use super::checkpoint::{
-    CacheIdentity, Checkpoint, CheckpointMeta, FORMAT_VERSION, NameParts, SplitRef,
-    backbone_short_name,
-};
+use super::checkpoint::{Checkpoint, CheckpointMeta, NameParts, SplitRef, backbone_short_name};
 use super::{TrainConfig, TrainData, TrainOutcome, fit};
 use crate::cache::CacheReader;
 use crate::cache::files::sha256_file;
 use crate::data::Record;
 use crate::data::labels::{LABELS_FILE, LabelVocab};
 use crate::data::split::Split;
-use crate::heads::{self, HeadConfig, LabelCooccurrence};
+use crate::heads::{self, HeadConfig, HeadContext, LabelCooccurrence};
 use crate::labelled::{Targets, labelled_records, rows_for_ids};
 use crate::loss::Loss;
-use crate::predict::head_context;
+use crate::model::checkpoint::FORMAT_VERSION;
+use crate::model::{InputSignature, ModelCard};
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use candle_nn::VarMap;
@@ -45,6 +43,25 @@ pub struct TrainReport {
     pub checkpoint: PathBuf,
     pub meta: CheckpointMeta,
     pub outcome: TrainOutcome,
+}
+
+/// The context a head is trained in over `reader`'s cache: every output's per-row shape.
+pub fn head_context(
+    reader: &CacheReader,
+    num_labels: usize,
+    label_cooccurrence: Option<LabelCooccurrence>,
+    seed: u64,
+) -> HeadContext {
+    HeadContext {
+        num_labels,
+        input_shapes: reader
+            .outputs()
+            .iter()
+            .map(|o| (o.name.clone(), o.shape.clone()))
+            .collect(),
+        label_cooccurrence,
+        seed,
+    }
 }
 
 /// The label vocabulary written beside the split file (`labels.json`, by `multiclip dataset
@@ -123,20 +140,22 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
 
     let validation = &outcome.validation;
     let meta = CheckpointMeta {
-        format_version: FORMAT_VERSION,
-        name: String::new(),
-        head: head_config.clone(),
-        loss: request.loss,
-        labels: vocab.names().to_vec(),
-        thresholds: validation.thresholds.clone(),
-        cache: CacheIdentity::of_cache(&reader, &head.inputs())?,
+        model: ModelCard {
+            format_version: FORMAT_VERSION,
+            name: String::new(),
+            head: head_config.clone(),
+            loss: request.loss,
+            labels: vocab.names().to_vec(),
+            thresholds: validation.thresholds.clone(),
+            inputs: InputSignature::of_cache(&reader, &head.inputs())?,
+            seed: config.seed,
+        },
         cache_dir: request.cache.clone(),
         data_dir: request.data.clone(),
         split: SplitRef {
             path: request.split.clone(),
             sha256: sha256_file(&request.split)?,
         },
-        seed: config.seed,
         training: config.clone(),
         metrics: validation.metrics.clone(),
         val_loss: validation.loss,

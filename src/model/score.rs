@@ -1,16 +1,23 @@
-//! Running a head over cache rows without training: probabilities for validation, evaluation
-//! and prediction, in bounded batches streamed from the cache.
+//! Scoring without training: the probabilities of a head on a batch, and the thin loop that
+//! scores cache rows in bounded batches streamed from the cache (validation, evaluation,
+//! prediction).
 
 use crate::cache::{Batch, BatchOrder, CacheReader};
 use crate::heads::{Head, Inputs};
 use crate::labelled::Targets;
 use crate::loss::Loss;
 use anyhow::{Context, Result};
-use candle_core::{D, Device};
+use candle_core::{D, Device, Tensor};
 
 /// A cache batch as a head's inputs.
 pub fn batch_inputs(batch: Batch) -> Inputs {
     batch.tensors.into_iter().collect()
+}
+
+/// Probabilities `[B, K]` of `head`, trained with `loss`, on a batch of inputs.
+pub fn probabilities(head: &dyn Head, loss: &Loss, x: &Inputs) -> Result<Tensor> {
+    let output = head.predict(x).context("head forward pass")?;
+    Ok(loss.probabilities(&output)?)
 }
 
 /// The head's outputs on a set of rows.
@@ -50,7 +57,7 @@ pub fn score_rows(
             let batch_loss = loss.compute(&output, &y)?.to_scalar::<f32>()?;
             loss_sum += batch_loss as f64 * batch_rows.len() as f64;
         }
-        let probs = candle_nn::ops::sigmoid(&loss.inference_logits(&output)?)?;
+        let probs = loss.probabilities(&output)?;
         num_labels = probs.dim(D::Minus1)?;
         probabilities.extend(probs.flatten_all()?.to_vec1::<f32>()?);
     }
