@@ -50,9 +50,6 @@ pub struct Evaluation {
     pub loss: f64,
     pub metrics: Metrics,
     pub per_label: Vec<LabelMetrics>,
-    /// `[rows, labels]` row-major probabilities and targets of the scored rows.
-    pub probabilities: Vec<f32>,
-    pub truth: Vec<bool>,
 }
 
 /// Scores a checkpoint on the validation, training or test rows of a cache.
@@ -131,8 +128,6 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
             &model.card.thresholds,
             request.at_least_one,
         ),
-        truth: truth.iter().map(|&t| t > 0.5).collect(),
-        probabilities: scores.probabilities,
         meta,
     })
 }

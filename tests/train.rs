@@ -16,7 +16,7 @@ use multiclip::labelled::rows_for_ids;
 use multiclip::loss::Loss;
 use multiclip::model::score::score_rows;
 use multiclip::model::{InputSignature, Model, ModelCard};
-use multiclip::predict;
+use multiclip::predict::{self, EvalPart, EvaluateRequest, evaluate};
 use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts};
 use multiclip::train::early_stop::Criterion;
 use multiclip::train::run::{TrainRequest, head_context, train};
@@ -264,6 +264,55 @@ fn checkpoints_round_trip_to_the_same_outputs() {
     for head in ["mlp", "router", "gat", "ml_decoder:input=multimodal_tokens"] {
         assert_checkpoint_round_trip(&f, head);
     }
+}
+
+#[test]
+fn the_report_shows_what_evaluating_the_checkpoint_gives() {
+    let f = fixture();
+    let run = train(&request(&f, "gat", "report")).unwrap();
+    let written = multiclip::report::write(&run).unwrap();
+    let evaluation = evaluate(&EvaluateRequest {
+        checkpoint: run.checkpoint.clone(),
+        cache: None,
+        data: None,
+        split: None,
+        part: EvalPart::Val,
+        batch_size: 4096,
+        at_least_one: true,
+        device: Device::Cpu,
+    })
+    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&written.metrics_json).unwrap()).unwrap();
+    assert_eq!(json["rows"], evaluation.rows);
+    assert_eq!(json["loss"], evaluation.loss);
+    assert_eq!(
+        json["metrics"],
+        serde_json::to_value(&evaluation.metrics).unwrap()
+    );
+    assert_eq!(written.data.per_label, evaluation.per_label);
+    // The co-occurrence map: P(j | i) over the split's training rows of train.csv.
+    let split = Split::load(&f.split).unwrap();
+    let records = Dataset::open(&f.data)
+        .unwrap()
+        .records(Part::Train)
+        .unwrap();
+    let vocab = LabelVocab::from_ordered(run.meta.model.labels.clone()).unwrap();
+    let sets: Vec<Vec<usize>> = records
+        .iter()
+        .filter(|r| split.train.contains(&r.id))
+        .map(|r| {
+            r.labels
+                .iter()
+                .flatten()
+                .filter_map(|l| vocab.index(l))
+                .collect()
+        })
+        .collect();
+    let counts =
+        heads::LabelCooccurrence::from_label_sets(sets.iter().map(Vec::as_slice), vocab.len())
+            .unwrap();
+    assert_eq!(written.data.cooccurrence, counts.conditional());
 }
 
 #[test]

@@ -164,7 +164,7 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
         &report.meta.model.labels,
     );
     println!("checkpoint: {}", report.checkpoint.display());
-    let written = multiclip::report::write_for_checkpoint(&report.checkpoint, &Device::Cpu)?;
+    let written = multiclip::report::write(&report)?;
     print!("{}", multiclip::report::terminal_summary(&written.data));
     println!("report:     {}", written.html.display());
     println!("metrics:    {}", written.metrics_json.display());

@@ -110,10 +110,13 @@ impl TrainData<'_> {
 }
 
 /// Validation of one pass over the validation rows, thresholds tuned on them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Validation {
     pub rows: usize,
     pub loss: f64,
+    /// `[rows, labels]` row-major probabilities and multi-hot truth of the validation rows.
+    pub probabilities: Vec<f32>,
+    pub truth: Vec<f32>,
     /// Per-label thresholds tuned for micro-F1 on these rows.
     pub thresholds: Vec<f32>,
     /// Metrics at those thresholds, with the at-least-one-label rule.
@@ -392,8 +395,8 @@ pub fn validate(
     )?;
     let truth = data.targets.rows(&data.val_rows);
     Ok(measure(
-        &scores.probabilities,
-        &truth,
+        scores.probabilities,
+        truth,
         data.targets.num_labels(),
         scores.loss.unwrap_or(f64::NAN),
     ))
@@ -401,14 +404,21 @@ pub fn validate(
 
 /// Validation metrics of probabilities against multi-hot truth, with per-label thresholds tuned
 /// for micro-F1 on them and the at-least-one-label rule applied.
-pub fn measure(probabilities: &[f32], truth: &[f32], num_labels: usize, loss: f64) -> Validation {
+pub fn measure(
+    probabilities: Vec<f32>,
+    truth: Vec<f32>,
+    num_labels: usize,
+    loss: f64,
+) -> Validation {
     let thresholds =
-        metrics::tune_thresholds(probabilities, truth, num_labels, TuneObjective::default());
+        metrics::tune_thresholds(&probabilities, &truth, num_labels, TuneObjective::default());
     Validation {
         rows: probabilities.len() / num_labels.max(1),
         loss,
-        metrics: Metrics::compute(probabilities, truth, &thresholds, true),
-        per_label: metrics::per_label_table(probabilities, truth, &thresholds, true),
+        metrics: Metrics::compute(&probabilities, &truth, &thresholds, true),
+        per_label: metrics::per_label_table(&probabilities, &truth, &thresholds, true),
         thresholds,
+        probabilities,
+        truth,
     }
 }

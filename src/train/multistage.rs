@@ -78,8 +78,8 @@ pub fn warm_up_parts(
             // part separates the labels, whatever the calibration of its probabilities (a focal
             // or margin loss keeps them far from 0.5 early on).
             let f1 = super::measure(
-                &trained.probabilities,
-                &truth,
+                trained.probabilities,
+                truth,
                 data.targets.num_labels(),
                 trained.mean_loss,
             )

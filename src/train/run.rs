@@ -43,6 +43,8 @@ pub struct TrainReport {
     pub checkpoint: PathBuf,
     pub meta: CheckpointMeta,
     pub outcome: TrainOutcome,
+    /// Label co-occurrence counts of the training rows (the `gat` graph, and the report's map).
+    pub label_cooccurrence: LabelCooccurrence,
 }
 
 /// The context a head is trained in over `reader`'s cache: every output's per-row shape.
@@ -115,7 +117,12 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     let head_config = head_for_loss(&request.head, &request.loss)?;
     let config = &request.config;
     let positives = cooccurrence.label_counts();
-    let ctx = head_context(&reader, vocab.len(), Some(cooccurrence), config.seed);
+    let ctx = head_context(
+        &reader,
+        vocab.len(),
+        Some(cooccurrence.clone()),
+        config.seed,
+    );
     let varmap = VarMap::new();
     let vb = heads::init::seeded_var_builder(&varmap, config.seed, &request.device);
     let head = heads::build(&head_config, &ctx, vb)?;
@@ -183,6 +190,7 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
         checkpoint: path,
         meta: checkpoint.meta,
         outcome,
+        label_cooccurrence: cooccurrence,
     })
 }
 
