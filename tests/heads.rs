@@ -9,6 +9,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use multiclip::heads::{
     self, Head, HeadConfig, HeadContext, Inputs, LabelCooccurrence, init::seeded_var_builder,
 };
+use multiclip::train::checkpoint::checkpoint_tensors;
+use multiclip::train::grads::loss_and_grads;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -295,7 +297,7 @@ fn checkpoints_round_trip_with_buffers() -> Result<()> {
             .forward(&d.inputs, false)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let tensors = heads::checkpoint_tensors(&map, head.as_ref()).expect("tensors");
+        let tensors = checkpoint_tensors(&map, head.as_ref()).expect("tensors");
         for (name, _) in head.buffers() {
             assert!(
                 heads::is_buffer(&name) && tensors.contains_key(&name),
@@ -408,8 +410,8 @@ fn micro_batches_give_the_full_batch_numbers() -> Result<()> {
         let (map, head) = build(&cfg, &d.ctx);
         let vars = map.all_vars();
         let forward = |x: &Inputs| head.forward(x, true);
-        let full = heads::loss_and_grads(&forward, &d.inputs, &d.targets, N, &vars, &bce)?;
-        let chunked = heads::loss_and_grads(&forward, &d.inputs, &d.targets, 5, &vars, &bce)?;
+        let full = loss_and_grads(&forward, &d.inputs, &d.targets, N, &vars, &bce)?;
+        let chunked = loss_and_grads(&forward, &d.inputs, &d.targets, 5, &vars, &bce)?;
         let (full_loss, loss) = (full.loss, chunked.loss);
         let outputs = (full.outputs - &chunked.outputs)?
             .abs()?

@@ -17,7 +17,7 @@ use multiclip::loss::Loss;
 use multiclip::model::score::score_rows;
 use multiclip::model::{InputSignature, Model, ModelCard};
 use multiclip::predict::{self, EvalPart, EvaluateRequest, evaluate};
-use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts};
+use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts, checkpoint_tensors};
 use multiclip::train::early_stop::Criterion;
 use multiclip::train::run::{TrainRequest, head_context, train};
 use multiclip::train::{TrainConfig, TrainData, fit};
@@ -228,7 +228,7 @@ fn assert_checkpoint_round_trip(f: &Fixture, head_spec: &str) {
             },
             ..reference
         },
-        tensors: heads::checkpoint_tensors(&varmap, head.as_ref()).unwrap(),
+        tensors: checkpoint_tensors(&varmap, head.as_ref()).unwrap(),
     };
     let parts = NameParts {
         head: config.kind(),

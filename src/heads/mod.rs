@@ -10,10 +10,9 @@
 //! Variables: [`build`] takes a `VarBuilder`; for training make it with
 //! [`init::seeded_var_builder`] over a `VarMap` (seeded, reproducible initial weights). Every
 //! variable in that map is trainable. Fixed buffers (ML-Decoder queries, GAT adjacency) are NOT
-//! in the map: they live under a `buffers.` path segment ([`is_buffer`]), the head returns them
-//! from [`Head::buffers`], and [`checkpoint_tensors`] gives map + buffers for saving. Building
-//! from a checkpoint's `VarBuilder` (e.g. `VarBuilder::from_mmaped_safetensors`) reads both
-//! back.
+//! in the map: they live under a `buffers.` path segment ([`is_buffer`]) and the head returns them
+//! from [`Head::buffers`]; a checkpoint saves map + buffers (`train::checkpoint`). Building from a
+//! checkpoint's `VarBuilder` (e.g. `VarBuilder::from_mmaped_safetensors`) reads both back.
 
 pub mod ensemble;
 pub mod features;
@@ -31,7 +30,7 @@ use std::str::FromStr;
 
 use anyhow::Context;
 use candle_core::{Result, Shape, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 pub use ensemble::EnsembleConfig;
@@ -234,68 +233,6 @@ pub fn batch_size(x: &Inputs) -> Result<usize> {
     }
 }
 
-/// What [`loss_and_grads`] returns for a batch.
-pub struct BatchGrads {
-    /// Mean loss over the batch.
-    pub loss: f32,
-    /// Gradients of the mean loss for the variables asked for.
-    pub grads: candle_core::backprop::GradStore,
-    /// The forward pass's outputs `[B, K]`, detached.
-    pub outputs: Tensor,
-}
-
-/// Mean loss, its gradients and the outputs for a batch of any size, computed over micro-batches
-/// of `rows` samples whose gradients are summed (weighted by their share of the batch): the same
-/// numbers as one pass over the whole batch for a loss that is a mean over samples, with memory
-/// bounded by `rows` and no extra cost per sample for large batches ([`MICRO_BATCH_ROWS`] is a
-/// good `rows`). `forward` is e.g. `|x| head.forward(x, true)` or a part's forward; `loss(outputs,
-/// targets)` returns the mean loss of a micro-batch; `targets` are split like `x`; `vars` are
-/// the variables to differentiate (e.g. `varmap.all_vars()`). Dropout draws continue from the
-/// head's streams in micro-batch order.
-pub fn loss_and_grads(
-    forward: &dyn Fn(&Inputs) -> Result<Tensor>,
-    x: &Inputs,
-    targets: &Tensor,
-    rows: usize,
-    vars: &[candle_core::Var],
-    loss: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<BatchGrads> {
-    let total = batch_size(x)?;
-    if targets.dim(0)? != total {
-        candle_core::bail!("{} target rows for a batch of {total}", targets.dim(0)?);
-    }
-    let mut grads = candle_core::backprop::GradStore::default();
-    let mut mean_loss = 0f32;
-    let mut outputs = Vec::new();
-    let mut start = 0;
-    for chunk in micro_batches(x, rows)? {
-        let len = batch_size(&chunk)?;
-        let share = len as f64 / total as f64;
-        let output = forward(&chunk)?;
-        let chunk_loss = (loss(&output, &targets.narrow(0, start, len)?)? * share)?;
-        mean_loss += chunk_loss
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?;
-        let chunk_grads = chunk_loss.backward()?;
-        for var in vars {
-            if let Some(g) = chunk_grads.get(var.as_tensor()) {
-                let g = match grads.get(var.as_tensor()) {
-                    Some(acc) => (acc + g)?,
-                    None => g.clone(),
-                };
-                grads.insert(var.as_tensor(), g);
-            }
-        }
-        outputs.push(output.detach());
-        start += len;
-    }
-    Ok(BatchGrads {
-        loss: mean_loss,
-        grads,
-        outputs: Tensor::cat(&outputs, 0)?,
-    })
-}
-
 /// Build the head described by `cfg`. Checks that every input it needs is in
 /// `ctx.input_shapes` (the error names the missing output and lists the available ones).
 pub fn build(cfg: &HeadConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Box<dyn Head>> {
@@ -318,35 +255,6 @@ pub const BUFFER_SCOPE: &str = "buffers";
 /// Whether a checkpoint tensor name is a fixed buffer (not a trainable variable).
 pub fn is_buffer(name: &str) -> bool {
     name.split('.').any(|segment| segment == BUFFER_SCOPE)
-}
-
-/// Whether AdamW should leave this variable undecayed: biases and layer-norm parameters.
-pub fn exempt_from_weight_decay(name: &str) -> bool {
-    name.ends_with(".bias")
-        || name == "bias"
-        || name.split('.').any(|segment| segment.starts_with("norm"))
-}
-
-/// Everything a checkpoint of `head` holds: the trainable variables of `varmap` and the head's
-/// buffers, by full name (save with `candle_core::safetensors::save`).
-pub fn checkpoint_tensors(
-    varmap: &VarMap,
-    head: &dyn Head,
-) -> anyhow::Result<HashMap<String, Tensor>> {
-    let vars = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
-    let mut tensors: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
-        .collect();
-    for (name, tensor) in head.buffers() {
-        if tensors.insert(name.clone(), tensor).is_some() {
-            anyhow::bail!("buffer `{name}` clashes with a trainable variable");
-        }
-    }
-    Ok(tensors)
 }
 
 /// A fixed buffer called `name` under `vb`'s `buffers` scope: read from `vb` when it holds it

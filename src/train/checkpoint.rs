@@ -12,11 +12,13 @@
 
 use super::TrainConfig;
 use super::history::EpochRecord;
+use crate::heads::Head;
 use crate::metrics::Metrics;
 use crate::model::ModelCard;
 use crate::model::checkpoint::{checkpoint_files, read_sidecar, read_tensors};
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs;
@@ -177,6 +179,25 @@ impl Checkpoint {
     pub fn load_meta(path: &Path) -> Result<CheckpointMeta> {
         read_sidecar(path)
     }
+}
+
+/// Everything a checkpoint of `head` holds: the trainable variables of `varmap` and the head's
+/// buffers, by full name (save with `candle_core::safetensors::save`).
+pub fn checkpoint_tensors(varmap: &VarMap, head: &dyn Head) -> Result<HashMap<String, Tensor>> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
+    let mut tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    for (name, tensor) in head.buffers() {
+        if tensors.insert(name.clone(), tensor).is_some() {
+            bail!("buffer `{name}` clashes with a trainable variable");
+        }
+    }
+    Ok(tensors)
 }
 
 /// Creates `dir/name.json` if neither it nor `dir/name.safetensors` exists.

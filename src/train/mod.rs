@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod early_stop;
+pub mod grads;
 pub mod history;
 pub mod multistage;
 pub mod optim;
@@ -17,7 +18,7 @@ pub mod run;
 pub mod schedule;
 
 use crate::cache::{BatchOrder, CacheReader};
-use crate::heads::{self, Head, Inputs};
+use crate::heads::{Head, Inputs};
 use crate::labelled::Targets;
 use crate::loss::Loss;
 use crate::metrics::{self, LabelMetrics, Metrics, TuneObjective};
@@ -191,7 +192,7 @@ pub fn fit(
         (config.warmup_epochs * steps_per_epoch as f64).round() as usize,
         config.epochs * steps_per_epoch,
     );
-    let mut optimizer = AdamW::new(vars.clone(), config.adamw, heads::exempt_from_weight_decay)?;
+    let mut optimizer = AdamW::new(vars.clone(), config.adamw, optim::exempt_from_weight_decay)?;
     let mut stopper = EarlyStopping::new(config.criterion, config.patience);
     let mut step = 0;
     let mut stopped_early = false;
@@ -332,7 +333,7 @@ fn run_epoch(
         let y = data.targets.gather(&batch_rows, &data.device)?;
         // Micro-batches: the same gradients as one pass over the batch, with activation memory
         // bounded whatever the batch size.
-        let computed = heads::loss_and_grads(
+        let computed = grads::loss_and_grads(
             forward,
             &batch_inputs(batch),
             &y,

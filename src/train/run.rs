@@ -1,7 +1,9 @@
 //! One training run from files: a cache, the dataset it was extracted from (for the labels), a
 //! split file, a head and a loss -> a checkpoint. The `train` command and pipelines call this.
 
-use super::checkpoint::{Checkpoint, CheckpointMeta, NameParts, SplitRef, backbone_short_name};
+use super::checkpoint::{
+    Checkpoint, CheckpointMeta, NameParts, SplitRef, backbone_short_name, checkpoint_tensors,
+};
 use super::{TrainConfig, TrainData, TrainOutcome, fit};
 use crate::cache::CacheReader;
 use crate::cache::files::sha256_file;
@@ -183,7 +185,7 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     };
     let mut checkpoint = Checkpoint {
         meta,
-        tensors: heads::checkpoint_tensors(&varmap, head.as_ref())?,
+        tensors: checkpoint_tensors(&varmap, head.as_ref())?,
     };
     let path = checkpoint.save(&request.out_dir, request.name.as_deref(), &parts)?;
     Ok(TrainReport {
