@@ -7,6 +7,7 @@
 pub mod backbone;
 pub mod cache;
 pub mod data;
+pub mod evaluate;
 pub mod extract;
 pub mod heads;
 pub mod labelled;
@@ -17,4 +18,5 @@ pub mod pipeline;
 pub mod predict;
 pub mod report;
 pub mod runtime;
+pub mod submission;
 pub mod train;

@@ -10,13 +10,14 @@ use multiclip::cache::{CacheReader, StoredDtype};
 use multiclip::data::labels::LabelVocab;
 use multiclip::data::split::Split;
 use multiclip::data::{Dataset, Part};
+use multiclip::evaluate::{EvalPart, EvaluateRequest, evaluate};
 use multiclip::heads::{self, HeadConfig};
 use multiclip::labelled::Targets;
 use multiclip::labelled::rows_for_ids;
 use multiclip::loss::Loss;
 use multiclip::model::score::score_rows;
 use multiclip::model::{InputSignature, Model, ModelCard};
-use multiclip::predict::{self, EvalPart, EvaluateRequest, evaluate};
+use multiclip::submission;
 use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts, checkpoint_tensors};
 use multiclip::train::early_stop::Criterion;
 use multiclip::train::run::{TrainRequest, head_context, train};
@@ -396,10 +397,10 @@ fn predictions_round_trip_through_the_reader() {
         false, false, false, //
         false, true, false,
     ];
-    predict::write_predictions(&path, &ids, &decisions, &labels).unwrap();
+    submission::write_predictions(&path, &ids, &decisions, &labels).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text, "ImageID,Labels\n0.jpg,1 10\n1.jpg,\n2.jpg,2\n");
-    let records = predict::read_predictions(&path).unwrap();
+    let records = submission::read_predictions(&path).unwrap();
     let vocab = LabelVocab::from_ordered(labels.clone()).unwrap();
     let targets = Targets::from_records(&ids, &records, &vocab, false).unwrap();
     let back: Vec<bool> = targets.rows(&[0, 1, 2]).iter().map(|&v| v > 0.5).collect();
@@ -525,7 +526,7 @@ fn train_evaluate_predict_from_the_command_line() {
         "--probabilities",
         probabilities.to_str().unwrap(),
     ]);
-    let records = predict::read_predictions(&predictions).unwrap();
+    let records = submission::read_predictions(&predictions).unwrap();
     assert_eq!(records.len(), 320);
     assert!(
         records

@@ -4,8 +4,8 @@
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
+use multiclip::evaluate::{EvalPart, EvaluateRequest, evaluate};
 use multiclip::metrics::{LabelMetrics, Metrics};
-use multiclip::predict::{EvalPart, EvaluateRequest, evaluate};
 use std::path::PathBuf;
 
 /// Score a checkpoint on labelled rows of a cache.

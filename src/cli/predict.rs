@@ -6,7 +6,8 @@ use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
 use multiclip::model::Model;
-use multiclip::predict::{predict, write_predictions, write_probabilities};
+use multiclip::predict::predict;
+use multiclip::submission::{write_predictions, write_probabilities};
 use std::path::PathBuf;
 
 /// Predict labels for every row of a cache.
