@@ -14,7 +14,6 @@ pub mod labelled;
 pub mod loss;
 pub mod metrics;
 pub mod model;
-pub mod pipeline;
 pub mod predict;
 pub mod report;
 pub mod runtime;

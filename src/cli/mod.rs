@@ -1,9 +1,11 @@
-//! One module per `multiclip` command: its clap arguments and the function that runs it.
+//! One module per `multiclip` command: its clap arguments and the function that runs it; and
+//! the pipeline files `multiclip run` reads.
 
 pub mod cache;
 pub mod dataset;
 pub mod evaluate;
 pub mod extract;
+pub mod pipeline;
 pub mod predict;
 pub mod run;
 pub mod train;
