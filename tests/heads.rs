@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use multiclip::heads::{
-    self, Head, HeadConfig, HeadContext, Inputs, LabelCooccurrence, init::seeded_var_builder,
+    self, Head, HeadConfig, HeadContext, HeadKind, Inputs, LabelCooccurrence,
+    init::seeded_var_builder,
 };
 use multiclip::train::checkpoint::checkpoint_tensors;
 use multiclip::train::grads::loss_and_grads;
@@ -304,7 +305,7 @@ fn checkpoints_round_trip_with_buffers() -> Result<()> {
                 "{cfg}: {name}"
             );
         }
-        let path = dir.path().join(format!("{}.safetensors", cfg.kind()));
+        let path = dir.path().join(format!("{}.safetensors", cfg.kind.name()));
         candle_core::safetensors::save(&tensors, &path)?;
         // Predict-time context: another seed and no label statistics; all comes from the file.
         let ctx = HeadContext {
@@ -383,7 +384,7 @@ fn head_specs_parse_and_reject_typos() {
     let cfg: HeadConfig = "router:inputs=image+text,hidden=0,dropout=0.5"
         .parse()
         .expect("spec");
-    let HeadConfig::Router(r) = &cfg else {
+    let HeadKind::Router(r) = &cfg.kind else {
         panic!("not a router: {cfg}")
     };
     assert_eq!(
@@ -393,7 +394,7 @@ fn head_specs_parse_and_reject_typos() {
     let json: HeadConfig = serde_json::from_str(&cfg.to_string()).expect("json round trip");
     assert_eq!(json, cfg);
     let toml_cfg: HeadConfig = toml::from_str("kind = \"ml_decoder\"\nd_model = 64").expect("toml");
-    assert!(matches!(toml_cfg, HeadConfig::MlDecoder(ref m) if m.d_model == 64 && m.heads == 8));
+    assert!(matches!(toml_cfg.kind, HeadKind::MlDecoder(ref m) if m.d_model == 64 && m.heads == 8));
     assert!("mlp:hiden=3".parse::<HeadConfig>().is_err());
     assert!("transformer".parse::<HeadConfig>().is_err());
     assert!("mlp:hidden".parse::<HeadConfig>().is_err());

@@ -232,7 +232,7 @@ fn assert_checkpoint_round_trip(f: &Fixture, head_spec: &str) {
         tensors: checkpoint_tensors(&varmap, head.as_ref()).unwrap(),
     };
     let parts = NameParts {
-        head: config.kind(),
+        head: config.kind.name(),
         backbone: "synthetic",
         loss: "bce",
         lr: 0.001,

@@ -185,7 +185,7 @@ mod tests {
         let file = dir.path().join("head.toml");
         std::fs::write(&file, "kind = \"router\"\ninputs = [\"image\", \"text\"]").unwrap();
         let from_file = parse_head_config(file.to_str().unwrap()).unwrap();
-        assert_eq!(from_file.kind(), "router");
+        assert_eq!(from_file.kind.name(), "router");
         assert!(parse_head_config("kind = \"nope\"").is_err());
     }
 }

@@ -28,8 +28,6 @@ pub struct EnsembleConfig {
     pub hidden: usize,
     #[serde(default)]
     pub dropout: f32,
-    #[serde(default)]
-    pub cosine: bool,
 }
 
 fn default_hidden() -> usize {
@@ -42,7 +40,6 @@ impl Default for EnsembleConfig {
             inputs: Vec::new(),
             hidden: default_hidden(),
             dropout: 0.0,
-            cosine: false,
         }
     }
 }
@@ -60,7 +57,12 @@ fn all_features(ctx: &HeadContext) -> Vec<String> {
 }
 
 /// The `ensemble` head: the bases, mixed by the router.
-pub fn build(cfg: &EnsembleConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Mixture> {
+pub fn build(
+    cfg: &EnsembleConfig,
+    cosine: bool,
+    ctx: &HeadContext,
+    vb: VarBuilder,
+) -> anyhow::Result<Mixture> {
     let names = if cfg.inputs.is_empty() {
         all_features(ctx)
     } else {
@@ -75,7 +77,7 @@ pub fn build(cfg: &EnsembleConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow:
         experts.push(Expert {
             var_prefix: var_prefix(&evb),
             features: vec![i],
-            mlp: Mlp::new(f.dim, 0, k, 0.0, cfg.cosine, ctx.seed, evb)?,
+            mlp: Mlp::new(f.dim, 0, k, 0.0, cosine, ctx.seed, evb)?,
             name,
         });
     }
@@ -85,15 +87,7 @@ pub fn build(cfg: &EnsembleConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow:
         name: "fused".into(),
         var_prefix: var_prefix(&fvb),
         features: (0..features.len()).collect(),
-        mlp: Mlp::new(
-            fused_dim,
-            cfg.hidden,
-            k,
-            cfg.dropout,
-            cfg.cosine,
-            ctx.seed,
-            fvb,
-        )?,
+        mlp: Mlp::new(fused_dim, cfg.hidden, k, cfg.dropout, cosine, ctx.seed, fvb)?,
     });
     Ok(Mixture::new(
         features,

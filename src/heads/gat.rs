@@ -44,8 +44,6 @@ pub struct GatConfig {
     /// ML-GCN re-weighting: the share of a node's weight given to its neighbours.
     #[serde(default = "default_p")]
     pub p: f32,
-    #[serde(default)]
-    pub cosine: bool,
 }
 
 fn default_hidden() -> usize {
@@ -73,7 +71,6 @@ impl Default for GatConfig {
             layers: default_layers(),
             threshold: default_threshold(),
             p: default_p(),
-            cosine: false,
         }
     }
 }
@@ -222,7 +219,12 @@ fn log_adjacency(adj: &Tensor) -> Result<Tensor> {
 }
 
 impl GatHead {
-    pub fn new(cfg: &GatConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &GatConfig,
+        cosine: bool,
+        ctx: &HeadContext,
+        vb: VarBuilder,
+    ) -> anyhow::Result<Self> {
         let k = ctx.num_labels;
         if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) {
             bail!(
@@ -255,7 +257,7 @@ impl GatHead {
         let layers = (0..cfg.layers)
             .map(|l| GatLayer::new(cfg.hidden, cfg.heads, vb.pp("layers").pp(l)))
             .collect::<Result<Vec<_>>>()?;
-        let label_bias = if cfg.cosine {
+        let label_bias = if cosine {
             None
         } else {
             Some(vb.get_with_hints(k, "label_bias", candle_nn::init::ZERO)?)

@@ -49,8 +49,6 @@ pub struct MlDecoderConfig {
     pub ffn: usize,
     #[serde(default = "default_dropout")]
     pub dropout: f32,
-    #[serde(default)]
-    pub cosine: bool,
 }
 
 fn default_input() -> String {
@@ -78,7 +76,6 @@ impl Default for MlDecoderConfig {
             heads: default_heads(),
             ffn: default_ffn(),
             dropout: default_dropout(),
-            cosine: false,
         }
     }
 }
@@ -121,7 +118,12 @@ struct Memory {
 }
 
 impl MlDecoderHead {
-    pub fn new(cfg: &MlDecoderConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &MlDecoderConfig,
+        cosine: bool,
+        ctx: &HeadContext,
+        vb: VarBuilder,
+    ) -> anyhow::Result<Self> {
         let (d, k) = (cfg.d_model, ctx.num_labels);
         if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
             bail!(
@@ -169,7 +171,7 @@ impl MlDecoderHead {
         let group = vb.pp("group_fc");
         let group_weight =
             group.get_with_hints((k, d), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
-        let group_bias = if cfg.cosine {
+        let group_bias = if cosine {
             None
         } else {
             Some(group.get_with_hints(k, "bias", candle_nn::init::ZERO)?)
@@ -448,7 +450,12 @@ mod tests {
             ..Default::default()
         };
         let map = VarMap::new();
-        MlDecoderHead::new(&cfg, &context(), seeded_var_builder(&map, 11, &Device::Cpu))
+        MlDecoderHead::new(
+            &cfg,
+            false,
+            &context(),
+            seeded_var_builder(&map, 11, &Device::Cpu),
+        )
     }
 
     /// Lengths 3, 1, 7, 0 (no real token) and 2, padded on the right; `pad` fills the padding.
@@ -566,7 +573,12 @@ mod tests {
             ..Default::default()
         };
         let map = VarMap::new();
-        let head = MlDecoderHead::new(&cfg, &context(), seeded_var_builder(&map, 1, &Device::Cpu))?;
+        let head = MlDecoderHead::new(
+            &cfg,
+            false,
+            &context(),
+            seeded_var_builder(&map, 1, &Device::Cpu),
+        )?;
         assert!(head.query_key.is_none());
         assert_eq!(head.inputs(), ["image"]);
         let image = Tensor::randn(0f32, 1.0, (B, DIM), &Device::Cpu)?;

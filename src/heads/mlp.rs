@@ -23,8 +23,6 @@ pub struct MlpConfig {
     pub hidden: usize,
     #[serde(default)]
     pub dropout: f32,
-    #[serde(default)]
-    pub cosine: bool,
 }
 
 fn default_hidden() -> usize {
@@ -37,7 +35,6 @@ impl Default for MlpConfig {
             inputs: Vec::new(),
             hidden: default_hidden(),
             dropout: 0.0,
-            cosine: false,
         }
     }
 }
@@ -57,7 +54,12 @@ pub struct MlpHead {
 }
 
 impl MlpHead {
-    pub fn new(cfg: &MlpConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &MlpConfig,
+        cosine: bool,
+        ctx: &HeadContext,
+        vb: VarBuilder,
+    ) -> anyhow::Result<Self> {
         let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
         let in_dim = features.iter().map(|f| f.dim).sum();
         let mlp = Mlp::new(
@@ -65,7 +67,7 @@ impl MlpHead {
             cfg.hidden,
             ctx.num_labels,
             cfg.dropout,
-            cfg.cosine,
+            cosine,
             ctx.seed,
             vb,
         )?;

@@ -57,10 +57,23 @@ pub struct HeadContext {
     pub seed: u64,
 }
 
-/// Head configuration, tagged by `kind` in JSON/TOML; see each kind's config for its fields.
+/// Head configuration: the kind with its own fields, and what every kind shares. In JSON/TOML one
+/// flat table tagged by `kind` (`{"kind": "mlp", "hidden": 0, "cosine": false}`); see each kind's
+/// config for its fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadConfig {
+    #[serde(flatten)]
+    pub kind: HeadKind,
+    /// L2-normalised features and class weights: the head outputs cosines in [-1, 1] (for the
+    /// angular-margin loss) instead of logits.
+    #[serde(default)]
+    pub cosine: bool,
+}
+
+/// A head kind and its own fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum HeadConfig {
+pub enum HeadKind {
     Mlp(MlpConfig),
     Router(RouterConfig),
     Ensemble(EnsembleConfig),
@@ -68,26 +81,15 @@ pub enum HeadConfig {
     MlDecoder(MlDecoderConfig),
 }
 
-impl HeadConfig {
-    /// The kind, as written in configs and checkpoint names (`mlp`, `ml_decoder`, ...).
-    pub fn kind(&self) -> &'static str {
+impl HeadKind {
+    /// The kind's name, as written in configs and checkpoint names (`mlp`, `ml_decoder`, ...).
+    pub fn name(&self) -> &'static str {
         match self {
             Self::Mlp(_) => "mlp",
             Self::Router(_) => "router",
             Self::Ensemble(_) => "ensemble",
             Self::Gat(_) => "gat",
             Self::MlDecoder(_) => "ml_decoder",
-        }
-    }
-
-    /// Whether the head outputs cosines (for the angular-margin loss) instead of logits.
-    pub fn cosine(&self) -> bool {
-        match self {
-            Self::Mlp(c) => c.cosine,
-            Self::Router(c) => c.cosine,
-            Self::Ensemble(c) => c.cosine,
-            Self::Gat(c) => c.cosine,
-            Self::MlDecoder(c) => c.cosine,
         }
     }
 }
@@ -239,12 +241,13 @@ pub fn build(cfg: &HeadConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Res
     if ctx.num_labels == 0 {
         anyhow::bail!("a head needs at least one label");
     }
-    let head: Box<dyn Head> = match cfg {
-        HeadConfig::Mlp(c) => Box::new(mlp::MlpHead::new(c, ctx, vb)?),
-        HeadConfig::Router(c) => Box::new(router::build(c, ctx, vb)?),
-        HeadConfig::Ensemble(c) => Box::new(ensemble::build(c, ctx, vb)?),
-        HeadConfig::Gat(c) => Box::new(gat::GatHead::new(c, ctx, vb)?),
-        HeadConfig::MlDecoder(c) => Box::new(ml_decoder::MlDecoderHead::new(c, ctx, vb)?),
+    let cosine = cfg.cosine;
+    let head: Box<dyn Head> = match &cfg.kind {
+        HeadKind::Mlp(c) => Box::new(mlp::MlpHead::new(c, cosine, ctx, vb)?),
+        HeadKind::Router(c) => Box::new(router::build(c, cosine, ctx, vb)?),
+        HeadKind::Ensemble(c) => Box::new(ensemble::build(c, cosine, ctx, vb)?),
+        HeadKind::Gat(c) => Box::new(gat::GatHead::new(c, cosine, ctx, vb)?),
+        HeadKind::MlDecoder(c) => Box::new(ml_decoder::MlDecoderHead::new(c, cosine, ctx, vb)?),
     };
     Ok(head)
 }
@@ -283,4 +286,30 @@ fn buffer(
         tensor
     };
     Ok((full_name, tensor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_keep_the_flat_json_of_earlier_sidecars() {
+        // As multiclip wrote them when every kind's config held its own `cosine`.
+        for json in [
+            r#"{"kind":"mlp","inputs":["image","text"],"hidden":768,"dropout":0.0,"cosine":false}"#,
+            r#"{"kind":"gat","inputs":[],"hidden":512,"heads":4,"layers":2,"threshold":0.4,"p":0.2,"cosine":true}"#,
+        ] {
+            let config: HeadConfig = serde_json::from_str(json).unwrap();
+            let written: serde_json::Value =
+                serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+            assert_eq!(
+                written,
+                serde_json::from_str::<serde_json::Value>(json).unwrap()
+            );
+        }
+        let gat: HeadConfig = serde_json::from_str(r#"{"kind":"gat","cosine":true}"#).unwrap();
+        assert!(gat.cosine && gat.kind.name() == "gat");
+        let typo = serde_json::from_str::<HeadConfig>(r#"{"kind":"mlp","cosin":true}"#);
+        assert!(typo.unwrap_err().to_string().contains("cosin"));
+    }
 }

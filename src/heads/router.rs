@@ -31,8 +31,6 @@ pub struct RouterConfig {
     pub router_hidden: usize,
     #[serde(default)]
     pub dropout: f32,
-    #[serde(default)]
-    pub cosine: bool,
 }
 
 fn default_hidden() -> usize {
@@ -50,7 +48,6 @@ impl Default for RouterConfig {
             hidden: default_hidden(),
             router_hidden: default_router_hidden(),
             dropout: 0.0,
-            cosine: false,
         }
     }
 }
@@ -166,7 +163,12 @@ impl Head for Mixture {
 }
 
 /// The `router` head: one MLP expert per input, mixed by the router.
-pub fn build(cfg: &RouterConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Mixture> {
+pub fn build(
+    cfg: &RouterConfig,
+    cosine: bool,
+    ctx: &HeadContext,
+    vb: VarBuilder,
+) -> anyhow::Result<Mixture> {
     let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
     let experts = features
         .iter()
@@ -182,7 +184,7 @@ pub fn build(cfg: &RouterConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::R
                     cfg.hidden,
                     ctx.num_labels,
                     cfg.dropout,
-                    cfg.cosine,
+                    cosine,
                     ctx.seed,
                     evb,
                 )?,

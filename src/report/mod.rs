@@ -112,7 +112,7 @@ fn report_data(run: &TrainReport) -> ReportData {
         ("checkpoint".to_string(), model.name.clone()),
         ("backbone".to_string(), model.inputs.backbone.id.clone()),
         ("cache".to_string(), meta.cache_dir.display().to_string()),
-        ("head".to_string(), model.head.kind().to_string()),
+        ("head".to_string(), model.head.kind.name().to_string()),
         ("loss".to_string(), model.loss.to_string()),
         (
             "split".to_string(),

@@ -82,15 +82,16 @@ pub fn split_vocabulary(split: &Path, records: &[Record]) -> Result<LabelVocab> 
 /// The head configuration adapted to the loss: the angular loss needs a head that outputs
 /// cosines; every other loss needs free logits.
 pub fn head_for_loss(head: &HeadConfig, loss: &Loss) -> Result<HeadConfig> {
-    match (loss.needs_cosine_logits(), head.cosine()) {
+    match (loss.needs_cosine_logits(), head.cosine) {
         (true, false) => {
-            let mut value = serde_json::to_value(head)?;
-            value["cosine"] = true.into();
             tracing::info!(
                 "loss `{}` trains on cosines: head set to cosine=true",
                 loss.kind()
             );
-            Ok(serde_json::from_value(value)?)
+            Ok(HeadConfig {
+                cosine: true,
+                ..head.clone()
+            })
         }
         (false, true) => bail!(
             "the head outputs cosines (cosine=true), which only the `angular` loss trains on; \
@@ -131,7 +132,7 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     heads::init::logit_biases_from_prior(head.as_ref(), &varmap, &positives, train_rows.len())?;
     tracing::info!(
         "training {} on {} ({} training / {} validation rows, {} labels) with loss {}",
-        head_config.kind(),
+        head_config.kind.name(),
         reader.dir().display(),
         train_rows.len(),
         val_rows.len(),
@@ -175,7 +176,7 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     let backbone = backbone_short_name(&reader.manifest().header.backbone.id);
     let loss_name = request.loss.to_string();
     let parts = NameParts {
-        head: head_config.kind(),
+        head: head_config.kind.name(),
         backbone: &backbone,
         loss: &loss_name,
         lr: config.lr,
@@ -204,8 +205,8 @@ mod tests {
     fn the_angular_loss_turns_the_head_to_cosines_and_others_refuse_them() {
         let mlp: HeadConfig = "mlp".parse().unwrap();
         let angular = Loss::ANGULAR;
-        assert!(head_for_loss(&mlp, &angular).unwrap().cosine());
-        assert!(!head_for_loss(&mlp, &Loss::Bce).unwrap().cosine());
+        assert!(head_for_loss(&mlp, &angular).unwrap().cosine);
+        assert!(!head_for_loss(&mlp, &Loss::Bce).unwrap().cosine);
         let cosine: HeadConfig = "mlp:cosine=true".parse().unwrap();
         let err = head_for_loss(&cosine, &Loss::Bce).unwrap_err().to_string();
         assert!(err.contains("angular"), "{err}");
