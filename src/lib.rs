@@ -17,5 +17,6 @@ pub mod model;
 pub mod predict;
 pub mod report;
 pub mod runtime;
+pub mod spec;
 pub mod submission;
 pub mod train;

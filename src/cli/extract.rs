@@ -37,8 +37,9 @@ pub struct ExtractArgs {
     /// Which csv files to extract.
     #[arg(long, value_enum, default_value = "all")]
     split: SplitSelection,
-    /// Backbone spec, `family:location` joined by `+`, e.g.
-    /// `dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2`.
+    /// Backbone spec, `family:location[:key=value,...]`, several joined by `+`, e.g.
+    /// `dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2` or
+    /// `clip:openai/clip-vit-base-patch32:template="A photo of {caption}",image_tokens=true`.
     #[arg(long, value_name = "SPEC")]
     backbone: String,
     /// Cache directory to create or resume, e.g. cache/demo-dinov2.

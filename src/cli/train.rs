@@ -34,9 +34,10 @@ pub struct TrainArgs {
     /// (with `kind = "..."`).
     #[arg(long, conflicts_with = "head")]
     pub head_config: Option<String>,
-    /// Loss: bce, smoothing[:eps], focal[:alpha,gamma], margin[:s,m], angular[:s,m], zlpr,
-    /// asl[:gamma_neg,gamma_pos,clip]. The default, label smoothing, was the best loss averaged
-    /// over every head on real data (docs/results.md).
+    /// Loss, with any parameters by name: bce, smoothing[:epsilon=E], focal[:alpha=A,gamma=G],
+    /// margin[:scale=S,margin=M], angular[:scale=S,margin=M], zlpr,
+    /// asl[:gamma_neg=G,gamma_pos=G,clip=C], e.g. `focal:gamma=3`. The default, label smoothing,
+    /// was the best loss averaged over every head on real data (docs/results.md).
     #[arg(long, default_value = "smoothing")]
     pub loss: Loss,
     /// Peak learning rate.

@@ -94,37 +94,46 @@ impl HeadKind {
     }
 }
 
-/// Parses the CLI form `KIND[:KEY=VALUE,...]`, e.g. `mlp`, `mlp:hidden=0`,
-/// `router:inputs=image+text,hidden=512`, `ml_decoder:input=multimodal_tokens,d_model=512`.
+/// Parses the CLI form `KIND[:KEY=VALUE,...]` (the grammar of [`crate::spec`]), e.g. `mlp`,
+/// `mlp:hidden=0`, `router:inputs=image+text,hidden=512`, `ml_decoder:input=multimodal_tokens`.
 /// List values (`inputs`) are joined with `+`; unknown keys are errors.
 impl FromStr for HeadConfig {
     type Err = anyhow::Error;
 
-    fn from_str(spec: &str) -> anyhow::Result<Self> {
-        let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    fn from_str(text: &str) -> anyhow::Result<Self> {
+        let spec = crate::spec::Spec::parse(text).context("bad head spec")?;
         let mut map = serde_json::Map::new();
-        map.insert("kind".into(), kind.trim().into());
-        for pair in rest.split(',').filter(|p| !p.trim().is_empty()) {
-            let (key, value) = pair
-                .split_once('=')
-                .with_context(|| format!("head option `{pair}` in `{spec}` is not KEY=VALUE"))?;
-            let (key, value) = (key.trim(), value.trim());
-            let value = if key == "inputs" {
-                serde_json::Value::from(value.split('+').map(str::trim).collect::<Vec<_>>())
-            } else if let Ok(b) = value.parse::<bool>() {
-                b.into()
-            } else if let Ok(n) = value.parse::<u64>() {
-                n.into()
-            } else if let Ok(x) = value.parse::<f64>() {
-                x.into()
-            } else {
-                value.into()
+        map.insert("kind".into(), spec.name.clone().into());
+        for (key, items) in spec.options.iter() {
+            let value = match items {
+                _ if LIST_FIELDS.contains(&key) => serde_json::Value::from(items.to_vec()),
+                [one] => scalar(one),
+                _ => anyhow::bail!(
+                    "head option `{key}` takes one value, got the list `{}`",
+                    items.join("+")
+                ),
             };
             map.insert(key.to_string(), value);
         }
         serde_json::from_value(map.into()).with_context(|| {
-            format!("bad head `{spec}` (kinds: mlp, router, ensemble, gat, ml_decoder)")
+            format!("bad head `{text}` (kinds: mlp, router, ensemble, gat, ml_decoder)")
         })
+    }
+}
+
+/// Head fields that hold lists (written `a+b` in a spec).
+const LIST_FIELDS: [&str; 1] = ["inputs"];
+
+/// A spec value as the JSON scalar it reads as: a bool, an integer, a float, else a string.
+fn scalar(value: &str) -> serde_json::Value {
+    if let Ok(b) = value.parse::<bool>() {
+        b.into()
+    } else if let Ok(n) = value.parse::<u64>() {
+        n.into()
+    } else if let Ok(x) = value.parse::<f64>() {
+        x.into()
+    } else {
+        value.into()
     }
 }
 

@@ -174,7 +174,7 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
         written_by: format!("multiclip {}", env!("CARGO_PKG_VERSION")),
     };
     let backbone = backbone_short_name(&reader.manifest().header.backbone.id);
-    let loss_name = request.loss.to_string();
+    let loss_name = request.loss.short_name();
     let parts = NameParts {
         head: head_config.kind.name(),
         backbone: &backbone,
