@@ -22,7 +22,7 @@ pub fn labelled_records(data: &Path, reader: &CacheReader) -> Result<Vec<Record>
         .dataset
         .parts
         .iter()
-        .find(|p| p.split == Part::Train.name());
+        .find(|p| p.part == Part::Train.name());
     if let Some(part) = recorded {
         let actual = sha256_file(&csv)?;
         if actual != part.sha256 {
