@@ -15,7 +15,7 @@ use candle_core::Device;
 use std::path::PathBuf;
 
 /// Which labelled rows `evaluate` scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvalPart {
     /// The split's validation ids (where the thresholds were tuned).
     Val,
@@ -23,6 +23,19 @@ pub enum EvalPart {
     Train,
     /// Rows of the cache listed in the dataset's `test_labels.csv` (`ImageID,Labels`).
     Test,
+}
+
+impl EvalPart {
+    pub const ALL: [EvalPart; 3] = [Self::Val, Self::Train, Self::Test];
+
+    /// `val`, `train` or `test`, as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalPart::Val => "val",
+            EvalPart::Train => "train",
+            EvalPart::Test => "test",
+        }
+    }
 }
 
 /// What `evaluate` scores; unset paths default to those recorded in the checkpoint.

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Which csv files of the dataset to extract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PartSelection {
     Train,
     Test,
@@ -41,20 +41,14 @@ pub enum PartSelection {
 }
 
 impl PartSelection {
+    pub const ALL: [PartSelection; 3] = [Self::Train, Self::Test, Self::All];
+
+    /// `train`, `test` or `all`, as written on the command line and in manifests.
     pub fn name(self) -> &'static str {
         match self {
             PartSelection::Train => "train",
             PartSelection::Test => "test",
             PartSelection::All => "all",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name {
-            "train" => Ok(PartSelection::Train),
-            "test" => Ok(PartSelection::Test),
-            "all" => Ok(PartSelection::All),
-            other => bail!("unknown part {other:?}: expected train, test or all"),
         }
     }
 
@@ -67,13 +61,36 @@ impl PartSelection {
     }
 }
 
+impl std::str::FromStr for PartSelection {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .with_context(|| format!("unknown part {name:?}: expected train, test or all"))
+    }
+}
+
 /// What to do with a row whose image or caption cannot be used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnError {
     /// Stop with an error naming the file and row.
     Fail,
     /// Record the row as skipped (with its reason) in the manifest and go on.
     Skip,
+}
+
+impl OnError {
+    pub const ALL: [OnError; 2] = [Self::Fail, Self::Skip];
+
+    /// `fail` or `skip`, as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnError::Fail => "fail",
+            OnError::Skip => "skip",
+        }
+    }
 }
 
 /// One selected dataset row.

@@ -159,7 +159,7 @@ fn run_verify(dir: &Path, data: Option<&Path>) -> Result<()> {
     let dataset = match data {
         Some(data) => {
             let manifest = Manifest::load_dir(dir)?;
-            let selection = PartSelection::from_name(&manifest.header.dataset.selection)?;
+            let selection: PartSelection = manifest.header.dataset.selection.parse()?;
             Some(SelectedRows::read(data, selection)?.into_dataset_rows())
         }
         None => None,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
+use super::one_of;
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
 use multiclip::data::inspect::{InspectReport, LengthStats, inspect};
 use multiclip::data::labels::LABELS_FILE;
@@ -76,7 +77,7 @@ struct RecordsArgs {
     /// Dataset folder.
     dir: PathBuf,
     /// Only this csv (default: every csv present, train first).
-    #[arg(long, value_enum, value_name = "train|test")]
+    #[arg(long, value_name = "train|test", value_parser = one_of(&Part::ALL, Part::name))]
     part: Option<Part>,
 }
 

@@ -1,6 +1,7 @@
 //! `multiclip evaluate`: a checkpoint's metrics (at its tuned thresholds) on the validation,
 //! training or test rows, as a summary table and a per-label table.
 
+use super::one_of;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
@@ -24,7 +25,7 @@ pub struct EvaluateArgs {
     #[arg(long)]
     pub split: Option<PathBuf>,
     /// Which rows: the split's val or train ids, or the ids of the dataset's test_labels.csv.
-    #[arg(long, value_enum, default_value = "val")]
+    #[arg(long, default_value = "val", value_parser = one_of(&EvalPart::ALL, EvalPart::name))]
     pub part: EvalPart,
     #[arg(long, default_value_t = 1024)]
     pub batch_size: usize,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
+use super::one_of;
 use multiclip::backbone;
 use multiclip::cache::{StoredDtype, WorkerSlot};
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
@@ -35,7 +36,7 @@ pub struct ExtractArgs {
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// Which csv files to extract: train.csv, test.csv or both (`all`).
-    #[arg(long, value_enum, default_value = "all")]
+    #[arg(long, default_value = "all", value_parser = one_of(&PartSelection::ALL, PartSelection::name))]
     part: PartSelection,
     /// Backbone spec, `family:location[:key=value,...]`, several joined by `+`, e.g.
     /// `dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2` or
@@ -67,7 +68,7 @@ pub struct ExtractArgs {
     worker_index: Option<usize>,
     /// A missing, corrupt or oversized image or an empty caption: stop with an error naming it
     /// (`fail`), or record the row as skipped in the manifest and go on (`skip`).
-    #[arg(long, value_enum, default_value = "fail")]
+    #[arg(long, default_value = "fail", value_parser = one_of(&OnError::ALL, OnError::name))]
     on_error: OnError,
     /// Images with more pixels than this are refused (checked from the header, before decoding).
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
