@@ -7,6 +7,7 @@ use candle_core::Device;
 use clap::Args;
 use multiclip::evaluate::{EvalPart, EvaluateRequest, evaluate};
 use multiclip::metrics::{LabelMetrics, Metrics};
+use multiclip::model::score::SCORE_BATCH_ROWS;
 use std::path::PathBuf;
 
 /// Score a checkpoint on labelled rows of a cache.
@@ -27,7 +28,8 @@ pub struct EvaluateArgs {
     /// Which rows: the split's val or train ids, or the ids of the dataset's test_labels.csv.
     #[arg(long, default_value = "val", value_parser = one_of(&EvalPart::ALL, EvalPart::name))]
     pub part: EvalPart,
-    #[arg(long, default_value_t = 1024)]
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = SCORE_BATCH_ROWS)]
     pub batch_size: usize,
     /// Do not force at least one label per sample.
     #[arg(long)]

@@ -6,6 +6,7 @@ use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
 use multiclip::model::Model;
+use multiclip::model::score::SCORE_BATCH_ROWS;
 use multiclip::predict::predict;
 use multiclip::submission::{write_predictions, write_probabilities};
 use std::path::PathBuf;
@@ -28,7 +29,8 @@ pub struct PredictArgs {
     /// Allow samples without any label (default: each gets at least its most likely one).
     #[arg(long)]
     pub no_at_least_one: bool,
-    #[arg(long, default_value_t = 1024)]
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = SCORE_BATCH_ROWS)]
     pub batch_size: usize,
 }
 

@@ -38,7 +38,7 @@ pub struct TrainArgs {
     /// margin[:scale=S,margin=M], angular[:scale=S,margin=M], zlpr,
     /// asl[:gamma_neg=G,gamma_pos=G,clip=C], e.g. `focal:gamma=3`. The default, label smoothing,
     /// was the best loss averaged over every head on real data (docs/results.md).
-    #[arg(long, default_value = "smoothing")]
+    #[arg(long, default_value_t = Loss::default())]
     pub loss: Loss,
     /// Peak learning rate.
     #[arg(long, default_value_t = TrainConfig::default().lr)]
@@ -56,10 +56,10 @@ pub struct TrainArgs {
     pub patience: usize,
     /// Validation number that picks the best epoch: micro-f1 (after threshold tuning), map
     /// or loss.
-    #[arg(long, default_value = "micro-f1")]
+    #[arg(long, default_value_t = TrainConfig::default().criterion)]
     pub metric: Criterion,
     /// Learning-rate schedule after the warm-up: constant or cosine.
-    #[arg(long, default_value = "cosine")]
+    #[arg(long, default_value_t = TrainConfig::default().schedule)]
     pub schedule: ScheduleKind,
     #[arg(long, default_value_t = TrainConfig::default().warmup_epochs)]
     pub warmup_epochs: f64,
@@ -67,7 +67,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().adamw.weight_decay)]
     pub weight_decay: f64,
     /// Maximum global gradient norm; 0 turns clipping off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = TrainConfig::default().clip_grad.unwrap_or(0.0))]
     pub clip_grad: f64,
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,

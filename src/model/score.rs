@@ -9,6 +9,10 @@ use crate::loss::Loss;
 use anyhow::{Context, Result};
 use candle_core::{D, Device, Tensor};
 
+/// Rows per forward pass when scoring without gradients (validation, evaluation, prediction): the
+/// head runs them in its own micro-batches, so this bounds only the gathered inputs.
+pub const SCORE_BATCH_ROWS: usize = 1024;
+
 /// A cache batch as a head's inputs.
 pub fn batch_inputs(batch: Batch) -> Inputs {
     batch.tensors.into_iter().collect()

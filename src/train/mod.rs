@@ -22,7 +22,7 @@ use crate::heads::{Head, Inputs};
 use crate::labelled::Targets;
 use crate::loss::Loss;
 use crate::metrics::{self, LabelMetrics, Metrics, TuneObjective};
-use crate::model::score::{batch_inputs, score_rows};
+use crate::model::score::{SCORE_BATCH_ROWS, batch_inputs, score_rows};
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -68,7 +68,7 @@ impl Default for TrainConfig {
         Self {
             lr: 3e-3,
             batch_size: 256,
-            eval_batch_size: 1024,
+            eval_batch_size: SCORE_BATCH_ROWS,
             epochs: 100,
             patience: 10,
             criterion: Criterion::MicroF1,
