@@ -132,15 +132,6 @@ impl Targets {
         self.num_labels
     }
 
-    /// Number of cache rows covered.
-    pub fn len(&self) -> usize {
-        self.labelled.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labelled.is_empty()
-    }
-
     /// Fails naming the first row of `rows` that has no labels.
     pub fn ensure_labelled(&self, rows: &[usize], ids: &[String]) -> Result<()> {
         if let Some(&row) = rows

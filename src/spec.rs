@@ -109,10 +109,6 @@ impl Options {
         self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
-    }
-
     /// Fails on any key not in `known`, naming the ones that are; `what` names the spec's owner
     /// (`clip backbone`, `focal loss`).
     pub fn check_known(&self, what: &str, known: &[&str]) -> Result<()> {
@@ -223,10 +219,7 @@ mod tests {
         assert!(spec.options.get("inputs").is_err());
         assert_eq!(spec.options.get("absent").unwrap(), None);
         let bare = Spec::parse(" Focal ").unwrap();
-        assert_eq!(
-            (bare.name.as_str(), bare.options.is_empty()),
-            ("focal", true)
-        );
+        assert_eq!((bare.name.as_str(), options(&bare)), ("focal", vec![]));
         assert_eq!(
             Spec::parse("focal:alpha=0.25,gamma=1e-3")
                 .unwrap()
@@ -252,7 +245,7 @@ mod tests {
         assert!(spec.options.flag("image_tokens").unwrap());
         let spec = Spec::parse_located(r#"clip:"C:\models\clip+b""#).unwrap();
         assert_eq!(spec.location.as_deref(), Some(r"C:\models\clip+b"));
-        assert!(spec.options.is_empty());
+        assert!(options(&spec).is_empty());
         assert_eq!(
             split_unquoted(r#"a:x:t="1+2"+b:y"#, '+').unwrap(),
             [r#"a:x:t="1+2""#, "b:y"]

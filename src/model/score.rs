@@ -7,7 +7,7 @@ use crate::heads::{Head, Inputs};
 use crate::labelled::Targets;
 use crate::loss::Loss;
 use anyhow::{Context, Result};
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// Rows per forward pass when scoring without gradients (validation, evaluation, prediction): the
 /// head runs them in its own micro-batches, so this bounds only the gathered inputs.
@@ -27,7 +27,6 @@ pub fn probabilities(head: &dyn Head, loss: &Loss, x: &Inputs) -> Result<Tensor>
 /// The head's outputs on a set of rows.
 #[derive(Debug, Clone)]
 pub struct Scores {
-    pub num_labels: usize,
     /// `[rows, num_labels]` row-major sigmoid probabilities, rows in the order requested.
     pub probabilities: Vec<f32>,
     /// Mean loss over the rows, when targets were given.
@@ -49,7 +48,6 @@ pub fn score_rows(
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut probabilities = Vec::new();
     let mut loss_sum = 0f64;
-    let mut num_labels = 0;
     for batch in reader.batches(rows, batch_size, BatchOrder::Sequential, &names, device)? {
         let batch = batch?;
         let batch_rows = batch.rows.clone();
@@ -62,11 +60,9 @@ pub fn score_rows(
             loss_sum += batch_loss as f64 * batch_rows.len() as f64;
         }
         let probs = loss.probabilities(&output)?;
-        num_labels = probs.dim(D::Minus1)?;
         probabilities.extend(probs.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(Scores {
-        num_labels,
         probabilities,
         loss: targets.map(|_| loss_sum / rows.len().max(1) as f64),
     })
