@@ -1,8 +1,10 @@
 //! multiclip: multimodal, multi-label classification on frozen vision-language backbones.
 //!
-//! Data flows one way: [`data`] -> [`backbone`] -> cache -> heads/train -> metrics -> predict.
-//! Stage 1 (`extract`) runs a frozen backbone once and writes a memory-mapped cache; stage 2
-//! trains small heads on that cache many times. The CLI (`src/main.rs`) is a thin layer on top.
+//! Data flows one way: [`data`] -> [`backbone`] -> cache -> heads -> [`model`] -> train ->
+//! evaluate / predict -> report. Stage 1 (`extract`) runs a frozen backbone once and writes a
+//! memory-mapped cache; stage 2 trains small heads on that cache many times; a trained checkpoint
+//! is a [`model::Model`] that scores inputs on its own. [`spec`] is the grammar of backbone, head
+//! and loss specs. The CLI (`src/main.rs`, `src/cli/`) is a thin layer on top.
 
 pub mod backbone;
 pub mod cache;
