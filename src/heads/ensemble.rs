@@ -17,28 +17,21 @@ use super::layers::Mlp;
 use super::router::{Expert, Mixture, var_prefix};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct EnsembleConfig {
     /// Cache outputs (pooled `[D]` or token sequences `[T, D]`); empty = all of the cache's
     /// pooled outputs and token sequences.
-    #[serde(default)]
     pub inputs: Vec<String>,
     /// Hidden width of the fused MLP base and of the router (0 = linear).
-    #[serde(default = "default_hidden")]
     pub hidden: usize,
-    #[serde(default)]
     pub dropout: f32,
-}
-
-fn default_hidden() -> usize {
-    768
 }
 
 impl Default for EnsembleConfig {
     fn default() -> Self {
         Self {
             inputs: Vec::new(),
-            hidden: default_hidden(),
+            hidden: 768,
             dropout: 0.0,
         }
     }

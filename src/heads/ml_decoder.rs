@@ -32,50 +32,28 @@ use super::layers::{Dropout, LayerNorm, Linear, add_bias, l2_normalize};
 use super::{Head, HeadContext, Inputs, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MlDecoderConfig {
     /// Token sequence `[T, D]` (or a pooled `[D]` vector, used as one token).
-    #[serde(default = "default_input")]
     pub input: String,
     /// Mask output `[T]` (1 = real token); default `<stem>_mask` for `<stem>_tokens` when the
     /// cache has it, else every token is real.
-    #[serde(default)]
     pub mask: Option<String>,
-    #[serde(default = "default_d_model")]
     pub d_model: usize,
-    #[serde(default = "default_heads")]
     pub heads: usize,
-    #[serde(default = "default_ffn")]
     pub ffn: usize,
-    #[serde(default = "default_dropout")]
     pub dropout: f32,
-}
-
-fn default_input() -> String {
-    "multimodal_tokens".into()
-}
-fn default_d_model() -> usize {
-    768
-}
-fn default_heads() -> usize {
-    8
-}
-fn default_ffn() -> usize {
-    2048
-}
-fn default_dropout() -> f32 {
-    0.1
 }
 
 impl Default for MlDecoderConfig {
     fn default() -> Self {
         Self {
-            input: default_input(),
+            input: "multimodal_tokens".into(),
             mask: None,
-            d_model: default_d_model(),
-            heads: default_heads(),
-            ffn: default_ffn(),
-            dropout: default_dropout(),
+            d_model: 768,
+            heads: 8,
+            ffn: 2048,
+            dropout: 0.1,
         }
     }
 }

@@ -12,28 +12,21 @@ use super::layers::Mlp;
 use super::{Head, HeadContext, Inputs};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MlpConfig {
     /// Cache outputs to concatenate (token sequences are mean-pooled over real tokens);
     /// empty = every pooled output of the cache.
-    #[serde(default)]
     pub inputs: Vec<String>,
     /// Hidden width; 0 makes a linear probe.
-    #[serde(default = "default_hidden")]
     pub hidden: usize,
-    #[serde(default)]
     pub dropout: f32,
-}
-
-fn default_hidden() -> usize {
-    768
 }
 
 impl Default for MlpConfig {
     fn default() -> Self {
         Self {
             inputs: Vec::new(),
-            hidden: default_hidden(),
+            hidden: 768,
             dropout: 0.0,
         }
     }

@@ -321,4 +321,25 @@ mod tests {
         let typo = serde_json::from_str::<HeadConfig>(r#"{"kind":"mlp","cosin":true}"#);
         assert!(typo.unwrap_err().to_string().contains("cosin"));
     }
+
+    #[test]
+    fn a_kind_without_options_takes_its_defaults() {
+        let kinds = [
+            HeadKind::Mlp(MlpConfig::default()),
+            HeadKind::Router(RouterConfig::default()),
+            HeadKind::Ensemble(EnsembleConfig::default()),
+            HeadKind::Gat(GatConfig::default()),
+            HeadKind::MlDecoder(MlDecoderConfig::default()),
+        ];
+        for kind in kinds {
+            let parsed: HeadConfig = kind.name().parse().unwrap();
+            assert_eq!(
+                parsed,
+                HeadConfig {
+                    kind,
+                    cosine: false
+                }
+            );
+        }
+    }
 }
