@@ -4,7 +4,7 @@
 //! forward + backward + AdamW steps (and `predict`) of head SPEC (e.g. `ml_decoder`, `mlp`) on
 //! batches of pooled 768-d `image`/`text` features and 50 x 768 f16 `multimodal_tokens` whose
 //! first REAL_TOKENS (0 or absent: 10-15 at random) positions are real; with MICRO_ROWS the
-//! step runs through `heads::loss_and_grads` in micro-batches of that many rows.
+//! step runs through `train::grads::loss_and_grads` in micro-batches of that many rows.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -13,6 +13,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use multiclip::heads::{self, HeadConfig, HeadContext, Inputs, init::seeded_var_builder};
+use multiclip::train::grads::loss_and_grads;
 use rand::{RngExt, SeedableRng};
 
 const T: usize = 50;
@@ -104,7 +105,7 @@ fn main() -> anyhow::Result<()> {
         let start = Instant::now();
         let cpu_start = cpu_seconds();
         let forward = |x: &Inputs| head.forward(x, true);
-        let result = heads::loss_and_grads(&forward, &inputs, &targets, micro, &vars, &bce)?;
+        let result = loss_and_grads(&forward, &inputs, &targets, micro, &vars, &bce)?;
         opt.step(&result.grads)?;
         if step > 0 {
             train.push(start.elapsed().as_secs_f64());

@@ -22,11 +22,11 @@ use clap::Parser;
 use multiclip::cache::CacheReader;
 use multiclip::data::labels::LabelVocab;
 use multiclip::data::{Dataset, Part};
-use multiclip::heads::{self, HeadConfig};
+use multiclip::heads::{self, HeadConfig, HeadKind};
+use multiclip::labelled::Targets;
 use multiclip::loss::Loss;
-use multiclip::predict::head_context;
+use multiclip::train::run::head_context;
 use multiclip::train::schedule::ScheduleKind;
-use multiclip::train::targets::Targets;
 use multiclip::train::{TrainConfig, TrainData, fit};
 use std::path::PathBuf;
 use synthetic::Synthetic;
@@ -97,7 +97,7 @@ fn main() -> Result<()> {
         "ml_decoder" => "ml_decoder:input=multimodal_tokens".parse()?,
         spec => spec.parse()?,
     };
-    let tokens = matches!(head_config, HeadConfig::MlDecoder(_));
+    let tokens = matches!(head_config.kind, HeadKind::MlDecoder(_));
     let cache_rows = args.rows * args.scale;
     let name = format!("{cache_rows}{}", if tokens { "-tokens" } else { "" });
     let data_dir = args.dir.join(format!("data-{name}"));

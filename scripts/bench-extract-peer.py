@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def rows_of(dataset):
-    """(id, caption) of train.csv then test.csv, as `multiclip extract --split all` selects."""
+    """(id, caption) of train.csv then test.csv, as `multiclip extract --part all` selects."""
     rows = []
     for name in ("train.csv", "test.csv"):
         path = dataset / name

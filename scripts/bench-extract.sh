@@ -71,7 +71,7 @@ cpu_s() { awk -F': ' '/(User|System) time/ { t += $2 } END { printf "%.0f", t }'
 multiclip() {
   local label=$1 dataset=$2 spec=$3 batch=$4 out=$WORK/cache-$1
   rm -rf "$out"
-  /usr/bin/time -v -o "$WORK/$label.time" "$BIN" extract --data "$dataset" --split all \
+  /usr/bin/time -v -o "$WORK/$label.time" "$BIN" extract --data "$dataset" --part all \
     --backbone "$spec" --batch-size "$batch" --threads "$THREADS" --out "$out" \
     >"$WORK/$label.log" 2>"$WORK/$label.err" || { cat "$WORK/$label.err" >&2; exit 1; }
   local rate

@@ -39,7 +39,7 @@ extract() {
     for part in train test; do
         local cache=$TRAIN_CACHE
         [[ $part == test ]] && cache=$TEST_CACHE
-        "$MC" extract --data "$DATA" --split "$part" --backbone "$BACKBONE" --out "$cache" \
+        "$MC" extract --data "$DATA" --part "$part" --backbone "$BACKBONE" --out "$cache" \
             --shard-rows 512 --on-error skip
     done
     [[ -f $SPLIT ]] || "$MC" dataset split "$DATA" --seed "$SEED" --val-fraction 0.15 --out "$SPLIT"

@@ -32,48 +32,65 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Which csv files of the dataset to extract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SplitSelection {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartSelection {
     Train,
     Test,
     /// train.csv then test.csv (whichever exist).
     All,
 }
 
-impl SplitSelection {
+impl PartSelection {
+    pub const ALL: [PartSelection; 3] = [Self::Train, Self::Test, Self::All];
+
+    /// `train`, `test` or `all`, as written on the command line and in manifests.
     pub fn name(self) -> &'static str {
         match self {
-            SplitSelection::Train => "train",
-            SplitSelection::Test => "test",
-            SplitSelection::All => "all",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name {
-            "train" => Ok(SplitSelection::Train),
-            "test" => Ok(SplitSelection::Test),
-            "all" => Ok(SplitSelection::All),
-            other => bail!("unknown split {other:?}: expected train, test or all"),
+            PartSelection::Train => "train",
+            PartSelection::Test => "test",
+            PartSelection::All => "all",
         }
     }
 
     fn parts(self, dataset: &Dataset) -> Vec<Part> {
         match self {
-            SplitSelection::Train => vec![Part::Train],
-            SplitSelection::Test => vec![Part::Test],
-            SplitSelection::All => dataset.parts(),
+            PartSelection::Train => vec![Part::Train],
+            PartSelection::Test => vec![Part::Test],
+            PartSelection::All => dataset.parts(),
         }
     }
 }
 
+impl std::str::FromStr for PartSelection {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .with_context(|| format!("unknown part {name:?}: expected train, test or all"))
+    }
+}
+
 /// What to do with a row whose image or caption cannot be used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnError {
     /// Stop with an error naming the file and row.
     Fail,
     /// Record the row as skipped (with its reason) in the manifest and go on.
     Skip,
+}
+
+impl OnError {
+    pub const ALL: [OnError; 2] = [Self::Fail, Self::Skip];
+
+    /// `fail` or `skip`, as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnError::Fail => "fail",
+            OnError::Skip => "skip",
+        }
+    }
 }
 
 /// One selected dataset row.
@@ -94,7 +111,7 @@ pub struct SelectedRows {
 
 impl SelectedRows {
     /// Reads the csv files of `selection` (train before test) and hashes them.
-    pub fn read(data_dir: &Path, selection: SplitSelection) -> Result<Self> {
+    pub fn read(data_dir: &Path, selection: PartSelection) -> Result<Self> {
         let dataset = Dataset::open(data_dir)?;
         let mut parts = Vec::new();
         let mut rows = Vec::new();
@@ -106,7 +123,7 @@ impl SelectedRows {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             parts.push(CsvPart {
-                split: part.name().to_string(),
+                part: part.name().to_string(),
                 file: file.clone(),
                 sha256: sha256_file(&csv)?,
                 rows: records.len(),
@@ -131,7 +148,7 @@ impl SelectedRows {
         }
         Ok(Self {
             fingerprint: DatasetFingerprint {
-                split: selection.name().to_string(),
+                selection: selection.name().to_string(),
                 parts,
                 rows: rows.len(),
             },
@@ -617,7 +634,7 @@ mod tests {
     fn extracts_every_row_in_dataset_order() {
         let data = dataset(10, &[]);
         let out = tempfile::tempdir().unwrap();
-        let selected = SelectedRows::read(data.path(), SplitSelection::Train).unwrap();
+        let selected = SelectedRows::read(data.path(), PartSelection::Train).unwrap();
         let summary = extract(&MeanColour, &selected, &options(out.path(), OnError::Fail)).unwrap();
         assert_eq!((summary.shards_total, summary.shards_written), (3, 3));
         let reader = CacheReader::open(out.path()).unwrap();
@@ -647,7 +664,7 @@ mod tests {
             .collect();
         let data = dataset_with(&captions, &[]);
         let out = tempfile::tempdir().unwrap();
-        let selected = SelectedRows::read(data.path(), SplitSelection::Train).unwrap();
+        let selected = SelectedRows::read(data.path(), PartSelection::Train).unwrap();
         let mut opts = options(out.path(), OnError::Fail);
         opts.shard_rows = 7;
         extract(&MeanColour, &selected, &opts).unwrap();
@@ -695,7 +712,7 @@ mod tests {
     fn bad_rows_fail_by_name_or_are_recorded() {
         let data = dataset(6, &[2]);
         let out = tempfile::tempdir().unwrap();
-        let selected = SelectedRows::read(data.path(), SplitSelection::Train).unwrap();
+        let selected = SelectedRows::read(data.path(), PartSelection::Train).unwrap();
         let err = extract(&MeanColour, &selected, &options(out.path(), OnError::Fail))
             .unwrap_err()
             .to_string();

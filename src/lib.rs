@@ -1,20 +1,26 @@
 //! multiclip: multimodal, multi-label classification on frozen vision-language backbones.
 //!
-//! Data flows one way: [`data`] -> [`backbone`] -> cache -> heads/train -> metrics -> predict.
-//! Stage 1 (`extract`) runs a frozen backbone once and writes a memory-mapped cache; stage 2
-//! trains small heads on that cache many times. The CLI (`src/main.rs`) is a thin layer on top.
+//! Data flows one way: [`data`] -> [`backbone`] -> cache -> heads -> [`model`] -> train ->
+//! evaluate / predict -> report. Stage 1 (`extract`) runs a frozen backbone once and writes a
+//! memory-mapped cache; stage 2 trains small heads on that cache many times; a trained checkpoint
+//! is a [`model::Model`] that scores inputs on its own. [`spec`] is the grammar of backbone, head
+//! and loss specs. The CLI (`src/main.rs`, `src/cli/`) is a thin layer on top.
 
 pub mod backbone;
 pub mod cache;
 pub mod data;
+pub mod evaluate;
 pub mod extract;
 pub mod files;
 pub mod heads;
+pub mod labelled;
 pub mod loss;
 pub mod metrics;
-pub mod pipeline;
+pub mod model;
 pub mod predict;
 pub mod report;
 pub mod runtime;
+pub mod spec;
+pub mod submission;
 pub mod tensor_ops;
 pub mod train;

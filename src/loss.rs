@@ -40,14 +40,14 @@ const ASL_EPS: f64 = 1.0e-8;
 
 /// A multi-label training loss with its hyper-parameters.
 ///
-/// Serialised tagged by `kind`, e.g. `{"kind":"focal","alpha":0.25,"gamma":2.0}`; parsed from the
-/// CLI's short form (`bce`, `smoothing:0.1`, `focal:0.25,2`, `margin:30,0.5`, `angular:30,0.5`,
-/// `zlpr`, `asl:4,0,0.05`), where omitted parameters take their defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+/// Serialised tagged by `kind`, e.g. `{"kind":"focal","alpha":0.25,"gamma":2.0}`; parsed from a
+/// spec that names its parameters with the same names (`bce`, `smoothing:epsilon=0.1`,
+/// `focal:alpha=0.25,gamma=2`, `margin:scale=30,margin=0.5`, `angular:scale=30,margin=0.5`, `zlpr`,
+/// `asl:gamma_neg=4,gamma_pos=0,clip=0.05`), where omitted parameters take their defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Loss {
     /// Binary cross-entropy with logits.
-    #[default]
     Bce,
     /// BCE against targets smoothed towards 0.5 by `epsilon`.
     Smoothing { epsilon: f64 },
@@ -67,6 +67,14 @@ pub enum Loss {
     },
 }
 
+impl Default for Loss {
+    /// Label smoothing with its default epsilon: the best loss averaged over every head on real
+    /// data (docs/results.md).
+    fn default() -> Self {
+        Loss::SMOOTHING
+    }
+}
+
 /// Why a loss specification was rejected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LossSpecError {
@@ -74,16 +82,16 @@ pub enum LossSpecError {
         "unknown loss '{0}': expected one of bce, smoothing, focal, margin, angular, zlpr, asl"
     )]
     UnknownKind(String),
-    #[error("loss '{kind}' takes {expected} parameter(s) ({names}), got {got} in '{spec}'")]
-    ParameterCount {
+    #[error("bad loss spec: {0}")]
+    Syntax(String),
+    #[error("loss '{kind}' has no parameter '{name}' (its parameters: {known})")]
+    UnknownParameter {
         kind: &'static str,
-        expected: usize,
-        names: &'static str,
-        got: usize,
-        spec: String,
+        name: String,
+        known: String,
     },
-    #[error("loss parameter '{0}' is not a number")]
-    NotANumber(String),
+    #[error("loss parameter '{name}' is not a number: '{value}'")]
+    NotANumber { name: String, value: String },
     #[error("loss '{kind}': {message}")]
     OutOfRange {
         kind: &'static str,
@@ -129,21 +137,49 @@ impl Loss {
         }
     }
 
-    /// The hyper-parameters in CLI order.
-    fn parameters(&self) -> Vec<f64> {
-        match *self {
+    /// The hyper-parameters by name (their serialised field names), in a fixed order.
+    pub fn parameters(&self) -> Vec<(&'static str, f64)> {
+        let mut copy = *self;
+        copy.parameters_mut()
+            .into_iter()
+            .map(|(name, value)| (name, *value))
+            .collect()
+    }
+
+    fn parameters_mut(&mut self) -> Vec<(&'static str, &mut f64)> {
+        match self {
             Loss::Bce | Loss::Zlpr => vec![],
-            Loss::Smoothing { epsilon } => vec![epsilon],
-            Loss::Focal { alpha, gamma } => vec![alpha, gamma],
+            Loss::Smoothing { epsilon } => vec![("epsilon", epsilon)],
+            Loss::Focal { alpha, gamma } => vec![("alpha", alpha), ("gamma", gamma)],
             Loss::Margin { scale, margin } | Loss::Angular { scale, margin } => {
-                vec![scale, margin]
+                vec![("scale", scale), ("margin", margin)]
             }
             Loss::Asl {
                 gamma_neg,
                 gamma_pos,
                 clip,
-            } => vec![gamma_neg, gamma_pos, clip],
+            } => vec![
+                ("gamma_neg", gamma_neg),
+                ("gamma_pos", gamma_pos),
+                ("clip", clip),
+            ],
         }
+    }
+
+    fn is_default_of_its_kind(&self) -> bool {
+        Loss::default_of_kind(self.kind()).is_ok_and(|d| d == *self)
+    }
+
+    /// The short name used in checkpoint names: the kind alone with default hyper-parameters,
+    /// `kind-p1-p2` (in the order of [`Loss::parameters`]) otherwise; file-name safe.
+    pub fn short_name(&self) -> String {
+        let mut name = self.kind().to_string();
+        if !self.is_default_of_its_kind() {
+            for (_, value) in self.parameters() {
+                name.push_str(&format!("-{value}"));
+            }
+        }
+        name
     }
 
     /// The same kind with its default hyper-parameters.
@@ -366,14 +402,13 @@ fn asl(z: &Tensor, y: &Tensor, gamma_neg: f64, gamma_pos: f64, clip: f64) -> Res
 }
 
 impl fmt::Display for Loss {
-    /// The short name used in checkpoint names: the kind alone with default hyper-parameters,
-    /// `kind-p1-p2` otherwise (file-name safe, and accepted back by [`FromStr`]).
+    /// The spec form (the grammar of [`crate::spec`], parsed back by [`FromStr`]): the kind alone
+    /// with default hyper-parameters, else `kind:name=value,...` with every parameter.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.kind())?;
-        let is_default = Loss::default_of_kind(self.kind()).is_ok_and(|d| d == *self);
-        if !is_default {
-            for p in self.parameters() {
-                write!(f, "-{p}")?;
+        if !self.is_default_of_its_kind() {
+            for (i, (name, value)) in self.parameters().into_iter().enumerate() {
+                write!(f, "{}{name}={value}", if i == 0 { ':' } else { ',' })?;
             }
         }
         Ok(())
@@ -383,68 +418,34 @@ impl fmt::Display for Loss {
 impl FromStr for Loss {
     type Err = LossSpecError;
 
-    /// Parses `kind`, `kind:p1,p2,...` or the [`Display`](fmt::Display) form `kind-p1-p2`.
-    fn from_str(spec: &str) -> std::result::Result<Self, Self::Err> {
-        let spec = spec.trim();
-        // `kind:a,b` (CLI) or `kind-a-b` (Display); the CLI form allows exponents like `1e-3`.
-        let (kind, params, separator) = match spec.split_once(':') {
-            Some((kind, params)) => (kind, Some(params), ','),
-            None => match spec.split_once('-') {
-                Some((kind, params)) => (kind, Some(params), '-'),
-                None => (spec, None, ','),
-            },
-        };
-        let kind = kind.to_ascii_lowercase();
-        let default = Loss::default_of_kind(&kind)?;
-        let Some(params) = params else {
-            return Ok(default);
-        };
-        let values = params
-            .split(separator)
-            .map(|p| {
-                p.trim()
-                    .parse::<f64>()
-                    .map_err(|_| LossSpecError::NotANumber(p.to_string()))
-            })
-            .collect::<std::result::Result<Vec<f64>, _>>()?;
-        let expected = default.parameters().len();
-        if values.len() != expected {
-            let names = match default {
-                Loss::Smoothing { .. } => "epsilon",
-                Loss::Focal { .. } => "alpha,gamma",
-                Loss::Margin { .. } | Loss::Angular { .. } => "scale,margin",
-                Loss::Asl { .. } => "gamma_neg,gamma_pos,clip",
-                Loss::Bce | Loss::Zlpr => "none",
+    /// Parses `kind[:name=value,...]` (the grammar of [`crate::spec`]), e.g. `focal`,
+    /// `focal:gamma=3`, `asl:gamma_neg=2,clip=0`; parameters not given keep their defaults.
+    fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
+        let spec =
+            crate::spec::Spec::parse(text).map_err(|e| LossSpecError::Syntax(format!("{e:#}")))?;
+        let mut loss = Loss::default_of_kind(&spec.name)?;
+        let kind = loss.kind();
+        let known = loss.parameters();
+        for (name, items) in spec.options.iter() {
+            let value = items.join("+");
+            let mut parameters = loss.parameters_mut();
+            let Some((_, slot)) = parameters.iter_mut().find(|(n, _)| *n == name) else {
+                let names: Vec<&str> = known.iter().map(|(n, _)| *n).collect();
+                return Err(LossSpecError::UnknownParameter {
+                    kind,
+                    name: name.to_string(),
+                    known: if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    },
+                });
             };
-            return Err(LossSpecError::ParameterCount {
-                kind: default.kind(),
-                expected,
-                names,
-                got: values.len(),
-                spec: spec.to_string(),
-            });
+            **slot = value.parse().map_err(|_| LossSpecError::NotANumber {
+                name: name.to_string(),
+                value: value.clone(),
+            })?;
         }
-        let loss = match default {
-            Loss::Bce | Loss::Zlpr => default,
-            Loss::Smoothing { .. } => Loss::Smoothing { epsilon: values[0] },
-            Loss::Focal { .. } => Loss::Focal {
-                alpha: values[0],
-                gamma: values[1],
-            },
-            Loss::Margin { .. } => Loss::Margin {
-                scale: values[0],
-                margin: values[1],
-            },
-            Loss::Angular { .. } => Loss::Angular {
-                scale: values[0],
-                margin: values[1],
-            },
-            Loss::Asl { .. } => Loss::Asl {
-                gamma_neg: values[0],
-                gamma_pos: values[1],
-                clip: values[2],
-            },
-        };
         loss.validate()?;
         Ok(loss)
     }
@@ -742,20 +743,26 @@ mod tests {
             ("bce", Loss::Bce),
             ("BCE", Loss::Bce),
             ("smoothing", Loss::SMOOTHING),
-            ("smoothing:0.2", Loss::Smoothing { epsilon: 0.2 }),
-            ("smoothing:1e-3", Loss::Smoothing { epsilon: 0.001 }),
-            ("smoothing-0.2", Loss::Smoothing { epsilon: 0.2 }),
+            ("smoothing:epsilon=0.2", Loss::Smoothing { epsilon: 0.2 }),
+            ("smoothing:epsilon=1e-3", Loss::Smoothing { epsilon: 0.001 }),
             ("focal", Loss::FOCAL),
             (
-                "focal:0.5,3",
+                "focal:alpha=0.5,gamma=3",
                 Loss::Focal {
                     alpha: 0.5,
                     gamma: 3.0,
                 },
             ),
-            ("margin:30,0.5", Loss::MARGIN),
             (
-                "angular:64,0.3",
+                "focal:gamma=3",
+                Loss::Focal {
+                    alpha: 0.25,
+                    gamma: 3.0,
+                },
+            ),
+            ("margin:scale=30,margin=0.5", Loss::MARGIN),
+            (
+                "angular:margin=0.3,scale=64",
                 Loss::Angular {
                     scale: 64.0,
                     margin: 0.3,
@@ -764,7 +771,7 @@ mod tests {
             ("zlpr", Loss::Zlpr),
             ("asl", Loss::ASL),
             (
-                "asl:2, 1, 0",
+                "asl:gamma_neg=2, gamma_pos=1, clip=0",
                 Loss::Asl {
                     gamma_neg: 2.0,
                     gamma_pos: 1.0,
@@ -778,28 +785,35 @@ mod tests {
         for bad in [
             "hinge",
             "focal:0.25",
-            "zlpr:1",
-            "focal:x,2",
-            "focal:0.25-2",
-            "smoothing:1.5",
-            "angular:30,2",
-            "asl:4,0,1",
-            "margin:0,0.5",
+            "focal:0.25,2",
+            "focal:beta=1",
+            "zlpr:x=1",
+            "focal:alpha=x",
+            "focal:alpha=0.25,alpha=0.5",
+            "focal-0.25-2",
+            "smoothing:epsilon=1.5",
+            "angular:margin=2",
+            "asl:clip=1",
+            "margin:scale=0",
         ] {
             assert!(bad.parse::<Loss>().is_err(), "{bad} should be rejected");
         }
+        let err = "focal:beta=1".parse::<Loss>().unwrap_err().to_string();
+        assert!(err.contains("alpha, gamma"), "{err}");
     }
 
     #[test]
-    fn display_is_a_file_name_safe_short_name_that_parses_back() {
-        assert_eq!(Loss::Bce.to_string(), "bce");
-        assert_eq!(Loss::FOCAL.to_string(), "focal");
-        assert_eq!(Loss::ASL.to_string(), "asl");
+    fn short_names_are_file_name_safe_and_display_parses_back() {
+        assert_eq!(Loss::Bce.short_name(), "bce");
+        assert_eq!(Loss::FOCAL.short_name(), "focal");
+        assert_eq!(Loss::ASL.short_name(), "asl");
         let custom = Loss::Focal {
             alpha: 0.5,
             gamma: 3.0,
         };
-        assert_eq!(custom.to_string(), "focal-0.5-3");
+        assert_eq!(custom.short_name(), "focal-0.5-3");
+        assert_eq!(custom.to_string(), "focal:alpha=0.5,gamma=3");
+        assert_eq!(Loss::FOCAL.to_string(), "focal");
         let losses = [
             custom,
             Loss::Smoothing { epsilon: 0.05 },
@@ -814,12 +828,31 @@ mod tests {
             },
         ];
         for loss in losses {
-            let name = loss.to_string();
+            let name = loss.short_name();
             assert!(
                 name.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
             );
-            assert_eq!(name.parse::<Loss>(), Ok(loss), "{name}");
+            assert_eq!(loss.to_string().parse::<Loss>(), Ok(loss), "{loss}");
+        }
+    }
+
+    #[test]
+    fn parameter_names_are_the_serialised_field_names() {
+        for kind in EVERY_KIND {
+            let loss: Loss = kind.parse().expect("kind");
+            let json = serde_json::to_value(loss).expect("write");
+            let mut fields: Vec<&str> = json
+                .as_object()
+                .expect("an object")
+                .keys()
+                .map(String::as_str)
+                .filter(|k| *k != "kind")
+                .collect();
+            let mut names: Vec<&str> = loss.parameters().iter().map(|(n, _)| *n).collect();
+            fields.sort_unstable();
+            names.sort_unstable();
+            assert_eq!(fields, names, "{kind}");
         }
     }
 

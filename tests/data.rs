@@ -660,7 +660,7 @@ fn cli_records_prints_exactly_what_was_read() {
         .chain(expected(Part::Test))
         .collect();
     assert_eq!(all, want);
-    let test = parse(stdout_of(&["dataset", "records", dir, "--split", "test"]));
+    let test = parse(stdout_of(&["dataset", "records", dir, "--part", "test"]));
     assert_eq!(test, expected(Part::Test));
 }
 

@@ -71,7 +71,7 @@ fn extract_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
         .args([
             "--backbone",
             &backbone_spec(),
-            "--split",
+            "--part",
             "all",
             "--threads",
             "2",

@@ -7,8 +7,11 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use multiclip::heads::{
-    self, Head, HeadConfig, HeadContext, Inputs, LabelCooccurrence, init::seeded_var_builder,
+    self, Head, HeadConfig, HeadContext, HeadKind, Inputs, LabelCooccurrence,
+    init::seeded_var_builder,
 };
+use multiclip::train::checkpoint::checkpoint_tensors;
+use multiclip::train::grads::loss_and_grads;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -295,14 +298,14 @@ fn checkpoints_round_trip_with_buffers() -> Result<()> {
             .forward(&d.inputs, false)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let tensors = heads::checkpoint_tensors(&map, head.as_ref()).expect("tensors");
+        let tensors = checkpoint_tensors(&map, head.as_ref()).expect("tensors");
         for (name, _) in head.buffers() {
             assert!(
                 heads::is_buffer(&name) && tensors.contains_key(&name),
                 "{cfg}: {name}"
             );
         }
-        let path = dir.path().join(format!("{}.safetensors", cfg.kind()));
+        let path = dir.path().join(format!("{}.safetensors", cfg.kind.name()));
         candle_core::safetensors::save(&tensors, &path)?;
         // Predict-time context: another seed and no label statistics; all comes from the file.
         let ctx = HeadContext {
@@ -381,7 +384,7 @@ fn head_specs_parse_and_reject_typos() {
     let cfg: HeadConfig = "router:inputs=image+text,hidden=0,dropout=0.5"
         .parse()
         .expect("spec");
-    let HeadConfig::Router(r) = &cfg else {
+    let HeadKind::Router(r) = &cfg.kind else {
         panic!("not a router: {cfg}")
     };
     assert_eq!(
@@ -391,7 +394,7 @@ fn head_specs_parse_and_reject_typos() {
     let json: HeadConfig = serde_json::from_str(&cfg.to_string()).expect("json round trip");
     assert_eq!(json, cfg);
     let toml_cfg: HeadConfig = toml::from_str("kind = \"ml_decoder\"\nd_model = 64").expect("toml");
-    assert!(matches!(toml_cfg, HeadConfig::MlDecoder(ref m) if m.d_model == 64 && m.heads == 8));
+    assert!(matches!(toml_cfg.kind, HeadKind::MlDecoder(ref m) if m.d_model == 64 && m.heads == 8));
     assert!("mlp:hiden=3".parse::<HeadConfig>().is_err());
     assert!("transformer".parse::<HeadConfig>().is_err());
     assert!("mlp:hidden".parse::<HeadConfig>().is_err());
@@ -408,8 +411,8 @@ fn micro_batches_give_the_full_batch_numbers() -> Result<()> {
         let (map, head) = build(&cfg, &d.ctx);
         let vars = map.all_vars();
         let forward = |x: &Inputs| head.forward(x, true);
-        let full = heads::loss_and_grads(&forward, &d.inputs, &d.targets, N, &vars, &bce)?;
-        let chunked = heads::loss_and_grads(&forward, &d.inputs, &d.targets, 5, &vars, &bce)?;
+        let full = loss_and_grads(&forward, &d.inputs, &d.targets, N, &vars, &bce)?;
+        let chunked = loss_and_grads(&forward, &d.inputs, &d.targets, 5, &vars, &bce)?;
         let (full_loss, loss) = (full.loss, chunked.loss);
         let outputs = (full.outputs - &chunked.outputs)?
             .abs()?

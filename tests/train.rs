@@ -6,19 +6,22 @@ mod support;
 
 use candle_core::Device;
 use candle_nn::VarMap;
-use multiclip::cache::CacheReader;
+use multiclip::cache::{CacheReader, StoredDtype};
 use multiclip::data::labels::LabelVocab;
 use multiclip::data::split::Split;
 use multiclip::data::{Dataset, Part};
+use multiclip::evaluate::{EvalPart, EvaluateRequest, evaluate};
 use multiclip::heads::{self, HeadConfig};
+use multiclip::labelled::Targets;
+use multiclip::labelled::rows_for_ids;
 use multiclip::loss::Loss;
-use multiclip::predict::{self, Model};
-use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts};
+use multiclip::model::score::score_rows;
+use multiclip::model::{InputSignature, Model, ModelCard};
+use multiclip::submission;
+use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts, checkpoint_tensors};
 use multiclip::train::early_stop::Criterion;
-use multiclip::train::inference::score_rows;
-use multiclip::train::run::{TrainRequest, train};
-use multiclip::train::targets::Targets;
-use multiclip::train::{TrainConfig, TrainData, fit, rows_for_ids};
+use multiclip::train::run::{TrainRequest, head_context, train};
+use multiclip::train::{TrainConfig, TrainData, fit};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use support::synthetic::Synthetic;
@@ -107,7 +110,7 @@ fn same_seed_gives_identical_runs_and_checkpoints() {
             .collect::<Vec<_>>()
     };
     assert_eq!(losses(&a), losses(&b));
-    assert_eq!(a.meta.thresholds, b.meta.thresholds);
+    assert_eq!(a.meta.model.thresholds, b.meta.model.thresholds);
     let weights = |p: &Path| std::fs::read(p.with_extension("safetensors")).unwrap();
     assert_eq!(weights(&a.checkpoint), weights(&b.checkpoint));
     // A different seed changes the numbers.
@@ -152,7 +155,7 @@ fn early_stopping_restores_the_best_epoch() {
         ..quick_config()
     };
     let varmap = VarMap::new();
-    let ctx = predict::head_context(&reader, vocab.len(), None, config.seed);
+    let ctx = head_context(&reader, vocab.len(), None, config.seed);
     let head = heads::build(
         &"mlp".parse::<HeadConfig>().unwrap(),
         &ctx,
@@ -196,7 +199,7 @@ fn assert_checkpoint_round_trip(f: &Fixture, head_spec: &str) {
             .unwrap();
     let config: HeadConfig = head_spec.parse().unwrap();
     let varmap = VarMap::new();
-    let ctx = predict::head_context(&reader, vocab.len(), Some(cooc), 11);
+    let ctx = head_context(&reader, vocab.len(), Some(cooc), 11);
     let head = heads::build(
         &config,
         &ctx,
@@ -219,15 +222,17 @@ fn assert_checkpoint_round_trip(f: &Fixture, head_spec: &str) {
         .meta;
     let mut checkpoint = Checkpoint {
         meta: CheckpointMeta {
-            head: config.clone(),
-            cache: multiclip::train::checkpoint::CacheIdentity::of_cache(&reader, &head.inputs())
-                .unwrap(),
+            model: ModelCard {
+                head: config.clone(),
+                inputs: InputSignature::of_cache(&reader, &head.inputs()).unwrap(),
+                ..reference.model
+            },
             ..reference
         },
-        tensors: heads::checkpoint_tensors(&varmap, head.as_ref()).unwrap(),
+        tensors: checkpoint_tensors(&varmap, head.as_ref()).unwrap(),
     };
     let parts = NameParts {
-        head: config.kind(),
+        head: config.kind.name(),
         backbone: "synthetic",
         loss: "bce",
         lr: 0.001,
@@ -238,9 +243,9 @@ fn assert_checkpoint_round_trip(f: &Fixture, head_spec: &str) {
     let path = checkpoint
         .save(&f.root.join("round"), None, &parts)
         .unwrap();
-    let model = Model::load(&path, &reader, &Device::Cpu).unwrap();
+    let model = Model::load(&path, &Device::Cpu).unwrap();
     let after = model
-        .score(&reader, &rows, 64, &Device::Cpu, None)
+        .score_rows(&reader, &rows, 64, &Device::Cpu, None)
         .unwrap()
         .probabilities;
     let max_diff = before
@@ -263,6 +268,104 @@ fn checkpoints_round_trip_to_the_same_outputs() {
 }
 
 #[test]
+fn the_report_shows_what_evaluating_the_checkpoint_gives() {
+    let f = fixture();
+    let run = train(&request(&f, "gat", "report")).unwrap();
+    let written = multiclip::report::write(&run).unwrap();
+    let evaluation = evaluate(&EvaluateRequest {
+        checkpoint: run.checkpoint.clone(),
+        cache: None,
+        data: None,
+        split: None,
+        part: EvalPart::Val,
+        batch_size: 4096,
+        at_least_one: true,
+        device: Device::Cpu,
+    })
+    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&written.metrics_json).unwrap()).unwrap();
+    assert_eq!(json["rows"], evaluation.rows);
+    assert_eq!(json["loss"], evaluation.loss);
+    assert_eq!(
+        json["metrics"],
+        serde_json::to_value(&evaluation.metrics).unwrap()
+    );
+    assert_eq!(written.data.per_label, evaluation.per_label);
+    // The co-occurrence map: P(j | i) over the split's training rows of train.csv.
+    let split = Split::load(&f.split).unwrap();
+    let records = Dataset::open(&f.data)
+        .unwrap()
+        .records(Part::Train)
+        .unwrap();
+    let vocab = LabelVocab::from_ordered(run.meta.model.labels.clone()).unwrap();
+    let sets: Vec<Vec<usize>> = records
+        .iter()
+        .filter(|r| split.train.contains(&r.id))
+        .map(|r| {
+            r.labels
+                .iter()
+                .flatten()
+                .filter_map(|l| vocab.index(l))
+                .collect()
+        })
+        .collect();
+    let counts =
+        heads::LabelCooccurrence::from_label_sets(sets.iter().map(Vec::as_slice), vocab.len())
+            .unwrap();
+    assert_eq!(written.data.cooccurrence, counts.conditional());
+}
+
+#[test]
+fn a_checkpoint_scores_inputs_without_a_cache() {
+    let f = fixture();
+    let report = train(&request(&f, "router", "live")).unwrap();
+    let model = Model::load(&report.checkpoint, &Device::Cpu).unwrap();
+    // Inputs from anywhere (here gathered by hand, as live backbone outputs would be).
+    let reader = CacheReader::open(&f.cache).unwrap();
+    let rows: Vec<usize> = (0..50).collect();
+    let inputs: multiclip::heads::Inputs = model
+        .head
+        .inputs()
+        .into_iter()
+        .map(|name| {
+            let tensor = reader.gather(&name, &rows, &Device::Cpu).unwrap();
+            (name, tensor)
+        })
+        .collect();
+    let live = model.probabilities(&inputs).unwrap();
+    assert_eq!(live.dims(), &[50, 5]);
+    let cached = model
+        .score_rows(&reader, &rows, 16, &Device::Cpu, None)
+        .unwrap();
+    let live: Vec<f32> = live.flatten_all().unwrap().to_vec1().unwrap();
+    let max_diff = live
+        .iter()
+        .zip(&cached.probabilities)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max_diff < 1e-6, "{max_diff}");
+}
+
+#[test]
+fn a_cache_with_another_dtype_is_refused() {
+    let f = fixture();
+    let report = train(&request(&f, "mlp", "ckpt")).unwrap();
+    let reader = CacheReader::open(&f.cache).unwrap();
+    let mut model = Model::load(&report.checkpoint, &Device::Cpu).unwrap();
+    model.ensure_compatible(&reader).unwrap();
+    // The same outputs stored as f32 instead of the f16 the head was trained on.
+    for output in &mut model.card.inputs.outputs {
+        output.dtype = StoredDtype::F32;
+    }
+    let message = format!("{:#}", model.ensure_compatible(&reader).unwrap_err());
+    assert!(
+        message.contains("as f16") && message.contains("trained on f32"),
+        "{message}"
+    );
+}
+
+#[test]
 fn a_cache_from_another_backbone_is_refused() {
     let f = fixture();
     let report = train(&request(&f, "mlp", "ckpt")).unwrap();
@@ -271,9 +374,10 @@ fn a_cache_from_another_backbone_is_refused() {
         .write_cache(&f.data, &other)
         .unwrap();
     let reader = CacheReader::open(&other).unwrap();
-    let err = Model::load(&report.checkpoint, &reader, &Device::Cpu)
-        .err()
-        .unwrap();
+    let err = Model::load(&report.checkpoint, &Device::Cpu)
+        .unwrap()
+        .ensure_compatible(&reader)
+        .unwrap_err();
     let message = format!("{err:#}");
     assert!(
         message.contains("clip:models/clip-vit-b32")
@@ -293,10 +397,10 @@ fn predictions_round_trip_through_the_reader() {
         false, false, false, //
         false, true, false,
     ];
-    predict::write_predictions(&path, &ids, &decisions, &labels).unwrap();
+    submission::write_predictions(&path, &ids, &decisions, &labels).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text, "ImageID,Labels\n0.jpg,1 10\n1.jpg,\n2.jpg,2\n");
-    let records = predict::read_predictions(&path).unwrap();
+    let records = submission::read_predictions(&path).unwrap();
     let vocab = LabelVocab::from_ordered(labels.clone()).unwrap();
     let targets = Targets::from_records(&ids, &records, &vocab, false).unwrap();
     let back: Vec<bool> = targets.rows(&[0, 1, 2]).iter().map(|&v| v > 0.5).collect();
@@ -422,7 +526,7 @@ fn train_evaluate_predict_from_the_command_line() {
         "--probabilities",
         probabilities.to_str().unwrap(),
     ]);
-    let records = predict::read_predictions(&predictions).unwrap();
+    let records = submission::read_predictions(&predictions).unwrap();
     assert_eq!(records.len(), 320);
     assert!(
         records

@@ -11,7 +11,7 @@
 //!   first ([CLS]) row. Padding positions are computed exactly as transformers does (they attend
 //!   to the real tokens and the image); the mask says which rows are real.
 //!
-//! As a [`Backbone`] ([`BlipBackbone`], spec `blip:<dir or Hub id>[?template=...]`): images go
+//! As a [`Backbone`] ([`BlipBackbone`], spec `blip:<dir or Hub id>[:template=...]`): images go
 //! through `preprocessor_config.json` (BlipImageProcessor: bicubic resize to 384x384, OpenAI
 //! mean/std); captions get the original's casing ([`blip_caption_case`]), the template (default
 //! `a picture of {caption}`) and the BERT uncased `tokenizer.json`, padded and truncated to 50

@@ -15,7 +15,7 @@
 //! The text model is causal, so the tokens after the end-of-text token cannot change the pooled
 //! output: each batch runs only up to its longest caption instead of 77 padded positions.
 //!
-//! As a [`Backbone`] ([`ClipBackbone`], spec `clip:<dir or Hub id>[?options]`): images go through
+//! As a [`Backbone`] ([`ClipBackbone`], spec `clip:<dir or Hub id>[:options]`): images go through
 //! `preprocessor_config.json` (CLIPImageProcessor: bicubic shortest side, center crop, OpenAI
 //! mean/std); captions through a template (option `template`, default `{caption}`; the original
 //! wrote spaCy noun phrases into "The photo contains ...", which a template replaces) and

@@ -26,17 +26,17 @@ pub mod text;
 
 pub use contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
 
-/// Loads a backbone from a spec: `family:location`, or several joined by `+`
+/// Loads a backbone from a spec: `family:location[:key=value,...]`, or several joined by `+`
 /// (`dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2`), whose outputs are combined.
 /// Families: `clip`, `blip`, `dinov2`, `sentence`. A location is a directory in the Hugging Face
-/// layout or a Hub repo id, optionally followed by `?key=value&...` options (see [`options`]).
+/// layout or a Hub repo id; the options are the family's (see [`options`]).
 pub fn load(spec: &str, device: &Device) -> Result<Box<dyn Backbone>> {
     let parts = source::parse_spec(spec)?;
     let mut loaded = parts
         .iter()
         .map(|part| {
-            let id = format!("{}:{}", part.family, part.location);
-            load_one(&id, part, device).with_context(|| format!("cannot load backbone {id}"))
+            load_one(&part.id, part, device)
+                .with_context(|| format!("cannot load backbone {}", part.id))
         })
         .collect::<Result<Vec<_>>>()?;
     if loaded.len() == 1 {
@@ -46,17 +46,17 @@ pub fn load(spec: &str, device: &Device) -> Result<Box<dyn Backbone>> {
 }
 
 fn load_one(id: &str, part: &source::BackboneSpec, device: &Device) -> Result<Box<dyn Backbone>> {
-    let (location, options) = options::Options::split(&part.location)?;
-    let dir = source::ModelDir::resolve(location)?;
+    let options = &part.options;
+    let dir = source::ModelDir::resolve(&part.location)?;
     Ok(match part.family.as_str() {
-        "clip" => Box::new(clip::ClipBackbone::load(id, &dir, &options, device)?),
-        "blip" => Box::new(blip::BlipBackbone::load(id, &dir, &options, device)?),
+        "clip" => Box::new(clip::ClipBackbone::load(id, &dir, options, device)?),
+        "blip" => Box::new(blip::BlipBackbone::load(id, &dir, options, device)?),
         "dinov2" => {
-            options.check_known("dinov2", &[])?;
+            options.check_known("dinov2 backbone", &[])?;
             Box::new(dinov2::Dinov2Backbone::load(id, &dir, device)?)
         }
         "sentence" => {
-            options.check_known("sentence", &[])?;
+            options.check_known("sentence backbone", &[])?;
             Box::new(sentence::SentenceBackbone::load(id, &dir, device)?)
         }
         other => bail!("unknown backbone family `{other}` (known: clip, blip, dinov2, sentence)"),

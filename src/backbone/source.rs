@@ -1,4 +1,5 @@
-//! Where a backbone's files come from: backbone specs (`family:location`, several joined by `+`),
+//! Where a backbone's files come from: backbone specs (`family:location[:options]`, several joined
+//! by `+`),
 //! model directories in the Hugging Face layout (a local folder or a Hub repo id fetched through
 //! `hf-hub`, honouring `HF_HUB_OFFLINE`), weight-file discovery (`model.safetensors`, a sharded
 //! `model.safetensors.index.json`, or `pytorch_model.bin`), their sha256, and a weight store whose
@@ -10,35 +11,44 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::files::sha256_file;
+use crate::spec::{Options, Spec, split_unquoted};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 
-/// One `family:location` part of a backbone spec.
+/// One `family:location[:options]` part of a backbone spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackboneSpec {
+    /// The part as written (its id in cache manifests).
+    pub id: String,
     pub family: String,
     pub location: String,
+    pub options: Options,
 }
 
-/// Splits a spec such as `dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2`.
+/// Splits a spec such as `dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2` into its
+/// parts (the grammar of [`crate::spec`]).
 pub fn parse_spec(spec: &str) -> Result<Vec<BackboneSpec>> {
-    let parts = spec
-        .split('+')
-        .map(|part| {
-            let (family, location) = part.split_once(':').with_context(|| {
-                format!("backbone spec part `{part}` must look like `family:location` (e.g. `dinov2:models/dinov2-small`)")
-            })?;
-            if family.is_empty() || location.is_empty() {
-                bail!("backbone spec part `{part}` has an empty family or location");
-            }
-            Ok(BackboneSpec { family: family.trim().to_string(), location: location.trim().to_string() })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if parts.is_empty() {
+    if spec.trim().is_empty() {
         bail!("empty backbone spec");
     }
-    Ok(parts)
+    split_unquoted(spec, '+')?
+        .into_iter()
+        .map(|part| {
+            let parsed = Spec::parse_located(part).with_context(|| {
+                format!(
+                    "backbone spec part `{part}` must look like `family:location[:key=value,...]` \
+                     (e.g. `dinov2:models/dinov2-small`)"
+                )
+            })?;
+            Ok(BackboneSpec {
+                id: part.trim().to_string(),
+                family: parsed.name,
+                location: parsed.location.unwrap_or_default(),
+                options: parsed.options,
+            })
+        })
+        .collect()
 }
 
 /// A model's files in the Hugging Face layout.
@@ -366,14 +376,24 @@ mod tests {
         assert_eq!(
             parts[0],
             BackboneSpec {
+                id: "dinov2:models/dinov2-small".into(),
                 family: "dinov2".into(),
-                location: "models/dinov2-small".into()
+                location: "models/dinov2-small".into(),
+                options: Options::default(),
             }
         );
         assert_eq!(parts[1].location, "sentence-transformers/all-MiniLM-L6-v2");
+        let parts = parse_spec(r#"clip:models/clip:template="a+b {caption}"+sentence:m"#).unwrap();
+        assert_eq!(parts[0].id, r#"clip:models/clip:template="a+b {caption}""#);
+        assert_eq!(
+            parts[0].options.get("template").unwrap(),
+            Some("a+b {caption}")
+        );
+        assert_eq!(parts[1].family, "sentence");
         assert!(parse_spec("dinov2").is_err());
         assert!(parse_spec("dinov2:").is_err());
         assert!(parse_spec("dinov2:a+").is_err());
+        assert!(parse_spec("").is_err());
     }
 
     #[test]

@@ -90,8 +90,11 @@ impl StoredOutput {
 /// One csv file that contributed rows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CsvPart {
-    /// `train` or `test`.
-    pub split: String,
+    /// `train` or `test`. Stored as `split`, its name before multiclip called a csv selection a
+    /// part: renaming it would change the header's fingerprint, so existing caches would no
+    /// longer resume, merge or be reused.
+    #[serde(rename = "split")]
+    pub part: String,
     /// File name inside the data directory, e.g. `train.csv`.
     pub file: String,
     pub sha256: String,
@@ -102,8 +105,9 @@ pub struct CsvPart {
 /// Which dataset rows the cache covers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatasetFingerprint {
-    /// The `--split` given: `train`, `test` or `all`.
-    pub split: String,
+    /// The `--part` given: `train`, `test` or `all` (stored as `split`, see [`CsvPart::part`]).
+    #[serde(rename = "split")]
+    pub selection: String,
     /// The csv files read, in row order.
     pub parts: Vec<CsvPart>,
     /// Selected rows (stored + skipped).
@@ -151,7 +155,7 @@ impl CacheHeader {
             diffs.push("outputs or --dtype");
         }
         if self.dataset != other.dataset {
-            diffs.push("dataset (csv contents or --split)");
+            diffs.push("dataset (csv contents or --part)");
         }
         if self.shard_rows != other.shard_rows {
             diffs.push("--shard-rows");
@@ -331,9 +335,9 @@ pub(crate) mod tests {
                 },
             ],
             dataset: DatasetFingerprint {
-                split: "train".into(),
+                selection: "train".into(),
                 parts: vec![CsvPart {
-                    split: "train".into(),
+                    part: "train".into(),
                     file: "train.csv".into(),
                     sha256: "11".repeat(32),
                     rows,

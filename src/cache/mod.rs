@@ -16,7 +16,7 @@
 //! own description live in the safetensors metadata under the single key `multiclip`, a JSON object
 //! `{"fingerprint", "index", "start", "end", "ids", "skipped"}` (see [`shard::ShardMeta`]).
 //!
-//! **Rows.** The dataset rows selected by `--split` are numbered `0..rows` in csv order (train before
+//! **Rows.** The dataset rows selected by `--part` are numbered `0..rows` in csv order (train before
 //! test for `all`). Shard `i` covers the positions `[i*N, min((i+1)*N, rows))`; that fixed partition is
 //! what makes resuming and multi-worker extraction deterministic. A row skipped with
 //! `--on-error skip` is NOT stored in its shard: it is listed (position, id, reason) in the shard's

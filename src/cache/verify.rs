@@ -105,12 +105,12 @@ pub fn verify(dir: &Path, dataset: Option<&DatasetRows>) -> Result<VerifyReport>
     if let Some(dataset) = dataset {
         if dataset.fingerprint != header.dataset {
             report.problems.push(format!(
-                "{manifest_name}: dataset differs from the data directory (manifest: split {} with \
-                 {} rows, csv {}; data: split {} with {} rows, csv {})",
-                header.dataset.split,
+                "{manifest_name}: dataset differs from the data directory (manifest: part {} with \
+                 {} rows, csv {}; data: part {} with {} rows, csv {})",
+                header.dataset.selection,
                 header.dataset.rows,
                 describe_parts(&header.dataset),
-                dataset.fingerprint.split,
+                dataset.fingerprint.selection,
                 dataset.fingerprint.rows,
                 describe_parts(&dataset.fingerprint)
             ));

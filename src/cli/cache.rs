@@ -10,7 +10,7 @@ use multiclip::cache::layout::{MANIFEST_FILE, PARTS_DIR};
 use multiclip::cache::merge::{MergeOutcome, merge};
 use multiclip::cache::verify::verify;
 use multiclip::cache::{Manifest, StoredDtype};
-use multiclip::extract::{SelectedRows, SplitSelection};
+use multiclip::extract::{PartSelection, SelectedRows};
 
 /// Show, verify or merge an embedding cache made by `multiclip extract`.
 #[derive(Args)]
@@ -114,8 +114,8 @@ fn info(dir: &Path, max_skipped: usize) -> Result<()> {
         println!("    {:<16} {:?} {dtype} {kind}", o.name, o.shape);
     }
     println!(
-        "  dataset        split {}, {} rows",
-        h.dataset.split, h.dataset.rows
+        "  dataset        part {}, {} rows",
+        h.dataset.selection, h.dataset.rows
     );
     for p in &h.dataset.parts {
         println!("    {:<12} {} rows, sha256 {}", p.file, p.rows, p.sha256);
@@ -159,8 +159,8 @@ fn run_verify(dir: &Path, data: Option<&Path>) -> Result<()> {
     let dataset = match data {
         Some(data) => {
             let manifest = Manifest::load_dir(dir)?;
-            let split = SplitSelection::from_name(&manifest.header.dataset.split)?;
-            Some(SelectedRows::read(data, split)?.into_dataset_rows())
+            let selection: PartSelection = manifest.header.dataset.selection.parse()?;
+            Some(SelectedRows::read(data, selection)?.into_dataset_rows())
         }
         None => None,
     };

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
+use super::one_of;
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
 use multiclip::data::inspect::{InspectReport, LengthStats, inspect};
 use multiclip::data::labels::LABELS_FILE;
@@ -23,7 +24,7 @@ captions) and well-formed RFC-4180 csv are both read.
 
 Examples:
   multiclip dataset inspect data/demo
-  multiclip dataset records data/demo --split test | head
+  multiclip dataset records data/demo --part test | head
   multiclip dataset split data/demo";
 
 /// Inspect a dataset folder, print its parsed records, or write its train/validation split.
@@ -71,13 +72,13 @@ struct InspectArgs {
 #[derive(Args)]
 #[command(after_help = "Examples:
   multiclip dataset records data/demo
-  multiclip dataset records data/demo --split train | grep '\"line\":812'")]
+  multiclip dataset records data/demo --part train | grep '\"line\":812'")]
 struct RecordsArgs {
     /// Dataset folder.
     dir: PathBuf,
     /// Only this csv (default: every csv present, train first).
-    #[arg(long, value_enum, value_name = "train|test")]
-    split: Option<Part>,
+    #[arg(long, value_name = "train|test", value_parser = one_of(&Part::ALL, Part::name))]
+    part: Option<Part>,
 }
 
 /// Write the train/validation split and the label vocabulary.
@@ -218,7 +219,7 @@ fn format_report(report: &InspectReport) -> String {
 
 fn run_records(args: RecordsArgs) -> Result<()> {
     let dataset = Dataset::open(&args.dir)?;
-    let parts = match args.split {
+    let parts = match args.part {
         Some(part) => vec![part],
         None => dataset.parts(),
     };

@@ -1,11 +1,13 @@
 //! `multiclip evaluate`: a checkpoint's metrics (at its tuned thresholds) on the validation,
 //! training or test rows, as a summary table and a per-label table.
 
+use super::one_of;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
+use multiclip::evaluate::{EvalPart, EvaluateRequest, evaluate};
 use multiclip::metrics::{LabelMetrics, Metrics};
-use multiclip::predict::{EvalPart, EvaluateRequest, evaluate};
+use multiclip::model::score::SCORE_BATCH_ROWS;
 use std::path::PathBuf;
 
 /// Score a checkpoint on labelled rows of a cache.
@@ -24,9 +26,10 @@ pub struct EvaluateArgs {
     #[arg(long)]
     pub split: Option<PathBuf>,
     /// Which rows: the split's val or train ids, or the ids of the dataset's test_labels.csv.
-    #[arg(long, value_enum, default_value = "val")]
+    #[arg(long, default_value = "val", value_parser = one_of(&EvalPart::ALL, EvalPart::name))]
     pub part: EvalPart,
-    #[arg(long, default_value_t = 1024)]
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = SCORE_BATCH_ROWS)]
     pub batch_size: usize,
     /// Do not force at least one label per sample.
     #[arg(long)]
@@ -47,7 +50,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let evaluation = evaluate(&request)?;
     println!(
         "checkpoint {} on {} ({:?} part, {} rows), loss {:.4}",
-        evaluation.meta.name,
+        evaluation.meta.model.name,
         evaluation.cache.display(),
         args.part,
         evaluation.rows,
@@ -56,7 +59,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     print_metrics(
         &evaluation.metrics,
         &evaluation.per_label,
-        &evaluation.meta.labels,
+        &evaluation.meta.model.labels,
     );
     Ok(())
 }

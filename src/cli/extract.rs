@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
+use super::one_of;
 use multiclip::backbone;
 use multiclip::cache::{StoredDtype, WorkerSlot};
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
-use multiclip::extract::{ExtractOptions, OnError, SelectedRows, SplitSelection, extract};
+use multiclip::extract::{ExtractOptions, OnError, PartSelection, SelectedRows, extract};
 
 const EXTRACT_HELP: &str = "\
 The cache is resumable: re-running the same command after a crash or kill computes only the
@@ -19,9 +20,9 @@ Several machines: give every worker the same arguments plus --num-workers N --wo
 `multiclip cache merge OUT` once all have finished.
 
 Examples:
-  multiclip extract --data data/demo --split all \\
+  multiclip extract --data data/demo --part all \\
       --backbone dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2 --out cache/demo
-  sbatch --array=0-7 --wrap 'multiclip extract --data /data/comp --split all \\
+  sbatch --array=0-7 --wrap 'multiclip extract --data /data/comp --part all \\
       --backbone dinov2:facebook/dinov2-base --out /shared/cache/comp --device cuda'";
 
 /// Skipped rows listed in the summary (all are in the manifest).
@@ -34,11 +35,12 @@ pub struct ExtractArgs {
     /// Dataset folder (train.csv and/or test.csv, images in data/).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
-    /// Which csv files to extract.
-    #[arg(long, value_enum, default_value = "all")]
-    split: SplitSelection,
-    /// Backbone spec, `family:location` joined by `+`, e.g.
-    /// `dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2`.
+    /// Which csv files to extract: train.csv, test.csv or both (`all`).
+    #[arg(long, default_value = "all", value_parser = one_of(&PartSelection::ALL, PartSelection::name))]
+    part: PartSelection,
+    /// Backbone spec, `family:location[:key=value,...]`, several joined by `+`, e.g.
+    /// `dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2` or
+    /// `clip:openai/clip-vit-base-patch32:template="A photo of {caption}",image_tokens=true`.
     #[arg(long, value_name = "SPEC")]
     backbone: String,
     /// Cache directory to create or resume, e.g. cache/demo-dinov2.
@@ -66,7 +68,7 @@ pub struct ExtractArgs {
     worker_index: Option<usize>,
     /// A missing, corrupt or oversized image or an empty caption: stop with an error naming it
     /// (`fail`), or record the row as skipped in the manifest and go on (`skip`).
-    #[arg(long, value_enum, default_value = "fail")]
+    #[arg(long, default_value = "fail", value_parser = one_of(&OnError::ALL, OnError::name))]
     on_error: OnError,
     /// Images with more pixels than this are refused (checked from the header, before decoding).
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
@@ -91,7 +93,7 @@ pub fn run(args: ExtractArgs) -> Result<()> {
         "cuda" => candle_core::Device::new_cuda(0)?,
         other => bail!("unknown device {other:?}"),
     };
-    let selected = SelectedRows::read(&args.data, args.split)?;
+    let selected = SelectedRows::read(&args.data, args.part)?;
     let model = backbone::load(&args.backbone, &device)?;
     let options = ExtractOptions {
         out: args.out.clone(),

@@ -5,7 +5,10 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
-use multiclip::predict::{Model, predict, write_predictions, write_probabilities};
+use multiclip::model::Model;
+use multiclip::model::score::SCORE_BATCH_ROWS;
+use multiclip::predict::predict;
+use multiclip::submission::{write_predictions, write_probabilities};
 use std::path::PathBuf;
 
 /// Predict labels for every row of a cache.
@@ -26,14 +29,15 @@ pub struct PredictArgs {
     /// Allow samples without any label (default: each gets at least its most likely one).
     #[arg(long)]
     pub no_at_least_one: bool,
-    #[arg(long, default_value_t = 1024)]
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = SCORE_BATCH_ROWS)]
     pub batch_size: usize,
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
     let device = Device::Cpu;
     let reader = CacheReader::open(&args.cache)?;
-    let model = Model::load(&args.checkpoint, &reader, &device)?;
+    let model = Model::load(&args.checkpoint, &device)?;
     let predictions = predict(
         &model,
         &reader,
@@ -50,7 +54,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     println!(
         "{} rows labelled with {} -> {}",
         predictions.ids.len(),
-        model.meta.name,
+        model.card.name,
         args.out.display()
     );
     if let Some(path) = &args.probabilities {

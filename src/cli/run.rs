@@ -8,8 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, FromArgMatches, Parser};
 
-use multiclip::pipeline::{Pipeline, to_args};
-
+use super::pipeline::{Pipeline, to_args};
 use super::{dataset, evaluate, extract, predict, train};
 
 /// Order in which stages run; a pipeline names any subset.

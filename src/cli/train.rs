@@ -34,10 +34,11 @@ pub struct TrainArgs {
     /// (with `kind = "..."`).
     #[arg(long, conflicts_with = "head")]
     pub head_config: Option<String>,
-    /// Loss: bce, smoothing[:eps], focal[:alpha,gamma], margin[:s,m], angular[:s,m], zlpr,
-    /// asl[:gamma_neg,gamma_pos,clip]. The default, label smoothing, was the best loss averaged
-    /// over every head on real data (docs/results.md).
-    #[arg(long, default_value = "smoothing")]
+    /// Loss, with any parameters by name: bce, smoothing[:epsilon=E], focal[:alpha=A,gamma=G],
+    /// margin[:scale=S,margin=M], angular[:scale=S,margin=M], zlpr,
+    /// asl[:gamma_neg=G,gamma_pos=G,clip=C], e.g. `focal:gamma=3`. The default, label smoothing,
+    /// was the best loss averaged over every head on real data (docs/results.md).
+    #[arg(long, default_value_t = Loss::default())]
     pub loss: Loss,
     /// Peak learning rate.
     #[arg(long, default_value_t = TrainConfig::default().lr)]
@@ -55,10 +56,10 @@ pub struct TrainArgs {
     pub patience: usize,
     /// Validation number that picks the best epoch: micro-f1 (after threshold tuning), map
     /// or loss.
-    #[arg(long, default_value = "micro-f1")]
+    #[arg(long, default_value_t = TrainConfig::default().criterion)]
     pub metric: Criterion,
     /// Learning-rate schedule after the warm-up: constant or cosine.
-    #[arg(long, default_value = "cosine")]
+    #[arg(long, default_value_t = TrainConfig::default().schedule)]
     pub schedule: ScheduleKind,
     #[arg(long, default_value_t = TrainConfig::default().warmup_epochs)]
     pub warmup_epochs: f64,
@@ -66,7 +67,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().adamw.weight_decay)]
     pub weight_decay: f64,
     /// Maximum global gradient norm; 0 turns clipping off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = TrainConfig::default().clip_grad.unwrap_or(0.0))]
     pub clip_grad: f64,
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
@@ -161,10 +162,10 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
     print_metrics(
         &outcome.validation.metrics,
         &outcome.validation.per_label,
-        &report.meta.labels,
+        &report.meta.model.labels,
     );
     println!("checkpoint: {}", report.checkpoint.display());
-    let written = multiclip::report::write_for_checkpoint(&report.checkpoint, &Device::Cpu)?;
+    let written = multiclip::report::write(&report)?;
     print!("{}", multiclip::report::terminal_summary(&written.data));
     println!("report:     {}", written.html.display());
     println!("metrics:    {}", written.metrics_json.display());
@@ -185,7 +186,7 @@ mod tests {
         let file = dir.path().join("head.toml");
         std::fs::write(&file, "kind = \"router\"\ninputs = [\"image\", \"text\"]").unwrap();
         let from_file = parse_head_config(file.to_str().unwrap()).unwrap();
-        assert_eq!(from_file.kind(), "router");
+        assert_eq!(from_file.kind.name(), "router");
         assert!(parse_head_config("kind = \"nope\"").is_err());
     }
 }

@@ -25,7 +25,7 @@ pub use records::{CsvContents, Problem, Record};
 pub use split::Split;
 
 /// The two csv files of a dataset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Part {
     /// `train.csv`: labelled rows.

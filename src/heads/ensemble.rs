@@ -17,32 +17,22 @@ use super::layers::Mlp;
 use super::router::{Expert, Mixture, var_prefix};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct EnsembleConfig {
     /// Cache outputs (pooled `[D]` or token sequences `[T, D]`); empty = all of the cache's
     /// pooled outputs and token sequences.
-    #[serde(default)]
     pub inputs: Vec<String>,
     /// Hidden width of the fused MLP base and of the router (0 = linear).
-    #[serde(default = "default_hidden")]
     pub hidden: usize,
-    #[serde(default)]
     pub dropout: f32,
-    #[serde(default)]
-    pub cosine: bool,
-}
-
-fn default_hidden() -> usize {
-    768
 }
 
 impl Default for EnsembleConfig {
     fn default() -> Self {
         Self {
             inputs: Vec::new(),
-            hidden: default_hidden(),
+            hidden: 768,
             dropout: 0.0,
-            cosine: false,
         }
     }
 }
@@ -60,7 +50,12 @@ fn all_features(ctx: &HeadContext) -> Vec<String> {
 }
 
 /// The `ensemble` head: the bases, mixed by the router.
-pub fn build(cfg: &EnsembleConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Mixture> {
+pub fn build(
+    cfg: &EnsembleConfig,
+    cosine: bool,
+    ctx: &HeadContext,
+    vb: VarBuilder,
+) -> anyhow::Result<Mixture> {
     let names = if cfg.inputs.is_empty() {
         all_features(ctx)
     } else {
@@ -75,7 +70,7 @@ pub fn build(cfg: &EnsembleConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow:
         experts.push(Expert {
             var_prefix: var_prefix(&evb),
             features: vec![i],
-            mlp: Mlp::new(f.dim, 0, k, 0.0, cfg.cosine, ctx.seed, evb)?,
+            mlp: Mlp::new(f.dim, 0, k, 0.0, cosine, ctx.seed, evb)?,
             name,
         });
     }
@@ -85,15 +80,7 @@ pub fn build(cfg: &EnsembleConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow:
         name: "fused".into(),
         var_prefix: var_prefix(&fvb),
         features: (0..features.len()).collect(),
-        mlp: Mlp::new(
-            fused_dim,
-            cfg.hidden,
-            k,
-            cfg.dropout,
-            cfg.cosine,
-            ctx.seed,
-            fvb,
-        )?,
+        mlp: Mlp::new(fused_dim, cfg.hidden, k, cfg.dropout, cosine, ctx.seed, fvb)?,
     });
     Ok(Mixture::new(
         features,

@@ -25,55 +25,30 @@ use super::mlp::inputs_or_pooled;
 use super::{Head, HeadContext, Inputs, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct GatConfig {
     /// Sample features (concatenated); empty = every pooled output of the cache.
-    #[serde(default)]
     pub inputs: Vec<String>,
     /// Width of the projected sample feature and of the label vectors.
-    #[serde(default = "default_hidden")]
     pub hidden: usize,
     /// Attention heads per GAT layer (must divide `hidden`).
-    #[serde(default = "default_heads")]
     pub heads: usize,
-    #[serde(default = "default_layers")]
     pub layers: usize,
     /// Edge i -> j when P(j | i) >= threshold.
-    #[serde(default = "default_threshold")]
     pub threshold: f32,
     /// ML-GCN re-weighting: the share of a node's weight given to its neighbours.
-    #[serde(default = "default_p")]
     pub p: f32,
-    #[serde(default)]
-    pub cosine: bool,
-}
-
-fn default_hidden() -> usize {
-    512
-}
-fn default_heads() -> usize {
-    4
-}
-fn default_layers() -> usize {
-    2
-}
-fn default_threshold() -> f32 {
-    0.4
-}
-fn default_p() -> f32 {
-    0.2
 }
 
 impl Default for GatConfig {
     fn default() -> Self {
         Self {
             inputs: Vec::new(),
-            hidden: default_hidden(),
-            heads: default_heads(),
-            layers: default_layers(),
-            threshold: default_threshold(),
-            p: default_p(),
-            cosine: false,
+            hidden: 512,
+            heads: 4,
+            layers: 2,
+            threshold: 0.4,
+            p: 0.2,
         }
     }
 }
@@ -222,7 +197,12 @@ fn log_adjacency(adj: &Tensor) -> Result<Tensor> {
 }
 
 impl GatHead {
-    pub fn new(cfg: &GatConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &GatConfig,
+        cosine: bool,
+        ctx: &HeadContext,
+        vb: VarBuilder,
+    ) -> anyhow::Result<Self> {
         let k = ctx.num_labels;
         if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) {
             bail!(
@@ -255,7 +235,7 @@ impl GatHead {
         let layers = (0..cfg.layers)
             .map(|l| GatLayer::new(cfg.hidden, cfg.heads, vb.pp("layers").pp(l)))
             .collect::<Result<Vec<_>>>()?;
-        let label_bias = if cfg.cosine {
+        let label_bias = if cosine {
             None
         } else {
             Some(vb.get_with_hints(k, "label_bias", candle_nn::init::ZERO)?)

@@ -32,53 +32,28 @@ use super::layers::{Dropout, LayerNorm, Linear, add_bias, l2_normalize_smooth};
 use super::{Head, HeadContext, Inputs, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MlDecoderConfig {
     /// Token sequence `[T, D]` (or a pooled `[D]` vector, used as one token).
-    #[serde(default = "default_input")]
     pub input: String,
     /// Mask output `[T]` (1 = real token); default `<stem>_mask` for `<stem>_tokens` when the
     /// cache has it, else every token is real.
-    #[serde(default)]
     pub mask: Option<String>,
-    #[serde(default = "default_d_model")]
     pub d_model: usize,
-    #[serde(default = "default_heads")]
     pub heads: usize,
-    #[serde(default = "default_ffn")]
     pub ffn: usize,
-    #[serde(default = "default_dropout")]
     pub dropout: f32,
-    #[serde(default)]
-    pub cosine: bool,
-}
-
-fn default_input() -> String {
-    "multimodal_tokens".into()
-}
-fn default_d_model() -> usize {
-    768
-}
-fn default_heads() -> usize {
-    8
-}
-fn default_ffn() -> usize {
-    2048
-}
-fn default_dropout() -> f32 {
-    0.1
 }
 
 impl Default for MlDecoderConfig {
     fn default() -> Self {
         Self {
-            input: default_input(),
+            input: "multimodal_tokens".into(),
             mask: None,
-            d_model: default_d_model(),
-            heads: default_heads(),
-            ffn: default_ffn(),
-            dropout: default_dropout(),
-            cosine: false,
+            d_model: 768,
+            heads: 8,
+            ffn: 2048,
+            dropout: 0.1,
         }
     }
 }
@@ -121,7 +96,12 @@ struct Memory {
 }
 
 impl MlDecoderHead {
-    pub fn new(cfg: &MlDecoderConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &MlDecoderConfig,
+        cosine: bool,
+        ctx: &HeadContext,
+        vb: VarBuilder,
+    ) -> anyhow::Result<Self> {
         let (d, k) = (cfg.d_model, ctx.num_labels);
         if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
             bail!(
@@ -169,7 +149,7 @@ impl MlDecoderHead {
         let group = vb.pp("group_fc");
         let group_weight =
             group.get_with_hints((k, d), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
-        let group_bias = if cfg.cosine {
+        let group_bias = if cosine {
             None
         } else {
             Some(group.get_with_hints(k, "bias", candle_nn::init::ZERO)?)
@@ -451,7 +431,12 @@ mod tests {
             ..Default::default()
         };
         let map = VarMap::new();
-        MlDecoderHead::new(&cfg, &context(), seeded_var_builder(&map, 11, &Device::Cpu))
+        MlDecoderHead::new(
+            &cfg,
+            false,
+            &context(),
+            seeded_var_builder(&map, 11, &Device::Cpu),
+        )
     }
 
     /// Lengths 3, 1, 7, 0 (no real token) and 2, padded on the right; `pad` fills the padding.
@@ -569,7 +554,12 @@ mod tests {
             ..Default::default()
         };
         let map = VarMap::new();
-        let head = MlDecoderHead::new(&cfg, &context(), seeded_var_builder(&map, 1, &Device::Cpu))?;
+        let head = MlDecoderHead::new(
+            &cfg,
+            false,
+            &context(),
+            seeded_var_builder(&map, 1, &Device::Cpu),
+        )?;
         assert!(head.query_key.is_none());
         assert_eq!(head.inputs(), ["image"]);
         let image = Tensor::randn(0f32, 1.0, (B, DIM), &Device::Cpu)?;

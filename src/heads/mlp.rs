@@ -12,32 +12,22 @@ use super::layers::Mlp;
 use super::{Head, HeadContext, Inputs};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MlpConfig {
     /// Cache outputs to concatenate (token sequences are mean-pooled over real tokens);
     /// empty = every pooled output of the cache.
-    #[serde(default)]
     pub inputs: Vec<String>,
     /// Hidden width; 0 makes a linear probe.
-    #[serde(default = "default_hidden")]
     pub hidden: usize,
-    #[serde(default)]
     pub dropout: f32,
-    #[serde(default)]
-    pub cosine: bool,
-}
-
-fn default_hidden() -> usize {
-    768
 }
 
 impl Default for MlpConfig {
     fn default() -> Self {
         Self {
             inputs: Vec::new(),
-            hidden: default_hidden(),
+            hidden: 768,
             dropout: 0.0,
-            cosine: false,
         }
     }
 }
@@ -57,7 +47,12 @@ pub struct MlpHead {
 }
 
 impl MlpHead {
-    pub fn new(cfg: &MlpConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &MlpConfig,
+        cosine: bool,
+        ctx: &HeadContext,
+        vb: VarBuilder,
+    ) -> anyhow::Result<Self> {
         let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
         let in_dim = features.iter().map(|f| f.dim).sum();
         let mlp = Mlp::new(
@@ -65,7 +60,7 @@ impl MlpHead {
             cfg.hidden,
             ctx.num_labels,
             cfg.dropout,
-            cfg.cosine,
+            cosine,
             ctx.seed,
             vb,
         )?;

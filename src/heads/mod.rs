@@ -10,10 +10,9 @@
 //! Variables: [`build`] takes a `VarBuilder`; for training make it with
 //! [`init::seeded_var_builder`] over a `VarMap` (seeded, reproducible initial weights). Every
 //! variable in that map is trainable. Fixed buffers (ML-Decoder queries, GAT adjacency) are NOT
-//! in the map: they live under a `buffers.` path segment ([`is_buffer`]), the head returns them
-//! from [`Head::buffers`], and [`checkpoint_tensors`] gives map + buffers for saving. Building
-//! from a checkpoint's `VarBuilder` (e.g. `VarBuilder::from_mmaped_safetensors`) reads both
-//! back.
+//! in the map: they live under a `buffers.` path segment ([`is_buffer`]) and the head returns them
+//! from [`Head::buffers`]; a checkpoint saves map + buffers (`train::checkpoint`). Building from a
+//! checkpoint's `VarBuilder` (e.g. `VarBuilder::from_mmaped_safetensors`) reads both back.
 
 pub mod ensemble;
 pub mod features;
@@ -31,7 +30,7 @@ use std::str::FromStr;
 
 use anyhow::Context;
 use candle_core::{Result, Shape, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 pub use ensemble::EnsembleConfig;
@@ -58,10 +57,23 @@ pub struct HeadContext {
     pub seed: u64,
 }
 
-/// Head configuration, tagged by `kind` in JSON/TOML; see each kind's config for its fields.
+/// Head configuration: the kind with its own fields, and what every kind shares. In JSON/TOML one
+/// flat table tagged by `kind` (`{"kind": "mlp", "hidden": 0, "cosine": false}`); see each kind's
+/// config for its fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadConfig {
+    #[serde(flatten)]
+    pub kind: HeadKind,
+    /// L2-normalised features and class weights: the head outputs cosines in [-1, 1] (for the
+    /// angular-margin loss) instead of logits.
+    #[serde(default)]
+    pub cosine: bool,
+}
+
+/// A head kind and its own fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum HeadConfig {
+pub enum HeadKind {
     Mlp(MlpConfig),
     Router(RouterConfig),
     Ensemble(EnsembleConfig),
@@ -69,9 +81,9 @@ pub enum HeadConfig {
     MlDecoder(MlDecoderConfig),
 }
 
-impl HeadConfig {
-    /// The kind, as written in configs and checkpoint names (`mlp`, `ml_decoder`, ...).
-    pub fn kind(&self) -> &'static str {
+impl HeadKind {
+    /// The kind's name, as written in configs and checkpoint names (`mlp`, `ml_decoder`, ...).
+    pub fn name(&self) -> &'static str {
         match self {
             Self::Mlp(_) => "mlp",
             Self::Router(_) => "router",
@@ -80,50 +92,48 @@ impl HeadConfig {
             Self::MlDecoder(_) => "ml_decoder",
         }
     }
-
-    /// Whether the head outputs cosines (for the angular-margin loss) instead of logits.
-    pub fn cosine(&self) -> bool {
-        match self {
-            Self::Mlp(c) => c.cosine,
-            Self::Router(c) => c.cosine,
-            Self::Ensemble(c) => c.cosine,
-            Self::Gat(c) => c.cosine,
-            Self::MlDecoder(c) => c.cosine,
-        }
-    }
 }
 
-/// Parses the CLI form `KIND[:KEY=VALUE,...]`, e.g. `mlp`, `mlp:hidden=0`,
-/// `router:inputs=image+text,hidden=512`, `ml_decoder:input=multimodal_tokens,d_model=512`.
+/// Parses the CLI form `KIND[:KEY=VALUE,...]` (the grammar of [`crate::spec`]), e.g. `mlp`,
+/// `mlp:hidden=0`, `router:inputs=image+text,hidden=512`, `ml_decoder:input=multimodal_tokens`.
 /// List values (`inputs`) are joined with `+`; unknown keys are errors.
 impl FromStr for HeadConfig {
     type Err = anyhow::Error;
 
-    fn from_str(spec: &str) -> anyhow::Result<Self> {
-        let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    fn from_str(text: &str) -> anyhow::Result<Self> {
+        let spec = crate::spec::Spec::parse(text).context("bad head spec")?;
         let mut map = serde_json::Map::new();
-        map.insert("kind".into(), kind.trim().into());
-        for pair in rest.split(',').filter(|p| !p.trim().is_empty()) {
-            let (key, value) = pair
-                .split_once('=')
-                .with_context(|| format!("head option `{pair}` in `{spec}` is not KEY=VALUE"))?;
-            let (key, value) = (key.trim(), value.trim());
-            let value = if key == "inputs" {
-                serde_json::Value::from(value.split('+').map(str::trim).collect::<Vec<_>>())
-            } else if let Ok(b) = value.parse::<bool>() {
-                b.into()
-            } else if let Ok(n) = value.parse::<u64>() {
-                n.into()
-            } else if let Ok(x) = value.parse::<f64>() {
-                x.into()
-            } else {
-                value.into()
+        map.insert("kind".into(), spec.name.clone().into());
+        for (key, items) in spec.options.iter() {
+            let value = match items {
+                _ if LIST_FIELDS.contains(&key) => serde_json::Value::from(items.to_vec()),
+                [one] => scalar(one),
+                _ => anyhow::bail!(
+                    "head option `{key}` takes one value, got the list `{}`",
+                    items.join("+")
+                ),
             };
             map.insert(key.to_string(), value);
         }
         serde_json::from_value(map.into()).with_context(|| {
-            format!("bad head `{spec}` (kinds: mlp, router, ensemble, gat, ml_decoder)")
+            format!("bad head `{text}` (kinds: mlp, router, ensemble, gat, ml_decoder)")
         })
+    }
+}
+
+/// Head fields that hold lists (written `a+b` in a spec).
+const LIST_FIELDS: [&str; 1] = ["inputs"];
+
+/// A spec value as the JSON scalar it reads as: a bool, an integer, a float, else a string.
+fn scalar(value: &str) -> serde_json::Value {
+    if let Ok(b) = value.parse::<bool>() {
+        b.into()
+    } else if let Ok(n) = value.parse::<u64>() {
+        n.into()
+    } else if let Ok(x) = value.parse::<f64>() {
+        x.into()
+    } else {
+        value.into()
     }
 }
 
@@ -234,80 +244,19 @@ pub fn batch_size(x: &Inputs) -> Result<usize> {
     }
 }
 
-/// What [`loss_and_grads`] returns for a batch.
-pub struct BatchGrads {
-    /// Mean loss over the batch.
-    pub loss: f32,
-    /// Gradients of the mean loss for the variables asked for.
-    pub grads: candle_core::backprop::GradStore,
-    /// The forward pass's outputs `[B, K]`, detached.
-    pub outputs: Tensor,
-}
-
-/// Mean loss, its gradients and the outputs for a batch of any size, computed over micro-batches
-/// of `rows` samples whose gradients are summed (weighted by their share of the batch): the same
-/// numbers as one pass over the whole batch for a loss that is a mean over samples, with memory
-/// bounded by `rows` and no extra cost per sample for large batches ([`MICRO_BATCH_ROWS`] is a
-/// good `rows`). `forward` is e.g. `|x| head.forward(x, true)` or a part's forward; `loss(outputs,
-/// targets)` returns the mean loss of a micro-batch; `targets` are split like `x`; `vars` are
-/// the variables to differentiate (e.g. `varmap.all_vars()`). Dropout draws continue from the
-/// head's streams in micro-batch order.
-pub fn loss_and_grads(
-    forward: &dyn Fn(&Inputs) -> Result<Tensor>,
-    x: &Inputs,
-    targets: &Tensor,
-    rows: usize,
-    vars: &[candle_core::Var],
-    loss: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<BatchGrads> {
-    let total = batch_size(x)?;
-    if targets.dim(0)? != total {
-        candle_core::bail!("{} target rows for a batch of {total}", targets.dim(0)?);
-    }
-    let mut grads = candle_core::backprop::GradStore::default();
-    let mut mean_loss = 0f32;
-    let mut outputs = Vec::new();
-    let mut start = 0;
-    for chunk in micro_batches(x, rows)? {
-        let len = batch_size(&chunk)?;
-        let share = len as f64 / total as f64;
-        let output = forward(&chunk)?;
-        let chunk_loss = (loss(&output, &targets.narrow(0, start, len)?)? * share)?;
-        mean_loss += chunk_loss
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?;
-        let chunk_grads = chunk_loss.backward()?;
-        for var in vars {
-            if let Some(g) = chunk_grads.get(var.as_tensor()) {
-                let g = match grads.get(var.as_tensor()) {
-                    Some(acc) => (acc + g)?,
-                    None => g.clone(),
-                };
-                grads.insert(var.as_tensor(), g);
-            }
-        }
-        outputs.push(output.detach());
-        start += len;
-    }
-    Ok(BatchGrads {
-        loss: mean_loss,
-        grads,
-        outputs: Tensor::cat(&outputs, 0)?,
-    })
-}
-
 /// Build the head described by `cfg`. Checks that every input it needs is in
 /// `ctx.input_shapes` (the error names the missing output and lists the available ones).
 pub fn build(cfg: &HeadConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Box<dyn Head>> {
     if ctx.num_labels == 0 {
         anyhow::bail!("a head needs at least one label");
     }
-    let head: Box<dyn Head> = match cfg {
-        HeadConfig::Mlp(c) => Box::new(mlp::MlpHead::new(c, ctx, vb)?),
-        HeadConfig::Router(c) => Box::new(router::build(c, ctx, vb)?),
-        HeadConfig::Ensemble(c) => Box::new(ensemble::build(c, ctx, vb)?),
-        HeadConfig::Gat(c) => Box::new(gat::GatHead::new(c, ctx, vb)?),
-        HeadConfig::MlDecoder(c) => Box::new(ml_decoder::MlDecoderHead::new(c, ctx, vb)?),
+    let cosine = cfg.cosine;
+    let head: Box<dyn Head> = match &cfg.kind {
+        HeadKind::Mlp(c) => Box::new(mlp::MlpHead::new(c, cosine, ctx, vb)?),
+        HeadKind::Router(c) => Box::new(router::build(c, cosine, ctx, vb)?),
+        HeadKind::Ensemble(c) => Box::new(ensemble::build(c, cosine, ctx, vb)?),
+        HeadKind::Gat(c) => Box::new(gat::GatHead::new(c, cosine, ctx, vb)?),
+        HeadKind::MlDecoder(c) => Box::new(ml_decoder::MlDecoderHead::new(c, cosine, ctx, vb)?),
     };
     Ok(head)
 }
@@ -318,35 +267,6 @@ pub const BUFFER_SCOPE: &str = "buffers";
 /// Whether a checkpoint tensor name is a fixed buffer (not a trainable variable).
 pub fn is_buffer(name: &str) -> bool {
     name.split('.').any(|segment| segment == BUFFER_SCOPE)
-}
-
-/// Whether AdamW should leave this variable undecayed: biases and layer-norm parameters.
-pub fn exempt_from_weight_decay(name: &str) -> bool {
-    name.ends_with(".bias")
-        || name == "bias"
-        || name.split('.').any(|segment| segment.starts_with("norm"))
-}
-
-/// Everything a checkpoint of `head` holds: the trainable variables of `varmap` and the head's
-/// buffers, by full name (save with `candle_core::safetensors::save`).
-pub fn checkpoint_tensors(
-    varmap: &VarMap,
-    head: &dyn Head,
-) -> anyhow::Result<HashMap<String, Tensor>> {
-    let vars = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
-    let mut tensors: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
-        .collect();
-    for (name, tensor) in head.buffers() {
-        if tensors.insert(name.clone(), tensor).is_some() {
-            anyhow::bail!("buffer `{name}` clashes with a trainable variable");
-        }
-    }
-    Ok(tensors)
 }
 
 /// A fixed buffer called `name` under `vb`'s `buffers` scope: read from `vb` when it holds it
@@ -375,4 +295,51 @@ fn buffer(
         tensor
     };
     Ok((full_name, tensor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_keep_the_flat_json_of_earlier_sidecars() {
+        // As multiclip wrote them when every kind's config held its own `cosine`.
+        for json in [
+            r#"{"kind":"mlp","inputs":["image","text"],"hidden":768,"dropout":0.0,"cosine":false}"#,
+            r#"{"kind":"gat","inputs":[],"hidden":512,"heads":4,"layers":2,"threshold":0.4,"p":0.2,"cosine":true}"#,
+        ] {
+            let config: HeadConfig = serde_json::from_str(json).unwrap();
+            let written: serde_json::Value =
+                serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+            assert_eq!(
+                written,
+                serde_json::from_str::<serde_json::Value>(json).unwrap()
+            );
+        }
+        let gat: HeadConfig = serde_json::from_str(r#"{"kind":"gat","cosine":true}"#).unwrap();
+        assert!(gat.cosine && gat.kind.name() == "gat");
+        let typo = serde_json::from_str::<HeadConfig>(r#"{"kind":"mlp","cosin":true}"#);
+        assert!(typo.unwrap_err().to_string().contains("cosin"));
+    }
+
+    #[test]
+    fn a_kind_without_options_takes_its_defaults() {
+        let kinds = [
+            HeadKind::Mlp(MlpConfig::default()),
+            HeadKind::Router(RouterConfig::default()),
+            HeadKind::Ensemble(EnsembleConfig::default()),
+            HeadKind::Gat(GatConfig::default()),
+            HeadKind::MlDecoder(MlDecoderConfig::default()),
+        ];
+        for kind in kinds {
+            let parsed: HeadConfig = kind.name().parse().unwrap();
+            assert_eq!(
+                parsed,
+                HeadConfig {
+                    kind,
+                    cosine: false
+                }
+            );
+        }
+    }
 }

@@ -18,39 +18,24 @@ use super::mlp::inputs_or_pooled;
 use super::{Head, HeadContext, HeadPart, Inputs};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RouterConfig {
     /// One expert per listed cache output; empty = every pooled output of the cache.
-    #[serde(default)]
     pub inputs: Vec<String>,
     /// Hidden width of each expert MLP (0 = linear experts).
-    #[serde(default = "default_hidden")]
     pub hidden: usize,
     /// Hidden width of the router MLP (0 = linear router).
-    #[serde(default = "default_router_hidden")]
     pub router_hidden: usize,
-    #[serde(default)]
     pub dropout: f32,
-    #[serde(default)]
-    pub cosine: bool,
-}
-
-fn default_hidden() -> usize {
-    768
-}
-
-fn default_router_hidden() -> usize {
-    256
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
         Self {
             inputs: Vec::new(),
-            hidden: default_hidden(),
-            router_hidden: default_router_hidden(),
+            hidden: 768,
+            router_hidden: 256,
             dropout: 0.0,
-            cosine: false,
         }
     }
 }
@@ -166,7 +151,12 @@ impl Head for Mixture {
 }
 
 /// The `router` head: one MLP expert per input, mixed by the router.
-pub fn build(cfg: &RouterConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Result<Mixture> {
+pub fn build(
+    cfg: &RouterConfig,
+    cosine: bool,
+    ctx: &HeadContext,
+    vb: VarBuilder,
+) -> anyhow::Result<Mixture> {
     let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
     let experts = features
         .iter()
@@ -182,7 +172,7 @@ pub fn build(cfg: &RouterConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::R
                     cfg.hidden,
                     ctx.num_labels,
                     cfg.dropout,
-                    cfg.cosine,
+                    cosine,
                     ctx.seed,
                     evb,
                 )?,

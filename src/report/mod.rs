@@ -1,25 +1,22 @@
 //! The run report of a checkpoint: `NAME.report.html` (charts a person reads in a browser) and
 //! `NAME.metrics.json` (the same numbers for scripts), written beside the checkpoint.
 //!
-//! Everything comes from the checkpoint's sidecar (history, thresholds, labels) plus one scoring
-//! pass over the validation rows (per-label table, precision-recall curve) and the training labels
-//! of the split (co-occurrence).
+//! Everything comes from what the training run already computed: the checkpoint's sidecar
+//! (history, thresholds, labels), the validation pass of the saved weights (per-label table,
+//! precision-recall curve) and the label co-occurrence of the training rows.
 
 mod html;
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use candle_core::Device;
+use anyhow::Result;
 use serde::Serialize;
 
-use crate::data::{Dataset, LabelVocab, Part, Split};
-use crate::heads::LabelCooccurrence;
+use crate::files::write_atomic;
 use crate::metrics::{self, LabelMetrics, Metrics};
-use crate::predict::{EvalPart, EvaluateRequest, Evaluation, evaluate};
-use crate::train::checkpoint::resolve;
+use crate::model::checkpoint::resolve;
 use crate::train::history::EpochRecord;
+use crate::train::run::TrainReport;
 
 pub use html::{render_html, terminal_summary};
 
@@ -69,44 +66,35 @@ struct NamedLabelMetrics<'a> {
     metrics: &'a LabelMetrics,
 }
 
-/// Scores `checkpoint` on its validation rows and writes `NAME.report.html` and
-/// `NAME.metrics.json` beside it.
-pub fn write_for_checkpoint(checkpoint: &Path, device: &Device) -> Result<WrittenReport> {
-    let evaluation = evaluate(&EvaluateRequest {
-        checkpoint: checkpoint.to_path_buf(),
-        cache: None,
-        data: None,
-        split: None,
-        part: EvalPart::Val,
-        batch_size: 4096,
-        at_least_one: true,
-        device: device.clone(),
-    })?;
-    let data = report_data(&evaluation)?;
-    let (weights, _) = resolve(checkpoint);
+/// Writes `NAME.report.html` and `NAME.metrics.json` beside the checkpoint of a training run.
+pub fn write(run: &TrainReport) -> Result<WrittenReport> {
+    let data = report_data(run);
+    let (weights, _) = resolve(&run.checkpoint);
     let html = weights.with_extension("report.html");
-    std::fs::write(&html, render_html(&data)?)
-        .with_context(|| format!("writing {}", html.display()))?;
-    let meta = &evaluation.meta;
+    write_atomic(&html, render_html(&data)?.as_bytes())?;
+    let meta = &run.meta;
+    let validation = &run.outcome.validation;
     let file = MetricsFile {
-        checkpoint: &meta.name,
+        checkpoint: &meta.model.name,
         part: "val",
-        rows: evaluation.rows,
-        loss: evaluation.loss,
-        metrics: &evaluation.metrics,
-        per_label: evaluation
+        rows: validation.rows,
+        loss: validation.loss,
+        metrics: &validation.metrics,
+        per_label: validation
             .per_label
             .iter()
             .map(|m| NamedLabelMetrics {
-                name: meta.labels.get(m.label).map_or("?", String::as_str),
+                name: meta.model.labels.get(m.label).map_or("?", String::as_str),
                 metrics: m,
             })
             .collect(),
         history: &meta.history,
     };
     let metrics_json = weights.with_extension("metrics.json");
-    std::fs::write(&metrics_json, serde_json::to_string_pretty(&file)? + "\n")
-        .with_context(|| format!("writing {}", metrics_json.display()))?;
+    write_atomic(
+        &metrics_json,
+        (serde_json::to_string_pretty(&file)? + "\n").as_bytes(),
+    )?;
     Ok(WrittenReport {
         html,
         metrics_json,
@@ -114,34 +102,37 @@ pub fn write_for_checkpoint(checkpoint: &Path, device: &Device) -> Result<Writte
     })
 }
 
-/// The report of one evaluation on the validation rows.
-fn report_data(evaluation: &Evaluation) -> Result<ReportData> {
-    let meta = &evaluation.meta;
-    let m = &evaluation.metrics;
+/// The report of a training run, on its validation rows.
+fn report_data(run: &TrainReport) -> ReportData {
+    let meta = &run.meta;
+    let model = &meta.model;
+    let validation = &run.outcome.validation;
+    let m = &validation.metrics;
     let facts = vec![
-        ("checkpoint".to_string(), meta.name.clone()),
-        ("backbone".to_string(), meta.cache.backbone.id.clone()),
-        ("cache".to_string(), evaluation.cache.display().to_string()),
-        ("head".to_string(), meta.head.kind().to_string()),
-        ("loss".to_string(), meta.loss.to_string()),
+        ("checkpoint".to_string(), model.name.clone()),
+        ("backbone".to_string(), model.inputs.backbone.id.clone()),
+        ("cache".to_string(), meta.cache_dir.display().to_string()),
+        ("head".to_string(), model.head.kind.name().to_string()),
+        ("loss".to_string(), model.loss.to_string()),
         (
             "split".to_string(),
             format!(
                 "{} ({} validation rows scored)",
                 meta.split.path.display(),
-                evaluation.rows
+                validation.rows
             ),
         ),
         (
             "training".to_string(),
             format!(
                 "lr {}, batch {}, seed {}, best epoch {}",
-                meta.training.lr, meta.training.batch_size, meta.seed, meta.best_epoch
+                meta.training.lr, meta.training.batch_size, model.seed, meta.best_epoch
             ),
         ),
     ];
-    Ok(ReportData {
-        title: format!("multiclip run report: {}", meta.name),
+    let truth: Vec<bool> = validation.truth.iter().map(|&t| t > 0.5).collect();
+    ReportData {
+        title: format!("multiclip run report: {}", model.name),
         facts,
         metrics: vec![
             ("micro-F1".into(), m.averages.micro.f1),
@@ -150,33 +141,9 @@ fn report_data(evaluation: &Evaluation) -> Result<ReportData> {
             ("mAP".into(), m.map),
         ],
         history: meta.history.clone(),
-        label_names: meta.labels.clone(),
-        per_label: evaluation.per_label.clone(),
-        pr_curve: metrics::micro_precision_recall_curve(
-            &evaluation.probabilities,
-            &evaluation.truth,
-        ),
-        cooccurrence: training_cooccurrence(&meta.data_dir, &meta.split.path, &meta.labels)?,
-    })
-}
-
-/// P(label j | label i) over the training ids of the split.
-fn training_cooccurrence(data: &Path, split: &Path, labels: &[String]) -> Result<Vec<Vec<f64>>> {
-    let vocab = LabelVocab::from_ordered(labels.to_vec())?;
-    let split = Split::load(split)?;
-    let train: HashSet<&str> = split.train.iter().map(String::as_str).collect();
-    let records = Dataset::open(data)?.records(Part::Train)?;
-    let sets: Vec<Vec<usize>> = records
-        .iter()
-        .filter(|r| train.contains(r.id.as_str()))
-        .map(|r| {
-            r.labels
-                .iter()
-                .flatten()
-                .filter_map(|l| vocab.index(l))
-                .collect()
-        })
-        .collect();
-    let counts = LabelCooccurrence::from_label_sets(sets.iter().map(Vec::as_slice), vocab.len())?;
-    Ok(counts.conditional())
+        label_names: model.labels.clone(),
+        per_label: validation.per_label.clone(),
+        pr_curve: metrics::micro_precision_recall_curve(&validation.probabilities, &truth),
+        cooccurrence: run.label_cooccurrence.conditional(),
+    }
 }

@@ -1,147 +1,29 @@
-//! Checkpoints: the head's weights (fixed buffers included) as safetensors plus a JSON sidecar
-//! saying what they are: head configuration, loss, label vocabulary, tuned thresholds, which cache
-//! (backbone, weights hash, outputs) and split they were trained on, seed, hyper-parameters,
+//! Writing checkpoints: the head's weights (fixed buffers included) as safetensors plus a JSON
+//! sidecar saying what they are: the model card (head configuration, loss, label vocabulary, tuned
+//! thresholds, the inputs' backbone and outputs, seed; see [`crate::model`], which reads them
+//! back) and the record of the run: cache, data and split it was trained on, hyper-parameters,
 //! metrics and the per-epoch history.
 //!
-//! A checkpoint `NAME` is the pair `NAME.safetensors` + `NAME.json` in one folder. Names follow the
+//! A checkpoint `NAME` is the pair `NAME.safetensors` + `NAME.json` in one folder
+//! ([`crate::model::checkpoint`]). Names follow the
 //! original project: `{head}_{backbone}_{loss}_v{N}_lr{lr}_bs{batch}_seed{seed}_{criterion}`;
 //! saving never overwrites: the version is bumped to the first free one, and an explicit name that
 //! exists is refused.
 
 use super::TrainConfig;
 use super::history::EpochRecord;
-use crate::backbone::BackboneInfo;
-use crate::cache::CacheReader;
-use crate::heads::HeadConfig;
-use crate::loss::Loss;
+use crate::heads::Head;
 use crate::metrics::Metrics;
+use crate::model::ModelCard;
+use crate::model::checkpoint::{checkpoint_files, read_sidecar, read_tensors};
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// Version of the sidecar layout, bumped on incompatible changes.
-pub const FORMAT_VERSION: u32 = 1;
-
-/// One cache output as the head saw it: name, per-row shape and stored dtype.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutputSignature {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub dtype: String,
-}
-
-/// Which features a checkpoint was trained on: enough to refuse a cache from another backbone.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CacheIdentity {
-    /// The backbone as the cache manifest records it (id, weight hashes, preprocessing, template).
-    pub backbone: BackboneInfo,
-    /// The cache outputs the head consumes.
-    pub outputs: Vec<OutputSignature>,
-}
-
-impl CacheIdentity {
-    /// The identity of `reader`'s cache restricted to the outputs called `inputs`.
-    pub fn of_cache(reader: &CacheReader, inputs: &[String]) -> Result<Self> {
-        let outputs = inputs
-            .iter()
-            .map(|name| {
-                let output = reader.output_spec(name)?;
-                Ok(OutputSignature {
-                    name: output.name.clone(),
-                    shape: output.shape.clone(),
-                    dtype: format!("{:?}", output.dtype).to_lowercase(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            backbone: reader.manifest().header.backbone.clone(),
-            outputs,
-        })
-    }
-
-    /// Fails with a message naming both sides when `reader`'s cache was made by another backbone,
-    /// with other weights or preprocessing, or lacks one of this checkpoint's outputs with the
-    /// same shape and dtype.
-    pub fn ensure_compatible(&self, reader: &CacheReader) -> Result<()> {
-        let cache_dir = reader.dir();
-        let theirs = &reader.manifest().header.backbone;
-        let ours = &self.backbone;
-        if theirs.id != ours.id {
-            bail!(
-                "cache {} was extracted with backbone `{}`, but the checkpoint was trained on \
-                 backbone `{}`: extract the data with the checkpoint's backbone",
-                cache_dir.display(),
-                theirs.id,
-                ours.id
-            );
-        }
-        if theirs.weights_sha256 != ours.weights_sha256 {
-            bail!(
-                "cache {} was extracted with backbone `{}` weights {}, but the checkpoint was \
-                 trained on weights {}: extract the data with the checkpoint's weights",
-                cache_dir.display(),
-                theirs.id,
-                weight_hashes(theirs),
-                weight_hashes(ours)
-            );
-        }
-        if theirs.preprocessing != ours.preprocessing || theirs.text_template != ours.text_template
-        {
-            bail!(
-                "cache {} was extracted by `{}` with other preprocessing or text template than \
-                 the checkpoint's cache (cache: {} / {:?}; checkpoint: {} / {:?})",
-                cache_dir.display(),
-                theirs.id,
-                theirs.preprocessing,
-                theirs.text_template,
-                ours.preprocessing,
-                ours.text_template
-            );
-        }
-        for want in &self.outputs {
-            let Ok(output) = reader.output_spec(&want.name) else {
-                bail!(
-                    "cache {} has no output `{}` (it has: {}), which the checkpoint's head consumes",
-                    cache_dir.display(),
-                    want.name,
-                    reader
-                        .outputs()
-                        .iter()
-                        .map(|o| o.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            };
-            if output.shape != want.shape {
-                bail!(
-                    "cache {} output `{}` has per-row shape {:?}, but the checkpoint was trained \
-                     on {:?}",
-                    cache_dir.display(),
-                    want.name,
-                    output.shape,
-                    want.shape
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
-fn weight_hashes(info: &BackboneInfo) -> String {
-    info.weights_sha256
-        .iter()
-        .map(|(file, hash)| format!("{file}:{}", short_hash(hash)))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn short_hash(hash: &str) -> &str {
-    &hash[..hash.len().min(12)]
-}
 
 /// The split file the run used, with its content hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,24 +32,16 @@ pub struct SplitRef {
     pub sha256: String,
 }
 
-/// The sidecar `NAME.json`.
+/// The sidecar `NAME.json`: the model card and the record of the run that trained it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointMeta {
-    pub format_version: u32,
-    /// The checkpoint's name (file stem).
-    pub name: String,
-    pub head: HeadConfig,
-    pub loss: Loss,
-    /// Label names in vocabulary order (logit k is label k).
-    pub labels: Vec<String>,
-    /// Per-label decision thresholds on probabilities, tuned on validation.
-    pub thresholds: Vec<f32>,
-    pub cache: CacheIdentity,
+    /// Head, loss, labels, thresholds, inputs, seed: what using the model needs.
+    #[serde(flatten)]
+    pub model: ModelCard,
     /// The cache and dataset folders of the run (defaults for `evaluate`).
     pub cache_dir: PathBuf,
     pub data_dir: PathBuf,
     pub split: SplitRef,
-    pub seed: u64,
     /// Every training setting (learning rate, batch size, schedule ...).
     pub training: TrainConfig,
     /// Validation metrics of the saved weights at the tuned thresholds.
@@ -235,25 +109,6 @@ pub fn backbone_short_name(id: &str) -> String {
     }
 }
 
-/// The two files of checkpoint `name` in `dir`.
-pub fn checkpoint_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    (
-        dir.join(format!("{name}.safetensors")),
-        dir.join(format!("{name}.json")),
-    )
-}
-
-/// Accepts `NAME`, `NAME.json` or `NAME.safetensors` and returns the (weights, sidecar) paths.
-pub fn resolve(path: &Path) -> (PathBuf, PathBuf) {
-    let stem = match path.extension().and_then(|e| e.to_str()) {
-        Some("json" | "safetensors") => path.with_extension(""),
-        _ => path.to_path_buf(),
-    };
-    let name = stem.file_name().map(|n| n.to_string_lossy().into_owned());
-    let dir = stem.parent().unwrap_or(Path::new(""));
-    checkpoint_files(dir, &name.unwrap_or_default())
-}
-
 /// A saved checkpoint: the sidecar and the tensors.
 pub struct Checkpoint {
     pub meta: CheckpointMeta,
@@ -292,7 +147,7 @@ impl Checkpoint {
             }
         };
         let (weights_path, sidecar_path) = checkpoint_files(dir, &name);
-        self.meta.name = name;
+        self.meta.model.name = name;
         let written = (|| -> Result<()> {
             let tmp = weights_path.with_extension("safetensors.tmp");
             candle_core::safetensors::save(&self.tensors, &tmp)
@@ -314,35 +169,35 @@ impl Checkpoint {
 
     /// Loads `path` (`NAME`, `NAME.json` or `NAME.safetensors`) onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let meta = Self::load_meta(path)?;
-        let (weights_path, _) = resolve(path);
-        let tensors = candle_core::safetensors::load(&weights_path, device)
-            .with_context(|| format!("reading checkpoint weights {}", weights_path.display()))?;
-        Ok(Self { meta, tensors })
+        Ok(Self {
+            meta: Self::load_meta(path)?,
+            tensors: read_tensors(path, device)?,
+        })
     }
 
     /// Reads only the sidecar.
     pub fn load_meta(path: &Path) -> Result<CheckpointMeta> {
-        let (_, sidecar_path) = resolve(path);
-        let text = fs::read_to_string(&sidecar_path).with_context(|| {
-            format!(
-                "reading checkpoint sidecar {} (give --checkpoint as NAME, NAME.json or \
-                 NAME.safetensors)",
-                sidecar_path.display()
-            )
-        })?;
-        let meta: CheckpointMeta = serde_json::from_str(&text)
-            .with_context(|| format!("parsing checkpoint sidecar {}", sidecar_path.display()))?;
-        if meta.format_version != FORMAT_VERSION {
-            bail!(
-                "checkpoint {} has sidecar format {}, this multiclip reads format {}",
-                sidecar_path.display(),
-                meta.format_version,
-                FORMAT_VERSION
-            );
-        }
-        Ok(meta)
+        read_sidecar(path)
     }
+}
+
+/// Everything a checkpoint of `head` holds: the trainable variables of `varmap` and the head's
+/// buffers, by full name (save with `candle_core::safetensors::save`).
+pub fn checkpoint_tensors(varmap: &VarMap, head: &dyn Head) -> Result<HashMap<String, Tensor>> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map lock poisoned"))?;
+    let mut tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    for (name, tensor) in head.buffers() {
+        if tensors.insert(name.clone(), tensor).is_some() {
+            bail!("buffer `{name}` clashes with a trainable variable");
+        }
+    }
+    Ok(tensors)
 }
 
 /// Creates `dir/name.json` if neither it nor `dir/name.safetensors` exists.
@@ -365,9 +220,14 @@ fn create_exclusive(dir: &Path, name: &str) -> Result<Option<fs::File>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backbone::BackboneInfo;
+    use crate::cache::StoredDtype;
+    use crate::loss::Loss;
+    use crate::model::checkpoint::FORMAT_VERSION;
+    use crate::model::{InputSignature, OutputSignature};
 
-    fn identity() -> CacheIdentity {
-        CacheIdentity {
+    fn identity() -> InputSignature {
+        InputSignature {
             backbone: BackboneInfo {
                 id: "dinov2:models/dinov2-small".into(),
                 weights_sha256: vec![("model.safetensors".into(), "abc123".into())],
@@ -377,7 +237,7 @@ mod tests {
             outputs: vec![OutputSignature {
                 name: "image".into(),
                 shape: vec![384],
-                dtype: "f16".into(),
+                dtype: StoredDtype::F16,
             }],
         }
     }
@@ -389,20 +249,22 @@ mod tests {
         )]);
         Checkpoint {
             meta: CheckpointMeta {
-                format_version: FORMAT_VERSION,
-                name: String::new(),
-                head: "mlp".parse().unwrap(),
-                loss: Loss::Bce,
-                labels: vec!["1".into(), "2".into()],
-                thresholds: vec![0.4, 0.6],
-                cache: identity(),
+                model: ModelCard {
+                    format_version: FORMAT_VERSION,
+                    name: String::new(),
+                    head: "mlp".parse().unwrap(),
+                    loss: Loss::Bce,
+                    labels: vec!["1".into(), "2".into()],
+                    thresholds: vec![0.4, 0.6],
+                    inputs: identity(),
+                    seed: 3407,
+                },
                 cache_dir: "cache/demo".into(),
                 data_dir: "data/demo".into(),
                 split: SplitRef {
                     path: "split.json".into(),
                     sha256: "00".into(),
                 },
-                seed: 3407,
                 training: TrainConfig::default(),
                 metrics: Metrics::compute(&[0.9f32, 0.1], &[1f32, 0.0], &[0.5, 0.5], true),
                 val_loss: 0.1,
@@ -453,14 +315,27 @@ mod tests {
         assert!(second.ends_with("mlp_dinov2_bce_v2_lr0.001_bs256_seed3407_f1.json"));
         let loaded = Checkpoint::load(&second.with_extension("safetensors"), &Device::Cpu).unwrap();
         assert_eq!(
-            loaded.meta.name,
+            loaded.meta.model.name,
             "mlp_dinov2_bce_v2_lr0.001_bs256_seed3407_f1"
         );
-        assert_eq!(loaded.meta.thresholds, vec![0.4, 0.6]);
+        assert_eq!(loaded.meta.model.thresholds, vec![0.4, 0.6]);
         assert_eq!(
             loaded.tensors["fc.weight"].to_vec2::<f32>().unwrap(),
             vec![vec![1.0, 2.0], vec![3.0, 4.0]]
         );
+    }
+
+    #[test]
+    fn sidecars_written_before_the_inputs_were_renamed_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = checkpoint().save(dir.path(), None, &parts()).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"inputs\": {"), "{text}");
+        fs::write(&path, text.replace("\"inputs\": {", "\"cache\": {")).unwrap();
+        let old = Checkpoint::load_meta(&path).unwrap();
+        assert_eq!(old.model.inputs, identity());
+        let card: ModelCard = read_sidecar(&path).unwrap();
+        assert_eq!(card, old.model);
     }
 
     #[test]

@@ -10,30 +10,29 @@
 
 pub mod checkpoint;
 pub mod early_stop;
+pub mod grads;
 pub mod history;
-pub mod inference;
 pub mod multistage;
 pub mod optim;
 pub mod run;
 pub mod schedule;
-pub mod targets;
 
 use crate::cache::{BatchOrder, CacheReader};
-use crate::heads::{self, Head, Inputs};
+use crate::heads::{Head, Inputs};
+use crate::labelled::Targets;
 use crate::loss::Loss;
 use crate::metrics::{self, LabelMetrics, Metrics, TuneObjective};
+use crate::model::score::{SCORE_BATCH_ROWS, batch_inputs, score_rows};
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use early_stop::{Criterion, EarlyStopping, Snapshot, Verdict};
 use history::EpochRecord;
 use indicatif::{ProgressBar, ProgressStyle};
-use inference::{batch_inputs, score_rows};
 use optim::{AdamW, AdamWConfig};
 use schedule::{LrSchedule, ScheduleKind};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
-use targets::Targets;
 
 /// Every setting of a training run. Defaults suit small heads on frozen features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,7 +68,7 @@ impl Default for TrainConfig {
         Self {
             lr: 3e-3,
             batch_size: 256,
-            eval_batch_size: 1024,
+            eval_batch_size: SCORE_BATCH_ROWS,
             epochs: 100,
             patience: 10,
             criterion: Criterion::MicroF1,
@@ -112,10 +111,13 @@ impl TrainData<'_> {
 }
 
 /// Validation of one pass over the validation rows, thresholds tuned on them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Validation {
     pub rows: usize,
     pub loss: f64,
+    /// `[rows, labels]` row-major probabilities and multi-hot truth of the validation rows.
+    pub probabilities: Vec<f32>,
+    pub truth: Vec<f32>,
     /// Per-label thresholds tuned for micro-F1 on these rows.
     pub thresholds: Vec<f32>,
     /// Metrics at those thresholds, with the at-least-one-label rule.
@@ -151,23 +153,6 @@ pub struct TrainOutcome {
     pub stopped_early: bool,
     /// Validation of the kept weights (thresholds tuned on validation).
     pub validation: Validation,
-}
-
-/// The cache rows of `ids` (e.g. one side of a split); `what` names them in the error about an
-/// id the cache lacks.
-pub fn rows_for_ids(reader: &CacheReader, ids: &[String], what: &str) -> Result<Vec<usize>> {
-    ids.iter()
-        .map(|id| {
-            reader.index_of(id).with_context(|| {
-                format!(
-                    "{what} id `{id}` is not in cache {} ({} rows): was the cache extracted from \
-                     another dataset or split?",
-                    reader.dir().display(),
-                    reader.len()
-                )
-            })
-        })
-        .collect()
 }
 
 /// The trainable variables of `varmap`, sorted by name.
@@ -207,7 +192,7 @@ pub fn fit(
         (config.warmup_epochs * steps_per_epoch as f64).round() as usize,
         config.epochs * steps_per_epoch,
     );
-    let mut optimizer = AdamW::new(vars.clone(), config.adamw, heads::exempt_from_weight_decay)?;
+    let mut optimizer = AdamW::new(vars.clone(), config.adamw, optim::exempt_from_weight_decay)?;
     let mut stopper = EarlyStopping::new(config.criterion, config.patience);
     let mut step = 0;
     let mut stopped_early = false;
@@ -348,7 +333,7 @@ fn run_epoch(
         let y = data.targets.gather(&batch_rows, &data.device)?;
         // Micro-batches: the same gradients as one pass over the batch, with activation memory
         // bounded whatever the batch size.
-        let computed = heads::loss_and_grads(
+        let computed = grads::loss_and_grads(
             forward,
             &batch_inputs(batch),
             &y,
@@ -411,8 +396,8 @@ pub fn validate(
     )?;
     let truth = data.targets.rows(&data.val_rows);
     Ok(measure(
-        &scores.probabilities,
-        &truth,
+        scores.probabilities,
+        truth,
         data.targets.num_labels(),
         scores.loss.unwrap_or(f64::NAN),
     ))
@@ -420,14 +405,21 @@ pub fn validate(
 
 /// Validation metrics of probabilities against multi-hot truth, with per-label thresholds tuned
 /// for micro-F1 on them and the at-least-one-label rule applied.
-pub fn measure(probabilities: &[f32], truth: &[f32], num_labels: usize, loss: f64) -> Validation {
+pub fn measure(
+    probabilities: Vec<f32>,
+    truth: Vec<f32>,
+    num_labels: usize,
+    loss: f64,
+) -> Validation {
     let thresholds =
-        metrics::tune_thresholds(probabilities, truth, num_labels, TuneObjective::default());
+        metrics::tune_thresholds(&probabilities, &truth, num_labels, TuneObjective::default());
     Validation {
         rows: probabilities.len() / num_labels.max(1),
         loss,
-        metrics: Metrics::compute(probabilities, truth, &thresholds, true),
-        per_label: metrics::per_label_table(probabilities, truth, &thresholds, true),
+        metrics: Metrics::compute(&probabilities, &truth, &thresholds, true),
+        per_label: metrics::per_label_table(&probabilities, &truth, &thresholds, true),
         thresholds,
+        probabilities,
+        truth,
     }
 }

@@ -4,11 +4,11 @@
 //! measured on the epoch's training outputs with thresholds tuned on them.
 
 use super::history::EpochRecord;
-use super::optim::AdamW;
+use super::optim::{AdamW, exempt_from_weight_decay};
 use super::schedule::{LrSchedule, ScheduleKind};
 use super::{EpochPass, TrainConfig, TrainData, run_epoch};
 use crate::cache::BatchOrder;
-use crate::heads::{self, Head, Inputs};
+use crate::heads::{Head, Inputs};
 use crate::loss::Loss;
 use anyhow::{Result, bail};
 use candle_core::Var;
@@ -43,7 +43,7 @@ pub fn warm_up_parts(
                 part.var_prefix
             );
         }
-        let mut optimizer = AdamW::new(part_vars, config.adamw, heads::exempt_from_weight_decay)?;
+        let mut optimizer = AdamW::new(part_vars, config.adamw, exempt_from_weight_decay)?;
         let schedule = LrSchedule::new(ScheduleKind::Constant, config.lr, 0, 1);
         let stage = format!("warmup:{}", part.name);
         let forward = |x: &Inputs| head.part_forward(&part.name, x, true);
@@ -78,8 +78,8 @@ pub fn warm_up_parts(
             // part separates the labels, whatever the calibration of its probabilities (a focal
             // or margin loss keeps them far from 0.5 early on).
             let f1 = super::measure(
-                &trained.probabilities,
-                &truth,
+                trained.probabilities,
+                truth,
                 data.targets.num_labels(),
                 trained.mean_loss,
             )

@@ -57,6 +57,13 @@ pub struct StepStats {
     pub clip_scale: f64,
 }
 
+/// Whether AdamW should leave this variable undecayed: biases and layer-norm parameters.
+pub fn exempt_from_weight_decay(name: &str) -> bool {
+    name.ends_with(".bias")
+        || name == "bias"
+        || name.split('.').any(|segment| segment.starts_with("norm"))
+}
+
 /// AdamW over named trainable variables (fixed buffers must not be passed in).
 pub struct AdamW {
     params: Vec<Param>,
@@ -66,7 +73,7 @@ pub struct AdamW {
 
 impl AdamW {
     /// `vars` are (name, variable) pairs; those for which `exempt_from_decay(name)` holds (biases,
-    /// norms: see `heads::exempt_from_weight_decay`) form the group without weight decay.
+    /// norms: see [`exempt_from_weight_decay`]) form the group without weight decay.
     pub fn new(
         vars: Vec<(String, Var)>,
         config: AdamWConfig,

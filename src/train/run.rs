@@ -2,19 +2,19 @@
 //! split file, a head and a loss -> a checkpoint. The `train` command and pipelines call this.
 
 use super::checkpoint::{
-    CacheIdentity, Checkpoint, CheckpointMeta, FORMAT_VERSION, NameParts, SplitRef,
-    backbone_short_name,
+    Checkpoint, CheckpointMeta, NameParts, SplitRef, backbone_short_name, checkpoint_tensors,
 };
-use super::targets::Targets;
-use super::{TrainConfig, TrainData, TrainOutcome, fit, rows_for_ids};
+use super::{TrainConfig, TrainData, TrainOutcome, fit};
 use crate::cache::CacheReader;
+use crate::data::Record;
 use crate::data::labels::{LABELS_FILE, LabelVocab};
 use crate::data::split::Split;
-use crate::data::{Dataset, Part, Record};
 use crate::files::sha256_file;
-use crate::heads::{self, HeadConfig, LabelCooccurrence};
+use crate::heads::{self, HeadConfig, HeadContext, LabelCooccurrence};
+use crate::labelled::{Targets, labelled_records, rows_for_ids};
 use crate::loss::Loss;
-use crate::predict::head_context;
+use crate::model::checkpoint::FORMAT_VERSION;
+use crate::model::{InputSignature, ModelCard};
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use candle_nn::VarMap;
@@ -45,33 +45,27 @@ pub struct TrainReport {
     pub checkpoint: PathBuf,
     pub meta: CheckpointMeta,
     pub outcome: TrainOutcome,
+    /// Label co-occurrence counts of the training rows (the `gat` graph, and the report's map).
+    pub label_cooccurrence: LabelCooccurrence,
 }
 
-/// The labelled rows of `data`'s `train.csv`, checked against the csv the cache was built from.
-pub fn labelled_records(data: &Path, reader: &CacheReader) -> Result<Vec<Record>> {
-    let dataset = Dataset::open(data)?;
-    let csv = dataset.csv_path(Part::Train);
-    let recorded = reader
-        .manifest()
-        .header
-        .dataset
-        .parts
-        .iter()
-        .find(|p| p.split == Part::Train.name());
-    if let Some(part) = recorded {
-        let actual = sha256_file(&csv)?;
-        if actual != part.sha256 {
-            bail!(
-                "{} differs from the train.csv cache {} was extracted from (sha256 {} vs {}): \
-                 pass the dataset folder the cache was made from with --data",
-                csv.display(),
-                reader.dir().display(),
-                &actual[..12],
-                &part.sha256[..part.sha256.len().min(12)]
-            );
-        }
+/// The context a head is trained in over `reader`'s cache: every output's per-row shape.
+pub fn head_context(
+    reader: &CacheReader,
+    num_labels: usize,
+    label_cooccurrence: Option<LabelCooccurrence>,
+    seed: u64,
+) -> HeadContext {
+    HeadContext {
+        num_labels,
+        input_shapes: reader
+            .outputs()
+            .iter()
+            .map(|o| (o.name.clone(), o.shape.clone()))
+            .collect(),
+        label_cooccurrence,
+        seed,
     }
-    dataset.records(Part::Train)
 }
 
 /// The label vocabulary written beside the split file (`labels.json`, by `multiclip dataset
@@ -88,15 +82,16 @@ pub fn split_vocabulary(split: &Path, records: &[Record]) -> Result<LabelVocab> 
 /// The head configuration adapted to the loss: the angular loss needs a head that outputs
 /// cosines; every other loss needs free logits.
 pub fn head_for_loss(head: &HeadConfig, loss: &Loss) -> Result<HeadConfig> {
-    match (loss.needs_cosine_logits(), head.cosine()) {
+    match (loss.needs_cosine_logits(), head.cosine) {
         (true, false) => {
-            let mut value = serde_json::to_value(head)?;
-            value["cosine"] = true.into();
             tracing::info!(
                 "loss `{}` trains on cosines: head set to cosine=true",
                 loss.kind()
             );
-            Ok(serde_json::from_value(value)?)
+            Ok(HeadConfig {
+                cosine: true,
+                ..head.clone()
+            })
         }
         (false, true) => bail!(
             "the head outputs cosines (cosine=true), which only the `angular` loss trains on; \
@@ -125,14 +120,19 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     let head_config = head_for_loss(&request.head, &request.loss)?;
     let config = &request.config;
     let positives = cooccurrence.label_counts();
-    let ctx = head_context(&reader, vocab.len(), Some(cooccurrence), config.seed);
+    let ctx = head_context(
+        &reader,
+        vocab.len(),
+        Some(cooccurrence.clone()),
+        config.seed,
+    );
     let varmap = VarMap::new();
     let vb = heads::init::seeded_var_builder(&varmap, config.seed, &request.device);
     let head = heads::build(&head_config, &ctx, vb)?;
     heads::init::logit_biases_from_prior(head.as_ref(), &varmap, &positives, train_rows.len())?;
     tracing::info!(
         "training {} on {} ({} training / {} validation rows, {} labels) with loss {}",
-        head_config.kind(),
+        head_config.kind.name(),
         reader.dir().display(),
         train_rows.len(),
         val_rows.len(),
@@ -150,20 +150,22 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
 
     let validation = &outcome.validation;
     let meta = CheckpointMeta {
-        format_version: FORMAT_VERSION,
-        name: String::new(),
-        head: head_config.clone(),
-        loss: request.loss,
-        labels: vocab.names().to_vec(),
-        thresholds: validation.thresholds.clone(),
-        cache: CacheIdentity::of_cache(&reader, &head.inputs())?,
+        model: ModelCard {
+            format_version: FORMAT_VERSION,
+            name: String::new(),
+            head: head_config.clone(),
+            loss: request.loss,
+            labels: vocab.names().to_vec(),
+            thresholds: validation.thresholds.clone(),
+            inputs: InputSignature::of_cache(&reader, &head.inputs())?,
+            seed: config.seed,
+        },
         cache_dir: request.cache.clone(),
         data_dir: request.data.clone(),
         split: SplitRef {
             path: request.split.clone(),
             sha256: sha256_file(&request.split)?,
         },
-        seed: config.seed,
         training: config.clone(),
         metrics: validation.metrics.clone(),
         val_loss: validation.loss,
@@ -172,9 +174,9 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
         written_by: format!("multiclip {}", env!("CARGO_PKG_VERSION")),
     };
     let backbone = backbone_short_name(&reader.manifest().header.backbone.id);
-    let loss_name = request.loss.to_string();
+    let loss_name = request.loss.short_name();
     let parts = NameParts {
-        head: head_config.kind(),
+        head: head_config.kind.name(),
         backbone: &backbone,
         loss: &loss_name,
         lr: config.lr,
@@ -184,13 +186,14 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     };
     let mut checkpoint = Checkpoint {
         meta,
-        tensors: heads::checkpoint_tensors(&varmap, head.as_ref())?,
+        tensors: checkpoint_tensors(&varmap, head.as_ref())?,
     };
     let path = checkpoint.save(&request.out_dir, request.name.as_deref(), &parts)?;
     Ok(TrainReport {
         checkpoint: path,
         meta: checkpoint.meta,
         outcome,
+        label_cooccurrence: cooccurrence,
     })
 }
 
@@ -202,8 +205,8 @@ mod tests {
     fn the_angular_loss_turns_the_head_to_cosines_and_others_refuse_them() {
         let mlp: HeadConfig = "mlp".parse().unwrap();
         let angular = Loss::ANGULAR;
-        assert!(head_for_loss(&mlp, &angular).unwrap().cosine());
-        assert!(!head_for_loss(&mlp, &Loss::Bce).unwrap().cosine());
+        assert!(head_for_loss(&mlp, &angular).unwrap().cosine);
+        assert!(!head_for_loss(&mlp, &Loss::Bce).unwrap().cosine);
         let cosine: HeadConfig = "mlp:cosine=true".parse().unwrap();
         let err = head_for_loss(&cosine, &Loss::Bce).unwrap_err().to_string();
         assert!(err.contains("angular"), "{err}");

@@ -114,9 +114,9 @@ impl Synthetic {
             },
             outputs: self.outputs(),
             dataset: DatasetFingerprint {
-                split: "train".into(),
+                selection: "train".into(),
                 parts: vec![CsvPart {
-                    split: "train".into(),
+                    part: "train".into(),
                     file: "train.csv".into(),
                     sha256,
                     rows: self.rows,

@@ -1,22 +1,32 @@
-//! Running a head over cache rows without training: probabilities for validation, evaluation
-//! and prediction, in bounded batches streamed from the cache.
+//! Scoring without training: the probabilities of a head on a batch, and the thin loop that
+//! scores cache rows in bounded batches streamed from the cache (validation, evaluation,
+//! prediction).
 
-use super::targets::Targets;
 use crate::cache::{Batch, BatchOrder, CacheReader};
 use crate::heads::{Head, Inputs};
+use crate::labelled::Targets;
 use crate::loss::Loss;
 use anyhow::{Context, Result};
-use candle_core::{D, Device};
+use candle_core::{Device, Tensor};
+
+/// Rows per forward pass when scoring without gradients (validation, evaluation, prediction): the
+/// head runs them in its own micro-batches, so this bounds only the gathered inputs.
+pub const SCORE_BATCH_ROWS: usize = 1024;
 
 /// A cache batch as a head's inputs.
 pub fn batch_inputs(batch: Batch) -> Inputs {
     batch.tensors.into_iter().collect()
 }
 
+/// Probabilities `[B, K]` of `head`, trained with `loss`, on a batch of inputs.
+pub fn probabilities(head: &dyn Head, loss: &Loss, x: &Inputs) -> Result<Tensor> {
+    let output = head.predict(x).context("head forward pass")?;
+    Ok(loss.probabilities(&output)?)
+}
+
 /// The head's outputs on a set of rows.
 #[derive(Debug, Clone)]
 pub struct Scores {
-    pub num_labels: usize,
     /// `[rows, num_labels]` row-major sigmoid probabilities, rows in the order requested.
     pub probabilities: Vec<f32>,
     /// Mean loss over the rows, when targets were given.
@@ -38,7 +48,6 @@ pub fn score_rows(
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut probabilities = Vec::new();
     let mut loss_sum = 0f64;
-    let mut num_labels = 0;
     for batch in reader.batches(rows, batch_size, BatchOrder::Sequential, &names, device)? {
         let batch = batch?;
         let batch_rows = batch.rows.clone();
@@ -50,12 +59,10 @@ pub fn score_rows(
             let batch_loss = loss.compute(&output, &y)?.to_scalar::<f32>()?;
             loss_sum += batch_loss as f64 * batch_rows.len() as f64;
         }
-        let probs = candle_nn::ops::sigmoid(&loss.inference_logits(&output)?)?;
-        num_labels = probs.dim(D::Minus1)?;
+        let probs = loss.probabilities(&output)?;
         probabilities.extend(probs.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(Scores {
-        num_labels,
         probabilities,
         loss: targets.map(|_| loss_sum / rows.len().max(1) as f64),
     })

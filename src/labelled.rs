@@ -1,11 +1,60 @@
-//! Multi-hot training targets for the rows of a cache: the labels come from the dataset csv, the
-//! features from the cache, joined by image id.
+//! Labelled cache rows, for training and evaluation: the labelled records of a dataset's
+//! `train.csv` (checked against the csv the cache was extracted from), the cache rows of a list of
+//! ids, and the multi-hot targets of cache rows (labels from the csv, features from the cache,
+//! joined by image id).
 
-use crate::data::Record;
+use crate::cache::CacheReader;
+use crate::files::sha256_file;
 use crate::data::labels::LabelVocab;
-use anyhow::{Result, bail};
+use crate::data::{Dataset, Part, Record};
+use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
+use std::path::Path;
+
+/// The labelled rows of `data`'s `train.csv`, checked against the csv the cache was built from.
+pub fn labelled_records(data: &Path, reader: &CacheReader) -> Result<Vec<Record>> {
+    let dataset = Dataset::open(data)?;
+    let csv = dataset.csv_path(Part::Train);
+    let recorded = reader
+        .manifest()
+        .header
+        .dataset
+        .parts
+        .iter()
+        .find(|p| p.part == Part::Train.name());
+    if let Some(part) = recorded {
+        let actual = sha256_file(&csv)?;
+        if actual != part.sha256 {
+            bail!(
+                "{} differs from the train.csv cache {} was extracted from (sha256 {} vs {}): \
+                 pass the dataset folder the cache was made from with --data",
+                csv.display(),
+                reader.dir().display(),
+                &actual[..12],
+                &part.sha256[..part.sha256.len().min(12)]
+            );
+        }
+    }
+    dataset.records(Part::Train)
+}
+
+/// The cache rows of `ids` (e.g. one side of a split); `what` names them in the error about an
+/// id the cache lacks.
+pub fn rows_for_ids(reader: &CacheReader, ids: &[String], what: &str) -> Result<Vec<usize>> {
+    ids.iter()
+        .map(|id| {
+            reader.index_of(id).with_context(|| {
+                format!(
+                    "{what} id `{id}` is not in cache {} ({} rows): was the cache extracted from \
+                     another dataset or split?",
+                    reader.dir().display(),
+                    reader.len()
+                )
+            })
+        })
+        .collect()
+}
 
 /// One multi-hot vector of `num_labels` per cache row; rows without labels (test rows) are
 /// marked and refused when a batch asks for them.
@@ -81,15 +130,6 @@ impl Targets {
 
     pub fn num_labels(&self) -> usize {
         self.num_labels
-    }
-
-    /// Number of cache rows covered.
-    pub fn len(&self) -> usize {
-        self.labelled.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labelled.is_empty()
     }
 
     /// Fails naming the first row of `rows` that has no labels.

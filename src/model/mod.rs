@@ -1,0 +1,108 @@
+//! A trained model on its own: a head with the loss it was trained with, its label vocabulary,
+//! tuned thresholds and the signature of the inputs it reads, loaded from a checkpoint alone (no
+//! cache needed). It scores any [`Inputs`]: a cache batch today, live backbone outputs tomorrow;
+//! whether a given cache can feed it is a separate check ([`Model::ensure_compatible`]).
+//!
+//! Modules: [`checkpoint`] (the checkpoint's files and reading them), [`signature`] (what the
+//! model reads, and the cache check), [`score`] (scoring cache rows in batches).
+
+pub mod checkpoint;
+pub mod score;
+pub mod signature;
+
+use crate::cache::CacheReader;
+use crate::heads::{self, Head, HeadConfig, Inputs};
+use crate::labelled::Targets;
+use crate::loss::Loss;
+use crate::metrics;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub use score::Scores;
+pub use signature::{InputSignature, OutputSignature};
+
+/// What a checkpoint's sidecar says about its model: everything needed to rebuild and use the
+/// head. The training record (`train::checkpoint::CheckpointMeta`) holds it flattened, so these
+/// are top-level fields of `NAME.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub format_version: u32,
+    /// The checkpoint's name (file stem).
+    pub name: String,
+    pub head: HeadConfig,
+    pub loss: Loss,
+    /// Label names in vocabulary order (logit k is label k).
+    pub labels: Vec<String>,
+    /// Per-label decision thresholds on probabilities, tuned on validation.
+    pub thresholds: Vec<f32>,
+    /// The features the head reads (written as `cache` before multiclip 0.1 tidied its names).
+    #[serde(alias = "cache")]
+    pub inputs: InputSignature,
+    /// Seed of the run (dropout streams; fixed buffers are read from the weights).
+    pub seed: u64,
+}
+
+/// A checkpoint's head, rebuilt from the checkpoint alone.
+pub struct Model {
+    pub card: ModelCard,
+    pub head: Box<dyn Head>,
+}
+
+impl Model {
+    /// Loads the checkpoint at `path` (`NAME`, `NAME.json` or `NAME.safetensors`) onto `device`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let card: ModelCard = checkpoint::read_sidecar(path)?;
+        let tensors = checkpoint::read_tensors(path, device)?;
+        let ctx = card.inputs.head_context(card.labels.len(), card.seed);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let head = heads::build(&card.head, &ctx, vb)
+            .with_context(|| format!("rebuilding the head of checkpoint {}", card.name))?;
+        Ok(Self { card, head })
+    }
+
+    /// Fails naming both sides when `reader`'s cache cannot feed this model: another backbone,
+    /// other weights or preprocessing, or one of the model's inputs missing or with another
+    /// per-row shape or dtype.
+    pub fn ensure_compatible(&self, reader: &CacheReader) -> Result<()> {
+        self.card
+            .inputs
+            .ensure_compatible(reader)
+            .with_context(|| format!("checkpoint {}", self.card.name))
+    }
+
+    /// Probabilities `[B, K]` on a batch of inputs (any size: the head runs in micro-batches).
+    pub fn probabilities(&self, x: &Inputs) -> Result<Tensor> {
+        score::probabilities(self.head.as_ref(), &self.card.loss, x)
+    }
+
+    /// The labels chosen for `probabilities` (`[rows, K]` row-major) at the tuned thresholds;
+    /// with `at_least_one`, every row gets at least its label closest to its threshold.
+    pub fn decisions(&self, probabilities: &[f32], at_least_one: bool) -> Vec<bool> {
+        metrics::apply_thresholds_flat(probabilities, &self.card.thresholds, at_least_one)
+    }
+
+    /// Probabilities on `rows` of `reader`'s cache (with the mean loss when `targets` are given),
+    /// after checking that the cache can feed the model.
+    pub fn score_rows(
+        &self,
+        reader: &CacheReader,
+        rows: &[usize],
+        batch_size: usize,
+        device: &Device,
+        targets: Option<&Targets>,
+    ) -> Result<Scores> {
+        self.ensure_compatible(reader)?;
+        score::score_rows(
+            self.head.as_ref(),
+            &self.card.loss,
+            reader,
+            rows,
+            batch_size,
+            device,
+            targets,
+        )
+    }
+}
