@@ -2,9 +2,9 @@
 //! split's validation or training ids, or the ids of the dataset's `test_labels.csv`.
 
 use crate::cache::CacheReader;
-use crate::files::sha256_file;
 use crate::data::labels::LabelVocab;
 use crate::data::split::Split;
+use crate::files::sha256_file;
 use crate::labelled::{Targets, labelled_records, rows_for_ids};
 use crate::metrics::{self, LabelMetrics, Metrics};
 use crate::model::Model;

@@ -4,9 +4,9 @@
 //! joined by image id).
 
 use crate::cache::CacheReader;
-use crate::files::sha256_file;
 use crate::data::labels::LabelVocab;
 use crate::data::{Dataset, Part, Record};
+use crate::files::sha256_file;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

@@ -2,8 +2,8 @@
 //! (submissions, and a test set's ground truth `test_labels.csv`), and writing the probabilities
 //! file `ImageID,<label>,...`.
 
-use crate::files::write_atomic;
 use crate::data::Record;
+use crate::files::write_atomic;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
