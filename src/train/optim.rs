@@ -5,6 +5,7 @@
 //! CPU the whole update of one parameter (moments, bias correction, decay, step) is one fused pass
 //! over its memory, in place, without temporaries; other devices use tensor operations.
 
+use crate::tensor_ops::{self, CHUNK};
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
@@ -86,7 +87,7 @@ impl AdamW {
                 "trainable variable `{name}` has non-float dtype {:?}",
                 var.dtype()
             );
-            let moments = if var.device().is_cpu() && var.dtype() == DType::F32 {
+            let moments = if tensor_ops::is_cpu_f32(var.as_tensor()) {
                 let n = var.elem_count();
                 Moments::Host {
                     m: vec![0.0; n],
@@ -249,17 +250,8 @@ impl InplaceOp2 for FusedAdamW<'_> {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(theta), CpuStorage::F32(grad)) = (theta, grad) else {
-            candle_core::bail!("fused AdamW needs f32 parameters and gradients")
-        };
-        let (Some((t0, t1)), Some((g0, g1))) = (
-            theta_layout.contiguous_offsets(),
-            grad_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("fused AdamW needs contiguous parameters and gradients")
-        };
-        let theta = &mut theta[t0..t1];
-        let grad = &grad[g0..g1];
+        let theta = tensor_ops::contiguous_f32_mut(theta, theta_layout, "fused AdamW")?;
+        let grad = tensor_ops::contiguous_f32(grad, grad_layout, "fused AdamW")?;
         let mut moments = self.moments.borrow_mut();
         let (m, v) = &mut *moments;
         if theta.len() != grad.len() || theta.len() != m.len() {
@@ -278,7 +270,6 @@ impl InplaceOp2 for FusedAdamW<'_> {
         let step = (h.lr / h.bias1) as f32;
         let inv_sqrt_bias2 = (1.0 / h.bias2.sqrt()) as f32;
         let eps = h.eps as f32;
-        const CHUNK: usize = 16 * 1024;
         theta
             .par_chunks_mut(CHUNK)
             .zip(grad.par_chunks(CHUNK))
