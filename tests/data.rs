@@ -386,6 +386,69 @@ fn image_errors_name_the_file() {
     ));
 }
 
+/// Runs `f` on another thread and fails the test when it does not return within 20 s (a read
+/// that blocks forever, as opening a FIFO does, must fail the test rather than hang it).
+fn within_timeout<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || send.send(f()));
+    receive
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what} did not return within 20 s (blocked?)"))
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// Only regular files are images: a FIFO (opening it would block until a writer comes), a
+/// directory, a socket or a device is refused by its type before it is opened, also through a
+/// symlink.
+#[test]
+fn only_regular_files_are_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mkfifo(&d.join("fifo.png"));
+    std::fs::create_dir(d.join("folder.png")).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(d.join("socket.png")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", d.join("null.png")).unwrap();
+    std::os::unix::fs::symlink(d.join("fifo.png"), d.join("to-fifo.png")).unwrap();
+    for (name, kind) in [
+        ("fifo.png", "a FIFO"),
+        ("folder.png", "a directory"),
+        ("socket.png", "a socket"),
+        ("null.png", "a character device"),
+        ("to-fifo.png", "a FIFO"),
+    ] {
+        let path = d.join(name);
+        let err = within_timeout(name, {
+            let path = path.clone();
+            move || load_rgb(&path, DEFAULT_MAX_PIXELS).unwrap_err()
+        });
+        assert!(
+            matches!(err, ImageLoadError::NotAFile { .. }),
+            "{name}: {err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(name) && msg.contains(kind), "{name}: {msg}");
+        assert!(msg.contains("not a regular file"), "{name}: {msg}");
+        let err = within_timeout(name, move || {
+            image_dimensions(&path, DEFAULT_MAX_PIXELS).unwrap_err()
+        });
+        assert!(
+            matches!(err, ImageLoadError::NotAFile { .. }),
+            "{name}: {err}"
+        );
+    }
+    // A symlink to a regular image is an image.
+    save(d, "real.png", RgbImage::new(4, 3));
+    std::os::unix::fs::symlink(d.join("real.png"), d.join("link.png")).unwrap();
+    assert_eq!(
+        image_dimensions(&d.join("link.png"), DEFAULT_MAX_PIXELS).unwrap(),
+        (4, 3)
+    );
+}
+
 // ---- vocabulary and split ----
 
 /// Synthetic competition-like rows: 18 integer labels (1..19 without 12), label 1 in ~76% of
@@ -553,6 +616,28 @@ fn multiclip(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `multiclip(args)`, killed and failing the test when it does not end within 20 s.
+fn multiclip_within_timeout(args: &[&str]) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_multiclip"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("multiclip {args:?} did not end within 20 s (blocked?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn stdout_of(args: &[&str]) -> String {
     let out = multiclip(args);
     assert!(
@@ -643,6 +728,109 @@ fn cli_inspect_reports_rows_labels_problems_and_images() {
         "{text}"
     );
     assert!(text.contains("largest: 2.jpg (20000x30000)"), "{text}");
+}
+
+/// `dataset inspect` over a dataset with a FIFO among its images reports it and returns.
+#[test]
+fn cli_inspect_refuses_a_fifo_without_hanging() {
+    let ds = quirky_dataset();
+    let fifo = ds.path().join("data/fifo.png");
+    mkfifo(&fifo);
+    let test_csv = ds.path().join("test.csv");
+    let mut text = std::fs::read_to_string(&test_csv).unwrap();
+    text += "fifo.png,\"a named pipe\"\n";
+    std::fs::write(&test_csv, text).unwrap();
+    let out =
+        multiclip_within_timeout(&["dataset", "inspect", ds.path().to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let images = &report["images"];
+    assert_eq!(images["checked"], 17);
+    assert_eq!(images["unreadable"], 2);
+    let issue = images["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "fifo.png")
+        .unwrap();
+    assert!(
+        issue["error"].as_str().unwrap().contains("is a FIFO"),
+        "{issue}"
+    );
+}
+
+/// A small dataset of `n` PNGs `0.png`.. in train.csv (RFC-4180), for extract runs.
+fn png_dataset(n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let mut csv = String::from("ImageID,Labels,Caption\n");
+    for i in 0..n {
+        RgbImage::from_pixel(16, 12, Rgb([i as u8 * 20, 3, 4]))
+            .save(dir.path().join(format!("data/{i}.png")))
+            .unwrap();
+        csv += &format!("{i}.png,{},\"picture {i}\"\n", 1 + i % 2);
+    }
+    write(dir.path(), "train.csv", &csv);
+    dir
+}
+
+fn extract_args<'a>(data: &'a str, out: &'a str, on_error: &'a str) -> Vec<&'a str> {
+    vec![
+        "extract",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--backbone",
+        concat!(
+            "dinov2:",
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/dinov2-tiny"
+        ),
+        "--split",
+        "train",
+        "--threads",
+        "2",
+        "--on-error",
+        on_error,
+    ]
+}
+
+/// `extract` over a dataset whose `2.png` is a FIFO: `--on-error fail` stops naming the row,
+/// `--on-error skip` records it as skipped; neither blocks.
+#[test]
+fn extract_refuses_a_fifo_by_row_without_hanging() {
+    let ds = png_dataset(4);
+    let fifo = ds.path().join("data/2.png");
+    std::fs::remove_file(&fifo).unwrap();
+    mkfifo(&fifo);
+    let data = ds.path().to_str().unwrap();
+    let out = ds.path().join("cache");
+    let out = out.to_str().unwrap();
+    let failed = multiclip_within_timeout(&extract_args(data, out, "fail"));
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("row 2")
+            && stderr.contains("train.csv line 4")
+            && stderr.contains("is a FIFO"),
+        "{stderr}"
+    );
+    let skipped = multiclip_within_timeout(&extract_args(data, out, "skip"));
+    let stdout = String::from_utf8_lossy(&skipped.stdout);
+    assert!(
+        skipped.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&skipped.stderr)
+    );
+    assert!(
+        stdout.contains("row 2 (2.png): image") && stdout.contains("is a FIFO"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -7,10 +7,12 @@
 //!   crate's conversion; PIL's `I;16` to `L` truncates instead, `v >> 8`, at most 1 apart).
 //! - JPEG: grayscale, RGB and CMYK (converted to RGB by the decoder).
 //!
-//! The pixel count (`width * height`) is read from the file's header and compared with the limit
-//! before any pixel is decoded; the decoder's own memory limit is also set from it.
+//! Only regular files are images: the file type is checked (symlinks followed) before the file is
+//! opened, so a FIFO, a device, a socket or a directory is refused instead of blocking or being
+//! read. The pixel count (`width * height`) is read from the file's header and compared with the
+//! limit before any pixel is decoded; the decoder's own memory limit is also set from it.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +26,8 @@ pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 pub enum ImageLoadError {
     #[error("image {path} does not exist")]
     Missing { path: PathBuf },
+    #[error("image {path} is {kind}, not a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
     #[error("cannot read image {path}: {source}")]
     Unreadable {
         path: PathBuf,
@@ -49,6 +53,7 @@ impl ImageLoadError {
     pub fn path(&self) -> &Path {
         match self {
             ImageLoadError::Missing { path }
+            | ImageLoadError::NotAFile { path, .. }
             | ImageLoadError::Unreadable { path, .. }
             | ImageLoadError::Corrupt { path, .. }
             | ImageLoadError::TooLarge { path, .. } => path,
@@ -56,10 +61,12 @@ impl ImageLoadError {
     }
 }
 
-/// Opens `path` and reads its header: a decoder ready to decode, after checking that
-/// `width * height <= max_pixels`.
-fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<>, ImageLoadError> {
-    let file = File::open(path).map_err(|source| match source.kind() {
+/// Opens `path` for reading if it is a regular file (symlinks followed). The type is checked
+/// before opening, so that a FIFO or a device is never opened; the file is opened non-blocking
+/// and its type checked again, so one swapped in between cannot block either (reads of a regular
+/// file ignore the flag).
+fn open_regular_file(path: &Path) -> Result<File, ImageLoadError> {
+    let io_error = |source: std::io::Error| match source.kind() {
         std::io::ErrorKind::NotFound => ImageLoadError::Missing {
             path: path.to_path_buf(),
         },
@@ -67,7 +74,59 @@ fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<
             path: path.to_path_buf(),
             source,
         },
-    })?;
+    };
+    check_regular(path, &std::fs::metadata(path).map_err(io_error)?)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(io_error)?;
+    check_regular(path, &file.metadata().map_err(io_error)?)?;
+    Ok(file)
+}
+
+/// `NotAFile` unless `metadata` is that of a regular file.
+fn check_regular(path: &Path, metadata: &Metadata) -> Result<(), ImageLoadError> {
+    let file_type = metadata.file_type();
+    if file_type.is_file() {
+        return Ok(());
+    }
+    let kind = if file_type.is_dir() {
+        "a directory"
+    } else {
+        special_file_kind(&file_type)
+    };
+    Err(ImageLoadError::NotAFile {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+#[cfg(unix)]
+fn special_file_kind(file_type: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else {
+        "a special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_file_kind(_: &std::fs::FileType) -> &'static str {
+    "a special file"
+}
+
+/// Opens `path` and reads its header: a decoder ready to decode, after checking that
+/// `width * height <= max_pixels`.
+fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<>, ImageLoadError> {
+    let file = open_regular_file(path)?;
     let corrupt = |e: image::ImageError| ImageLoadError::Corrupt {
         path: path.to_path_buf(),
         message: e.to_string(),

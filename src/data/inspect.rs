@@ -90,7 +90,7 @@ pub struct ImageReport {
     pub checked: usize,
     pub ok: usize,
     pub missing: usize,
-    /// Corrupt, truncated, not an image, or unreadable.
+    /// Corrupt, truncated, not an image, not a regular file, or unreadable.
     pub unreadable: usize,
     pub too_large: usize,
     /// The first few problem images in csv order.
@@ -219,9 +219,9 @@ fn check_images(dataset: &Dataset, records: &[(Part, Record)], max_pixels: u64) 
         match error {
             ImageLoadError::Missing { .. } => report.missing += 1,
             ImageLoadError::TooLarge { .. } => report.too_large += 1,
-            ImageLoadError::Unreadable { .. } | ImageLoadError::Corrupt { .. } => {
-                report.unreadable += 1
-            }
+            ImageLoadError::NotAFile { .. }
+            | ImageLoadError::Unreadable { .. }
+            | ImageLoadError::Corrupt { .. } => report.unreadable += 1,
         }
         if report.examples.len() < IMAGE_EXAMPLES {
             report.examples.push(ImageIssue {
