@@ -190,6 +190,75 @@ fn dataset_layout() {
     assert!(msg.contains("train.csv does not exist"), "{msg}");
 }
 
+/// Ids are paths relative to `DIR/data`: one that could name a file outside it (absolute, `..`,
+/// Windows prefixes or separators) or another name of the same file (`.`, empty components) is
+/// refused; no file is looked at.
+#[test]
+fn image_ids_are_confined_to_the_data_folder() {
+    let ds = Dataset::open(fixtures().join("quirky")).unwrap();
+    let data = fixtures().join("quirky/data");
+    for id in [
+        "0.jpg",
+        "science/scale_01.png",
+        "my cat.png",
+        "a..b.png",
+        "..x.png",
+        "x../y.png",
+    ] {
+        assert_eq!(ds.image_file(id).unwrap(), data.join(id), "{id}");
+    }
+    for (id, why) in [
+        ("/some/where/computer2.png", "absolute path"),
+        ("../../../etc/computer2.png", "`..`"),
+        ("science/../../x.png", "`..`"),
+        ("science/..", "`..`"),
+        ("./0.jpg", "`.`"),
+        ("science/./x.png", "`.`"),
+        ("science//x.png", "empty folder name"),
+        ("science/", "empty folder name"),
+        ("..\\..\\x.png", "backslash"),
+        ("C:/x.png", "drive"),
+        ("c:x.png", "drive"),
+        ("a\0b.png", "control character"),
+        ("a\nb.png", "control character"),
+    ] {
+        let err = ds.image_file(id).unwrap_err();
+        assert!(matches!(err, ImageLoadError::BadId { .. }), "{id:?}: {err}");
+        let msg = err.to_string();
+        assert!(msg.contains(why), "{id:?}: {msg}");
+        assert!(msg.contains("quirky/data"), "{id:?}: {msg}");
+        assert!(!msg.contains(['\n', '\0']), "{id:?}: {msg:?}");
+    }
+}
+
+/// A refused id is a problem of its csv line (both syntaxes); the row is still read, so that
+/// `extract --on-error skip` can record it as skipped.
+#[test]
+fn refused_ids_are_problems_of_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    for text in [
+        "ImageID,Labels,Caption\n0.jpg,1,\"a\"\n/some/where/computer2.png,1,\"b\"\n../../x.png,2,\"c\"\n",
+        "ImageID,Labels,Caption\n0.jpg,1,\"a \"q\"\"\n/some/where/computer2.png,1,\"b\"\n../../x.png,2,\"c\"\n",
+    ] {
+        let contents = read_csv(&write(dir.path(), "train.csv", text)).unwrap();
+        assert_eq!(contents.records.len(), 3, "{text}");
+        let refused: Vec<(usize, &str)> = contents
+            .problems
+            .iter()
+            .filter(|p| p.message.contains("refused"))
+            .map(|p| (p.line, p.message.as_str()))
+            .collect();
+        assert_eq!(refused.len(), 2, "{:?}", contents.problems);
+        assert_eq!(refused[0].0, 3);
+        assert!(
+            refused[0].1.contains("`/some/where/computer2.png`")
+                && refused[0].1.contains("absolute")
+        );
+        assert_eq!(refused[1].0, 4);
+        assert!(refused[1].1.contains("`../../x.png`") && refused[1].1.contains("`..`"));
+    }
+}
+
 // ---- images ----
 
 fn save(dir: &Path, name: &str, img: impl Into<image::DynamicImage>) -> PathBuf {
@@ -760,6 +829,76 @@ fn cli_inspect_refuses_a_fifo_without_hanging() {
     assert!(
         issue["error"].as_str().unwrap().contains("is a FIFO"),
         "{issue}"
+    );
+}
+
+/// `dataset inspect` lists ids that leave `data/` as csv problems of their lines and as images
+/// that cannot be used, even when the file they name exists; a symlink inside `data/` is
+/// followed wherever it points, and counted.
+#[test]
+fn cli_inspect_reports_ids_outside_the_data_folder() {
+    let ds = quirky_dataset();
+    let outside = ds.path().join("outside.png");
+    RgbImage::new(5, 5).save(&outside).unwrap();
+    std::fs::create_dir(ds.path().join("store")).unwrap();
+    RgbImage::new(6, 6)
+        .save(ds.path().join("store/s.png"))
+        .unwrap();
+    std::os::unix::fs::symlink("../outside.png", ds.path().join("data/link.png")).unwrap();
+    std::os::unix::fs::symlink("../store", ds.path().join("data/shared")).unwrap();
+    let test_csv = ds.path().join("test.csv");
+    let mut text = std::fs::read_to_string(&test_csv).unwrap();
+    let first_new_line = text.lines().count() + 1;
+    text += &format!(
+        "{},\"absolute\"\n../outside.png,\"dot dot\"\nlink.png,\"a link\"\nshared/s.png,\"a linked folder\"\n",
+        outside.display()
+    );
+    std::fs::write(&test_csv, text).unwrap();
+
+    let dir = ds.path().to_str().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout_of(&["dataset", "inspect", dir, "--json"])).unwrap();
+    let problems: Vec<(u64, String)> = report["parts"][1]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["message"].as_str().unwrap().contains("refused"))
+        .map(|p| {
+            (
+                p["line"].as_u64().unwrap(),
+                p["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert_eq!(problems[0].0 as usize, first_new_line);
+    assert!(problems[0].1.contains("absolute"), "{problems:?}");
+    assert_eq!(problems[1].0 as usize, first_new_line + 1);
+    assert!(problems[1].1.contains("`..`"), "{problems:?}");
+    let images = &report["images"];
+    assert_eq!(images["checked"], 20);
+    assert_eq!(images["ok"], 15, "{images}");
+    assert_eq!(images["unreadable"], 3, "{images}");
+    assert_eq!(images["outside_data"], 2, "{images}");
+    let errors: Vec<&str> = images["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("absolute path")),
+        "{errors:?}"
+    );
+    assert!(errors.iter().any(|e| e.contains("`..`")), "{errors:?}");
+
+    let text = stdout_of(&["dataset", "inspect", dir]);
+    assert!(
+        text.contains(&format!(
+            "line {}: image id `../outside.png` is refused",
+            first_new_line + 1
+        )),
+        "{text}"
     );
 }
 

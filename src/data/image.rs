@@ -26,6 +26,14 @@ pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 pub enum ImageLoadError {
     #[error("image {path} does not exist")]
     Missing { path: PathBuf },
+    #[error("image id `{id}` is refused: it {reason}; ids name files inside {}", data.display())]
+    BadId {
+        /// The id, control characters escaped.
+        id: String,
+        /// The dataset's `data/` folder.
+        data: PathBuf,
+        reason: String,
+    },
     #[error("image {path} is {kind}, not a regular file")]
     NotAFile { path: PathBuf, kind: &'static str },
     #[error("cannot read image {path}: {source}")]
@@ -49,9 +57,10 @@ pub enum ImageLoadError {
 }
 
 impl ImageLoadError {
-    /// The file the error is about.
+    /// The file the error is about (for a refused id, the `data/` folder it must stay in).
     pub fn path(&self) -> &Path {
         match self {
+            ImageLoadError::BadId { data, .. } => data,
             ImageLoadError::Missing { path }
             | ImageLoadError::NotAFile { path, .. }
             | ImageLoadError::Unreadable { path, .. }

@@ -139,6 +139,52 @@ pub fn looks_like_image_id(token: &str) -> bool {
     }
 }
 
+/// Why `id` cannot name an image, or `Ok` for a usable id. An id is a path relative to the
+/// dataset's `data/` folder with `/` between folders: one that could name a file outside the
+/// folder (absolute, `..`, a Windows drive or separator) or give a file of the folder a second
+/// name (`.`, an empty folder name) is refused, and so is one holding a control character.
+pub fn check_image_id(id: &str) -> std::result::Result<(), String> {
+    if id.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control()) {
+        return Err(format!("holds a control character (U+{:04X})", c as u32));
+    }
+    if id.starts_with('/') {
+        return Err("is an absolute path".into());
+    }
+    if id.contains('\\') {
+        return Err("holds a backslash (a folder separator on Windows; use `/`)".into());
+    }
+    if let [drive, b':', ..] = id.as_bytes()
+        && drive.is_ascii_alphabetic()
+    {
+        return Err("starts with a drive letter (`C:`)".into());
+    }
+    for component in id.split('/') {
+        match component {
+            "" => return Err("has an empty folder name (`//` or a trailing `/`)".into()),
+            "." => return Err("has a `.` component".into()),
+            ".." => return Err("has a `..` component".into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `id` for a one-line message: control characters escaped (`\n`, `\u{0}`).
+pub fn printable_id(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Reads the header line; returns whether it has a `Labels` column.
 fn parse_header(header: &str) -> Result<bool> {
     let names: Vec<String> = header
@@ -290,6 +336,17 @@ fn build_record(
 ) -> Result<Record> {
     if id.trim().is_empty() {
         bail!("line {line}: row has no image id");
+    }
+    if let Err(reason) = check_image_id(&id) {
+        // Kept: `extract` refuses the row by name (or records it as skipped).
+        problems.push(Problem {
+            line,
+            message: format!(
+                "image id `{}` is refused: it {reason}; ids name files inside the dataset's \
+                 data/ folder",
+                printable_id(&id)
+            ),
+        });
     }
     if caption.trim().is_empty() {
         // Kept: an image-only backbone does not need it, and `extract` refuses it for a text
