@@ -518,6 +518,39 @@ fn only_regular_files_are_images() {
     );
 }
 
+/// Decoder messages come back as one trimmed line: the JPEG decoder ends some with a newline
+/// (`Not enough bytes ...\n`) and quotes others with an escaped one (`"...length:0\n"`).
+#[test]
+fn decoder_messages_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = save(
+        dir.path(),
+        "cut.jpg",
+        RgbImage::from_fn(64, 64, |x, y| Rgb([x as u8 * 3, y as u8, 3])),
+    );
+    let good = std::fs::read(&path).unwrap();
+    let mut marker_length_zero = good.clone();
+    // FF D8 FF E0 <length>: the APP0 segment's length set to 0.
+    assert_eq!(good[2..4], [0xFF, 0xE0]);
+    marker_length_zero[4..6].copy_from_slice(&[0, 0]);
+    for (what, bytes) in [
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("truncated header", good[..20].to_vec()),
+        ("APP0 length 0", marker_length_zero),
+    ] {
+        std::fs::write(&path, bytes).unwrap();
+        let err = load_rgb(&path, DEFAULT_MAX_PIXELS).unwrap_err();
+        let ImageLoadError::Corrupt { message, .. } = &err else {
+            panic!("{what}: {err}");
+        };
+        assert!(!message.is_empty(), "{what}");
+        assert!(
+            !message.contains('\n') && !message.contains("\\n") && message.trim() == message,
+            "{what}: {message:?}"
+        );
+    }
+}
+
 // ---- vocabulary and split ----
 
 /// Synthetic competition-like rows: 18 integer labels (1..19 without 12), label 1 in ~76% of

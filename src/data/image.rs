@@ -136,10 +136,7 @@ fn special_file_kind(_: &std::fs::FileType) -> &'static str {
 /// `width * height <= max_pixels`.
 fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<>, ImageLoadError> {
     let file = open_regular_file(path)?;
-    let corrupt = |e: image::ImageError| ImageLoadError::Corrupt {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
+    let corrupt = |e: image::ImageError| corrupt(path, e);
     let mut reader = ImageReader::new(BufReader::new(file))
         .with_guessed_format()
         .map_err(|source| ImageLoadError::Unreadable {
@@ -172,6 +169,16 @@ fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<
     Ok(decoder)
 }
 
+/// `Corrupt` with the decoder's message on one trimmed line: the JPEG decoder ends some messages
+/// with a newline and quotes others with an escaped one (`"...length:0\n"`).
+fn corrupt(path: &Path, error: image::ImageError) -> ImageLoadError {
+    let message = error.to_string().replace("\\n\"", "\"").replace("\\n", " ");
+    ImageLoadError::Corrupt {
+        path: path.to_path_buf(),
+        message: message.split_whitespace().collect::<Vec<_>>().join(" "),
+    }
+}
+
 /// Reads only the header: `(width, height)`, checked against `max_pixels`. Cheap enough to run
 /// over a whole dataset.
 pub fn image_dimensions(path: &Path, max_pixels: u64) -> Result<(u32, u32), ImageLoadError> {
@@ -182,10 +189,7 @@ pub fn image_dimensions(path: &Path, max_pixels: u64) -> Result<(u32, u32), Imag
 /// more than `max_pixels` pixels before decoding them.
 pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage, ImageLoadError> {
     let decoder = open_checked(path, max_pixels)?;
-    let image = DynamicImage::from_decoder(decoder).map_err(|e| ImageLoadError::Corrupt {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let image = DynamicImage::from_decoder(decoder).map_err(|e| corrupt(path, e))?;
     Ok(to_rgb_over_white(image))
 }
 
