@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, RgbImage, Rgba, RgbaImage};
 use multiclip::data::image::{DEFAULT_MAX_PIXELS, ImageLoadError, image_dimensions, load_rgb};
-use multiclip::data::records::{CsvSyntax, read_csv};
+use multiclip::data::records::{CsvSyntax, parse_csv, read_csv};
 use multiclip::data::{Dataset, LabelVocab, Part, Record, Split};
 
 fn fixtures() -> PathBuf {
@@ -153,6 +153,56 @@ fn empty_captions_are_problems_naming_their_lines() {
         .map(|p| p.line)
         .collect();
     assert_eq!(empty, [3, 4]);
+}
+
+/// A space is legal in a file name: an id with spaces is an image name in both syntaxes (in the
+/// raw layout, when quoted or followed by the row's fields). Only what is not an image name is
+/// a problem: no image extension, or whitespace at either end.
+#[test]
+fn ids_with_spaces_are_image_names() {
+    let read = |text: &str| parse_csv(text).unwrap();
+    let ids = |c: &multiclip::data::CsvContents| -> Vec<String> {
+        c.records.iter().map(|r| r.id.clone()).collect()
+    };
+    let rfc = read("ImageID,Labels,Caption\nmy cat.png,2,the cat\n\"a, b.png\",1,x\n");
+    assert_eq!(rfc.syntax, CsvSyntax::Rfc4180);
+    assert_eq!(ids(&rfc), ["my cat.png", "a, b.png"]);
+    assert!(rfc.problems.is_empty(), "{:?}", rfc.problems);
+
+    let odd = read("ImageID,Caption\n a.png,x\nnotes.txt,y\n");
+    let messages: Vec<(usize, &str)> = odd
+        .problems
+        .iter()
+        .map(|p| (p.line, p.message.as_str()))
+        .collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(messages[0].0 == 2 && messages[0].1.contains("begins or ends with whitespace"));
+    assert!(messages[1].0 == 3 && messages[1].1.contains("does not end in an image extension"));
+
+    for (text, want_ids, want_captions) in [
+        (
+            "ImageID,Labels,Caption\n0.jpg,1,\"a \"q\" b\"\nmy cat.png,2,\"the cat\"\n\"my dog.png\",2,\"the dog\"\n",
+            vec!["0.jpg", "my cat.png", "my dog.png"],
+            vec!["a \"q\" b", "the cat", "the dog"],
+        ),
+        (
+            "ImageID,Caption\n0.jpg,\"a \"q\"\"\nmy cat.png, \"the cat\"\n",
+            vec!["0.jpg", "my cat.png"],
+            vec!["a \"q\"", "the cat"],
+        ),
+        // Caption text that merely mentions a file name stays caption text.
+        (
+            "ImageID,Labels,Caption\n0.jpg,1,\"a \"q\"\nsee my photo.jpg, nice\"\n",
+            vec!["0.jpg"],
+            vec!["a \"q\"\nsee my photo.jpg, nice"],
+        ),
+    ] {
+        let raw = read(text);
+        assert_eq!(raw.syntax, CsvSyntax::Records, "{text}");
+        assert_eq!(ids(&raw), want_ids, "{text}");
+        let captions: Vec<&str> = raw.records.iter().map(|r| r.caption.as_str()).collect();
+        assert_eq!(captions, want_captions, "{text}");
+    }
 }
 
 #[test]

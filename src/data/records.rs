@@ -7,8 +7,12 @@
 //! when needed, as written by Python's `csv`, pandas or the `csv` crate). When that fails, the file
 //! is read by records instead: a record starts at a line that begins with an image id followed by a
 //! comma (an id is a token without spaces, commas or quotes that ends in an image extension, such
-//! as `0.jpg` or `science/scale_01.png`), and its caption lies between the first and the last double
-//! quote of the record, taken verbatim.
+//! as `0.jpg` or `science/scale_01.png`; one with spaces when it is quoted or followed by the row's
+//! other fields), and its caption lies between the first and the last double quote of the record,
+//! taken verbatim.
+//!
+//! Ids are checked as paths inside the dataset's `data/` folder ([`check_image_id`]); a refused
+//! id is a problem of its line, and the row is still read.
 //!
 //! Line breaks are normalised: `\r\n` becomes `\n` (also inside multi-line captions).
 //! Everything else in a caption comes back exactly as written.
@@ -125,17 +129,44 @@ pub fn parse_csv(text: &str) -> Result<CsvContents> {
     })
 }
 
-/// Whether `token` looks like an image file name: no spaces, commas or quotes, and an image
-/// extension.
-pub fn looks_like_image_id(token: &str) -> bool {
-    if token.is_empty() || token.contains(|c: char| c.is_whitespace() || c == ',' || c == '"') {
-        return false;
-    }
-    match token.rsplit_once('.') {
+/// Whether `name` ends in an image extension after a non-empty stem (`0.jpg`, `my cat.PNG`).
+pub fn has_image_extension(name: &str) -> bool {
+    match name.rsplit_once('.') {
         Some((stem, ext)) => {
             !stem.is_empty() && IMAGE_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext))
         }
         None => false,
+    }
+}
+
+/// Whether `token` looks like an image id where a record may start in the raw layout: an image
+/// extension and no spaces, commas or quotes.
+pub fn looks_like_image_id(token: &str) -> bool {
+    !token.contains(|c: char| c.is_whitespace() || c == ',' || c == '"')
+        && has_image_extension(token)
+}
+
+/// Whether `name` could be an image id with spaces in the raw layout: an image extension, no
+/// quote or line break, and no whitespace at either end.
+fn is_spaced_image_name(name: &str) -> bool {
+    name.trim() == name && !name.contains(['"', '\n']) && has_image_extension(name)
+}
+
+/// The problem of an id read from a well-formed csv that does not look like an image file name.
+fn image_name_problem(id: &str) -> Option<String> {
+    if id.trim() != id {
+        Some(format!(
+            "image id `{}` begins or ends with whitespace (the file name must match exactly)",
+            printable_id(id)
+        ))
+    } else if !has_image_extension(id) {
+        Some(format!(
+            "image id `{}` does not end in an image extension ({})",
+            printable_id(id),
+            IMAGE_EXTENSIONS.join(", ")
+        ))
+    } else {
+        None
     }
 }
 
@@ -317,10 +348,10 @@ fn record_from_fields(
     let id = fields.next().unwrap_or_default();
     let labels = if has_labels { fields.next() } else { None };
     let caption = fields.next().unwrap_or_default();
-    if !looks_like_image_id(&id) && !id.is_empty() {
+    if let Some(message) = image_name_problem(&id).filter(|_| !id.is_empty()) {
         problems.push(Problem {
             line: row.line,
-            message: format!("image id `{id}` does not look like an image file name"),
+            message,
         });
     }
     build_record(row.line, id, labels.as_deref(), caption, problems)
@@ -383,37 +414,44 @@ fn build_record(
     })
 }
 
-/// Splits `line` into (id, rest after the comma) when it starts a record: an optionally quoted
-/// image id followed by a comma.
-fn record_start(line: &str) -> Option<(&str, &str)> {
-    let (id, rest) = if let Some(quoted) = line.strip_prefix('"') {
+/// Splits `line` into (id, rest after the comma) when it starts a record: an image id followed
+/// by a comma. A quoted id may hold spaces; an unquoted one only when the rest of the line has
+/// the shape of the row's other fields (so caption text such as `see my photo.jpg, nice` stays
+/// caption text).
+fn record_start(line: &str, has_labels: bool) -> Option<(&str, &str)> {
+    if let Some(quoted) = line.strip_prefix('"') {
         let (id, rest) = quoted.split_once('"')?;
-        (id, rest.strip_prefix(',')?)
+        let rest = rest.strip_prefix(',')?;
+        return is_spaced_image_name(id).then_some((id, rest));
+    }
+    let (id, rest) = line.split_once(',')?;
+    let starts = looks_like_image_id(id)
+        || (is_spaced_image_name(id) && has_row_shape_after_id(rest, has_labels));
+    starts.then_some((id, rest))
+}
+
+/// Whether `rest`, what follows `<id>,`, has the shape of the other fields of a row: for train
+/// the labels field and a comma, then (for both) a quote.
+fn has_row_shape_after_id(rest: &str, has_labels: bool) -> bool {
+    let caption = if has_labels {
+        match rest.split_once(',') {
+            Some((labels, after)) if !labels.contains('"') => after,
+            _ => return false,
+        }
     } else {
-        line.split_once(',')?
+        rest
     };
-    looks_like_image_id(id).then_some((id, rest))
+    caption.trim_start().starts_with('"')
 }
 
 /// Whether a line that does not start a record still has the shape of a row (`<field>,` then the
 /// labels field and a comma for train, then a quote): a row whose id is missing or malformed.
 fn looks_like_row(line: &str, has_labels: bool) -> bool {
-    let Some((first, mut rest)) = line.split_once(',') else {
+    let Some((first, rest)) = line.split_once(',') else {
         return false;
     };
-    if first.contains(|c: char| c.is_whitespace() || c == '"') {
-        return false;
-    }
-    if has_labels {
-        let Some((labels, after)) = rest.split_once(',') else {
-            return false;
-        };
-        if labels.contains('"') {
-            return false;
-        }
-        rest = after;
-    }
-    rest.starts_with('"')
+    !first.contains(|c: char| c.is_whitespace() || c == '"')
+        && has_row_shape_after_id(rest, has_labels)
 }
 
 /// The record-based reader for the competition's raw layout (see the module docs).
@@ -427,7 +465,7 @@ fn parse_by_records(
     let mut groups: Vec<(usize, Vec<&str>)> = Vec::new();
     for (offset, line) in body.split('\n').enumerate() {
         let number = first_line + offset;
-        if record_start(line).is_some() {
+        if record_start(line, has_labels).is_some() {
             groups.push((number, vec![line]));
             continue;
         }
@@ -472,7 +510,7 @@ fn parse_by_records(
 
 /// Whether the caption field of a record's first line starts with a quote.
 fn caption_is_quoted(first_line: &str, has_labels: bool) -> bool {
-    let Some((_, rest)) = record_start(first_line) else {
+    let Some((_, rest)) = record_start(first_line, has_labels) else {
         return false;
     };
     let caption_field = if has_labels {
@@ -509,7 +547,7 @@ fn record_from_lines(
     problems: &mut Vec<Problem>,
 ) -> Result<Record> {
     let text = lines.join("\n");
-    let (id, rest) = record_start(&text).context("internal: record without id")?;
+    let (id, rest) = record_start(&text, has_labels).context("internal: record without id")?;
     let (labels, caption_field) = if has_labels {
         match split_labels_field(rest) {
             Some((labels, caption)) => (Some(labels), caption),
