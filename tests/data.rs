@@ -1119,6 +1119,50 @@ fn cli_split_writes_split_and_vocabulary_and_never_overwrites_silently() {
     assert!(ds.path().join("runs/labels.json").is_file());
 }
 
+/// A fraction the stratification cannot come near (`--val-fraction 0.99` on the demo gives
+/// about 97%) is explained in a warning; the default fraction gives none.
+#[test]
+fn cli_split_explains_a_fraction_it_cannot_reach() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo");
+    let out = tempfile::tempdir().unwrap();
+    let split = out.path().join("split.json");
+    let run = |fraction: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_multiclip"))
+            .args([
+                "dataset",
+                "split",
+                demo.to_str().unwrap(),
+                "--force",
+                "--out",
+            ])
+            .arg(&split)
+            .args(["--val-fraction", fraction])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let stderr = run("0.99");
+    let note = stderr
+        .lines()
+        .find(|l| l.contains("validation rows"))
+        .unwrap_or_else(|| panic!("no explanation: {stderr}"));
+    let saved = Split::load(&split).unwrap();
+    assert!(
+        note.contains(&format!("{} validation rows", saved.val.len()))
+            && note.contains("0.99")
+            && note.contains("on both sides"),
+        "{note}"
+    );
+    let stderr = run("0.15");
+    assert!(!stderr.contains("validation rows"), "{stderr}");
+}
+
 #[test]
 fn cli_errors_and_help() {
     let empty = tempfile::tempdir().unwrap();
