@@ -309,6 +309,55 @@ fn refused_ids_are_problems_of_their_lines() {
     }
 }
 
+/// A csv with a header and no rows is an error naming it wherever its records are used
+/// (extract, split, train), while `dataset inspect` reports it with 0 rows.
+#[test]
+fn a_csv_without_rows_is_an_error_naming_it_but_inspect_reports_zero_rows() {
+    for text in [
+        "ImageID,Labels,Caption\n",
+        "ImageID,Labels,Caption",
+        "ImageID,Labels,Caption\r\n\r\n\n",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "train.csv", text);
+        let ds = Dataset::open(dir.path()).unwrap();
+        let msg = format!("{:#}", ds.records(Part::Train).unwrap_err());
+        assert!(
+            msg.contains("train.csv") && msg.contains("no rows"),
+            "{text:?}: {msg}"
+        );
+        assert!(ds.read_csv(Part::Train).unwrap().records.is_empty());
+
+        let d = dir.path().to_str().unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&stdout_of(&["dataset", "inspect", d, "--json"])).unwrap();
+        assert_eq!(report["parts"][0]["rows"], 0);
+        assert_eq!(report["images"]["checked"], 0);
+        let split = multiclip(&["dataset", "split", d]);
+        assert!(!split.status.success());
+        let stderr = String::from_utf8_lossy(&split.stderr);
+        assert!(
+            stderr.contains("train.csv") && stderr.contains("no rows"),
+            "{stderr}"
+        );
+    }
+    // Rows without any label are reported too (no label frequencies), not an error.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "train.csv",
+        "ImageID,Labels,Caption\n0.jpg,,\"x\"\n",
+    );
+    let d = dir.path().to_str().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout_of(&["dataset", "inspect", d, "--json"])).unwrap();
+    assert_eq!(report["parts"][0]["rows"], 1);
+    assert_eq!(
+        report["parts"][0]["labels"]["frequencies"],
+        serde_json::json!([])
+    );
+}
+
 // ---- images ----
 
 fn save(dir: &Path, name: &str, img: impl Into<image::DynamicImage>) -> PathBuf {
@@ -1053,6 +1102,23 @@ fn extract_refuses_a_fifo_by_row_without_hanging() {
         stdout.contains("row 2 (2.png): image") && stdout.contains("is a FIFO"),
         "{stdout}"
     );
+}
+
+/// `extract` of a csv without rows stops with an error naming it instead of writing an empty
+/// cache.
+#[test]
+fn extract_of_a_csv_without_rows_fails_naming_it() {
+    let ds = png_dataset(0);
+    let data = ds.path().to_str().unwrap();
+    let out = ds.path().join("cache");
+    let output = multiclip_within_timeout(&extract_args(data, out.to_str().unwrap(), "fail"));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("train.csv") && stderr.contains("no rows"),
+        "{stderr}"
+    );
+    assert!(!out.join("manifest.json").exists());
 }
 
 #[test]

@@ -159,7 +159,9 @@ pub fn inspect(dataset: &Dataset, max_pixels: u64) -> Result<InspectReport> {
 }
 
 fn label_stats(records: &[Record]) -> Result<LabelStats> {
-    let vocab = LabelVocab::from_records(records)?;
+    // Not `from_records`, which refuses a file without labels: inspect reports it.
+    let vocab =
+        LabelVocab::from_tokens(records.iter().filter_map(|r| r.labels.as_ref()).flatten())?;
     let mut counts = vec![0usize; vocab.len()];
     let mut per_row = BTreeMap::new();
     let mut total = 0;

@@ -138,10 +138,17 @@ impl Dataset {
         Ok(contents)
     }
 
-    /// The records of one part. Problems found in the file are logged as warnings (see
-    /// `multiclip dataset inspect` for the full list).
+    /// The records of one part; a file with a header and no rows is an error naming it (what
+    /// reads records has nothing to do; [`Dataset::read_csv`] reads it as 0 rows). Problems found
+    /// in the file are logged as warnings (see `multiclip dataset inspect` for the full list).
     pub fn records(&self, part: Part) -> Result<Vec<Record>> {
         let contents = self.read_csv(part)?;
+        if contents.records.is_empty() {
+            bail!(
+                "{} has a header but no rows; remove it if the dataset has no {part} part",
+                self.csv_path(part).display()
+            );
+        }
         if !contents.problems.is_empty() {
             tracing::warn!(
                 "{}: {} oddities found while reading (first on line {}: {}); run `multiclip \
