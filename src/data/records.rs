@@ -461,12 +461,12 @@ fn parse_by_records(
     has_labels: bool,
     problems: &mut Vec<Problem>,
 ) -> Result<Vec<Record>> {
-    // Group physical lines into records: (start line, lines).
-    let mut groups: Vec<(usize, Vec<&str>)> = Vec::new();
+    // Group physical lines into records.
+    let mut groups: Vec<LineGroup> = Vec::new();
     for (offset, line) in body.split('\n').enumerate() {
         let number = first_line + offset;
         if record_start(line, has_labels).is_some() {
-            groups.push((number, vec![line]));
+            groups.push(LineGroup::new(number, line, has_labels));
             continue;
         }
         match groups.last_mut() {
@@ -476,18 +476,19 @@ fn parse_by_records(
                  `{}`",
                 preview(line)
             ),
-            Some((start, lines)) => {
+            Some(group) => {
+                let start = group.start;
                 if looks_like_image_id(line.trim()) {
                     bail!("line {number}: row `{}` has no caption", line.trim());
                 }
-                if !line.trim().is_empty() && !caption_is_quoted(lines[0], has_labels) {
+                if !line.trim().is_empty() && !group.caption_is_quoted {
                     bail!(
                         "line {number} does not start with an image id (`<name>.jpg,` or \
                          similar) and cannot continue the unquoted caption of line {start}: `{}`",
                         preview(line)
                     );
                 }
-                if record_looks_complete(lines) && looks_like_row(line, has_labels) {
+                if group.looks_complete() && looks_like_row(line, has_labels) {
                     let first = line.split(',').next().unwrap_or_default();
                     if first.is_empty() {
                         bail!("line {number}: row has no image id: `{}`", preview(line));
@@ -498,14 +499,54 @@ fn parse_by_records(
                          {start} would swallow it"
                     );
                 }
-                lines.push(line);
+                group.push(line);
             }
         }
     }
     groups
         .into_iter()
-        .map(|(line, lines)| record_from_lines(line, &lines, has_labels, problems))
+        .map(|g| record_from_lines(g.start, &g.lines, has_labels, problems))
         .collect()
+}
+
+/// The physical lines of one record in the raw layout, with what the reader asks of them at
+/// every following line kept up to date (so reading stays linear in the file).
+struct LineGroup<'a> {
+    /// Line number of the first line.
+    start: usize,
+    lines: Vec<&'a str>,
+    caption_is_quoted: bool,
+    quotes: usize,
+    /// The last non-whitespace character so far.
+    last: Option<char>,
+}
+
+impl<'a> LineGroup<'a> {
+    fn new(start: usize, first: &'a str, has_labels: bool) -> Self {
+        let mut group = LineGroup {
+            start,
+            lines: Vec::new(),
+            caption_is_quoted: caption_is_quoted(first, has_labels),
+            quotes: 0,
+            last: None,
+        };
+        group.push(first);
+        group
+    }
+
+    fn push(&mut self, line: &'a str) {
+        self.quotes += line.matches('"').count();
+        if let Some(c) = line.trim_end().chars().next_back() {
+            self.last = Some(c);
+        }
+        self.lines.push(line);
+    }
+
+    /// Whether the record so far ends with a closing quote, i.e. a following line is not
+    /// obviously part of its caption.
+    fn looks_complete(&self) -> bool {
+        self.last == Some('"') && self.quotes >= 2
+    }
 }
 
 /// Whether the caption field of a record's first line starts with a quote.
@@ -530,13 +571,6 @@ fn split_labels_field(rest: &str) -> Option<(&str, &str)> {
         }
         None => rest.split_once(','),
     }
-}
-
-/// Whether the record so far ends with a closing quote, i.e. a following line is not obviously
-/// part of its caption.
-fn record_looks_complete(lines: &[&str]) -> bool {
-    let text = lines.join("\n");
-    text.trim_end().ends_with('"') && text.matches('"').count() >= 2
 }
 
 /// Builds one record from its physical lines.
