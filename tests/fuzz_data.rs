@@ -1,6 +1,7 @@
 //! Property-based tests of the readers of user files: the competition csv reader, the label
-//! vocabulary and the split file. Arbitrary input gives `Ok` or `Err`, never a panic; generated
-//! well-formed files read back exactly.
+//! vocabulary and the split file. Arbitrary input gives `Ok` or `Err`, never a panic (and an
+//! accepted file keeps its invariants: lines in order, unique ids, refused ids reported);
+//! generated well-formed files read back exactly.
 //!
 //! The cases are bounded and the seed is fixed so CI runs the same cases every time; to hunt
 //! further, raise them from the environment, e.g.
@@ -9,7 +10,7 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, contextualize_config};
 
-use multiclip::data::records::{CsvSyntax, parse_csv, read_csv};
+use multiclip::data::records::{CsvSyntax, check_image_id, parse_csv, read_csv};
 use multiclip::data::{LabelVocab, Record, Split};
 
 fn config(cases: u32) -> Config {
@@ -40,6 +41,17 @@ fn check_invariants(text: &str, contents: &multiclip::data::CsvContents) {
         assert!(!r.id.trim().is_empty(), "empty id accepted: {r:?}");
         assert!(ids.insert(r.id.clone()), "duplicate id accepted: {}", r.id);
         assert_eq!(r.labels.is_some(), contents.has_labels, "{r:?}");
+        if check_image_id(&r.id).is_err() {
+            assert!(
+                contents
+                    .problems
+                    .iter()
+                    .any(|p| p.line == r.line && p.message.contains("is refused")),
+                "refused id `{}` without a problem: {:?}",
+                r.id,
+                contents.problems
+            );
+        }
     }
     assert!(
         contents.problems.windows(2).all(|w| w[0].line <= w[1].line),
