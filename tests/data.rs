@@ -1120,6 +1120,44 @@ fn extract_refuses_a_fifo_by_row_without_hanging() {
     );
 }
 
+/// `extract` refuses an id that leaves `data/` by row, even when the file it names exists:
+/// `--on-error fail` stops naming row, id and line; `--on-error skip` records it.
+#[test]
+#[ignore = "needs src/extract.rs to build its rows with Dataset::image_file (issue 12 #2)"]
+fn extract_refuses_ids_outside_the_data_folder_by_row() {
+    let ds = png_dataset(3);
+    let outside = ds.path().join("outside.png");
+    RgbImage::new(16, 12).save(&outside).unwrap();
+    let csv = ds.path().join("train.csv");
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    text += &format!(
+        "{},1,\"absolute\"\n../outside.png,2,\"dot dot\"\n",
+        outside.display()
+    );
+    std::fs::write(&csv, text).unwrap();
+    let data = ds.path().to_str().unwrap();
+    let out = ds.path().join("cache");
+    let out = out.to_str().unwrap();
+    let failed = multiclip_within_timeout(&extract_args(data, out, "fail"));
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("row 3")
+            && stderr.contains(&outside.display().to_string())
+            && stderr.contains("train.csv line 5")
+            && stderr.contains("absolute path"),
+        "{stderr}"
+    );
+    let skipped = multiclip_within_timeout(&extract_args(data, out, "skip"));
+    let stdout = String::from_utf8_lossy(&skipped.stdout);
+    assert!(skipped.status.success(), "{stdout}");
+    assert!(stdout.contains("skipped      2 rows"), "{stdout}");
+    assert!(
+        stdout.contains("row 4 (../outside.png): image id `../outside.png` is refused"),
+        "{stdout}"
+    );
+}
+
 /// `extract` of a csv without rows stops with an error naming it instead of writing an empty
 /// cache.
 #[test]
