@@ -1087,6 +1087,24 @@ fn extract_args<'a>(data: &'a str, out: &'a str, on_error: &'a str) -> Vec<&'a s
     ]
 }
 
+/// Runs `extract` over `dataset` with `--on-error fail`, which must fail, then with `--on-error
+/// skip`, which must succeed: (stderr of the first, stdout of the second).
+fn extract_fail_then_skip(dataset: &Path) -> (String, String) {
+    let data = dataset.to_str().unwrap();
+    let out = dataset.join("cache");
+    let out = out.to_str().unwrap();
+    let failed = multiclip_within_timeout(&extract_args(data, out, "fail"));
+    assert!(!failed.status.success());
+    let skipped = multiclip_within_timeout(&extract_args(data, out, "skip"));
+    let stdout = String::from_utf8_lossy(&skipped.stdout).into_owned();
+    assert!(
+        skipped.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&skipped.stderr)
+    );
+    (String::from_utf8_lossy(&failed.stderr).into_owned(), stdout)
+}
+
 /// `extract` over a dataset whose `2.png` is a FIFO: `--on-error fail` stops naming the row,
 /// `--on-error skip` records it as skipped; neither blocks.
 #[test]
@@ -1095,24 +1113,12 @@ fn extract_refuses_a_fifo_by_row_without_hanging() {
     let fifo = ds.path().join("data/2.png");
     std::fs::remove_file(&fifo).unwrap();
     mkfifo(&fifo);
-    let data = ds.path().to_str().unwrap();
-    let out = ds.path().join("cache");
-    let out = out.to_str().unwrap();
-    let failed = multiclip_within_timeout(&extract_args(data, out, "fail"));
-    assert!(!failed.status.success());
-    let stderr = String::from_utf8_lossy(&failed.stderr);
+    let (stderr, stdout) = extract_fail_then_skip(ds.path());
     assert!(
         stderr.contains("row 2")
             && stderr.contains("train.csv line 4")
             && stderr.contains("is a FIFO"),
         "{stderr}"
-    );
-    let skipped = multiclip_within_timeout(&extract_args(data, out, "skip"));
-    let stdout = String::from_utf8_lossy(&skipped.stdout);
-    assert!(
-        skipped.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&skipped.stderr)
     );
     assert!(
         stdout.contains("row 2 (2.png): image") && stdout.contains("is a FIFO"),
@@ -1135,12 +1141,7 @@ fn extract_refuses_ids_outside_the_data_folder_by_row() {
         outside.display()
     );
     std::fs::write(&csv, text).unwrap();
-    let data = ds.path().to_str().unwrap();
-    let out = ds.path().join("cache");
-    let out = out.to_str().unwrap();
-    let failed = multiclip_within_timeout(&extract_args(data, out, "fail"));
-    assert!(!failed.status.success());
-    let stderr = String::from_utf8_lossy(&failed.stderr);
+    let (stderr, stdout) = extract_fail_then_skip(ds.path());
     assert!(
         stderr.contains("row 3")
             && stderr.contains(&outside.display().to_string())
@@ -1148,9 +1149,6 @@ fn extract_refuses_ids_outside_the_data_folder_by_row() {
             && stderr.contains("absolute path"),
         "{stderr}"
     );
-    let skipped = multiclip_within_timeout(&extract_args(data, out, "skip"));
-    let stdout = String::from_utf8_lossy(&skipped.stdout);
-    assert!(skipped.status.success(), "{stdout}");
     assert!(stdout.contains("skipped      2 rows"), "{stdout}");
     assert!(
         stdout.contains("row 4 (../outside.png): image id `../outside.png` is refused"),
