@@ -7,10 +7,12 @@
 //!   crate's conversion; PIL's `I;16` to `L` truncates instead, `v >> 8`, at most 1 apart).
 //! - JPEG: grayscale, RGB and CMYK (converted to RGB by the decoder).
 //!
-//! The pixel count (`width * height`) is read from the file's header and compared with the limit
-//! before any pixel is decoded; the decoder's own memory limit is also set from it.
+//! Only regular files are images: the file type is checked (symlinks followed) before the file is
+//! opened, so a FIFO, a device, a socket or a directory is refused instead of blocking or being
+//! read. The pixel count (`width * height`) is read from the file's header and compared with the
+//! limit before any pixel is decoded; the decoder's own memory limit is also set from it.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +26,16 @@ pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 pub enum ImageLoadError {
     #[error("image {path} does not exist")]
     Missing { path: PathBuf },
+    #[error("image id `{id}` is refused: it {reason}; ids name files inside {}", data.display())]
+    BadId {
+        /// The id, control characters escaped.
+        id: String,
+        /// The dataset's `data/` folder.
+        data: PathBuf,
+        reason: String,
+    },
+    #[error("image {path} is {kind}, not a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
     #[error("cannot read image {path}: {source}")]
     Unreadable {
         path: PathBuf,
@@ -45,10 +57,12 @@ pub enum ImageLoadError {
 }
 
 impl ImageLoadError {
-    /// The file the error is about.
+    /// The file the error is about (for a refused id, the `data/` folder it must stay in).
     pub fn path(&self) -> &Path {
         match self {
+            ImageLoadError::BadId { data, .. } => data,
             ImageLoadError::Missing { path }
+            | ImageLoadError::NotAFile { path, .. }
             | ImageLoadError::Unreadable { path, .. }
             | ImageLoadError::Corrupt { path, .. }
             | ImageLoadError::TooLarge { path, .. } => path,
@@ -56,10 +70,12 @@ impl ImageLoadError {
     }
 }
 
-/// Opens `path` and reads its header: a decoder ready to decode, after checking that
-/// `width * height <= max_pixels`.
-fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<>, ImageLoadError> {
-    let file = File::open(path).map_err(|source| match source.kind() {
+/// Opens `path` for reading if it is a regular file (symlinks followed). The type is checked
+/// before opening, so that a FIFO or a device is never opened; the file is opened non-blocking
+/// and its type checked again, so one swapped in between cannot block either (reads of a regular
+/// file ignore the flag).
+fn open_regular_file(path: &Path) -> Result<File, ImageLoadError> {
+    let io_error = |source: std::io::Error| match source.kind() {
         std::io::ErrorKind::NotFound => ImageLoadError::Missing {
             path: path.to_path_buf(),
         },
@@ -67,11 +83,60 @@ fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<
             path: path.to_path_buf(),
             source,
         },
-    })?;
-    let corrupt = |e: image::ImageError| ImageLoadError::Corrupt {
-        path: path.to_path_buf(),
-        message: e.to_string(),
     };
+    check_regular(path, &std::fs::metadata(path).map_err(io_error)?)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(io_error)?;
+    check_regular(path, &file.metadata().map_err(io_error)?)?;
+    Ok(file)
+}
+
+/// `NotAFile` unless `metadata` is that of a regular file.
+fn check_regular(path: &Path, metadata: &Metadata) -> Result<(), ImageLoadError> {
+    let file_type = metadata.file_type();
+    if file_type.is_file() {
+        return Ok(());
+    }
+    let kind = if file_type.is_dir() {
+        "a directory"
+    } else {
+        special_file_kind(&file_type)
+    };
+    Err(ImageLoadError::NotAFile {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+#[cfg(unix)]
+fn special_file_kind(file_type: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else {
+        "a special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_file_kind(_: &std::fs::FileType) -> &'static str {
+    "a special file"
+}
+
+/// Opens `path` and reads its header: a decoder ready to decode, after checking that
+/// `width * height <= max_pixels`.
+fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<>, ImageLoadError> {
+    let file = open_regular_file(path)?;
+    let corrupt = |e: image::ImageError| corrupt(path, e);
     let mut reader = ImageReader::new(BufReader::new(file))
         .with_guessed_format()
         .map_err(|source| ImageLoadError::Unreadable {
@@ -104,6 +169,16 @@ fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<
     Ok(decoder)
 }
 
+/// `Corrupt` with the decoder's message on one trimmed line: the JPEG decoder ends some messages
+/// with a newline and quotes others with an escaped one (`"...length:0\n"`).
+fn corrupt(path: &Path, error: image::ImageError) -> ImageLoadError {
+    let message = error.to_string().replace("\\n\"", "\"").replace("\\n", " ");
+    ImageLoadError::Corrupt {
+        path: path.to_path_buf(),
+        message: message.split_whitespace().collect::<Vec<_>>().join(" "),
+    }
+}
+
 /// Reads only the header: `(width, height)`, checked against `max_pixels`. Cheap enough to run
 /// over a whole dataset.
 pub fn image_dimensions(path: &Path, max_pixels: u64) -> Result<(u32, u32), ImageLoadError> {
@@ -114,10 +189,7 @@ pub fn image_dimensions(path: &Path, max_pixels: u64) -> Result<(u32, u32), Imag
 /// more than `max_pixels` pixels before decoding them.
 pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage, ImageLoadError> {
     let decoder = open_checked(path, max_pixels)?;
-    let image = DynamicImage::from_decoder(decoder).map_err(|e| ImageLoadError::Corrupt {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let image = DynamicImage::from_decoder(decoder).map_err(|e| corrupt(path, e))?;
     Ok(to_rgb_over_white(image))
 }
 

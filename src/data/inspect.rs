@@ -1,6 +1,6 @@
 //! Dataset statistics and checks for `multiclip dataset inspect`: rows, label frequencies,
-//! labels per row, caption lengths, csv problems, and images that are missing or unreadable
-//! (headers only, checked in parallel).
+//! labels per row, caption lengths, csv problems, and images that are missing, unreadable or
+//! refused (headers only, checked in parallel).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -90,9 +90,13 @@ pub struct ImageReport {
     pub checked: usize,
     pub ok: usize,
     pub missing: usize,
-    /// Corrupt, truncated, not an image, or unreadable.
+    /// Corrupt, truncated, not an image, not a regular file, unreadable, or refused (an id that
+    /// could name a file outside `data/`).
     pub unreadable: usize,
     pub too_large: usize,
+    /// Readable images whose real path (symlinks followed) lies outside `data/`: allowed, and
+    /// counted so that a dataset assembled from links can be told apart.
+    pub outside_data: usize,
     /// The first few problem images in csv order.
     pub examples: Vec<ImageIssue>,
     /// The image with the most pixels among the readable ones.
@@ -103,6 +107,8 @@ pub struct ImageReport {
 pub struct ImageIssue {
     pub part: Part,
     pub id: String,
+    /// Where the row starts in its csv.
+    pub line: usize,
     pub error: String,
 }
 
@@ -153,7 +159,9 @@ pub fn inspect(dataset: &Dataset, max_pixels: u64) -> Result<InspectReport> {
 }
 
 fn label_stats(records: &[Record]) -> Result<LabelStats> {
-    let vocab = LabelVocab::from_records(records)?;
+    // Not `from_records`, which refuses a file without labels: inspect reports it.
+    let vocab =
+        LabelVocab::from_tokens(records.iter().filter_map(|r| r.labels.as_ref()).flatten())?;
     let mut counts = vec![0usize; vocab.len()];
     let mut per_row = BTreeMap::new();
     let mut total = 0;
@@ -184,10 +192,23 @@ fn label_stats(records: &[Record]) -> Result<LabelStats> {
     })
 }
 
+/// What checking one row's image found: its size, and whether its real path (symlinks
+/// followed) lies outside `data/`.
+type ImageCheck = Result<((u32, u32), bool), ImageLoadError>;
+
 fn check_images(dataset: &Dataset, records: &[(Part, Record)], max_pixels: u64) -> ImageReport {
-    let results: Vec<Result<(u32, u32), ImageLoadError>> = records
+    let data = dataset.dir().join("data").canonicalize().ok();
+    let results: Vec<ImageCheck> = records
         .par_iter()
-        .map(|(_, r)| image_dimensions(&dataset.image_path(&r.id), max_pixels))
+        .map(|(_, r)| {
+            let path = dataset.image_file(&r.id)?;
+            let size = image_dimensions(&path, max_pixels)?;
+            let inside = match (&data, path.canonicalize()) {
+                (Some(data), Ok(real)) => real.starts_with(data),
+                _ => false,
+            };
+            Ok((size, !inside))
+        })
         .collect();
     let mut report = ImageReport {
         max_pixels,
@@ -196,14 +217,16 @@ fn check_images(dataset: &Dataset, records: &[(Part, Record)], max_pixels: u64) 
         missing: 0,
         unreadable: 0,
         too_large: 0,
+        outside_data: 0,
         examples: Vec::new(),
         largest: None,
     };
     let mut largest_pixels = 0u64;
     for ((part, record), result) in records.iter().zip(results) {
         let error = match result {
-            Ok((width, height)) => {
+            Ok(((width, height), outside)) => {
                 report.ok += 1;
+                report.outside_data += outside as usize;
                 if width as u64 * height as u64 > largest_pixels {
                     largest_pixels = width as u64 * height as u64;
                     report.largest = Some(ImageSize {
@@ -219,14 +242,16 @@ fn check_images(dataset: &Dataset, records: &[(Part, Record)], max_pixels: u64) 
         match error {
             ImageLoadError::Missing { .. } => report.missing += 1,
             ImageLoadError::TooLarge { .. } => report.too_large += 1,
-            ImageLoadError::Unreadable { .. } | ImageLoadError::Corrupt { .. } => {
-                report.unreadable += 1
-            }
+            ImageLoadError::BadId { .. }
+            | ImageLoadError::NotAFile { .. }
+            | ImageLoadError::Unreadable { .. }
+            | ImageLoadError::Corrupt { .. } => report.unreadable += 1,
         }
         if report.examples.len() < IMAGE_EXAMPLES {
             report.examples.push(ImageIssue {
                 part: *part,
                 id: record.id.clone(),
+                line: record.line,
                 error: error.to_string(),
             });
         }

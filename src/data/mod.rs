@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
+use image::ImageLoadError;
 pub use labels::LabelVocab;
 pub use records::{CsvContents, Problem, Record};
 pub use split::Split;
@@ -96,9 +97,26 @@ impl Dataset {
         self.dir.join(format!("{}.csv", part.name()))
     }
 
-    /// `<dir>/data/<id>`.
+    /// `<dir>/data/<id>`, joined without any check: a csv id goes through
+    /// [`Dataset::image_file`].
     pub fn image_path(&self, id: &str) -> PathBuf {
         self.dir.join("data").join(id)
+    }
+
+    /// The path of image `id` inside `<dir>/data/`; an id that could name a file outside it is
+    /// refused ([`records::check_image_id`]). Only the id is looked at: the file's existence and
+    /// type are checked when it is opened, and a symlink inside `data/` is followed wherever it
+    /// points (README, "Data format").
+    pub fn image_file(&self, id: &str) -> Result<PathBuf, ImageLoadError> {
+        let data = self.dir.join("data");
+        match records::check_image_id(id) {
+            Ok(()) => Ok(data.join(id)),
+            Err(reason) => Err(ImageLoadError::BadId {
+                id: records::printable_id(id),
+                data,
+                reason,
+            }),
+        }
     }
 
     /// Reads one part's csv with its problems; an absent file is an error naming it.
@@ -120,10 +138,17 @@ impl Dataset {
         Ok(contents)
     }
 
-    /// The records of one part. Problems found in the file are logged as warnings (see
-    /// `multiclip dataset inspect` for the full list).
+    /// The records of one part; a file with a header and no rows is an error naming it (what
+    /// reads records has nothing to do; [`Dataset::read_csv`] reads it as 0 rows). Problems found
+    /// in the file are logged as warnings (see `multiclip dataset inspect` for the full list).
     pub fn records(&self, part: Part) -> Result<Vec<Record>> {
         let contents = self.read_csv(part)?;
+        if contents.records.is_empty() {
+            bail!(
+                "{} has a header but no rows; remove it if the dataset has no {part} part",
+                self.csv_path(part).display()
+            );
+        }
         if !contents.problems.is_empty() {
             tracing::warn!(
                 "{}: {} oddities found while reading (first on line {}: {}); run `multiclip \

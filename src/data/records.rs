@@ -7,8 +7,12 @@
 //! when needed, as written by Python's `csv`, pandas or the `csv` crate). When that fails, the file
 //! is read by records instead: a record starts at a line that begins with an image id followed by a
 //! comma (an id is a token without spaces, commas or quotes that ends in an image extension, such
-//! as `0.jpg` or `science/scale_01.png`), and its caption lies between the first and the last double
-//! quote of the record, taken verbatim.
+//! as `0.jpg` or `science/scale_01.png`; one with spaces when it is quoted or followed by the row's
+//! other fields), and its caption lies between the first and the last double quote of the record,
+//! taken verbatim.
+//!
+//! Ids are checked as paths inside the dataset's `data/` folder ([`check_image_id`]); a refused
+//! id is a problem of its line, and the row is still read.
 //!
 //! Line breaks are normalised: `\r\n` becomes `\n` (also inside multi-line captions).
 //! Everything else in a caption comes back exactly as written.
@@ -125,18 +129,91 @@ pub fn parse_csv(text: &str) -> Result<CsvContents> {
     })
 }
 
-/// Whether `token` looks like an image file name: no spaces, commas or quotes, and an image
-/// extension.
-pub fn looks_like_image_id(token: &str) -> bool {
-    if token.is_empty() || token.contains(|c: char| c.is_whitespace() || c == ',' || c == '"') {
-        return false;
-    }
-    match token.rsplit_once('.') {
+/// Whether `name` ends in an image extension after a non-empty stem (`0.jpg`, `my cat.PNG`).
+pub fn has_image_extension(name: &str) -> bool {
+    match name.rsplit_once('.') {
         Some((stem, ext)) => {
             !stem.is_empty() && IMAGE_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext))
         }
         None => false,
     }
+}
+
+/// Whether `token` looks like an image id where a record may start in the raw layout: an image
+/// extension and no spaces, commas or quotes.
+pub fn looks_like_image_id(token: &str) -> bool {
+    !token.contains(|c: char| c.is_whitespace() || c == ',' || c == '"')
+        && has_image_extension(token)
+}
+
+/// Whether `name` could be an image id with spaces in the raw layout: an image extension, no
+/// quote or line break, and no whitespace at either end.
+fn is_spaced_image_name(name: &str) -> bool {
+    name.trim() == name && !name.contains(['"', '\n']) && has_image_extension(name)
+}
+
+/// The problem of an id read from a well-formed csv that does not look like an image file name.
+fn image_name_problem(id: &str) -> Option<String> {
+    if id.trim() != id {
+        Some(format!(
+            "image id `{}` begins or ends with whitespace (the file name must match exactly)",
+            printable_id(id)
+        ))
+    } else if !has_image_extension(id) {
+        Some(format!(
+            "image id `{}` does not end in an image extension ({})",
+            printable_id(id),
+            IMAGE_EXTENSIONS.join(", ")
+        ))
+    } else {
+        None
+    }
+}
+
+/// Why `id` cannot name an image, or `Ok` for a usable id. An id is a path relative to the
+/// dataset's `data/` folder with `/` between folders: one that could name a file outside the
+/// folder (absolute, `..`, a Windows drive or separator) or give a file of the folder a second
+/// name (`.`, an empty folder name) is refused, and so is one holding a control character.
+pub fn check_image_id(id: &str) -> std::result::Result<(), String> {
+    if id.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control()) {
+        return Err(format!("holds a control character (U+{:04X})", c as u32));
+    }
+    if id.starts_with('/') {
+        return Err("is an absolute path".into());
+    }
+    if id.contains('\\') {
+        return Err("holds a backslash (a folder separator on Windows; use `/`)".into());
+    }
+    if let [drive, b':', ..] = id.as_bytes()
+        && drive.is_ascii_alphabetic()
+    {
+        return Err("starts with a drive letter (`C:`)".into());
+    }
+    for component in id.split('/') {
+        match component {
+            "" => return Err("has an empty folder name (`//` or a trailing `/`)".into()),
+            "." => return Err("has a `.` component".into()),
+            ".." => return Err("has a `..` component".into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `id` for a one-line message: control characters escaped (`\n`, `\u{0}`).
+pub fn printable_id(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Reads the header line; returns whether it has a `Labels` column.
@@ -271,10 +348,10 @@ fn record_from_fields(
     let id = fields.next().unwrap_or_default();
     let labels = if has_labels { fields.next() } else { None };
     let caption = fields.next().unwrap_or_default();
-    if !looks_like_image_id(&id) && !id.is_empty() {
+    if let Some(message) = image_name_problem(&id).filter(|_| !id.is_empty()) {
         problems.push(Problem {
             line: row.line,
-            message: format!("image id `{id}` does not look like an image file name"),
+            message,
         });
     }
     build_record(row.line, id, labels.as_deref(), caption, problems)
@@ -290,6 +367,17 @@ fn build_record(
 ) -> Result<Record> {
     if id.trim().is_empty() {
         bail!("line {line}: row has no image id");
+    }
+    if let Err(reason) = check_image_id(&id) {
+        // Kept: `extract` refuses the row by name (or records it as skipped).
+        problems.push(Problem {
+            line,
+            message: format!(
+                "image id `{}` is refused: it {reason}; ids name files inside the dataset's \
+                 data/ folder",
+                printable_id(&id)
+            ),
+        });
     }
     if caption.trim().is_empty() {
         // Kept: an image-only backbone does not need it, and `extract` refuses it for a text
@@ -326,37 +414,44 @@ fn build_record(
     })
 }
 
-/// Splits `line` into (id, rest after the comma) when it starts a record: an optionally quoted
-/// image id followed by a comma.
-fn record_start(line: &str) -> Option<(&str, &str)> {
-    let (id, rest) = if let Some(quoted) = line.strip_prefix('"') {
+/// Splits `line` into (id, rest after the comma) when it starts a record: an image id followed
+/// by a comma. A quoted id may hold spaces; an unquoted one only when the rest of the line has
+/// the shape of the row's other fields (so caption text such as `see my photo.jpg, nice` stays
+/// caption text).
+fn record_start(line: &str, has_labels: bool) -> Option<(&str, &str)> {
+    if let Some(quoted) = line.strip_prefix('"') {
         let (id, rest) = quoted.split_once('"')?;
-        (id, rest.strip_prefix(',')?)
+        let rest = rest.strip_prefix(',')?;
+        return is_spaced_image_name(id).then_some((id, rest));
+    }
+    let (id, rest) = line.split_once(',')?;
+    let starts = looks_like_image_id(id)
+        || (is_spaced_image_name(id) && has_row_shape_after_id(rest, has_labels));
+    starts.then_some((id, rest))
+}
+
+/// Whether `rest`, what follows `<id>,`, has the shape of the other fields of a row: for train
+/// the labels field and a comma, then (for both) a quote.
+fn has_row_shape_after_id(rest: &str, has_labels: bool) -> bool {
+    let caption = if has_labels {
+        match rest.split_once(',') {
+            Some((labels, after)) if !labels.contains('"') => after,
+            _ => return false,
+        }
     } else {
-        line.split_once(',')?
+        rest
     };
-    looks_like_image_id(id).then_some((id, rest))
+    caption.trim_start().starts_with('"')
 }
 
 /// Whether a line that does not start a record still has the shape of a row (`<field>,` then the
 /// labels field and a comma for train, then a quote): a row whose id is missing or malformed.
 fn looks_like_row(line: &str, has_labels: bool) -> bool {
-    let Some((first, mut rest)) = line.split_once(',') else {
+    let Some((first, rest)) = line.split_once(',') else {
         return false;
     };
-    if first.contains(|c: char| c.is_whitespace() || c == '"') {
-        return false;
-    }
-    if has_labels {
-        let Some((labels, after)) = rest.split_once(',') else {
-            return false;
-        };
-        if labels.contains('"') {
-            return false;
-        }
-        rest = after;
-    }
-    rest.starts_with('"')
+    !first.contains(|c: char| c.is_whitespace() || c == '"')
+        && has_row_shape_after_id(rest, has_labels)
 }
 
 /// The record-based reader for the competition's raw layout (see the module docs).
@@ -366,12 +461,12 @@ fn parse_by_records(
     has_labels: bool,
     problems: &mut Vec<Problem>,
 ) -> Result<Vec<Record>> {
-    // Group physical lines into records: (start line, lines).
-    let mut groups: Vec<(usize, Vec<&str>)> = Vec::new();
+    // Group physical lines into records.
+    let mut groups: Vec<LineGroup> = Vec::new();
     for (offset, line) in body.split('\n').enumerate() {
         let number = first_line + offset;
-        if record_start(line).is_some() {
-            groups.push((number, vec![line]));
+        if record_start(line, has_labels).is_some() {
+            groups.push(LineGroup::new(number, line, has_labels));
             continue;
         }
         match groups.last_mut() {
@@ -381,18 +476,19 @@ fn parse_by_records(
                  `{}`",
                 preview(line)
             ),
-            Some((start, lines)) => {
+            Some(group) => {
+                let start = group.start;
                 if looks_like_image_id(line.trim()) {
                     bail!("line {number}: row `{}` has no caption", line.trim());
                 }
-                if !line.trim().is_empty() && !caption_is_quoted(lines[0], has_labels) {
+                if !line.trim().is_empty() && !group.caption_is_quoted {
                     bail!(
                         "line {number} does not start with an image id (`<name>.jpg,` or \
                          similar) and cannot continue the unquoted caption of line {start}: `{}`",
                         preview(line)
                     );
                 }
-                if record_looks_complete(lines) && looks_like_row(line, has_labels) {
+                if group.looks_complete() && looks_like_row(line, has_labels) {
                     let first = line.split(',').next().unwrap_or_default();
                     if first.is_empty() {
                         bail!("line {number}: row has no image id: `{}`", preview(line));
@@ -403,19 +499,59 @@ fn parse_by_records(
                          {start} would swallow it"
                     );
                 }
-                lines.push(line);
+                group.push(line);
             }
         }
     }
     groups
         .into_iter()
-        .map(|(line, lines)| record_from_lines(line, &lines, has_labels, problems))
+        .map(|g| record_from_lines(g.start, &g.lines, has_labels, problems))
         .collect()
+}
+
+/// The physical lines of one record in the raw layout, with what the reader asks of them at
+/// every following line kept up to date (so reading stays linear in the file).
+struct LineGroup<'a> {
+    /// Line number of the first line.
+    start: usize,
+    lines: Vec<&'a str>,
+    caption_is_quoted: bool,
+    quotes: usize,
+    /// The last non-whitespace character so far.
+    last: Option<char>,
+}
+
+impl<'a> LineGroup<'a> {
+    fn new(start: usize, first: &'a str, has_labels: bool) -> Self {
+        let mut group = LineGroup {
+            start,
+            lines: Vec::new(),
+            caption_is_quoted: caption_is_quoted(first, has_labels),
+            quotes: 0,
+            last: None,
+        };
+        group.push(first);
+        group
+    }
+
+    fn push(&mut self, line: &'a str) {
+        self.quotes += line.matches('"').count();
+        if let Some(c) = line.trim_end().chars().next_back() {
+            self.last = Some(c);
+        }
+        self.lines.push(line);
+    }
+
+    /// Whether the record so far ends with a closing quote, i.e. a following line is not
+    /// obviously part of its caption.
+    fn looks_complete(&self) -> bool {
+        self.last == Some('"') && self.quotes >= 2
+    }
 }
 
 /// Whether the caption field of a record's first line starts with a quote.
 fn caption_is_quoted(first_line: &str, has_labels: bool) -> bool {
-    let Some((_, rest)) = record_start(first_line) else {
+    let Some((_, rest)) = record_start(first_line, has_labels) else {
         return false;
     };
     let caption_field = if has_labels {
@@ -437,13 +573,6 @@ fn split_labels_field(rest: &str) -> Option<(&str, &str)> {
     }
 }
 
-/// Whether the record so far ends with a closing quote, i.e. a following line is not obviously
-/// part of its caption.
-fn record_looks_complete(lines: &[&str]) -> bool {
-    let text = lines.join("\n");
-    text.trim_end().ends_with('"') && text.matches('"').count() >= 2
-}
-
 /// Builds one record from its physical lines.
 fn record_from_lines(
     line: usize,
@@ -452,7 +581,7 @@ fn record_from_lines(
     problems: &mut Vec<Problem>,
 ) -> Result<Record> {
     let text = lines.join("\n");
-    let (id, rest) = record_start(&text).context("internal: record without id")?;
+    let (id, rest) = record_start(&text, has_labels).context("internal: record without id")?;
     let (labels, caption_field) = if has_labels {
         match split_labels_field(rest) {
             Some((labels, caption)) => (Some(labels), caption),

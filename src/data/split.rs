@@ -75,6 +75,9 @@ impl Split {
             label_sets.push(set);
         }
         let is_val = assign(&label_sets, vocab.len(), val_fraction, seed);
+        if let Some(note) = fraction_shortfall(&label_sets, &is_val, vocab.len(), val_fraction) {
+            tracing::warn!("{note}");
+        }
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for (r, v) in records.iter().zip(is_val) {
             if v { &mut val } else { &mut train }.push(r.id.clone());
@@ -263,6 +266,56 @@ fn assign(label_sets: &[Vec<usize>], n_labels: usize, val_fraction: f64, seed: u
     is_val
 }
 
+/// Why the split's sides are far from the requested sizes, when they are: the smaller side off
+/// by more than a quarter of its wanted size and more than 2 rows. The cause is the guarantee
+/// that every label with two or more rows is on both sides (and that a row moves with all its
+/// labels), which a fraction near 0 or 1 cannot meet with few rows per label.
+fn fraction_shortfall(
+    label_sets: &[Vec<usize>],
+    is_val: &[bool],
+    n_labels: usize,
+    val_fraction: f64,
+) -> Option<String> {
+    let n = is_val.len();
+    let val = is_val.iter().filter(|&&v| v).count();
+    let (wanted, got) = if val_fraction <= 0.5 {
+        (n as f64 * val_fraction, val)
+    } else {
+        (n as f64 * (1.0 - val_fraction), n - val)
+    };
+    if (got as f64 - wanted).abs() <= (0.25 * wanted).max(2.0) {
+        return None;
+    }
+    let mut rows_per_label = vec![0usize; n_labels];
+    for &l in label_sets.iter().flatten() {
+        rows_per_label[l] += 1;
+    }
+    let both_sides: Vec<usize> = rows_per_label.into_iter().filter(|&c| c >= 2).collect();
+    let reason = match both_sides.iter().min() {
+        Some(&rarest) => {
+            let (verb, side) = if val_fraction <= 0.5 {
+                ("puts", "in validation")
+            } else {
+                ("keeps", "for training")
+            };
+            format!(
+                "stratification keeps every label with two or more rows on both sides ({} labels \
+                 here): the rarest, with {rarest} rows, {verb} at least 1 ({:.1}%) {side}, and a \
+                 row moves with all its labels",
+                both_sides.len(),
+                100.0 / rarest as f64
+            )
+        }
+        None => "a row moves with all its labels".to_owned(),
+    };
+    Some(format!(
+        "the split has {val} validation rows of {n} ({:.1}%) where the validation fraction \
+         {val_fraction} asks for {:.1}: {reason}",
+        100.0 * val as f64 / n.max(1) as f64,
+        n as f64 * val_fraction
+    ))
+}
+
 /// Moves one row across for each label with >= 2 rows that sits on one side only, choosing a
 /// row whose move leaves every one of its labels still present on the side it leaves.
 fn repair_one_sided_labels(label_sets: &[Vec<usize>], n_labels: usize, is_val: &mut [bool]) {
@@ -325,6 +378,24 @@ mod tests {
                 .collect();
             assert_eq!(sides.len(), 2, "label {label} on one side only");
         }
+    }
+
+    #[test]
+    fn a_far_off_fraction_is_explained() {
+        // 10 labels of 3 rows each: at 0.99 each keeps a training row, so 10 of 30 train.
+        let sets: Vec<Vec<usize>> = (0..30).map(|i| vec![i % 10]).collect();
+        let is_val = assign(&sets, 10, 0.99, 1);
+        assert_eq!(is_val.iter().filter(|&&v| !v).count(), 10);
+        let note = fraction_shortfall(&sets, &is_val, 10, 0.99).unwrap();
+        assert!(
+            note.contains("20 validation rows of 30 (66.7%)")
+                && note.contains("fraction 0.99 asks for 29.7")
+                && note.contains("on both sides (10 labels here)")
+                && note.contains("the rarest, with 3 rows, keeps at least 1 (33.3%) for training"),
+            "{note}"
+        );
+        let is_val = assign(&sets, 10, 0.5, 1);
+        assert_eq!(fraction_shortfall(&sets, &is_val, 10, 0.5), None);
     }
 
     #[test]
