@@ -98,7 +98,8 @@ impl OnError {
 pub struct Row {
     pub id: String,
     pub caption: String,
-    pub image_path: PathBuf,
+    /// `DIR/data/<id>`, or why the id may not name a file there.
+    pub image_path: Result<PathBuf, String>,
     /// Where it comes from, for messages: `train.csv line 12`.
     pub source: String,
 }
@@ -129,7 +130,7 @@ impl SelectedRows {
                 rows: records.len(),
             });
             rows.extend(records.into_iter().map(|r| Row {
-                image_path: dataset.image_path(&r.id),
+                image_path: dataset.image_file(&r.id).map_err(|e| e.to_string()),
                 source: format!("{file} line {}", r.line),
                 id: r.id,
                 caption: r.caption,
@@ -484,11 +485,13 @@ fn load_sample(
     needs_text: bool,
     max_pixels: u64,
 ) -> Result<Sample, String> {
+    // A bad id is refused even by a text-only backbone: it never reaches the outputs.
+    let image_path = row.image_path.as_ref().map_err(Clone::clone)?;
     if needs_text && row.caption.trim().is_empty() {
         return Err("empty caption".to_string());
     }
     let image = if needs_images {
-        Some(load_rgb(&row.image_path, max_pixels).map_err(|e| e.to_string())?)
+        Some(load_rgb(image_path, max_pixels).map_err(|e| e.to_string())?)
     } else {
         None
     };
@@ -694,7 +697,7 @@ mod tests {
             .map(|i| Row {
                 id: i.to_string(),
                 caption: "w".repeat(7 - i),
-                image_path: PathBuf::new(),
+                image_path: Ok(PathBuf::new()),
                 source: String::new(),
             })
             .collect();

@@ -241,7 +241,7 @@ fn dataset_layout() {
     assert_eq!(ds.records(Part::Train).unwrap(), expected(Part::Train));
     assert_eq!(ds.records(Part::Test).unwrap(), expected(Part::Test));
     assert_eq!(
-        ds.image_path("science/scale_01.png"),
+        ds.image_file("science/scale_01.png").unwrap(),
         fixtures().join("quirky/data/science/scale_01.png")
     );
     assert_eq!(ds.csv_path(Part::Test), fixtures().join("quirky/test.csv"));
@@ -1078,7 +1078,7 @@ fn extract_args<'a>(data: &'a str, out: &'a str, on_error: &'a str) -> Vec<&'a s
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/dinov2-tiny"
         ),
-        "--split",
+        "--part",
         "train",
         "--threads",
         "2",
@@ -1129,7 +1129,6 @@ fn extract_refuses_a_fifo_by_row_without_hanging() {
 /// `extract` refuses an id that leaves `data/` by row, even when the file it names exists:
 /// `--on-error fail` stops naming row, id and line; `--on-error skip` records it.
 #[test]
-#[ignore = "needs src/extract.rs to build its rows with Dataset::image_file (issue 12 #2)"]
 fn extract_refuses_ids_outside_the_data_folder_by_row() {
     let ds = png_dataset(3);
     let outside = ds.path().join("outside.png");

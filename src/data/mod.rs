@@ -97,12 +97,6 @@ impl Dataset {
         self.dir.join(format!("{}.csv", part.name()))
     }
 
-    /// `<dir>/data/<id>`, joined without any check: a csv id goes through
-    /// [`Dataset::image_file`].
-    pub fn image_path(&self, id: &str) -> PathBuf {
-        self.dir.join("data").join(id)
-    }
-
     /// The path of image `id` inside `<dir>/data/`; an id that could name a file outside it is
     /// refused ([`records::check_image_id`]). Only the id is looked at: the file's existence and
     /// type are checked when it is opened, and a symlink inside `data/` is followed wherever it
