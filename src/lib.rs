@@ -5,6 +5,7 @@
 //! trains small heads on that cache many times. The CLI (`src/main.rs`) is a thin layer on top.
 
 pub mod backbone;
+pub mod bf16_gemm;
 pub mod cache;
 pub mod data;
 pub mod extract;
