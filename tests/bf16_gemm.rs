@@ -158,12 +158,14 @@ fn strided_and_transposed_operands() {
                 spread[i * k * 6 + kk * 6] = base[i * k + kk];
             }
         }
-        let rounded_base: Vec<bf16> = base.iter().map(|&x| bf16::from_f32(x)).collect();
+        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+        let (base_bf16, transposed_bf16) = (to_bf16(&base), to_bf16(&transposed));
         let lhs = [
             MatRef::new(&padded, m, k, k + 5, 1).unwrap(),
             MatRef::row_major(&transposed, k, m).unwrap().t(),
             MatRef::new(&spread, m, k, k * 6, 6).unwrap(),
-            MatRef::row_major(&rounded_base, m, k).unwrap(),
+            MatRef::row_major(&base_bf16, m, k).unwrap(),
+            MatRef::row_major(&transposed_bf16, k, m).unwrap().t(),
         ];
         let b_base = values(k * n, 4);
         let b_t: Vec<f32> = (0..n)
@@ -241,41 +243,43 @@ fn kernels_agree_and_empty_products() {
 }
 
 /// The result does not depend on the number of threads: bitwise equal on 1, 2 and 3 threads, for
-/// a product large enough to be split into many tasks.
+/// products large enough to be split into many tasks, with `A` row-major and transposed (`g^T`
+/// in a weight gradient), and equal to the reference.
 #[test]
 fn threads_give_bitwise_equal_results() {
-    let (m, k, n) = (300, 500, 700);
+    let (m, k, n) = (230, 300, 530);
     let a = values(m * k, 8);
+    let a_t: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
     let w = values(n * k, 9);
+    let r = reference(&|i, kk| a[i * k + kk], &|kk, j| w[j * k + kk], (m, k, n));
+    let lhs = [
+        MatRef::row_major(&a, m, k).unwrap(),
+        MatRef::row_major(&a_t, k, m).unwrap().t(),
+    ];
     for kernel in kernels() {
         let packed = PackedRhs::from_linear_weight(&w, n, k, kernel).unwrap();
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut c = vec![0f32; m * n];
-            pool.install(|| {
-                gemm_bf16(
-                    MatRef::row_major(&a, m, k).unwrap(),
-                    &packed,
-                    &mut c,
-                    n,
-                    false,
-                )
-            })
-            .unwrap();
-            c
-        };
-        let one = run(1);
-        for threads in [2, 3] {
-            let many = run(threads);
-            assert!(
-                one.iter()
-                    .zip(&many)
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{kernel:?}: {threads} threads differ from one"
-            );
+        for (li, lhs) in lhs.iter().enumerate() {
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut c = vec![0f32; m * n];
+                pool.install(|| gemm_bf16(*lhs, &packed, &mut c, n, false))
+                    .unwrap();
+                c
+            };
+            let one = run(1);
+            check(&one, n, &r, &vec![0.0; m * n], (m, k, n));
+            for threads in [2, 3] {
+                let many = run(threads);
+                assert!(
+                    one.iter()
+                        .zip(&many)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{kernel:?}, lhs {li}: {threads} threads differ from one"
+                );
+            }
         }
     }
 }

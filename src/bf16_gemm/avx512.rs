@@ -5,15 +5,22 @@
 //! - packed `B`: panels of `NR` = 32 columns (the last one zero-padded). For each pair of rows
 //!   `(2p, 2p + 1)` of `B` (a zero row pads an odd `k`) a panel holds 32 words, one per column,
 //!   each `[B(2p, j), B(2p + 1, j)]`: the operand layout of `vdpbf16ps`, read as two vectors.
-//! - packed `A`: micro-panels of `MR` = 14 rows; each splits `k` into blocks of `KC` = 256
-//!   columns, stored as `MR` rows of `KC` values, so the 14 pairs the kernel broadcasts at one
-//!   step lie at constant offsets from one pointer.
+//! - packed `A`: micro-panels of `MR` = 14 rows, split along `k` into blocks of `KC` = 256
+//!   columns (`MR * KC` values each). Within a block, row-major `A` is stored as `MR` rows of
+//!   `KC` values (each row converted with contiguous loads); `A` with contiguous columns (`g^T`)
+//!   pair-major, `KC / 2` pairs of `MR` words `[A(i, 2p), A(i, 2p + 1)]` (two contiguous runs
+//!   interleaved). Either way the 14 words the kernel broadcasts at one step lie at constant
+//!   offsets from one pointer.
 //! - micro-kernel: a 14 x 32 tile of `C` lives in 28 accumulator registers over the whole `k`;
-//!   per pair of `k` it loads two vectors of `B`, broadcasts 14 pairs of `A` and issues 28
+//!   per pair of `k` it loads two vectors of `B`, broadcasts 14 words of `A` and issues 28
 //!   `vdpbf16ps`, then adds the tile to `C` (or stores it) once.
-//! - driver: rayon tasks over blocks of `MC` rows x `NC` columns of `C`; each task converts and
-//!   packs its rows of `A` (all of `k`) into a per-thread buffer and runs the micro-kernel over
-//!   its tiles, one panel of `B` against every micro-panel of `A` in turn.
+//! - driver: rayon tasks over blocks of `MC` rows x `nc` columns of `C` (`nc` sized so the task's
+//!   panels of `B`, about 1 MiB, stay in L2). A task converts one micro-panel of row-major `A`
+//!   at a time into a per-thread buffer (it stays in L1) and multiplies it by each of its panels
+//!   of `B`; pair-major `A` is packed whole once before the tasks start.
+//!
+//! On a Zen 4 core `vdpbf16ps` on 512 bits retires one per cycle (64 flops); this kernel runs at
+//! about 90% of that in the products of the benchmark (docs/benchmarks.md).
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -140,11 +147,18 @@ unsafe fn pack_rhs_panel(b: &MatRef, j0: usize, panel: &mut [u16]) {
     }
 }
 
-/// Packs rows `i0..i0 + MR` of `a` (zeros past its last row) into `dst` (`MR * nkb * KC`
-/// values: `nkb` blocks of `MR` rows of `KC`). Slots past `k` in the last block are not read by
-/// the kernel, except the one that completes a pair when `k` is odd, which is set to zero.
+/// Whether `a` is packed pair-major: when its columns are contiguous (a transposed matrix such
+/// as `g^T`), so that a pair of its columns is two contiguous runs to interleave.
+fn pair_major(a: &MatRef) -> bool {
+    a.row_stride == 1 && a.col_stride != 1
+}
+
+/// Packs rows `i0..i0 + MR` of `a` (zeros past its last row) row-major into `dst`
+/// (`MR * nkb * KC` values: `nkb` blocks of `MR` rows of `KC`). Slots past `k` in the last block
+/// are not read by the kernel, except the one that completes a pair when `k` is odd, which is
+/// set to zero.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pack_lhs_panel(a: &MatRef, i0: usize, nkb: usize, dst: &mut [u16]) {
+unsafe fn pack_lhs_rows(a: &MatRef, i0: usize, nkb: usize, dst: &mut [u16]) {
     let (m, k) = (a.rows, a.cols);
     for r in 0..MR {
         let i = i0 + r;
@@ -196,6 +210,50 @@ unsafe fn pack_lhs_panel(a: &MatRef, i0: usize, nkb: usize, dst: &mut [u16]) {
     }
 }
 
+/// Packs rows `i0..i0 + MR` of a pair-major `a` ([`pair_major`]) into `dst`: blocks of `KC / 2`
+/// pairs of columns, each pair `MR` words `[A(i, 2p), A(i, 2p + 1)]` (zeros past the last row,
+/// and for the missing column of an odd `k`).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_lhs_pairs(a: &MatRef, i0: usize, dst: &mut [u16]) {
+    let (m, k, cs) = (a.rows, a.cols, a.col_stride);
+    let rows = MR.min(m - i0);
+    // SAFETY: a constant table of 32 lanes.
+    let idx = unsafe { _mm512_loadu_si512(INTERLEAVE.as_ptr().cast()) };
+    for p in 0..k.div_ceil(2) {
+        let out = &mut dst[(p / (KC / 2)) * MR * KC + (p % (KC / 2)) * 2 * MR..][..2 * MR];
+        match a.data {
+            // SAFETY: the masked loads read A(i0 + r, 2p) and A(i0 + r, 2p + 1) for r < rows,
+            // at d[i0 + r + column * cs] (row stride 1), inside d; the masked store writes the
+            // 2 * MR values of `out`.
+            Data::F32(d) => unsafe {
+                let mask = lanes(rows);
+                let lo = _mm512_maskz_loadu_ps(mask, d.as_ptr().wrapping_add(i0 + 2 * p * cs));
+                let hi = if 2 * p + 1 < k {
+                    _mm512_maskz_loadu_ps(mask, d.as_ptr().wrapping_add(i0 + (2 * p + 1) * cs))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let v = _mm512_permutexvar_epi16(idx, v);
+                _mm512_mask_storeu_epi16(out.as_mut_ptr().cast(), (1 << (2 * MR)) - 1, v);
+            },
+            Data::Bf16(_) => {
+                for (r, word) in out.chunks_exact_mut(2).enumerate() {
+                    let value = |kk: usize| {
+                        if r < rows && kk < k {
+                            a.bf16_bits(i0 + r, kk)
+                        } else {
+                            0
+                        }
+                    };
+                    word[0] = value(2 * p);
+                    word[1] = value(2 * p + 1);
+                }
+            }
+        }
+    }
+}
+
 /// `C[0..MR, 0..NR] (+)= A B` for one micro-panel of packed `A` and one panel of packed `B`
 /// over `pairs` pairs of `k`; `C` row-major with row stride `ldc`.
 ///
@@ -203,7 +261,14 @@ unsafe fn pack_lhs_panel(a: &MatRef, i0: usize, nkb: usize, dst: &mut [u16]) {
 /// `a` must hold the micro-panel's `ceil(pairs / (KC / 2))` blocks, `b` `pairs * 2 * NR`
 /// values and `c` a full `MR x NR` tile with row stride `ldc`; the CPU must have AVX512-BF16.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(pairs: usize, a: *const u16, b: *const u16, c: *mut f32, ldc: usize, add: bool) {
+unsafe fn kernel<const PAIR_MAJOR: bool>(
+    pairs: usize,
+    a: *const u16,
+    b: *const u16,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     // SAFETY: forwarded to the caller: every pointer below stays inside the regions it names.
     unsafe {
@@ -221,7 +286,12 @@ unsafe fn kernel(pairs: usize, a: *const u16, b: *const u16, c: *mut f32, ldc: u
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(32).cast()));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let pair = a.add(i * KC + 2 * p).cast::<i32>().read_unaligned();
+                    let at = if PAIR_MAJOR {
+                        2 * (p * MR + i)
+                    } else {
+                        i * KC + 2 * p
+                    };
+                    let pair = a.add(at).cast::<i32>().read_unaligned();
                     let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
                     row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
@@ -256,7 +326,16 @@ fn task_columns(k: usize) -> usize {
     NR * (B_BLOCK_BYTES / (k.div_ceil(2) * 4 * NR)).clamp(2, 16)
 }
 
+/// Values of one packed micro-panel of `A` for an inner dimension `k`.
+fn panel_len(k: usize) -> usize {
+    MR * k.div_ceil(KC) * KC
+}
+
 /// `C (+)= A B` with `B` from [`pack_rhs`] (`n` columns); `C` checked by the caller.
+///
+/// A row-major `A` is converted micro-panel by micro-panel inside each task, where the panel
+/// stays in L1; a pair-major one ([`pair_major`]: its rows are strided) is packed whole first,
+/// once, so that each of its strided reads happens once rather than once per task.
 pub(super) fn gemm(
     a: &MatRef,
     packed: &[u16],
@@ -269,29 +348,52 @@ pub(super) fn gemm(
     let nc = task_columns(k);
     let nblocks = n.div_ceil(nc);
     let tasks = m.div_ceil(MC) * nblocks;
+    let parallel = m * n * k >= PARALLEL_WORK;
+    let prepacked = pair_major(a).then(|| {
+        let mut lhs = vec![0u16; m.div_ceil(MR) * panel_len(k)];
+        let pack = |(ip, dst): (usize, &mut [u16])| {
+            // SAFETY: the CPU was checked when `packed` was made.
+            unsafe { pack_lhs_pairs(a, ip * MR, dst) }
+        };
+        if parallel {
+            lhs.par_chunks_mut(panel_len(k)).enumerate().for_each(pack);
+        } else {
+            lhs.chunks_mut(panel_len(k)).enumerate().for_each(pack);
+        }
+        lhs
+    });
     let c = SharedC(c.as_mut_ptr());
     let task = |t: usize| {
-        let (rows, cols) = ((t / nblocks) * MC, (t % nblocks) * nc);
+        let at = ((t / nblocks) * MC, (t % nblocks) * nc);
         // SAFETY: the CPU was checked when `packed` was made; task t writes only its MC rows and
         // nc columns of C, a tile no other task writes.
-        unsafe { block(a, packed, n, (rows, cols), nc, c.get(), ldc, accumulate) }
+        unsafe {
+            match &prepacked {
+                Some(lhs) => {
+                    block::<true>(a, Some(lhs), packed, n, at, nc, c.get(), ldc, accumulate)
+                }
+                None => block::<false>(a, None, packed, n, at, nc, c.get(), ldc, accumulate),
+            }
+        }
     };
-    if m * n * k < PARALLEL_WORK {
-        (0..tasks).for_each(task);
-    } else {
+    if parallel {
         (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
     }
 }
 
 /// The tile of `C` at rows `i0..i0 + MC` and columns `j0..j0 + nc` (clipped to `m x n`): each
-/// micro-panel of `A` is packed, then multiplied by every panel of `B` in the tile.
+/// micro-panel of `A` (from `prepacked`, pair-major, or else packed row-major here) is multiplied
+/// by every panel of `B` in the tile.
 ///
 /// # Safety
 /// `c` must address an `m x n` matrix with row stride `ldc`; the CPU must have AVX512-BF16.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn block(
+unsafe fn block<const PAIR_MAJOR: bool>(
     a: &MatRef,
+    prepacked: Option<&[u16]>,
     packed: &[u16],
     n: usize,
     (i0, j0): (usize, usize),
@@ -302,13 +404,22 @@ unsafe fn block(
 ) {
     let (m, k) = (a.rows, a.cols);
     let pairs = k.div_ceil(2);
-    let panel_len = MR * k.div_ceil(KC) * KC;
-    let mut lhs = LHS.take();
-    lhs.resize(panel_len, 0);
+    let panel_len = panel_len(k);
+    let mut own = Vec::new();
+    if prepacked.is_none() {
+        own = LHS.take();
+        own.resize(panel_len, 0);
+    }
     for i in (i0..m.min(i0 + MC)).step_by(MR) {
         let rows = MR.min(m - i);
-        // SAFETY: same CPU features.
-        unsafe { pack_lhs_panel(a, i, k.div_ceil(KC), &mut lhs) };
+        let lhs = match prepacked {
+            Some(all) => &all[i / MR * panel_len..][..panel_len],
+            None => {
+                // SAFETY: same CPU features.
+                unsafe { pack_lhs_rows(a, i, k.div_ceil(KC), &mut own) };
+                &own[..]
+            }
+        };
         for jp in j0 / NR..(j0 + nc).min(n).div_ceil(NR) {
             let cols = NR.min(n - jp * NR);
             let b = packed[jp * pairs * 2 * NR..][..pairs * 2 * NR].as_ptr();
@@ -317,7 +428,7 @@ unsafe fn block(
             unsafe {
                 let at = c.add(i * ldc + jp * NR);
                 if rows == MR && cols == NR {
-                    kernel(pairs, lhs.as_ptr(), b, at, ldc, accumulate);
+                    kernel::<PAIR_MAJOR>(pairs, lhs.as_ptr(), b, at, ldc, accumulate);
                 } else {
                     let mut tile = [0f32; MR * NR];
                     if accumulate {
@@ -326,17 +437,17 @@ unsafe fn block(
                             std::ptr::copy_nonoverlapping(at.add(r * ldc), row, cols);
                         }
                     }
-                    kernel(pairs, lhs.as_ptr(), b, tile.as_mut_ptr(), NR, accumulate);
+                    let t = tile.as_mut_ptr();
+                    kernel::<PAIR_MAJOR>(pairs, lhs.as_ptr(), b, t, NR, accumulate);
                     for r in 0..rows {
-                        std::ptr::copy_nonoverlapping(
-                            tile[r * NR..].as_ptr(),
-                            at.add(r * ldc),
-                            cols,
-                        );
+                        let row = tile[r * NR..].as_ptr();
+                        std::ptr::copy_nonoverlapping(row, at.add(r * ldc), cols);
                     }
                 }
             }
         }
     }
-    LHS.set(lhs);
+    if prepacked.is_none() {
+        LHS.set(own);
+    }
 }

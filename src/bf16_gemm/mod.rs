@@ -21,8 +21,8 @@
 //! - weight gradient `dW = g^T x`: `A = g^T` (`MatRef::row_major(g, rows, out).t()`), `B = x`
 //!   packed at the product ([`PackedRhs::new`] on `MatRef::row_major(x, rows, in)`).
 //!
-//! Row-major `A` and both orientations of f32 `B` have vectorised packing; other strides take a
-//! scalar path (correct, slower). Every element of `C` is computed by one task, summing over `k`
+//! f32 operands that are row-major or transposed (either stride 1) have vectorised packing on
+//! the AVX512-BF16 kernel; other strides take a scalar path (correct, slower). Every element of `C` is computed by one task, summing over `k`
 //! in the same order whatever the number of threads: results are bitwise identical for any
 //! `RAYON_NUM_THREADS`. Denormal inputs may be read as zero (`vdpbf16ps` does so); nothing else
 //! differs between the kernels but the order of the f32 sums.
