@@ -198,8 +198,8 @@ enum Packed {
     /// bf16 bits in [`avx512`]'s panel layout.
     #[cfg(target_arch = "x86_64")]
     Avx512(Vec<u16>),
-    /// bf16-rounded values as f32, row-major `k x n`.
-    F32(Vec<f32>),
+    /// bf16-rounded values as f32.
+    F32(fallback::Rounded),
 }
 
 impl PackedRhs {
