@@ -58,6 +58,38 @@ fn lanes(len: usize) -> __mmask16 {
     if len >= 16 { !0 } else { (1 << len) - 1 }
 }
 
+/// The first `min(len, 32)` f32 at `src` as bf16 (round to nearest even), zeros after them.
+///
+/// # Safety
+/// `src` must point to at least `min(len, 32)` readable f32 (the loads are masked to those).
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert32(src: *const f32, len: usize) -> __m512i {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        let lo = _mm512_maskz_loadu_ps(lanes(len), src);
+        let hi = _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.wrapping_add(16));
+        std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+}
+
+/// bf16 words `[x[j], y[j]]` for the first `min(len, 16)` lanes `j`, zeros after them (and for
+/// `y` when it is `None`).
+///
+/// # Safety
+/// `x` and `y` must point to at least `min(len, 16)` readable f32 (the loads are masked).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave16(x: *const f32, y: Option<*const f32>, len: usize) -> __m512i {
+    // SAFETY: forwarded to the caller; INTERLEAVE holds 32 lanes.
+    unsafe {
+        let lo = _mm512_maskz_loadu_ps(lanes(len), x);
+        let hi = y.map_or(_mm512_setzero_ps(), |y| {
+            _mm512_maskz_loadu_ps(lanes(len), y)
+        });
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_permutexvar_epi16(_mm512_loadu_si512(INTERLEAVE.as_ptr().cast()), v)
+    }
+}
+
 /// `B` (`k x n`, any strides) in the panel layout of the module doc.
 pub(super) fn pack_rhs(b: &MatRef) -> Vec<u16> {
     let panel_len = b.rows.div_ceil(2) * 2 * NR;
@@ -84,23 +116,20 @@ unsafe fn pack_rhs_panel(b: &MatRef, j0: usize, panel: &mut [u16]) {
     match b.data {
         // Rows of B contiguous (activations, or W for g W): interleave two rows 16 columns at a time.
         Data::F32(d) if cs == 1 => {
-            // SAFETY: the masked loads read only elements (row, j0 + c < n) of b, which MatRef
-            // checked lie in d; each store writes 32 values inside the panel (2 * NR per pair).
-            unsafe {
-                let idx = _mm512_loadu_si512(INTERLEAVE.as_ptr().cast());
-                let d = d.as_ptr();
-                for p in 0..pairs {
-                    for h in 0..cols.div_ceil(16) {
-                        let c0 = j0 + 16 * h;
-                        let mask = lanes(n - c0);
-                        let r0 = _mm512_maskz_loadu_ps(mask, d.wrapping_add(2 * p * rs + c0));
-                        let r1 = if 2 * p + 1 < k {
-                            _mm512_maskz_loadu_ps(mask, d.wrapping_add((2 * p + 1) * rs + c0))
-                        } else {
-                            _mm512_setzero_ps()
-                        };
-                        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(r1, r0));
-                        let v = _mm512_permutexvar_epi16(idx, v);
+            let d = d.as_ptr();
+            for p in 0..pairs {
+                for h in 0..cols.div_ceil(16) {
+                    let c0 = j0 + 16 * h;
+                    let row = |kk: usize| d.wrapping_add(kk * rs + c0);
+                    // SAFETY: elements (2p, c0..n) and (2p + 1, c0..n) of b, when 2p + 1 < k, are
+                    // in d (MatRef checked); the store writes 32 values inside the panel
+                    // (2 * NR per pair).
+                    unsafe {
+                        let v = interleave16(
+                            row(2 * p),
+                            (2 * p + 1 < k).then(|| row(2 * p + 1)),
+                            n - c0,
+                        );
                         _mm512_storeu_si512(panel.as_mut_ptr().add(p * 2 * NR + 32 * h).cast(), v);
                     }
                 }
@@ -114,14 +143,9 @@ unsafe fn pack_rhs_panel(b: &MatRef, j0: usize, panel: &mut [u16]) {
                 let col = d[(j0 + c) * cs..].as_ptr();
                 for q in (0..k).step_by(32) {
                     let len = 32.min(k - q);
-                    // SAFETY: the masked loads read only elements q..k of this column of b.
+                    // SAFETY: elements q..k of this column of b are in d.
                     unsafe {
-                        let lo = _mm512_maskz_loadu_ps(lanes(len), col.wrapping_add(q));
-                        let hi = _mm512_maskz_loadu_ps(
-                            lanes(len.saturating_sub(16)),
-                            col.wrapping_add(q + 16),
-                        );
-                        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                        let v = convert32(col.wrapping_add(q), len);
                         _mm512_storeu_si512(converted.as_mut_ptr().cast(), v);
                     }
                     for t in 0..len.div_ceil(2) {
@@ -175,15 +199,10 @@ unsafe fn pack_lhs_rows(a: &MatRef, i0: usize, nkb: usize, dst: &mut [u16]) {
                     let src = d[i * a.row_stride + k0..].as_ptr();
                     for q in (0..len).step_by(32) {
                         let w = len - q;
-                        // SAFETY: the masked loads read elements k0 + q.. < k of row i; the store
-                        // writes 32 values at q < len <= KC, q a multiple of 32, inside `out`.
+                        // SAFETY: elements k0 + q.. < k of row i are in d; the store writes 32
+                        // values at q < len <= KC, q a multiple of 32, inside `out`.
                         unsafe {
-                            let lo = _mm512_maskz_loadu_ps(lanes(w), src.wrapping_add(q));
-                            let hi = _mm512_maskz_loadu_ps(
-                                lanes(w.saturating_sub(16)),
-                                src.wrapping_add(q + 16),
-                            );
-                            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                            let v = convert32(src.wrapping_add(q), w);
                             _mm512_storeu_si512(out.as_mut_ptr().add(q).cast(), v);
                         }
                     }
@@ -217,26 +236,23 @@ unsafe fn pack_lhs_rows(a: &MatRef, i0: usize, nkb: usize, dst: &mut [u16]) {
 unsafe fn pack_lhs_pairs(a: &MatRef, i0: usize, dst: &mut [u16]) {
     let (m, k, cs) = (a.rows, a.cols, a.col_stride);
     let rows = MR.min(m - i0);
-    // SAFETY: a constant table of 32 lanes.
-    let idx = unsafe { _mm512_loadu_si512(INTERLEAVE.as_ptr().cast()) };
     for p in 0..k.div_ceil(2) {
         let out = &mut dst[(p / (KC / 2)) * MR * KC + (p % (KC / 2)) * 2 * MR..][..2 * MR];
         match a.data {
-            // SAFETY: the masked loads read A(i0 + r, 2p) and A(i0 + r, 2p + 1) for r < rows,
-            // at d[i0 + r + column * cs] (row stride 1), inside d; the masked store writes the
-            // 2 * MR values of `out`.
-            Data::F32(d) => unsafe {
-                let mask = lanes(rows);
-                let lo = _mm512_maskz_loadu_ps(mask, d.as_ptr().wrapping_add(i0 + 2 * p * cs));
-                let hi = if 2 * p + 1 < k {
-                    _mm512_maskz_loadu_ps(mask, d.as_ptr().wrapping_add(i0 + (2 * p + 1) * cs))
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                let v = _mm512_permutexvar_epi16(idx, v);
-                _mm512_mask_storeu_epi16(out.as_mut_ptr().cast(), (1 << (2 * MR)) - 1, v);
-            },
+            Data::F32(d) => {
+                let column = |kk: usize| d.as_ptr().wrapping_add(i0 + kk * cs);
+                // SAFETY: A(i0 + r, 2p) and A(i0 + r, 2p + 1) for r < rows (and 2p + 1 < k) lie
+                // at d[i0 + r + column * cs] (row stride 1), inside d; the masked store writes
+                // the 2 * MR values of `out`.
+                unsafe {
+                    let v = interleave16(
+                        column(2 * p),
+                        (2 * p + 1 < k).then(|| column(2 * p + 1)),
+                        rows,
+                    );
+                    _mm512_mask_storeu_epi16(out.as_mut_ptr().cast(), (1 << (2 * MR)) - 1, v);
+                }
+            }
             Data::Bf16(_) => {
                 for (r, word) in out.chunks_exact_mut(2).enumerate() {
                     let value = |kk: usize| {
