@@ -8,7 +8,7 @@
 //!
 //! Two kernels, chosen at run time ([`Kernel::detect`]):
 //! - [`Kernel::Avx512Bf16`] (x86-64 with AVX512-BF16, e.g. AMD Zen 4, Intel Sapphire Rapids): a
-//!   register-blocked micro-kernel on `vdpbf16ps` ([`avx512`]'s module doc has the layouts).
+//!   register-blocked micro-kernel on `vdpbf16ps` (the layouts are described in `avx512.rs`).
 //! - [`Kernel::F32Fallback`] everywhere else: the same rounding of both operands to bf16, then
 //!   the `gemm` crate's f32 product, so results agree across machines up to the order of the f32
 //!   sums. `MULTICLIP_BF16_GEMM=f32` forces it.
@@ -195,7 +195,7 @@ pub struct PackedRhs {
 
 #[derive(Clone, Debug)]
 enum Packed {
-    /// bf16 bits in [`avx512`]'s panel layout.
+    /// bf16 bits in the panel layout of `avx512.rs`.
     #[cfg(target_arch = "x86_64")]
     Avx512(Vec<u16>),
     /// bf16-rounded values as f32.
