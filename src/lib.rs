@@ -7,6 +7,7 @@
 //! and loss specs. The CLI (`src/main.rs`, `src/cli/`) is a thin layer on top.
 
 pub mod backbone;
+pub mod bf16_gemm;
 pub mod cache;
 pub mod data;
 pub mod evaluate;
