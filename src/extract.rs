@@ -16,7 +16,7 @@
 //! thus overlap the model, and memory stays bounded by `prefetch` batches plus one shard.
 
 use crate::backbone::{Backbone, Prepared, Sample};
-use crate::cache::manifest::FORMAT_VERSION;
+use crate::cache::manifest::{FORMAT_VERSION, describe_skipped};
 use crate::cache::verify::DatasetRows;
 use crate::cache::{
     CacheHeader, CacheWriter, CsvPart, DatasetFingerprint, ShardBuilder, SkippedRow, StoredDtype,
@@ -252,6 +252,18 @@ pub fn extract(
     if options.batch_size == 0 || options.shard_rows == 0 {
         bail!("--batch-size and --shard-rows must be at least 1");
     }
+    if selected.rows.is_empty() {
+        let files: Vec<&str> = selected
+            .fingerprint
+            .parts
+            .iter()
+            .map(|p| p.file.as_str())
+            .collect();
+        bail!(
+            "nothing to extract: the selected csv files ({}) hold no rows",
+            files.join(", ")
+        );
+    }
     let start = Instant::now();
     let header = cache_header(backbone, &selected.fingerprint, options);
     let mut writer = CacheWriter::open(&options.out, header, options.slot)?;
@@ -326,6 +338,28 @@ pub fn extract(
 
     let skipped: Vec<SkippedRow> = writer.skipped().cloned().collect();
     let (shards_written, shards_reused) = (writer.written(), writer.reused());
+    if writer.stored_rows() == 0 && !skipped.is_empty() {
+        if options.slot.is_single() {
+            // Nothing computed is lost: keeping the shards would only make a re-run after
+            // fixing the inputs reuse them.
+            writer.discard()?;
+            bail!(
+                "{}: all {} rows were skipped, so the cache would hold nothing ({}). Nothing was \
+                 kept: fix the inputs and run the same command again",
+                options.out.display(),
+                skipped.len(),
+                describe_skipped(&skipped, skipped.len())
+            );
+        }
+        tracing::warn!(
+            "{}: worker {} of {} stored no row: all {} of its rows were skipped ({})",
+            options.out.display(),
+            options.slot.index,
+            options.slot.count,
+            skipped.len(),
+            describe_skipped(&skipped, skipped.len())
+        );
+    }
     let index_file = writer.finish()?;
     Ok(ExtractSummary {
         dataset_rows: selected.rows.len(),
@@ -732,5 +766,38 @@ mod tests {
         assert_eq!(reader.len(), 5);
         assert_eq!(reader.index_of("2.png"), None);
         assert_eq!(reader.manifest().skipped_rows, 1);
+    }
+
+    /// Issue 12 #16: a header-only csv is an error, not an empty cache. (The data layer may
+    /// refuse it first; either way nothing is written.)
+    #[test]
+    fn a_csv_without_rows_extracts_nothing() {
+        let data = dataset(0, &[]);
+        let out = tempfile::tempdir().unwrap();
+        let cache = out.path().join("cache");
+        if let Ok(selected) = SelectedRows::read(data.path(), PartSelection::Train) {
+            let err = extract(&MeanColour, &selected, &options(&cache, OnError::Fail))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("train.csv) hold no rows"), "{err}");
+        }
+        assert!(!cache.exists());
+    }
+
+    #[test]
+    fn an_extraction_that_skips_every_row_fails_and_keeps_nothing() {
+        let data = dataset(6, &[0, 1, 2, 3, 4, 5]);
+        let out = tempfile::tempdir().unwrap();
+        let selected = SelectedRows::read(data.path(), PartSelection::Train).unwrap();
+        let err = extract(&MeanColour, &selected, &options(out.path(), OnError::Skip))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("all 6 rows were skipped")
+                && err.contains("row 0 (0.png): ")
+                && err.contains("and 3 more"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
     }
 }

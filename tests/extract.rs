@@ -464,3 +464,410 @@ fn a_second_extract_stage_with_other_threads_runs_on_the_first_pool() {
     );
     assert_eq!(tree(&one), tree(&two));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writer locks, integrity on read and the exit status of an extraction that stored nothing.
+
+/// A spawned `multiclip` that is stopped (SIGSTOP) while it holds a lock, so that other
+/// processes meet that lock for sure; dropping it resumes the process and, unless it was waited
+/// for, kills it.
+struct Held {
+    child: Option<std::process::Child>,
+}
+
+impl Held {
+    /// Spawns `cmd` and stops it as soon as `lock` (a path under the cache) names it as holder.
+    fn start(mut cmd: Command, lock: &Path) -> Self {
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut held = Held { child: Some(child) };
+        let pid = held.pid();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while lock_holder_pid(lock) != Some(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "{} never named pid {pid}",
+                lock.display()
+            );
+            let child = held.child.as_mut().unwrap();
+            if let Some(status) = child.try_wait().unwrap() {
+                let output = held.child.take().unwrap().wait_with_output().unwrap();
+                panic!(
+                    "the lock holder ended ({status}) before it could be stopped:\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        held.signal(libc::SIGSTOP);
+        held
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Lets the process go on and waits for it.
+    fn finish(mut self) -> Output {
+        self.signal(libc::SIGCONT);
+        self.child.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: as in `signal`.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The pid recorded in a lock file, if it exists and holds one.
+fn lock_holder_pid(lock: &Path) -> Option<u32> {
+    let text = fs::read_to_string(lock).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["pid"].as_u64().map(|p| p as u32)
+}
+
+fn failure(cmd: &mut Command) -> String {
+    let output = cmd.output().unwrap();
+    assert!(
+        !output.status.success(),
+        "{cmd:?} should have failed:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn verify_ok(cache: &Path, data: &Path) {
+    run_ok(
+        multiclip()
+            .args(["cache", "verify"])
+            .arg(cache)
+            .arg("--data")
+            .arg(data),
+    );
+}
+
+/// Issue 12 #1: a second writer into a cache that another process is writing is refused with
+/// the directory and the holder (pid, host, start time), and the first one's cache is intact.
+#[test]
+fn a_second_writer_meets_the_lock_of_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 200, 0);
+    let cache = tmp.path().join("cache");
+    let first = Held::start(
+        extract_cmd(&data, &cache, &["--shard-rows", "4", "--batch-size", "2"]),
+        &cache.join("writer.lock"),
+    );
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    for other in [["--shard-rows", "8"], ["--shard-rows", "4"]] {
+        let mut opts = other.to_vec();
+        opts.extend(["--batch-size", "2"]);
+        let stderr = failure(&mut extract_cmd(&data, &cache, &opts));
+        assert!(
+            stderr.contains(&cache.display().to_string())
+                && stderr.contains(&format!("pid {}", first.pid()))
+                && stderr.contains(host.trim())
+                && stderr.contains("since")
+                && stderr.contains("being written by another multiclip process"),
+            "{stderr}"
+        );
+    }
+    // `cache merge` writes into the directory too.
+    let stderr = failure(multiclip().args(["cache", "merge"]).arg(&cache));
+    assert!(stderr.contains(&format!("pid {}", first.pid())), "{stderr}");
+    let output = first.finish();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !cache.join("writer.lock").exists(),
+        "the lock file is removed on release"
+    );
+    verify_ok(&cache, &data);
+}
+
+/// Issue 12 #1 as it was found: two extractions with other settings started at once into one
+/// directory. At most one may succeed, and what is left verifies.
+#[test]
+fn concurrent_extracts_never_both_write_a_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 120, 0);
+    for trial in 0..3 {
+        let cache = tmp.path().join(format!("cache-{trial}"));
+        let children: Vec<_> = [["--shard-rows", "4"], ["--shard-rows", "8"]]
+            .iter()
+            .map(|opts| {
+                extract_cmd(&data, &cache, opts)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outputs: Vec<Output> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let succeeded = outputs.iter().filter(|o| o.status.success()).count();
+        assert_eq!(
+            succeeded, 1,
+            "trial {trial}: {succeeded} of 2 extractions succeeded"
+        );
+        let loser = outputs.iter().find(|o| !o.status.success()).unwrap();
+        let stderr = String::from_utf8_lossy(&loser.stderr);
+        assert!(
+            stderr.contains("being written by another multiclip process")
+                || stderr.contains("different extraction"),
+            "{stderr}"
+        );
+        verify_ok(&cache, &data);
+    }
+}
+
+/// Issue 12 #1: a writer killed with SIGKILL leaves its lock file, but not its lock: the next
+/// run takes it over, resumes, and removes the file when done.
+#[test]
+fn the_lock_file_of_a_killed_writer_does_not_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 60, 0);
+    let opts = ["--shard-rows", "3", "--batch-size", "2"];
+    let cache = tmp.path().join("cache");
+    assert!(kill_after_shards(extract_cmd(&data, &cache, &opts), &cache, 1) < 20);
+    let holder = lock_holder_pid(&cache.join("writer.lock"))
+        .expect("the killed writer's lock file stays (its content is information only)");
+    assert!(
+        !Path::new(&format!("/proc/{holder}")).exists(),
+        "the recorded holder {holder} is the killed process"
+    );
+    let output = run_ok(&mut extract_cmd(&data, &cache, &opts));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("reused"));
+    assert!(!cache.join("writer.lock").exists());
+    verify_ok(&cache, &data);
+}
+
+/// Issue 12 #1 with several workers: each locks only its own slot, so the workers of one
+/// extraction run side by side, while a second copy of a running worker, a worker of another
+/// split of the job, a single-process writer and `cache merge` are refused until it is done.
+#[test]
+fn workers_lock_their_slot_and_share_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 160, 0);
+    let opts = ["--shard-rows", "4", "--batch-size", "2"];
+    let cache = tmp.path().join("cache");
+    let worker = |index: &str, count: &str| {
+        let mut all = opts.to_vec();
+        all.extend(["--num-workers", count, "--worker-index", index]);
+        extract_cmd(&data, &cache, &all)
+    };
+    let first = Held::start(worker("0", "2"), &cache.join("worker-0-of-2.lock"));
+    let holder = format!("pid {}", first.pid());
+
+    run_ok(&mut worker("1", "2"));
+    let stderr = failure(&mut worker("0", "2"));
+    assert!(
+        stderr.contains("worker 0 of 2")
+            && stderr.contains("already running")
+            && stderr.contains(&holder),
+        "{stderr}"
+    );
+    let stderr = failure(&mut worker("1", "3"));
+    assert!(
+        stderr.contains("worker 0 of 2")
+            && stderr.contains(&holder)
+            && stderr.contains("same arguments"),
+        "{stderr}"
+    );
+    let stderr = failure(&mut extract_cmd(&data, &cache, &opts));
+    assert!(
+        stderr.contains("worker 0 of 2") && stderr.contains(&holder),
+        "{stderr}"
+    );
+    let stderr = failure(multiclip().args(["cache", "merge"]).arg(&cache));
+    assert!(
+        stderr.contains("worker 0 of 2") && stderr.contains(&holder),
+        "{stderr}"
+    );
+
+    let output = first.finish();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    run_ok(multiclip().args(["cache", "merge"]).arg(&cache));
+    verify_ok(&cache, &data);
+    let single = tmp.path().join("single");
+    run_ok(&mut extract_cmd(&data, &single, &opts));
+    assert_eq!(tree(&cache), tree(&single));
+}
+
+/// Issue 12 #16: `--on-error skip` with every row unreadable stored nothing: that is an error,
+/// and nothing is kept, so that the same command run again after fixing the images extracts
+/// them.
+#[test]
+fn an_extraction_that_stores_no_row_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 24, 0);
+    let images = tmp.path().join("good-images");
+    fs::rename(data.join("data"), &images).unwrap();
+    fs::create_dir(data.join("data")).unwrap();
+    for i in 0..24 {
+        fs::write(data.join(format!("data/{i}.png")), b"not a png").unwrap();
+    }
+    let cache = tmp.path().join("cache");
+    let opts = ["--shard-rows", "8", "--on-error", "skip"];
+    let stderr = failure(&mut extract_cmd(&data, &cache, &opts));
+    assert!(
+        stderr.contains("all 24 rows were skipped") && stderr.contains("row 0 (0.png)"),
+        "{stderr}"
+    );
+    assert!(!cache.join("manifest.json").exists());
+    assert!(shard_files(&cache).is_empty(), "{:?}", shard_files(&cache));
+
+    fs::remove_dir_all(data.join("data")).unwrap();
+    fs::rename(&images, data.join("data")).unwrap();
+    run_ok(&mut extract_cmd(&data, &cache, &opts));
+    assert_eq!(CacheReader::open(&cache).unwrap().len(), 24);
+}
+
+/// The byte range of a shard's safetensors header (length prefix and JSON).
+fn header_end(bytes: &[u8]) -> usize {
+    8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+}
+
+/// Replaces `from` by `to` (same length) once inside the header of `shard`.
+fn edit_header(shard: &Path, from: &str, to: &str) {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = fs::read(shard).unwrap();
+    let end = header_end(&bytes);
+    let at = bytes[..end]
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("{from} is not in the header of {}", shard.display()));
+    bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
+    fs::write(shard, bytes).unwrap();
+}
+
+/// Swaps the ids `a` and `b` (of equal length) in the header of `shard`.
+fn swap_ids(shard: &Path, a: &str, b: &str) {
+    let quoted = |id: &str| format!("\\\"{id}\\\"");
+    let placeholder = "#".repeat(a.len());
+    edit_header(shard, &quoted(a), &quoted(&placeholder));
+    edit_header(shard, &quoted(b), &quoted(a));
+    edit_header(shard, &quoted(&placeholder), &quoted(b));
+}
+
+/// Issue 12 #3: train and predict check the cache when they open it (row ids against the
+/// manifest, content hash) and refuse a damaged one in the words of `cache verify`.
+#[test]
+fn train_and_predict_refuse_damaged_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 40, 0);
+    let cache = tmp.path().join("cache");
+    run_ok(&mut extract_cmd(&data, &cache, &["--shard-rows", "16"]));
+    let split = tmp.path().join("split.json");
+    run_ok(
+        multiclip()
+            .args(["dataset", "split"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&split),
+    );
+    let checkpoints = tmp.path().join("checkpoints");
+    let train = |name: &str| {
+        let mut cmd = multiclip();
+        cmd.arg("train")
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--data")
+            .arg(&data)
+            .arg("--split")
+            .arg(&split)
+            .args([
+                "--head",
+                "mlp:hidden=0",
+                "--epochs",
+                "1",
+                "--name",
+                name,
+                "--out",
+            ])
+            .arg(&checkpoints);
+        cmd
+    };
+    let predict = || {
+        let mut cmd = multiclip();
+        cmd.arg("predict")
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--checkpoint")
+            .arg(checkpoints.join("probe"))
+            .arg("--out")
+            .arg(tmp.path().join("predictions.csv"));
+        cmd
+    };
+    run_ok(&mut train("probe"));
+    run_ok(&mut predict());
+    let first = cache.join("shard-00000.safetensors");
+    let pristine = fs::read(&first).unwrap();
+
+    // Two ids swapped in a shard's metadata: their rows would carry each other's labels.
+    swap_ids(&first, "3.png", "4.png");
+    let verify = failure(multiclip().args(["cache", "verify"]).arg(&cache));
+    let problem = verify
+        .lines()
+        .find(|l| l.contains("shard-00000.safetensors") && l.contains("row ids"))
+        .unwrap_or_else(|| panic!("verify names the edited ids:\n{verify}"))
+        .trim_start_matches("error: ")
+        .to_string();
+    for stderr in [failure(&mut train("swapped")), failure(&mut predict())] {
+        assert!(
+            stderr.contains(&problem) && stderr.contains("cache verify"),
+            "the words of verify ({problem}) and where to look:\n{stderr}"
+        );
+    }
+
+    // One id edited: predict would write it to the submission as it is.
+    fs::write(&first, &pristine).unwrap();
+    edit_header(&first, "\\\"3.png\\\"", "\\\"x.png\\\"");
+    let stderr = failure(&mut predict());
+    assert!(
+        stderr.contains("shard-00000.safetensors") && stderr.contains("row ids"),
+        "{stderr}"
+    );
+
+    // A NaN over a stored feature value (f16 0x7e00) of the last shard.
+    fs::write(&first, &pristine).unwrap();
+    let last = cache.join("shard-00002.safetensors");
+    let mut bytes = fs::read(&last).unwrap();
+    let at = header_end(&bytes) + 10;
+    bytes[at..at + 2].copy_from_slice(&[0x00, 0x7e]);
+    fs::write(&last, bytes).unwrap();
+    for stderr in [failure(&mut predict()), failure(&mut train("nan"))] {
+        assert!(
+            stderr.contains("shard-00002.safetensors") && stderr.contains("altered"),
+            "{stderr}"
+        );
+    }
+}

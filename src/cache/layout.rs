@@ -9,11 +9,14 @@ use std::ops::Range;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Folder of per-worker manifest parts (multi-worker runs, until `cache merge`).
 pub const PARTS_DIR: &str = "parts";
+/// The cache-wide writer lock (see [`super::lock`]); removed by its last exclusive holder.
+pub const LOCK_FILE: &str = "writer.lock";
 
 const SHARD_PREFIX: &str = "shard-";
 const SHARD_SUFFIX: &str = ".safetensors";
 const PART_PREFIX: &str = "worker-";
 const PART_SUFFIX: &str = ".json";
+const WORKER_LOCK_SUFFIX: &str = ".lock";
 
 /// `shard-00042.safetensors`.
 pub fn shard_file_name(index: usize) -> String {
@@ -30,7 +33,16 @@ pub fn parse_shard_file_name(name: &str) -> Option<usize> {
 
 /// `worker-1-of-3.json`.
 pub fn part_file_name(slot: WorkerSlot) -> String {
-    format!("{PART_PREFIX}{}-of-{}{PART_SUFFIX}", slot.index, slot.count)
+    worker_file_name(slot, PART_SUFFIX)
+}
+
+/// `worker-1-of-3.lock`: the lock of one worker's slot, beside [`LOCK_FILE`].
+pub fn worker_lock_file_name(slot: WorkerSlot) -> String {
+    worker_file_name(slot, WORKER_LOCK_SUFFIX)
+}
+
+fn worker_file_name(slot: WorkerSlot, suffix: &str) -> String {
+    format!("{PART_PREFIX}{}-of-{}{suffix}", slot.index, slot.count)
 }
 
 /// Whether `name` is meant as a part file (`worker-*.json`), well-formed or not.
@@ -41,9 +53,18 @@ pub fn is_part_file_name(name: &str) -> bool {
 /// The (index, count) of a part file name (`worker-1-of-3.json` -> (1, 3)), None when it is not
 /// of that form (the numbers are not checked against each other: see [`WorkerSlot::new`]).
 pub fn parse_part_file_name(name: &str) -> Option<(usize, usize)> {
+    parse_worker_file_name(name, PART_SUFFIX)
+}
+
+/// The (index, count) of a worker lock file name (`worker-1-of-3.lock` -> (1, 3)).
+pub fn parse_worker_lock_file_name(name: &str) -> Option<(usize, usize)> {
+    parse_worker_file_name(name, WORKER_LOCK_SUFFIX)
+}
+
+fn parse_worker_file_name(name: &str, suffix: &str) -> Option<(usize, usize)> {
     let (index, count) = name
         .strip_prefix(PART_PREFIX)?
-        .strip_suffix(PART_SUFFIX)?
+        .strip_suffix(suffix)?
         .split_once("-of-")?;
     Some((index.parse().ok()?, count.parse().ok()?))
 }
@@ -153,6 +174,12 @@ mod tests {
         assert_eq!(parse_shard_file_name("shard-x.safetensors"), None);
         let slot = WorkerSlot::new(1, 3).unwrap();
         assert_eq!(parse_part_file_name(&part_file_name(slot)), Some((1, 3)));
+        assert_eq!(
+            parse_worker_lock_file_name(&worker_lock_file_name(slot)),
+            Some((1, 3))
+        );
+        assert_eq!(parse_part_file_name(&worker_lock_file_name(slot)), None);
+        assert!(!is_part_file_name(&worker_lock_file_name(slot)));
         assert!(is_part_file_name("worker-x.json"));
         assert_eq!(parse_part_file_name("worker-x.json"), None);
         assert!(!is_part_file_name("notes.json"));

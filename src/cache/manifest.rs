@@ -5,13 +5,19 @@
 
 use super::layout::MANIFEST_FILE;
 use crate::backbone::{BackboneInfo, OutputKind, OutputSpec};
-use crate::files;
+use crate::files::{self, ContentHash, HashAlgorithm};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Cache format version; bump when the layout of shards or manifest changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Cache format version; bump when the layout of shards or manifest changes. Version 2 records
+/// an xxh3-128 hash of every shard and of its header (row ids) instead of version 1's sha256 of
+/// the file; version 1 caches stay readable (see [`ShardEntry`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest cache format this multiclip reads.
+pub const OLDEST_READABLE_FORMAT: u32 = 1;
+/// The hash new shards are recorded with.
+pub const SHARD_HASH: HashAlgorithm = HashAlgorithm::Xxh3_128;
 
 /// Element type of an output as stored in the shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,8 +182,29 @@ pub struct SkippedRow {
     pub reason: String,
 }
 
+/// Skipped rows shown in a message by [`describe_skipped`].
+const SKIPPED_SHOWN: usize = 3;
+
+/// The first few of `rows` (`count` in all) for a message:
+/// `row 0 (0.png): <reason>; row 1 (1.png): <reason>; ...; and 21 more`.
+pub fn describe_skipped<'a>(
+    rows: impl IntoIterator<Item = &'a SkippedRow>,
+    count: usize,
+) -> String {
+    let mut shown: Vec<String> = rows
+        .into_iter()
+        .take(SKIPPED_SHOWN)
+        .map(|s| format!("row {} ({}): {}", s.row, s.id, s.reason.trim_end()))
+        .collect();
+    if count > SKIPPED_SHOWN {
+        shown.push(format!("and {} more", count - SKIPPED_SHOWN));
+    }
+    shown.join("; ")
+}
+
 /// One shard file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ShardEntryFields")]
 pub struct ShardEntry {
     pub index: usize,
     pub file: String,
@@ -187,8 +214,62 @@ pub struct ShardEntry {
     /// Rows stored in the file.
     pub rows: usize,
     pub bytes: u64,
-    pub sha256: String,
+    /// Hash of the whole file (`xxh3-128:…`; format 1 caches: their `sha256`, read as
+    /// `sha256:…`).
+    pub hash: ContentHash,
+    /// Hash of the file's safetensors header (row ids, skipped rows, tensor table), checked on
+    /// every open; format 1 caches have none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_hash: Option<ContentHash>,
     pub skipped: Vec<SkippedRow>,
+}
+
+/// A [`ShardEntry`] as written by any format version.
+#[derive(Deserialize)]
+struct ShardEntryFields {
+    index: usize,
+    file: String,
+    start: usize,
+    end: usize,
+    rows: usize,
+    bytes: u64,
+    #[serde(default)]
+    hash: Option<ContentHash>,
+    #[serde(default)]
+    header_hash: Option<ContentHash>,
+    /// Format 1: the file's sha256 (hex).
+    #[serde(default)]
+    sha256: Option<String>,
+    skipped: Vec<SkippedRow>,
+}
+
+impl TryFrom<ShardEntryFields> for ShardEntry {
+    type Error = String;
+    fn try_from(f: ShardEntryFields) -> Result<Self, String> {
+        let hash = match (f.hash, f.sha256) {
+            (Some(hash), None) => hash,
+            (None, Some(sha256)) => format!("sha256:{sha256}")
+                .parse()
+                .map_err(|e| format!("shard {}: {e}", f.index))?,
+            _ => {
+                return Err(format!(
+                    "shard {} must record exactly one of `hash` and (format 1) `sha256`",
+                    f.index
+                ));
+            }
+        };
+        Ok(Self {
+            index: f.index,
+            file: f.file,
+            start: f.start,
+            end: f.end,
+            rows: f.rows,
+            bytes: f.bytes,
+            hash,
+            header_hash: f.header_hash,
+            skipped: f.skipped,
+        })
+    }
 }
 
 /// The cache index (`manifest.json`), also the body of a per-worker part.
@@ -247,11 +328,28 @@ impl Manifest {
                 manifest.format
             );
         }
-        if manifest.header.format_version != FORMAT_VERSION {
+        let version = manifest.header.format_version;
+        if !(OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&version) {
             bail!(
-                "{} uses cache format version {}, this multiclip reads version {FORMAT_VERSION}",
+                "{} uses cache format version {version}, this multiclip reads versions \
+                 {OLDEST_READABLE_FORMAT} to {FORMAT_VERSION} (was it written by a newer \
+                 multiclip?)",
+                path.display()
+            );
+        }
+        if manifest.header.shard_rows == 0 || manifest.header.batch_size == 0 {
+            bail!(
+                "{}: shard_rows and batch_size must be at least 1 (the file was edited?)",
+                path.display()
+            );
+        }
+        if version >= 2
+            && let Some(entry) = manifest.shards.iter().find(|s| s.header_hash.is_none())
+        {
+            bail!(
+                "{}: shard {} has no header_hash, which cache format {version} records",
                 path.display(),
-                manifest.header.format_version
+                entry.index
             );
         }
         Ok(manifest)
@@ -278,17 +376,28 @@ impl Manifest {
         if self.fingerprint == fingerprint {
             return Ok(());
         }
+        let dir = path.parent().map_or(path, |p| p).display();
+        if self.header.format_version != header.format_version {
+            bail!(
+                "{} was written by another multiclip version (cache format {}; this one writes \
+                 format {}), so this extraction cannot add to it: extract into a new --out \
+                 directory (the old cache stays readable by train, evaluate and predict), or \
+                 delete {dir} to start over",
+                path.display(),
+                self.header.format_version,
+                header.format_version
+            );
+        }
         let diffs = self.header.differences(header);
         bail!(
             "{} belongs to a different extraction (differs in: {}). Use another --out directory, or \
-             delete {} to start over",
+             delete {dir} to start over",
             path.display(),
             if diffs.is_empty() {
                 "settings".to_string()
             } else {
                 diffs.join(", ")
             },
-            path.parent().map_or(path, |p| p).display()
         )
     }
 
@@ -352,13 +461,91 @@ pub(crate) mod tests {
     #[test]
     fn manifest_round_trips_and_is_stable() {
         let dir = tempfile::tempdir().unwrap();
-        let manifest = Manifest::new(test_header(3, 2), vec![]);
+        let manifest = Manifest::new(test_header(4, 2), vec![entry(0), entry(1)]);
         let path = dir.path().join("manifest.json");
         manifest.save(&path).unwrap();
         let loaded = Manifest::load(&path).unwrap();
         assert_eq!(loaded, manifest);
         assert_eq!(loaded.to_bytes(), std::fs::read(&path).unwrap());
         assert_eq!(loaded.header.fingerprint(), manifest.fingerprint);
+    }
+
+    /// A format 2 manifest turned into what multiclip 1 wrote: format_version 1 and a bare
+    /// `sha256` per shard instead of `hash` and `header_hash`.
+    pub(crate) fn as_format_1(manifest: &Manifest, sha256s: &[String]) -> Vec<u8> {
+        let mut json = serde_json::to_value(manifest).unwrap();
+        let mut header = manifest.header.clone();
+        header.format_version = 1;
+        json["format_version"] = 1.into();
+        json["fingerprint"] = header.fingerprint().into();
+        for (shard, sha) in json["shards"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .zip(sha256s)
+        {
+            let shard = shard.as_object_mut().unwrap();
+            shard.remove("hash");
+            shard.remove("header_hash");
+            shard.insert("sha256".into(), sha.clone().into());
+        }
+        serde_json::to_vec_pretty(&json).unwrap()
+    }
+
+    fn entry(index: usize) -> ShardEntry {
+        ShardEntry {
+            index,
+            file: crate::cache::layout::shard_file_name(index),
+            start: 2 * index,
+            end: 2 * index + 2,
+            rows: 2,
+            bytes: 10,
+            hash: ContentHash::of(SHARD_HASH, b"shard"),
+            header_hash: Some(ContentHash::of(SHARD_HASH, b"header")),
+            skipped: vec![],
+        }
+    }
+
+    #[test]
+    fn format_1_manifests_stay_readable_with_their_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Manifest::new(test_header(4, 2), vec![entry(0), entry(1)]);
+        let path = dir.path().join("manifest.json");
+        let sha = files::sha256_hex(b"shard");
+        std::fs::write(&path, as_format_1(&manifest, &[sha.clone(), sha.clone()])).unwrap();
+        let old = Manifest::load(&path).unwrap();
+        assert_eq!(old.header.format_version, 1);
+        assert_eq!(old.shards[1].hash.to_string(), format!("sha256:{sha}"));
+        assert_eq!(old.shards[1].header_hash, None);
+        // An extraction with this version's settings into it names the format.
+        let err = old
+            .check_same_run(&path, &manifest.header, &manifest.fingerprint)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cache format 1") && err.contains("new --out"),
+            "{err}"
+        );
+
+        // Format 2 must record the header hash; format 3 is from the future.
+        let mut json = serde_json::to_value(&manifest).unwrap();
+        json["shards"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("header_hash");
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let err = Manifest::load(&path).unwrap_err().to_string();
+        assert!(err.contains("header_hash"), "{err}");
+        json["format_version"] = 3.into();
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let err = Manifest::load(&path).unwrap_err().to_string();
+        assert!(err.contains("versions 1 to 2"), "{err}");
+        // Both hashes, or neither, is not a shard entry.
+        let mut json = serde_json::to_value(&manifest).unwrap();
+        json["shards"][0]["sha256"] = sha.into();
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let err = format!("{:#}", Manifest::load(&path).unwrap_err());
+        assert!(err.contains("exactly one of"), "{err}");
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! `cache merge`: combines the per-worker parts (`parts/worker-I-of-N.json`) of a multi-worker
 //! extraction into the one `manifest.json` a single process would have written, byte for byte,
-//! then removes the parts. Refuses when a worker is missing or the parts disagree.
+//! then removes the parts. Holds the whole cache's writer lock (so no worker is still running),
+//! and refuses when a worker is missing, the parts disagree, a shard does not match its part's
+//! record, or no row at all was stored.
 
+use super::integrity::{Integrity, check_shard};
 use super::layout::{MANIFEST_FILE, WorkerSlot, part_file_name, shard_ranges};
-use super::manifest::Manifest;
+use super::lock::WriterLock;
+use super::manifest::{FORMAT_VERSION, Manifest, describe_skipped};
 use super::parts;
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
 
 /// What [`merge`] did.
@@ -21,8 +24,17 @@ pub enum MergeOutcome {
 
 /// Merges the worker parts in `dir` into `dir/manifest.json`.
 pub fn merge(dir: &Path) -> Result<MergeOutcome> {
-    let part_paths = parts::list(dir)?;
     let manifest_path = dir.join(MANIFEST_FILE);
+    if parts::list(dir)?.is_empty() && manifest_path.exists() {
+        // Nothing to write (the cache may sit on read-only storage): no lock needed.
+        return Ok(MergeOutcome::AlreadyMerged);
+    }
+    let _lock = if dir.is_dir() {
+        Some(WriterLock::whole(dir, "cache merge")?)
+    } else {
+        None
+    };
+    let part_paths = parts::list(dir)?;
     if part_paths.is_empty() {
         if manifest_path.exists() {
             return Ok(MergeOutcome::AlreadyMerged);
@@ -40,6 +52,13 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
     let (first_path, first) = &parts[0];
     let header = first.header.clone();
     let fingerprint = first.fingerprint.clone();
+    ensure!(
+        header.format_version == FORMAT_VERSION,
+        "{}: written by another multiclip version (cache format {}; this one merges format \
+         {FORMAT_VERSION}): merge with the multiclip that extracted it",
+        first_path.display(),
+        header.format_version
+    );
     ensure!(
         header.fingerprint() == fingerprint,
         "{}: the header does not match its fingerprint (edited by hand?)",
@@ -94,22 +113,15 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
                 entry.index,
                 entry.index % slot.count
             );
-            let file = dir.join(&entry.file);
-            let size = fs::metadata(&file)
-                .with_context(|| {
-                    format!(
-                        "{} lists {} which is missing",
-                        path.display(),
-                        file.display()
-                    )
-                })?
-                .len();
-            ensure!(
-                size == entry.bytes,
-                "{}: {size} bytes, its worker recorded {} (run `multiclip cache verify`)",
-                file.display(),
-                entry.bytes
-            );
+            let (_, problems) = check_shard(dir, &header, &fingerprint, &entry, Integrity::Headers);
+            if !problems.is_empty() {
+                bail!(
+                    "{} records a shard that does not match it: {}. Re-run that worker with the \
+                     same arguments (it recomputes the shard) before merging",
+                    path.display(),
+                    problems.join("; ")
+                );
+            }
             if shards.insert(entry.index, entry).is_some() {
                 bail!("{}: a shard is listed by two parts", path.display());
             }
@@ -123,7 +135,18 @@ pub fn merge(dir: &Path) -> Result<MergeOutcome> {
         dir.display()
     );
     let shard_count = shards.len();
-    Manifest::new(header, shards.into_values().collect()).save(&manifest_path)?;
+    let manifest = Manifest::new(header, shards.into_values().collect());
+    if manifest.stored_rows == 0 && manifest.header.dataset.rows > 0 {
+        bail!(
+            "{}: all {} rows were skipped, so the cache would hold nothing ({}). Nothing was \
+             merged: fix the inputs, delete {} and run the workers again",
+            dir.display(),
+            manifest.header.dataset.rows,
+            describe_skipped(manifest.skipped(), manifest.skipped_rows),
+            dir.display()
+        );
+    }
+    manifest.save(&manifest_path)?;
     parts::remove(dir)?;
     Ok(MergeOutcome::Merged {
         parts: count,
@@ -136,6 +159,7 @@ mod tests {
     use super::*;
     use crate::cache::manifest::tests::test_header;
     use crate::cache::writer::tests::write_synthetic;
+    use std::fs;
 
     fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         fs::read_dir(dir)

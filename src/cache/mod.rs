@@ -8,6 +8,7 @@
 //!   shard-00000.safetensors       dataset rows [0, N) of the selected rows
 //!   shard-00001.safetensors       rows [N, 2N) ...
 //!   parts/worker-0-of-3.json      multi-worker runs only: one worker's shards, until `cache merge`
+//!   writer.lock                   while a process writes (see [`lock`]); workers: worker-I-of-N.lock
 //! ```
 //!
 //! **Shards** are plain safetensors files (readable from Python with `safetensors.numpy.load_file`).
@@ -23,6 +24,10 @@
 //! metadata and in the manifest, so a shard stores `end - start - skipped` rows and the reader's row
 //! numbers (`0..len()`) count stored rows only.
 //!
+//! **Integrity.** The manifest records each shard's size, the hash of its header (row ids) and
+//! of its content; readers check them on open ([`integrity`]) and refuse non-finite values
+//! where rows are read.
+//!
 //! **Crash safety.** Every file is written to a temporary name in the same directory, fsynced,
 //! renamed into place and the directory fsynced ([`crate::files::write_atomic`]). A shard file that exists
 //! under its final name is complete; a re-run recomputes only the missing ones. Shard bytes depend
@@ -30,12 +35,15 @@
 //! interrupted-then-resumed run and a multi-worker run produce byte-identical files.
 //!
 //! Modules: [`manifest`] (the JSON index), [`layout`] (file names, row partition, worker
-//! assignment), [`shard`] (encoding/decoding one shard), [`writer`] (resumable writing),
-//! `parts` (the per-worker manifests of a multi-worker run), [`reader`] (memory-mapped reading),
-//! [`batches`] (batch iteration), [`verify`] and [`merge`].
+//! assignment), [`shard`] (encoding/decoding one shard), [`lock`] (writer locks), [`writer`]
+//! (resumable writing), `parts` (the per-worker manifests of a multi-worker run),
+//! [`integrity`] (the checks of a cache before it is trusted), [`reader`] (memory-mapped
+//! reading), [`batches`] (batch iteration), [`verify`] and [`merge`].
 
 pub mod batches;
+pub mod integrity;
 pub mod layout;
+pub mod lock;
 pub mod manifest;
 pub mod merge;
 pub(crate) mod parts;
@@ -45,6 +53,7 @@ pub mod verify;
 pub mod writer;
 
 pub use batches::{Batch, BatchOrder, BatchPlan};
+pub use integrity::Integrity;
 pub use layout::WorkerSlot;
 pub use manifest::{
     CacheHeader, CsvPart, DatasetFingerprint, Manifest, ShardEntry, SkippedRow, StoredDtype,

@@ -1,24 +1,26 @@
 //! Memory-mapped reading of a finished cache: this is what stage 2 uses.
 //!
-//! [`CacheReader::open`] maps every shard (nothing is read until touched) and checks it against
-//! the manifest. Rows are numbered `0..len()` over the stored rows of all shards in dataset order
-//! (skipped rows have no number). [`CacheReader::row_bytes`] is a zero-copy view of one stored row;
-//! [`CacheReader::gather`] copies just the requested rows into an f32 tensor; batch iteration is in
-//! [`super::batches`].
+//! [`CacheReader::open`] maps every shard (nothing is read until touched) after checking the
+//! cache with [`super::integrity`]: the manifest, every shard's size, header and row ids, and
+//! (unless opened with [`Integrity::Headers`]) every shard's content hash. Rows are numbered
+//! `0..len()` over the stored rows of all shards in dataset order (skipped rows have no number).
+//! [`CacheReader::row_bytes`] is a zero-copy view of one stored row; [`CacheReader::gather`]
+//! copies just the requested rows into an f32 tensor, refusing non-finite values (which extract
+//! never stores) by shard, row and id; batch iteration is in [`super::batches`].
 
-use super::layout::shard_file_name;
+use super::integrity::{Integrity, check_manifest, check_shard};
 use super::manifest::{Manifest, StoredDtype, StoredOutput};
-use super::shard::ShardLayout;
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Gathers of at least this many elements are decoded in parallel.
 const PARALLEL_GATHER_ELEMENTS: usize = 1 << 16;
+/// Problems listed in the error of a cache that fails its check on open.
+const PROBLEMS_SHOWN: usize = 10;
 
 struct MappedShard {
     mmap: Mmap,
@@ -38,59 +40,54 @@ pub struct CacheReader {
 }
 
 impl CacheReader {
-    /// Opens `dir/manifest.json` and maps every shard, checking each file's size, tensor names,
-    /// dtypes, shapes and row ids against the manifest (checksums are `cache verify`'s job).
+    /// Opens `dir/manifest.json` and maps every shard after the full check
+    /// ([`Integrity::Full`]): what `cache verify` checks, but the dataset.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, Integrity::Full)
+    }
+
+    /// Opens `dir` after the checks of `integrity`; any problem is an error that lists them in
+    /// the words of `cache verify`.
+    pub fn open_with(dir: &Path, integrity: Integrity) -> Result<Self> {
         let manifest = Manifest::load_dir(dir)?;
-        let header = &manifest.header;
-        let mut shards = Vec::with_capacity(manifest.shards.len());
+        if integrity == Integrity::Headers && manifest.header.format_version < 2 {
+            tracing::warn!(
+                "{}: cache format {} records no hash of the shard headers, so the row ids are \
+                 checked only by the full check (open it without --trust-cache, or re-extract)",
+                dir.display(),
+                manifest.header.format_version
+            );
+        }
+        let mut problems = check_manifest(dir, &manifest);
+        let checked: Vec<_> = manifest
+            .shards
+            .par_iter()
+            .map(|entry| {
+                check_shard(
+                    dir,
+                    &manifest.header,
+                    &manifest.fingerprint,
+                    entry,
+                    integrity,
+                )
+            })
+            .collect();
+        let mut shards = Vec::with_capacity(checked.len());
         let mut first_row = vec![0];
         let mut ids = Vec::with_capacity(manifest.stored_rows);
-        for (expected_index, entry) in manifest.shards.iter().enumerate() {
-            let path = dir.join(&entry.file);
-            ensure!(
-                entry.index == expected_index && entry.file == shard_file_name(entry.index),
-                "{}: shard {} listed as {} at position {expected_index}",
-                dir.join(super::layout::MANIFEST_FILE).display(),
-                entry.index,
-                entry.file
-            );
-            let file = File::open(&path)
-                .with_context(|| format!("cannot open shard {}", path.display()))?;
-            let size = file
-                .metadata()
-                .with_context(|| format!("cannot stat {}", path.display()))?
-                .len();
-            if size != entry.bytes {
-                bail!(
-                    "shard {} has {size} bytes, the manifest says {}: it was truncated or \
-                     replaced (run `multiclip cache verify {}`)",
-                    path.display(),
-                    entry.bytes,
-                    dir.display()
-                );
+        for (shard, shard_problems) in checked {
+            problems.extend(shard_problems);
+            if let Some(shard) = shard {
+                first_row.push(first_row.last().copied().unwrap_or(0) + shard.layout.rows);
+                ids.extend(shard.layout.meta.ids);
+                shards.push(MappedShard {
+                    mmap: shard.mmap,
+                    ranges: shard.layout.ranges,
+                });
             }
-            // SAFETY: cache files are written once and renamed into place, never modified in
-            // place; a concurrent external modification is outside the contract.
-            let mmap = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("cannot memory-map {}", path.display()))?;
-            let layout = ShardLayout::parse(&mmap, header, &manifest.fingerprint, entry.index)
-                .with_context(|| format!("shard {} does not match the manifest", path.display()))?;
-            ensure!(
-                layout.rows == entry.rows && layout.meta.skipped == entry.skipped,
-                "shard {} holds {} rows and {} skipped, the manifest says {} and {}",
-                path.display(),
-                layout.rows,
-                layout.meta.skipped.len(),
-                entry.rows,
-                entry.skipped.len()
-            );
-            first_row.push(first_row.last().copied().unwrap_or(0) + layout.rows);
-            ids.extend(layout.meta.ids);
-            shards.push(MappedShard {
-                mmap,
-                ranges: layout.ranges,
-            });
+        }
+        if !problems.is_empty() {
+            bail!(failed_check(dir, &problems));
         }
         let mut index = HashMap::with_capacity(ids.len());
         for (row, id) in ids.iter().enumerate() {
@@ -190,14 +187,19 @@ impl CacheReader {
     }
 
     /// Rows `rows` of output `name` as an f32 tensor `[rows.len(), ...shape]` on `device`
-    /// (masks come out as 0.0/1.0). Only the requested rows are read and converted.
+    /// (masks come out as 0.0/1.0). Only the requested rows are read and converted; a NaN or
+    /// infinite value among them is an error naming the shard, the row and its id.
     pub fn gather(&self, name: &str, rows: &[usize], device: &Device) -> Result<Tensor> {
         let k = self.output_position(name)?;
         let out = &self.outputs()[k];
         let row_len = out.row_len();
         let mut values = vec![0f32; rows.len() * row_len];
         let decode = |(dst, &row): (&mut [f32], &usize)| -> Result<()> {
-            decode_row(out.dtype, self.row_bytes_at(k, row)?, dst);
+            let bytes = self.row_bytes_at(k, row)?;
+            if let Some(element) = first_non_finite(out.dtype, bytes) {
+                return Err(self.non_finite(out, row, element, bytes));
+            }
+            decode_row(out.dtype, bytes, dst);
             Ok(())
         };
         if row_len == 0 {
@@ -214,6 +216,80 @@ impl CacheReader {
         shape.extend(&out.shape);
         Ok(Tensor::from_vec(values, shape, device)?)
     }
+
+    /// The error for element `element` of row `row` of output `out` (`bytes`), not finite.
+    fn non_finite(
+        &self,
+        out: &StoredOutput,
+        row: usize,
+        element: usize,
+        bytes: &[u8],
+    ) -> anyhow::Error {
+        let mut values = vec![0f32; out.row_len()];
+        decode_row(out.dtype, bytes, &mut values);
+        let (shard, local) = self.locate(row).unwrap_or((0, row));
+        let file = self.dir.join(&self.manifest.shards[shard].file);
+        anyhow::anyhow!(
+            "{}: stored row {local} (id {:?}) holds {} in output `{}` (element {element}). \
+             extract never stores a non-finite value, so the file was altered or written by \
+             another tool: run `multiclip cache verify {}`",
+            file.display(),
+            self.ids[row],
+            values[element],
+            out.name,
+            self.dir.display()
+        )
+    }
+}
+
+/// The first NaN or infinite element of a stored row, from the raw bits (exponent all ones);
+/// masks have none.
+fn first_non_finite(dtype: StoredDtype, bytes: &[u8]) -> Option<usize> {
+    fn first<const N: usize>(bytes: &[u8], bad: impl Fn([u8; N]) -> bool) -> Option<usize> {
+        let elements = || {
+            bytes
+                .chunks_exact(N)
+                .map(|b| bad(b.try_into().expect("chunks of N bytes")))
+        };
+        // A fold without early exit vectorises: only a row that has a bad value is searched.
+        if !elements().fold(false, |any, b| any | b) {
+            return None;
+        }
+        elements().position(|b| b)
+    }
+    match dtype {
+        StoredDtype::F16 => first::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7c00 == 0x7c00),
+        StoredDtype::F32 => first::<4>(bytes, |b| {
+            u32::from_le_bytes(b) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        StoredDtype::U8 => None,
+    }
+}
+
+/// The error of a cache that failed its check on open: the problems, and what to do.
+fn failed_check(dir: &Path, problems: &[String]) -> String {
+    let mut message = format!(
+        "cache {} failed its integrity check ({} problem{}):",
+        dir.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for problem in problems.iter().take(PROBLEMS_SHOWN) {
+        message.push_str(&format!("\n  {problem}"));
+    }
+    if problems.len() > PROBLEMS_SHOWN {
+        message.push_str(&format!(
+            "\n  ... and {} more",
+            problems.len() - PROBLEMS_SHOWN
+        ));
+    }
+    message.push_str(&format!(
+        "\nNothing was read from it. `multiclip cache verify {}` checks it in full; to repair it, \
+         delete the damaged shard files and run the same `multiclip extract` again, which \
+         recomputes just those.",
+        dir.display()
+    ));
+    message
 }
 
 /// Converts one stored row to f32. Uses the vectorised slice conversions when the bytes are
@@ -384,6 +460,167 @@ mod tests {
             assert_eq!(a, b);
             assert_eq!(a[..2], [1.5, -2.25]);
         }
+    }
+
+    use crate::cache::manifest::tests::as_format_1;
+    use crate::cache::manifest::{SHARD_HASH, StoredDtype};
+    use crate::cache::shard::ShardLayout;
+    use crate::cache::shard::tests::edit_header;
+    use crate::files::ContentHash;
+
+    fn open_error(dir: &Path, integrity: Integrity) -> String {
+        match CacheReader::open_with(dir, integrity) {
+            Ok(_) => panic!("{} opened", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn edited_ids_are_refused_at_each_level_and_altered_bytes_at_full() {
+        let dir = synthetic_cache(10, 4, &[]);
+        let path = dir.path().join("shard-00001.safetensors");
+        let pristine = std::fs::read(&path).unwrap();
+        edit_header(&path, "\\\"4.jpg", "\\\"x.jpg");
+        for integrity in [Integrity::Full, Integrity::Headers] {
+            let err = open_error(dir.path(), integrity);
+            assert!(
+                err.contains("shard-00001.safetensors: the row ids")
+                    && err.contains("cache verify")
+                    && !err.contains("shard-00000"),
+                "{err}"
+            );
+        }
+        let mut bytes = pristine.clone();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = open_error(dir.path(), Integrity::Full);
+        assert!(
+            err.contains("shard-00001.safetensors: xxh3-128") && err.contains("altered"),
+            "{err}"
+        );
+        assert_eq!(
+            CacheReader::open_with(dir.path(), Integrity::Headers)
+                .unwrap()
+                .len(),
+            10
+        );
+    }
+
+    /// Writes `bytes` into row `local` of output `output` of shard `index` of the cache in
+    /// `dir`; with `rehash`, the manifest records the new content hash (as another tool that
+    /// wrote the cache would have).
+    fn overwrite_value(
+        dir: &Path,
+        index: usize,
+        output: usize,
+        local: usize,
+        bytes: &[u8],
+        rehash: bool,
+    ) {
+        let mut manifest = Manifest::load_dir(dir).unwrap();
+        let path = dir.join(&manifest.shards[index].file);
+        let mut data = std::fs::read(&path).unwrap();
+        let layout =
+            ShardLayout::parse(&data, &manifest.header, &manifest.fingerprint, index).unwrap();
+        let at = layout.ranges[output].start + local * manifest.header.outputs[output].row_bytes();
+        data[at..at + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(&path, &data).unwrap();
+        if rehash {
+            manifest.shards[index].hash = ContentHash::of(SHARD_HASH, &data);
+            manifest
+                .save(&dir.join(crate::cache::layout::MANIFEST_FILE))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn non_finite_values_are_refused_where_rows_are_read() {
+        let dir = synthetic_cache(10, 4, &[]);
+        // `image` (f16) of dataset row 5 = stored row 1 of shard 1: a NaN, with a manifest that
+        // vouches for it.
+        overwrite_value(dir.path(), 1, 0, 1, &half::f16::NAN.to_le_bytes(), true);
+        let reader = CacheReader::open(dir.path()).unwrap();
+        assert!(reader.gather("image", &[0, 4, 6], &Device::Cpu).is_ok());
+        let many: Vec<usize> = (0..10).cycle().take(20_000).collect();
+        for rows in [&[0, 5][..], &many] {
+            let err = reader
+                .gather("image", rows, &Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("shard-00001.safetensors: stored row 1 (id \"5.jpg\") holds NaN")
+                    && err.contains("`image` (element 0)"),
+                "{err}"
+            );
+        }
+        // `tokens` (f32) of row 9 (shard 2, stored row 1, element 0): -inf, not rehashed, so
+        // only a Headers open gets as far as reading it.
+        overwrite_value(dir.path(), 2, 1, 1, &f32::NEG_INFINITY.to_le_bytes(), false);
+        assert!(CacheReader::open(dir.path()).is_err());
+        let reader = CacheReader::open_with(dir.path(), Integrity::Headers).unwrap();
+        let err = reader
+            .gather("tokens", &[9], &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("(id \"9.jpg\") holds -inf in output `tokens`"),
+            "{err}"
+        );
+        assert!(reader.gather("mask", &[5, 9], &Device::Cpu).is_ok());
+        assert_eq!(
+            first_non_finite(StoredDtype::F16, &half::f16::INFINITY.to_le_bytes()),
+            Some(0)
+        );
+        assert_eq!(
+            first_non_finite(StoredDtype::F16, &half::f16::MAX.to_le_bytes()),
+            None
+        );
+        assert_eq!(
+            first_non_finite(StoredDtype::F32, &[0, 0, 0, 0, 0, 0, 0xc0, 0x7f]),
+            Some(1)
+        );
+        assert_eq!(
+            first_non_finite(StoredDtype::F32, &f32::MAX.to_le_bytes()),
+            None
+        );
+    }
+
+    #[test]
+    fn format_1_caches_are_read_and_checked_with_their_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut header = test_header(10, 4);
+        header.format_version = 1;
+        write_synthetic(dir.path(), &header, WorkerSlot::SINGLE, &[5], None)
+            .finish()
+            .unwrap();
+        let manifest = Manifest::load_dir(dir.path()).unwrap();
+        let sha256s: Vec<String> = manifest
+            .shards
+            .iter()
+            .map(|s| crate::files::sha256_file(&dir.path().join(&s.file)).unwrap())
+            .collect();
+        std::fs::write(
+            dir.path().join("manifest.json"),
+            as_format_1(&manifest, &sha256s),
+        )
+        .unwrap();
+        let reader = CacheReader::open(dir.path()).unwrap();
+        assert_eq!(
+            (reader.len(), reader.manifest().header.format_version),
+            (9, 1)
+        );
+        let path = dir.path().join("shard-00002.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = open_error(dir.path(), Integrity::Full);
+        assert!(
+            err.contains("shard-00002.safetensors: sha256") && err.contains("altered"),
+            "{err}"
+        );
+        assert!(CacheReader::open_with(dir.path(), Integrity::Headers).is_ok());
     }
 
     #[test]

@@ -129,12 +129,23 @@ pub fn read_meta(path: &Path) -> Result<ShardMeta> {
     meta_of(&metadata).with_context(|| path.display().to_string())
 }
 
+/// The length of a shard's safetensors header (8-byte length prefix + JSON) as its first bytes
+/// announce it; None when `bytes` is too short to hold that header.
+pub fn header_len(bytes: &[u8]) -> Option<usize> {
+    let prefix: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    let len = 8usize.checked_add(usize::try_from(u64::from_le_bytes(prefix)).ok()?)?;
+    (len <= bytes.len()).then_some(len)
+}
+
 /// A decoded shard: its metadata and where each output's bytes are in the file.
 #[derive(Clone, Debug)]
 pub struct ShardLayout {
     pub meta: ShardMeta,
     /// Stored rows.
     pub rows: usize,
+    /// Length of the safetensors header (length prefix + JSON): `bytes[..header_len]` holds the
+    /// row ids and the tensor table.
+    pub header_len: usize,
     /// Byte range in the file of each output of the header, in header order.
     pub ranges: Vec<Range<usize>>,
 }
@@ -206,7 +217,12 @@ impl ShardLayout {
                 Ok(data_start + begin..data_start + end)
             })
             .collect::<Result<_>>()?;
-        Ok(Self { meta, rows, ranges })
+        Ok(Self {
+            meta,
+            rows,
+            header_len: data_start,
+            ranges,
+        })
     }
 }
 
@@ -456,6 +472,20 @@ pub(crate) mod tests {
         encode(&header.outputs, &meta, &data).unwrap()
     }
 
+    /// Replaces the bytes `from` by `to` (same length) once in the safetensors header of the
+    /// shard file `path`, as a hand edit of its metadata would.
+    pub(crate) fn edit_header(path: &Path, from: &str, to: &str) {
+        assert_eq!(from.len(), to.len());
+        let mut bytes = std::fs::read(path).unwrap();
+        let end = header_len(&bytes).unwrap();
+        let at = bytes[..end]
+            .windows(from.len())
+            .position(|w| w == from.as_bytes())
+            .unwrap_or_else(|| panic!("{from} is not in the header of {}", path.display()));
+        bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
+        std::fs::write(path, bytes).unwrap();
+    }
+
     #[test]
     fn encode_is_deterministic_and_parses_back() {
         let header = test_header(5, 3);
@@ -477,11 +507,14 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shard-00001.safetensors");
         // Only the header is read: a shard cut right after it still gives its metadata.
-        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header_end = header_len(&bytes).unwrap();
+        assert_eq!(header_end, full.header_len);
         std::fs::write(&path, &bytes[..header_end]).unwrap();
         assert_eq!(read_meta(&path).unwrap(), full.meta);
         std::fs::write(&path, &bytes[..header_end - 1]).unwrap();
         assert!(read_meta(&path).is_err());
+        assert_eq!(header_len(&bytes[..header_end - 1]), None);
+        assert_eq!(header_len(&bytes[..7]), None);
     }
 
     #[test]

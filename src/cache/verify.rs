@@ -1,16 +1,14 @@
-//! `cache verify`: recomputes every shard's sha256 and checks sizes, tensor shapes, row counts and
-//! row ranges against the manifest, and (when given) the manifest's dataset against the dataset
-//! itself. Every problem names the file it is about; nothing stops at the first one.
+//! `cache verify`: the full check of [`super::integrity`] on every shard (sizes, headers, row
+//! ids, content hashes) plus the manifest's dataset against the dataset itself, when given.
+//! Every problem names the file it is about; nothing stops at the first one.
 
-use super::layout::{
-    MANIFEST_FILE, PARTS_DIR, parse_shard_file_name, shard_file_name, shard_ranges,
-};
-use super::manifest::{DatasetFingerprint, Manifest, ShardEntry};
-use super::shard::ShardLayout;
+use super::integrity::{Integrity, check_manifest, check_shard};
+use super::layout::{MANIFEST_FILE, PARTS_DIR, parse_shard_file_name};
+use super::manifest::{DatasetFingerprint, Manifest};
 use crate::files;
 use anyhow::Result;
 use rayon::prelude::*;
-use std::fs::{self, File};
+use std::fs;
 use std::path::Path;
 
 /// The dataset a cache claims to cover, as read from the data directory now.
@@ -43,48 +41,23 @@ pub fn verify(dir: &Path, dataset: Option<&DatasetRows>) -> Result<VerifyReport>
     let manifest = Manifest::load_dir(dir)?;
     let header = &manifest.header;
     let manifest_name = dir.join(MANIFEST_FILE).display().to_string();
-    let mut report = VerifyReport::default();
-
-    let ranges = shard_ranges(header.dataset.rows, header.shard_rows);
-    if manifest.shards.len() != ranges.len() {
-        report.problems.push(format!(
-            "{manifest_name}: lists {} shards, {} rows in shards of {} need {}",
-            manifest.shards.len(),
-            header.dataset.rows,
-            header.shard_rows,
-            ranges.len()
-        ));
-    }
-    for (position, entry) in manifest.shards.iter().enumerate() {
-        let expected = ranges.get(position);
-        if entry.index != position
-            || entry.file != shard_file_name(position)
-            || expected.is_none_or(|r| r.start != entry.start || r.end != entry.end)
-        {
-            report.problems.push(format!(
-                "{manifest_name}: entry {position} ({}, rows {}..{}) is not shard {position} \
-                 covering {:?}",
-                entry.file, entry.start, entry.end, expected
-            ));
-        }
-    }
+    let mut report = VerifyReport {
+        problems: check_manifest(dir, &manifest),
+        ..VerifyReport::default()
+    };
     let stored: usize = manifest.shards.iter().map(|s| s.rows).sum();
-    let skipped: usize = manifest.shards.iter().map(|s| s.skipped.len()).sum();
-    if stored != manifest.stored_rows
-        || skipped != manifest.skipped_rows
-        || stored + skipped != header.dataset.rows
-    {
-        report.problems.push(format!(
-            "{manifest_name}: {stored} stored + {skipped} skipped rows in the shards, the manifest \
-             says {} + {} of {} dataset rows",
-            manifest.stored_rows, manifest.skipped_rows, header.dataset.rows
-        ));
-    }
 
     let results: Vec<(u64, Vec<String>, Vec<String>)> = manifest
         .shards
         .par_iter()
-        .map(|entry| check_shard(dir, &manifest, entry))
+        .map(|entry| {
+            let (shard, problems) =
+                check_shard(dir, header, &manifest.fingerprint, entry, Integrity::Full);
+            match shard {
+                Some(shard) => (shard.mmap.len() as u64, problems, shard.layout.meta.ids),
+                None => (0, problems, Vec::new()),
+            }
+        })
         .collect();
     let mut stored_ids = Vec::with_capacity(stored);
     for (entry, (bytes, problems, ids)) in manifest.shards.iter().zip(results) {
@@ -180,66 +153,6 @@ fn describe_parts(dataset: &DatasetFingerprint) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Checks one shard file; returns (bytes read, problems, stored ids).
-fn check_shard(
-    dir: &Path,
-    manifest: &Manifest,
-    entry: &ShardEntry,
-) -> (u64, Vec<String>, Vec<String>) {
-    let path = dir.join(&entry.file);
-    let name = path.display();
-    let mut problems = Vec::new();
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) => return (0, vec![format!("{name}: cannot open: {e}")], Vec::new()),
-    };
-    // SAFETY: read-only map of a file that multiclip never modifies in place.
-    let mmap = match unsafe { memmap2::Mmap::map(&file) } {
-        Ok(m) => m,
-        Err(e) => {
-            return (
-                0,
-                vec![format!("{name}: cannot memory-map: {e}")],
-                Vec::new(),
-            );
-        }
-    };
-    if mmap.len() as u64 != entry.bytes {
-        problems.push(format!(
-            "{name}: {} bytes, the manifest says {} (truncated or replaced)",
-            mmap.len(),
-            entry.bytes
-        ));
-    }
-    let sha = files::sha256_hex(&mmap);
-    if sha != entry.sha256 {
-        problems.push(format!(
-            "{name}: sha256 {sha} differs from the manifest's {} (the file was altered)",
-            entry.sha256
-        ));
-    }
-    let ids = match ShardLayout::parse(&mmap, &manifest.header, &manifest.fingerprint, entry.index)
-    {
-        Ok(layout) => {
-            if layout.rows != entry.rows || layout.meta.skipped != entry.skipped {
-                problems.push(format!(
-                    "{name}: holds {} rows and {} skipped, the manifest says {} and {}",
-                    layout.rows,
-                    layout.meta.skipped.len(),
-                    entry.rows,
-                    entry.skipped.len()
-                ));
-            }
-            layout.meta.ids
-        }
-        Err(e) => {
-            problems.push(format!("{name}: {e:#}"));
-            Vec::new()
-        }
-    };
-    (mmap.len() as u64, problems, ids)
 }
 
 #[cfg(test)]

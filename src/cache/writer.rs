@@ -1,14 +1,17 @@
-//! Resumable, crash-safe writing of a cache: [`CacheWriter`] decides which shards still need
-//! computing (for this worker), writes each completed [`ShardBuilder`] atomically, and finally
-//! writes `manifest.json` (single process) or this worker's part ([`super::parts`]).
+//! Resumable, crash-safe writing of a cache: [`CacheWriter`] takes the writer lock
+//! ([`super::lock`]), decides which shards still need computing (for this worker), writes each
+//! completed [`ShardBuilder`] atomically, and finally writes `manifest.json` (single process) or
+//! this worker's part ([`super::parts`]).
 
+use super::integrity::{Integrity, check_shard};
 use super::layout::{
     MANIFEST_FILE, WorkerSlot, parse_shard_file_name, shard_file_name, shard_ranges,
 };
-use super::manifest::{CacheHeader, Manifest, ShardEntry, SkippedRow};
+use super::lock::WriterLock;
+use super::manifest::{CacheHeader, Manifest, SHARD_HASH, ShardEntry, SkippedRow};
 use super::parts;
 use super::shard::{self, ShardBuilder, ShardLayout};
-use crate::files::{self, remove_stale_temps, write_atomic};
+use crate::files::{self, ContentHash, remove_stale_temps, write_atomic};
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::BTreeMap;
 use std::fs;
@@ -28,22 +31,32 @@ pub struct CacheWriter {
     written: usize,
     /// `manifest.json` of this extraction already existed (the cache was complete or merged).
     merged: bool,
+    /// Held until the writer is dropped (after [`CacheWriter::finish`]).
+    _lock: WriterLock,
 }
 
 impl CacheWriter {
     /// Opens `dir` (created if needed) for the extraction described by `header`.
     ///
-    /// Refuses a directory holding a manifest, part or shard of a different extraction (naming what
-    /// differs). Removes temporary files left by an interrupted run for this worker's shards and
-    /// takes this worker's complete shards as done (a damaged one is logged and recomputed).
+    /// Takes the writer lock (all of `dir` for a single process, this worker's slot for one of
+    /// several), so a second writer is refused with who holds it. Refuses a directory holding a
+    /// manifest, part or shard of a different extraction (naming what differs). Removes
+    /// temporary files left by an interrupted run for this worker's shards and takes this
+    /// worker's complete shards as done after checking their size and header against the
+    /// record (a damaged one is logged and recomputed).
     pub fn open(dir: &Path, header: CacheHeader, slot: WorkerSlot) -> Result<Self> {
         fs::create_dir_all(dir)
             .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
         let fingerprint = header.fingerprint();
+        let lock = if slot.is_single() {
+            WriterLock::whole(dir, "extract")?
+        } else {
+            WriterLock::worker(dir, slot, &fingerprint)?
+        };
         let ranges = shard_ranges(header.dataset.rows, header.shard_rows);
 
         // Entries already recorded by a previous run (manifest or parts), trusted when the file
-        // is still there with the same size.
+        // still has that size and header.
         let mut known: BTreeMap<usize, ShardEntry> = BTreeMap::new();
         let mut recorded = Vec::new();
         let manifest_path = dir.join(MANIFEST_FILE);
@@ -69,11 +82,16 @@ impl CacheWriter {
             if !path.exists() {
                 continue;
             }
-            let size = fs::metadata(&path)
-                .with_context(|| format!("cannot stat {}", path.display()))?
-                .len();
             let entry = match known.remove(&index) {
-                Some(entry) if entry.bytes == size && entry.file == name => Ok(entry),
+                Some(entry) if entry.file == name => {
+                    let (_, problems) =
+                        check_shard(dir, &header, &fingerprint, &entry, Integrity::Headers);
+                    if problems.is_empty() {
+                        Ok(entry)
+                    } else {
+                        Err(anyhow::anyhow!(problems.join("; ")))
+                    }
+                }
                 _ => describe_shard_file(&path, &header, &fingerprint, index),
             };
             match entry {
@@ -98,6 +116,7 @@ impl CacheWriter {
             reused,
             written: 0,
             merged,
+            _lock: lock,
         })
     }
 
@@ -132,6 +151,20 @@ impl CacheWriter {
         self.done.values().flat_map(|e| e.skipped.iter())
     }
 
+    /// Rows stored so far in this worker's complete shards.
+    pub fn stored_rows(&self) -> usize {
+        self.done.values().map(|e| e.rows).sum()
+    }
+
+    /// Removes this worker's complete shard files instead of finishing, and releases the lock.
+    pub fn discard(self) -> Result<()> {
+        for entry in self.done.values() {
+            let path = self.dir.join(&entry.file);
+            fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        files::sync_dir(&self.dir)
+    }
+
     /// An empty builder for shard `index`.
     pub fn builder(&self, index: usize) -> ShardBuilder {
         ShardBuilder::new(&self.header.outputs, index, self.ranges[index].clone())
@@ -148,6 +181,7 @@ impl CacheWriter {
         let bytes = shard::encode(&self.header.outputs, &meta, &data)?;
         let file = shard_file_name(index);
         write_atomic(&self.dir.join(&file), &bytes)?;
+        let (hash, header_hash) = shard_hashes(&bytes)?;
         self.done.insert(
             index,
             ShardEntry {
@@ -157,7 +191,8 @@ impl CacheWriter {
                 end: meta.end,
                 rows: meta.ids.len(),
                 bytes: bytes.len() as u64,
-                sha256: files::sha256_hex(&bytes),
+                hash,
+                header_hash: Some(header_hash),
                 skipped: meta.skipped,
             },
         );
@@ -232,6 +267,7 @@ pub(crate) fn describe_shard_file(
 ) -> Result<ShardEntry> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let layout = ShardLayout::parse(&bytes, header, fingerprint, index)?;
+    let (hash, header_hash) = shard_hashes(&bytes)?;
     Ok(ShardEntry {
         index,
         file: shard_file_name(index),
@@ -239,9 +275,19 @@ pub(crate) fn describe_shard_file(
         end: layout.meta.end,
         rows: layout.rows,
         bytes: bytes.len() as u64,
-        sha256: files::sha256_hex(&bytes),
+        hash,
+        header_hash: Some(header_hash),
         skipped: layout.meta.skipped,
     })
+}
+
+/// The content hash and header hash a manifest records for the shard `bytes`.
+fn shard_hashes(bytes: &[u8]) -> Result<(ContentHash, ContentHash)> {
+    let header_len = shard::header_len(bytes).context("a shard too short for its header")?;
+    Ok((
+        ContentHash::of(SHARD_HASH, bytes),
+        ContentHash::of(SHARD_HASH, &bytes[..header_len]),
+    ))
 }
 
 #[cfg(test)]
@@ -365,6 +411,7 @@ pub(crate) mod tests {
         let w = CacheWriter::open(resumed.path(), header.clone(), WorkerSlot::SINGLE).unwrap();
         assert_eq!(w.pending(), vec![0, 2]);
         assert_eq!(w.reused(), 1);
+        drop(w);
         let w = write_synthetic(resumed.path(), &header, WorkerSlot::SINGLE, &[5], None);
         assert_eq!(w.written(), 2);
         w.finish().unwrap();
@@ -408,6 +455,25 @@ pub(crate) mod tests {
         fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let w = CacheWriter::open(dir.path(), header, WorkerSlot::SINGLE).unwrap();
         assert_eq!(w.pending(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_shard_whose_ids_were_edited_is_recomputed_on_resume() {
+        let header = test_header(10, 4);
+        let dir = tempfile::tempdir().unwrap();
+        write_synthetic(dir.path(), &header, WorkerSlot::SINGLE, &[], None)
+            .finish()
+            .unwrap();
+        let expected = dir_bytes(dir.path());
+        let path = dir.path().join(shard_file_name(1));
+        crate::cache::shard::tests::edit_header(&path, "\\\"4.jpg", "\\\"x.jpg");
+        let writer = CacheWriter::open(dir.path(), header.clone(), WorkerSlot::SINGLE).unwrap();
+        assert_eq!(writer.pending(), vec![1]);
+        drop(writer);
+        write_synthetic(dir.path(), &header, WorkerSlot::SINGLE, &[], None)
+            .finish()
+            .unwrap();
+        assert_eq!(dir_bytes(dir.path()), expected);
     }
 
     #[test]

@@ -37,8 +37,8 @@ struct InfoArgs {
     skipped: usize,
 }
 
-/// Recompute every shard's sha256 and check shapes, row counts and ranges (and, with --data, the
-/// dataset). Exits non-zero on any problem, naming the file.
+/// Recompute every shard's content hash and check row ids, shapes, row counts and ranges (and,
+/// with --data, the dataset). Exits non-zero on any problem, naming the file.
 #[derive(Args)]
 #[command(after_help = "Examples:\n  multiclip cache verify cache/demo\n  \
                         multiclip cache verify cache/demo --data data/demo")]
