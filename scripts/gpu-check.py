@@ -45,10 +45,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
 
-# The flags of `multiclip extract` this check passes. `--precision` is detected from
-# `extract --help` and left out (its runs skipped) while the binary lacks it.
+# What this check passes to `multiclip` (main's CLI after issue 10: `--part`, spec options after
+# a colon). `--precision` is detected from `extract --help` and left out (its runs skipped) while
+# the binary lacks it.
 DEVICE_FLAG = "--device"
 PRECISION_FLAG = "--precision"
+PART_FLAG = "--part"
+CLIP_ALL_OUTPUTS = ":image_tokens=true"
 
 MODES = {
     "gpu": dict(size="full", device="cuda", parity=64, rows=2048, small=512, batches=(64, 256), workers=16,
@@ -399,7 +402,7 @@ class Check:
         """`multiclip extract` of `data` into WORK/caches/name; its result with multiclip's rows/s."""
         cache = self.work / "caches" / name
         shutil.rmtree(cache, ignore_errors=True)
-        cmd = [self.binary, "extract", "--data", data, "--split", "train", "--backbone",
+        cmd = [self.binary, "extract", "--data", data, PART_FLAG, "train", "--backbone",
                f"{kind}:{self.models / MODELS[self.cfg['size']][kind]}{options}", "--out", cache,
                "--batch-size", batch, "--dtype", dtype, DEVICE_FLAG, self.cfg["device"]]
         if precision and self.has_precision:
@@ -432,7 +435,7 @@ class Check:
         self.step("models", self.py("models", cfg["size"], self.models), LIMITS["models"])
         records_log = self.logs / "records.jsonl"
         with open(records_log, "w") as f:
-            subprocess.run([self.binary, "dataset", "records", DEMO, "--split", "train"], stdout=f, check=True,
+            subprocess.run([self.binary, "dataset", "records", DEMO, PART_FLAG, "train"], stdout=f, check=True,
                            env=self.bin_env)
         records = [json.loads(line) for line in records_log.read_text().splitlines()]
         parity_data = write_dataset(self.work / f"data-{cfg['parity']}", records, cfg["parity"])
@@ -449,7 +452,7 @@ class Check:
                                                  "why": f"the binary has no {PRECISION_FLAG}"})
                     continue
                 # Every output the backbone has, CLIP's optional image tokens too.
-                options = "?image_tokens=true" if kind == "clip" else ""
+                options = CLIP_ALL_OUTPUTS if kind == "clip" else ""
                 e, cache = self.extract(name, kind, parity_data, cfg["batches"][0], precision, dtype, options)
                 entry = {"model": MODELS[cfg["size"]][kind], "precision": precision, "rows": cfg["parity"]}
                 if r["status"] == "ok" and e["status"] == "ok":
