@@ -11,9 +11,7 @@ cd "$(dirname "$0")/.."
 names=("${@:-clip-b32 clip-l14 blip-base blip-large}")
 read -r -a names <<<"${names[*]}"
 py=$(scripts/python-env.sh)
-# The reference is Pillow < 13 (see scripts/make-clip-blip-fixtures.py); overlay it.
-pillow=models/.pillow-lt13
-[ -d "$pillow/PIL" ] || "$py" -m pip install -q --target "$pillow" 'pillow<13'
+pillow=$(scripts/python-env.sh --pillow-lt13)
 dirs=()
 for name in "${names[@]}"; do
   dir=models/random-$name

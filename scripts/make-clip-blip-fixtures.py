@@ -182,7 +182,8 @@ def clip_preprocessor_json(size: int) -> dict:
     }
 
 
-def make_clip(out: Path, config: CLIPConfig, image_sizes, half: bool, seed: int) -> None:
+def random_clip(out: Path, config: CLIPConfig, tok, half: bool, seed: int) -> None:
+    """A seeded random-weight CLIPModel in the Hub layout (weights, tokenizer, preprocessor)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
@@ -190,11 +191,33 @@ def make_clip(out: Path, config: CLIPConfig, image_sizes, half: bool, seed: int)
     if half:
         model = model.half()
     model.save_pretrained(out)
-    tok = clip_tokenizer()
     save_tokenizer(tok, out)
     size = config.vision_config.image_size
     (out / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_json(size), indent=2) + "\n")
 
+
+def clip_processor(size: int) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=OPENAI_MEAN, image_std=OPENAI_STD
+    )
+
+
+def clip_text_inputs(tok, captions):
+    """input_ids and attention_mask as multiclip's clip backbone tokenizes (template `{caption}`)."""
+    enc = tok(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def clip_outputs(model: CLIPModel, pixel_values, ids, mask) -> dict:
+    """Every output of multiclip's clip backbone, computed by transformers."""
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
+    tokens = model.vision_model.post_layernorm(out.vision_model_output.last_hidden_state)
+    return {"image": out.image_embeds, "text": out.text_embeds, "image_tokens": tokens}
+
+
+def make_clip(out: Path, config: CLIPConfig, image_sizes, half: bool, seed: int) -> None:
+    tok = clip_tokenizer()
+    random_clip(out, config, tok, half, seed)
     parity = out / "parity"
     parity.mkdir(exist_ok=True)
     images = make_images(parity, image_sizes)
@@ -202,24 +225,16 @@ def make_clip(out: Path, config: CLIPConfig, image_sizes, half: bool, seed: int)
     write_samples(parity, images, captions)
 
     model = CLIPModel.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-    proc = CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=OPENAI_MEAN, image_std=OPENAI_STD
-    )
+    proc = clip_processor(config.vision_config.image_size)
     pixel_values = proc([load_rgb(parity, n) for n in images], return_tensors="pt")["pixel_values"]
-    enc = tok(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    ids, mask = clip_text_inputs(tok, captions)
     with torch.no_grad():
-        out_model = model(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixel_values
-        )
-        vision = out_model.vision_model_output
-        tokens = model.vision_model.post_layernorm(vision.last_hidden_state)
+        outputs = clip_outputs(model, pixel_values, ids, mask)
     expected = {
         "pixel_values": pixel_values,
-        "input_ids": enc["input_ids"].to(torch.int64),
-        "attention_mask": enc["attention_mask"].to(torch.int64),
-        "image": out_model.image_embeds,
-        "text": out_model.text_embeds,
-        "image_tokens": tokens,
+        "input_ids": ids.to(torch.int64),
+        "attention_mask": mask.to(torch.int64),
+        **outputs,
     }
     save_file({k: v.contiguous() for k, v in expected.items()}, parity / "expected.safetensors")
     print(f"{out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in expected.items()))
@@ -278,7 +293,8 @@ def blip_preprocessor_json(size: int) -> dict:
     }
 
 
-def make_blip(out: Path, config: BlipConfig, image_sizes, half: bool, seed: int) -> None:
+def random_blip(out: Path, config: BlipConfig, tok, half: bool, seed: int) -> None:
+    """A seeded random-weight BlipForImageTextRetrieval in the Hub layout."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = BlipForImageTextRetrieval(config).eval()
@@ -286,11 +302,44 @@ def make_blip(out: Path, config: BlipConfig, image_sizes, half: bool, seed: int)
     if half:
         model = model.half()
     model.save_pretrained(out)
-    tok = blip_tokenizer()
     save_tokenizer(tok, out)
     size = config.vision_config.image_size
     (out / "preprocessor_config.json").write_text(json.dumps(blip_preprocessor_json(size), indent=2) + "\n")
 
+
+def blip_processor(size: int) -> BlipImageProcessorPil:
+    return BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=OPENAI_MEAN, image_std=OPENAI_STD)
+
+
+def blip_text_inputs(tok, captions):
+    """input_ids and attention_mask as multiclip's blip backbone tokenizes (50 tokens)."""
+    enc = tok(
+        [blip_caption(c) for c in captions], padding="max_length", truncation=True, max_length=50, return_tensors="pt"
+    )
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def blip_outputs(model: BlipForImageTextRetrieval, pixel_values, ids, mask) -> dict:
+    """Every output of multiclip's blip backbone, computed by transformers (the ITM path's
+    multimodal embeddings, and the retrieval path's projected image and text features)."""
+    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    multimodal = model.text_encoder(
+        input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+    ).last_hidden_state
+    text_only = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    return {
+        "image": torch.nn.functional.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1),
+        "text": torch.nn.functional.normalize(model.text_proj(text_only[:, 0, :]), dim=-1),
+        "multimodal_cls": multimodal[:, 0, :],
+        "multimodal_tokens": multimodal,
+        "multimodal_mask": mask.to(multimodal.dtype),
+    }
+
+
+def make_blip(out: Path, config: BlipConfig, image_sizes, half: bool, seed: int) -> None:
+    tok = blip_tokenizer()
+    random_blip(out, config, tok, half, seed)
     parity = out / "parity"
     parity.mkdir(exist_ok=True)
     images = make_images(parity, image_sizes)
@@ -298,31 +347,21 @@ def make_blip(out: Path, config: BlipConfig, image_sizes, half: bool, seed: int)
     write_samples(parity, images, captions)
 
     model = BlipForImageTextRetrieval.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-    proc = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=OPENAI_MEAN, image_std=OPENAI_STD)
+    proc = blip_processor(config.vision_config.image_size)
     pixel_values = proc([load_rgb(parity, n) for n in images], return_tensors="pt")["pixel_values"]
-    enc = tok(
-        [blip_caption(c) for c in captions], padding="max_length", truncation=True, max_length=50, return_tensors="pt"
-    )
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = blip_text_inputs(tok, captions)
     with torch.no_grad():
-        image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        outputs = blip_outputs(model, pixel_values, ids, mask)
+        # Cross-check against the model's own ITM and retrieval paths.
         itm = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_itm_head=True)
-        multimodal = itm.question_embeds
-        text_only = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        image_feat = torch.nn.functional.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
-        text_feat = torch.nn.functional.normalize(model.text_proj(text_only[:, 0, :]), dim=-1)
-        # Cross-check against the retrieval path's own similarity.
+        assert torch.allclose(itm.question_embeds, outputs["multimodal_tokens"], atol=1e-5)
         itc = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_itm_head=False)
-        assert torch.allclose(itc.itm_score, image_feat @ text_feat.t(), atol=1e-5)
+        assert torch.allclose(itc.itm_score, outputs["image"] @ outputs["text"].t(), atol=1e-5)
     expected = {
         "pixel_values": pixel_values,
         "input_ids": ids.to(torch.int64),
         "attention_mask": mask.to(torch.int64),
-        "image": image_feat,
-        "text": text_feat,
-        "multimodal_cls": multimodal[:, 0, :],
-        "multimodal_tokens": multimodal,
-        "multimodal_mask": mask.to(torch.float32),
+        **outputs,
     }
     save_file({k: v.contiguous() for k, v in expected.items()}, parity / "expected.safetensors")
     print(f"{out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in expected.items()))
