@@ -27,6 +27,11 @@ pub fn one_of<T: Copy + Send + Sync + 'static>(
     )
 }
 
+/// A clap value parser for a count of rows (or items) that must be at least 1.
+pub fn at_least_one_row() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 /// Logs go to stderr through `tracing`; `RUST_LOG` selects the level (default `info`).
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;

@@ -1,6 +1,7 @@
 //! `multiclip predict`: label every row of a cache with a checkpoint and write the submission
 //! file (`ImageID,Labels`) and, optionally, the probabilities.
 
+use super::at_least_one_row;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
@@ -30,7 +31,7 @@ pub struct PredictArgs {
     #[arg(long)]
     pub no_at_least_one: bool,
     /// Rows per forward pass.
-    #[arg(long, default_value_t = SCORE_BATCH_ROWS)]
+    #[arg(long, default_value_t = SCORE_BATCH_ROWS, value_parser = at_least_one_row())]
     pub batch_size: usize,
 }
 

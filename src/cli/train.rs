@@ -126,7 +126,8 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
             weight_decay: args.weight_decay,
             ..defaults.adamw
         },
-        clip_grad: (args.clip_grad > 0.0).then_some(args.clip_grad),
+        // 0 turns clipping off; anything else (negative, NaN) goes to the range check.
+        clip_grad: (args.clip_grad != 0.0).then_some(args.clip_grad),
         seed: args.seed,
         multistage: args.multistage,
         ..defaults

@@ -58,6 +58,15 @@ impl Default for MlDecoderConfig {
     }
 }
 
+impl MlDecoderConfig {
+    /// `d_model` at least 1 and a multiple of `heads`, `ffn` at least 1, `dropout` in [0, 1).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::require_divisible("d_model", self.d_model, self.heads)?;
+        super::require_positive("ffn", self.ffn)?;
+        super::require_dropout(self.dropout)
+    }
+}
+
 /// Bias added to attention scores of padding keys: finite, so a sample without any real token
 /// gets a uniform mix of zero rows rather than NaN.
 const MASKED: f32 = -1e9;
@@ -103,12 +112,6 @@ impl MlDecoderHead {
         vb: VarBuilder,
     ) -> anyhow::Result<Self> {
         let (d, k) = (cfg.d_model, ctx.num_labels);
-        if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
-            bail!(
-                "ml_decoder: d_model {d} must be a multiple of heads {}",
-                cfg.heads
-            );
-        }
         let shape = shape_of(ctx, &cfg.input)?;
         let (in_dim, is_sequence) = match shape {
             [dim] => (*dim, false),

@@ -32,6 +32,13 @@ impl Default for MlpConfig {
     }
 }
 
+impl MlpConfig {
+    /// `dropout` in [0, 1) (`hidden` 0 is a linear probe).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::require_dropout(self.dropout)
+    }
+}
+
 /// Inputs of a head config: the listed ones, or every pooled output of the cache.
 pub(crate) fn inputs_or_pooled(listed: &[String], ctx: &HeadContext) -> Vec<String> {
     if listed.is_empty() {

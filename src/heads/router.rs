@@ -40,6 +40,13 @@ impl Default for RouterConfig {
     }
 }
 
+impl RouterConfig {
+    /// `dropout` in [0, 1) (0 widths make linear experts or router).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::require_dropout(self.dropout)
+    }
+}
+
 /// One classifier of a mixture, on a subset of the mixture's features.
 pub(crate) struct Expert {
     pub name: String,

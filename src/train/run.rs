@@ -39,6 +39,18 @@ pub struct TrainRequest {
     pub device: Device,
 }
 
+impl TrainRequest {
+    /// Checks what can be checked without reading anything: every training setting, the loss's
+    /// and the head's parameters, and that the head suits the loss. [`train`] starts with it;
+    /// pipelines run it for every stage before running any.
+    pub fn check(&self) -> Result<HeadConfig> {
+        self.config.validate()?;
+        self.loss.validate()?;
+        self.head.validate()?;
+        head_for_loss(&self.head, &self.loss)
+    }
+}
+
 /// What a run produced.
 pub struct TrainReport {
     /// The checkpoint's sidecar.
@@ -103,6 +115,7 @@ pub fn head_for_loss(head: &HeadConfig, loss: &Loss) -> Result<HeadConfig> {
 
 /// Trains, validates, tunes thresholds and saves the checkpoint.
 pub fn train(request: &TrainRequest) -> Result<TrainReport> {
+    let head_config = request.check()?;
     let reader = CacheReader::open(&request.cache)?;
     let records = labelled_records(&request.data, &reader)?;
     let vocab = split_vocabulary(&request.split, &records)?;
@@ -117,7 +130,6 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     let cooccurrence =
         LabelCooccurrence::from_label_sets(label_sets.iter().map(Vec::as_slice), vocab.len())?;
 
-    let head_config = head_for_loss(&request.head, &request.loss)?;
     let config = &request.config;
     let positives = cooccurrence.label_counts();
     let ctx = head_context(
