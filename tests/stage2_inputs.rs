@@ -249,3 +249,24 @@ fn head_settings_that_cannot_work_are_refused_naming_the_field() {
     }
     assert!(files_in(&out).is_empty());
 }
+
+#[test]
+fn a_head_too_large_for_memory_is_refused_before_allocating() {
+    let f = fixture();
+    let out = f.root.join("checkpoints");
+    // 16 inputs x 1e8 hidden + 1e8 x 4 labels: 2.1e9 parameters, 39 GiB with their gradients,
+    // AdamW moments and the best epoch's copy, before any activation.
+    let stderr = fails(&train_cli(&f, &out, &["--head", "mlp:hidden=100000000"]));
+    assert!(
+        stderr.contains("GiB") && stderr.contains("--memory-limit"),
+        "{stderr}"
+    );
+    // The limit can be set: a small head over a tiny limit is refused too, naming both numbers.
+    let stderr = fails(&train_cli(&f, &out, &["--memory-limit", "1K"]));
+    assert!(
+        stderr.contains("memory") && stderr.contains("1.0 KiB"),
+        "{stderr}"
+    );
+    assert!(files_in(&out).is_empty());
+    succeeds(&train_cli(&f, &out, &["--memory-limit", "1G"]));
+}

@@ -9,6 +9,7 @@ use multiclip::heads::HeadConfig;
 use multiclip::loss::Loss;
 use multiclip::train::TrainConfig;
 use multiclip::train::early_stop::Criterion;
+use multiclip::train::memory::MemoryLimit;
 use multiclip::train::run::{TrainRequest, train};
 use multiclip::train::schedule::ScheduleKind;
 use std::path::{Path, PathBuf};
@@ -74,6 +75,11 @@ pub struct TrainArgs {
     /// Warm up each part of the head (router experts) until it plateaus, then train the whole.
     #[arg(long)]
     pub multistage: bool,
+    /// Refuse to start when the head, its optimiser state and a batch need more memory than
+    /// this: a size (`512M`, `16G`), `available` (what the machine and its cgroup have free
+    /// now) or `none` (no check).
+    #[arg(long, default_value = "available", value_name = "SIZE")]
+    pub memory_limit: MemoryLimit,
     /// Folder of the checkpoints.
     #[arg(long, default_value = "checkpoints")]
     pub out: PathBuf,
@@ -130,6 +136,7 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
         clip_grad: (args.clip_grad != 0.0).then_some(args.clip_grad),
         seed: args.seed,
         multistage: args.multistage,
+        memory_limit: args.memory_limit,
         ..defaults
     };
     let request = TrainRequest {

@@ -280,6 +280,19 @@ impl Head for GatHead {
         self.features.iter().flat_map(Feature::inputs).collect()
     }
 
+    /// Per sample: the features, the projection and the logits; per batch: each GAT layer's
+    /// node features and attention over the label graph.
+    fn activation_values(&self, rows: usize) -> usize {
+        let (k, hidden) = self.label_embed.dims2().unwrap_or((0, 0));
+        let in_dim: usize = self.features.iter().map(|f| f.dim).sum();
+        let graph: usize = self
+            .layers
+            .iter()
+            .map(|l| 4 * k * hidden + 3 * l.heads * k * k)
+            .sum();
+        rows * (2 * in_dim + hidden + 2 * k) + graph
+    }
+
     fn forward(&self, x: &Inputs, _train: bool) -> Result<Tensor> {
         let parts = self
             .features

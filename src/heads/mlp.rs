@@ -84,6 +84,12 @@ impl Head for MlpHead {
         self.features.iter().flat_map(Feature::inputs).collect()
     }
 
+    /// The features (pooled, then concatenated) and the MLP's layers.
+    fn activation_values(&self, rows: usize) -> usize {
+        let in_dim: usize = self.features.iter().map(|f| f.dim).sum();
+        rows * (2 * in_dim + self.mlp.activation_values_per_row())
+    }
+
     fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {
         let parts = self
             .features

@@ -23,6 +23,7 @@ pub mod layers;
 pub mod ml_decoder;
 pub mod mlp;
 pub mod router;
+pub mod shapes;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -238,6 +239,11 @@ pub trait Head: Send + Sync {
     fn part_forward(&self, part: &str, _x: &Inputs, _train: bool) -> Result<Tensor> {
         candle_core::bail!("this head has no part `{part}`")
     }
+
+    /// About how many values the forward pass of `rows` samples produces (every layer's output,
+    /// each kept for the backward pass, which makes a gradient of the same size): the memory
+    /// check before training ([`crate::train::memory`]) counts on it. An estimate, not a bound.
+    fn activation_values(&self, rows: usize) -> usize;
 
     /// Rows per micro-batch in training and prediction ([`POOLED_MICRO_BATCH_ROWS`]; heads on
     /// token sequences use [`MICRO_BATCH_ROWS`]).

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod early_stop;
 pub mod grads;
 pub mod history;
+pub mod memory;
 pub mod multistage;
 pub mod optim;
 pub mod run;
@@ -61,6 +62,9 @@ pub struct TrainConfig {
     pub multistage: bool,
     /// A warm-up stage ends when its train micro-F1 gains less than this in an epoch.
     pub plateau_gain: f64,
+    /// The memory the run may need ([`memory`]); where it runs, not how, so not recorded.
+    #[serde(skip)]
+    pub memory_limit: memory::MemoryLimit,
 }
 
 impl Default for TrainConfig {
@@ -79,6 +83,7 @@ impl Default for TrainConfig {
             seed: 3407,
             multistage: false,
             plateau_gain: 0.01,
+            memory_limit: memory::MemoryLimit::default(),
         }
     }
 }

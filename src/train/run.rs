@@ -4,6 +4,7 @@
 use super::checkpoint::{
     Checkpoint, CheckpointMeta, NameParts, SplitRef, backbone_short_name, checkpoint_tensors,
 };
+use super::memory::MemoryEstimate;
 use super::{TrainConfig, TrainData, TrainOutcome, fit};
 use crate::cache::CacheReader;
 use crate::data::Record;
@@ -138,6 +139,10 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
         Some(cooccurrence.clone()),
         config.seed,
     );
+    let planned = heads::shapes::plan(&head_config, &ctx)?;
+    MemoryEstimate::of_run(&planned, &ctx, config, train_rows.len(), reader.len())
+        .check(config.memory_limit)?;
+    drop(planned);
     let varmap = VarMap::new();
     let vb = heads::init::seeded_var_builder(&varmap, config.seed, &request.device);
     let head = heads::build(&head_config, &ctx, vb)?;
