@@ -270,3 +270,188 @@ fn a_head_too_large_for_memory_is_refused_before_allocating() {
     assert!(files_in(&out).is_empty());
     succeeds(&train_cli(&f, &out, &["--memory-limit", "1G"]));
 }
+
+#[test]
+fn train_never_overwrites_a_file_of_the_run() {
+    let f = fixture();
+    let out = f.root.join("checkpoints");
+    fs::create_dir_all(&out).unwrap();
+    // An explicit name whose report exists (the checkpoint itself does not) is refused.
+    fs::write(out.join("mine.report.html"), "keep me").unwrap();
+    let stderr = fails(&train_cli(&f, &out, &["--name", "mine"]));
+    assert!(stderr.contains("mine.report.html"), "{stderr}");
+    assert_eq!(
+        fs::read_to_string(out.join("mine.report.html")).unwrap(),
+        "keep me"
+    );
+    assert_eq!(files_in(&out), ["mine.report.html"]);
+    // A generated name skips a version whose metrics file exists.
+    let v1 = "mlp_synthetic_smoothing_v1_lr0.003_bs64_seed3407_f1";
+    fs::write(out.join(format!("{v1}.metrics.json")), "keep me too").unwrap();
+    succeeds(&train_cli(&f, &out, &[]));
+    assert_eq!(
+        fs::read_to_string(out.join(format!("{v1}.metrics.json"))).unwrap(),
+        "keep me too"
+    );
+    let v2 = "mlp_synthetic_smoothing_v2_lr0.003_bs64_seed3407_f1";
+    for ext in ["safetensors", "json", "report.html", "metrics.json"] {
+        assert!(out.join(format!("{v2}.{ext}")).is_file(), "{ext}");
+    }
+}
+
+/// `multiclip predict` of the fixture's cache with `ckpt`, plus `extra` flags.
+fn predict_cli(cache: &Path, ckpt: &Path, out: &Path, extra: &[&OsStr]) -> Output {
+    let mut args: Vec<&OsStr> = vec![
+        "predict".as_ref(),
+        "--cache".as_ref(),
+        cache.as_os_str(),
+        "--checkpoint".as_ref(),
+        ckpt.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ];
+    args.extend_from_slice(extra);
+    multiclip(&args)
+}
+
+/// The sidecar of `ckpt` as JSON.
+fn sidecar(ckpt: &Path) -> serde_json::Value {
+    serde_json::from_str(&fs::read_to_string(ckpt).unwrap()).unwrap()
+}
+
+fn write_sidecar(ckpt: &Path, value: &serde_json::Value) {
+    fs::write(ckpt, serde_json::to_string_pretty(value).unwrap()).unwrap();
+}
+
+/// `evaluate` and `predict` of `ckpt` both fail cleanly with a message containing `needle`.
+fn refused_on_load(f: &Fixture, ckpt: &Path, needle: &str) {
+    let stderr = fails(&multiclip(&[
+        "evaluate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+    ]));
+    assert!(stderr.contains(needle), "evaluate: {stderr}");
+    let out = f.root.join("refused.csv");
+    let stderr = fails(&predict_cli(&f.cache, ckpt, &out, &[]));
+    assert!(stderr.contains(needle), "predict: {stderr}");
+    assert!(!out.exists());
+}
+
+fn seal(ckpt: &Path) -> Output {
+    multiclip(&["checkpoint".as_ref(), "seal".as_ref(), ckpt.as_os_str()])
+}
+
+#[test]
+fn checkpoint_sidecars_are_validated_on_load() {
+    let f = fixture();
+    let ckpt = checkpoint(&f, "mlp:hidden=8", "checkpoints");
+    let good = sidecar(&ckpt);
+    let edited = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut value = good.clone();
+        edit(&mut value);
+        write_sidecar(&ckpt, &value);
+    };
+    // Fewer thresholds than labels: refused, and `seal` refuses to accept it.
+    edited(&|v| {
+        v["thresholds"].as_array_mut().unwrap().truncate(2);
+    });
+    refused_on_load(&f, &ckpt, "2 thresholds for 4 labels");
+    assert!(fails(&seal(&ckpt)).contains("2 thresholds for 4 labels"));
+    for (value, needle) in [
+        (serde_json::json!(1.5), "in [0, 1]"),
+        (serde_json::json!(-0.1), "in [0, 1]"),
+        (serde_json::json!(null), "null"),
+    ] {
+        edited(&|v| v["thresholds"][1] = value.clone());
+        refused_on_load(&f, &ckpt, needle);
+    }
+    edited(&|v| v["labels"][1] = v["labels"][0].clone());
+    refused_on_load(&f, &ckpt, "twice");
+    edited(&|v| v["loss"] = serde_json::json!({"kind": "focal", "alpha": 2.0, "gamma": 2.0}));
+    refused_on_load(&f, &ckpt, "alpha");
+    edited(&|v| v["head"]["dropout"] = serde_json::json!(1.0));
+    refused_on_load(&f, &ckpt, "dropout");
+    // A head configuration that does not fit the weights: named tensor and both shapes, and
+    // `seal` refuses to accept it.
+    edited(&|v| v["head"]["hidden"] = serde_json::json!(9));
+    let stderr = fails(&seal(&ckpt));
+    assert!(
+        stderr.contains("hidden.weight")
+            && stderr.contains("[9, 16]")
+            && stderr.contains("[8, 16]"),
+        "{stderr}"
+    );
+    edited(&|v| v["head"]["hidden"] = serde_json::json!(0));
+    let stderr = fails(&seal(&ckpt));
+    assert!(
+        stderr.contains("hidden.weight") && stderr.contains("not used"),
+        "{stderr}"
+    );
+    // The intact sidecar still works.
+    write_sidecar(&ckpt, &good);
+    succeeds(&multiclip(&[
+        "evaluate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+    ]));
+}
+
+#[test]
+fn checkpoints_are_sealed_and_any_change_is_detected() {
+    let f = fixture();
+    let ckpt = checkpoint(&f, "mlp:hidden=8", "a");
+    let other = checkpoint(&f, "mlp:hidden=8,dropout=0.1", "b");
+    let weights = ckpt.with_extension("safetensors");
+    let original = fs::read(&weights).unwrap();
+    let good = sidecar(&ckpt);
+    assert!(good["seal"]["weights_sha256"].is_string(), "{good}");
+
+    // A flipped weight byte (the last byte is tensor data).
+    let mut flipped = original.clone();
+    *flipped.last_mut().unwrap() ^= 0x10;
+    fs::write(&weights, &flipped).unwrap();
+    refused_on_load(&f, &ckpt, "do not match");
+    // Another run's weights of the same shapes.
+    fs::copy(other.with_extension("safetensors"), &weights).unwrap();
+    refused_on_load(&f, &ckpt, "do not match");
+    fs::write(&weights, &original).unwrap();
+
+    // An edited model card: cosine (which then contradicts the loss), a label, a threshold.
+    let mut value = good.clone();
+    value["head"]["cosine"] = serde_json::json!(true);
+    write_sidecar(&ckpt, &value);
+    refused_on_load(&f, &ckpt, "cosine");
+    let edits: [&dyn Fn(&mut serde_json::Value); 2] =
+        [&|v| v["labels"][0] = serde_json::json!("renamed"), &|v| {
+            v["thresholds"][0] = serde_json::json!(0.123)
+        }];
+    for edit in edits {
+        let mut value = good.clone();
+        edit(&mut value);
+        write_sidecar(&ckpt, &value);
+        refused_on_load(&f, &ckpt, "checkpoint seal");
+    }
+    // A threshold edited on purpose is accepted once sealed again.
+    let stdout = text(&seal(&ckpt).stdout);
+    assert!(stdout.contains("sealed"), "{stdout}");
+    succeeds(&multiclip(&[
+        "evaluate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+    ]));
+    assert_eq!(sidecar(&ckpt)["thresholds"][0], serde_json::json!(0.123));
+
+    // A checkpoint written before seals (format 1) is refused until sealed.
+    let mut old = good.clone();
+    old["format_version"] = serde_json::json!(1);
+    old.as_object_mut().unwrap().remove("seal");
+    write_sidecar(&ckpt, &old);
+    refused_on_load(&f, &ckpt, "checkpoint seal");
+    succeeds(&seal(&ckpt));
+    succeeds(&multiclip(&[
+        "evaluate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+    ]));
+    assert_eq!(sidecar(&ckpt)["format_version"], serde_json::json!(2));
+}

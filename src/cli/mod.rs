@@ -2,6 +2,7 @@
 //! the pipeline files `multiclip run` reads.
 
 pub mod cache;
+pub mod checkpoint;
 pub mod dataset;
 pub mod evaluate;
 pub mod extract;
