@@ -7,7 +7,9 @@
 mod support;
 
 use candle_core::Device;
+use multiclip::data::split::Split;
 use multiclip::loss::Loss;
+use multiclip::submission::read_predictions;
 use multiclip::train::TrainConfig;
 use multiclip::train::run::{TrainRequest, train};
 use std::ffi::OsStr;
@@ -34,6 +36,14 @@ fn synthetic() -> Synthetic {
 fn fixture() -> Fixture {
     Fixture::new(&synthetic(), |spec, data, cache| {
         spec.write_cache(data, cache)
+    })
+}
+
+/// The fixture with rows `skipped` left out of its cache, as `extract --on-error skip` leaves an
+/// unreadable image out.
+fn fixture_skipping(skipped: &[usize]) -> Fixture {
+    Fixture::new(&synthetic(), |spec, data, cache| {
+        spec.write_cache_skipping(data, cache, skipped)
     })
 }
 
@@ -312,6 +322,126 @@ fn predict_cli(cache: &Path, ckpt: &Path, out: &Path, extra: &[&OsStr]) -> Outpu
     ];
     args.extend_from_slice(extra);
     multiclip(&args)
+}
+
+#[test]
+fn predict_lists_rows_skipped_at_extraction_and_needs_a_choice() {
+    let f = fixture();
+    let ckpt = checkpoint(&f, "mlp:hidden=8", "checkpoints");
+    // The test cache: rows 3 and 77 were unreadable at extraction.
+    let test_cache = f.root.join("test-cache");
+    synthetic()
+        .write_cache_skipping(&f.data, &test_cache, &[3, 77])
+        .unwrap();
+    let out = f.root.join("predictions.csv");
+    let probs = f.root.join("probabilities.csv");
+    let listed = |stderr: &str| {
+        stderr.contains("2 rows")
+            && stderr.contains("3.jpg")
+            && stderr.contains("77.jpg")
+            && stderr.contains("unexpected end of file")
+    };
+    let stderr = fails(&predict_cli(&test_cache, &ckpt, &out, &[]));
+    assert!(
+        listed(&stderr) && stderr.contains("--allow-skipped"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+
+    // Written with no labels, in dataset order: the submission has every row.
+    let output = predict_cli(
+        &test_cache,
+        &ckpt,
+        &out,
+        &[
+            "--allow-skipped".as_ref(),
+            "empty".as_ref(),
+            "--probabilities".as_ref(),
+            probs.as_os_str(),
+        ],
+    );
+    let stderr = succeeds(&output);
+    assert!(listed(&stderr), "{stderr}");
+    let records = read_predictions(&out).unwrap();
+    let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+    let expected: Vec<String> = (0..ROWS).map(Synthetic::id).collect();
+    assert_eq!(ids, expected);
+    for r in &records {
+        let empty = r.labels.as_ref().unwrap().is_empty();
+        assert_eq!(empty, r.id == "3.jpg" || r.id == "77.jpg", "{}", r.id);
+    }
+    let probabilities = fs::read_to_string(&probs).unwrap();
+    let line = probabilities.lines().nth(1 + 77).unwrap();
+    assert_eq!(line, "77.jpg,NaN,NaN,NaN,NaN");
+    assert_eq!(probabilities.lines().count(), 1 + ROWS);
+
+    // Left out: the other rows only.
+    let stderr = succeeds(&predict_cli(
+        &test_cache,
+        &ckpt,
+        &out,
+        &["--allow-skipped".as_ref(), "omit".as_ref()],
+    ));
+    assert!(listed(&stderr), "{stderr}");
+    let records = read_predictions(&out).unwrap();
+    assert_eq!(records.len(), ROWS - 2);
+    assert!(records.iter().all(|r| r.id != "3.jpg" && r.id != "77.jpg"));
+}
+
+#[test]
+fn train_and_evaluate_leave_rows_skipped_at_extraction_out_and_say_which() {
+    let skipped = [3, 77, 150];
+    let f = fixture_skipping(&skipped);
+    let out = f.root.join("checkpoints");
+    let output = train_cli(&f, &out, &[]);
+    let stderr = succeeds(&output);
+    let split = Split::load(&f.split).unwrap();
+    for r in skipped {
+        let id = Synthetic::id(r);
+        assert!(stderr.contains(&id), "{id}: {stderr}");
+    }
+    let in_val = skipped
+        .iter()
+        .filter(|&&r| split.val.contains(&Synthetic::id(r)))
+        .count();
+    assert!(stderr.contains("unexpected end of file"), "{stderr}");
+    for (count, side) in [(3 - in_val, "training"), (in_val, "validation")] {
+        if count > 0 {
+            let said = format!("{count} {side} ids");
+            assert!(stderr.contains(&said), "{said}: {stderr}");
+        }
+    }
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "thresholds tuned on {} validation rows",
+            split.val.len() - in_val
+        )),
+        "{stdout}"
+    );
+    let name = "mlp_synthetic_smoothing_v1_lr0.003_bs64_seed3407_f1";
+    let ckpt = out.join(name);
+    let output = multiclip(&["evaluate", "--checkpoint", ckpt.to_str().unwrap()]);
+    let stderr = succeeds(&output);
+    assert!(stderr.contains("validation ids") || in_val == 0, "{stderr}");
+    assert!(
+        text(&output.stdout).contains(&format!("{} rows", split.val.len() - in_val)),
+        "{}",
+        text(&output.stdout)
+    );
+    let output = multiclip(&[
+        "evaluate",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--part",
+        "train",
+    ]);
+    succeeds(&output);
+    assert!(
+        text(&output.stdout).contains(&format!("{} rows", split.train.len() - (3 - in_val))),
+        "{}",
+        text(&output.stdout)
+    );
 }
 
 /// The sidecar of `ckpt` as JSON.
