@@ -325,6 +325,105 @@ fn predict_cli(cache: &Path, ckpt: &Path, out: &Path, extra: &[&OsStr]) -> Outpu
 }
 
 #[test]
+fn predict_refuses_one_file_for_both_outputs() {
+    let f = fixture();
+    let ckpt = checkpoint(&f, "mlp:hidden=8", "checkpoints");
+    let dir = f.root.join("out");
+    fs::create_dir_all(dir.join("sub")).unwrap();
+    let x = dir.join("x.csv");
+    std::os::unix::fs::symlink(&x, dir.join("link.csv")).unwrap();
+    std::os::unix::fs::symlink(&dir, f.root.join("dirlink")).unwrap();
+    fs::write(&x, "old\n").unwrap();
+    for other in [
+        x.clone(),
+        dir.join(".").join("x.csv"),
+        dir.join("sub").join("..").join("x.csv"),
+        f.root.join("dirlink").join("x.csv"),
+        dir.join("link.csv"),
+    ] {
+        let output = predict_cli(
+            &f.cache,
+            &ckpt,
+            &x,
+            &["--probabilities".as_ref(), other.as_os_str()],
+        );
+        let stderr = fails(&output);
+        assert!(stderr.contains("--probabilities"), "{other:?}: {stderr}");
+        assert_eq!(fs::read_to_string(&x).unwrap(), "old\n");
+    }
+    // Relative spellings of one file, from the working directory.
+    let output = Command::new(env!("CARGO_BIN_EXE_multiclip"))
+        .current_dir(&dir)
+        .args(["predict", "--cache"])
+        .arg(&f.cache)
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .args(["--out", "x.csv", "--probabilities", "./x.csv"])
+        .output()
+        .unwrap();
+    fails(&output);
+    assert_eq!(fs::read_to_string(&x).unwrap(), "old\n");
+}
+
+#[test]
+fn predict_outputs_survive_a_failed_write() {
+    use std::os::unix::process::CommandExt;
+    let f = fixture();
+    let ckpt = checkpoint(&f, "mlp:hidden=8", "checkpoints");
+    let dir = f.root.join("out");
+    fs::create_dir_all(&dir).unwrap();
+    let predictions = dir.join("predictions.csv");
+    let probabilities = dir.join("probabilities.csv");
+    // The whole predictions file is about 2 kB, the probabilities about 7 kB.
+    for limit in [1024u64, 4096] {
+        fs::write(&predictions, "old predictions\n").unwrap();
+        fs::write(&probabilities, "old probabilities\n").unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_multiclip"));
+        cmd.args(["predict", "--cache"])
+            .arg(&f.cache)
+            .arg("--checkpoint")
+            .arg(&ckpt)
+            .arg("--out")
+            .arg(&predictions)
+            .arg("--probabilities")
+            .arg(&probabilities);
+        // SAFETY: only async-signal-safe calls between fork and exec. A write past the limit
+        // then fails with EFBIG (SIGXFSZ ignored), as a full disk fails with ENOSPC.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let stderr = fails(&cmd.output().unwrap());
+        assert!(stderr.contains("File too large"), "{limit}: {stderr}");
+        let after = fs::read_to_string(&predictions).unwrap();
+        if limit == 1024 {
+            assert_eq!(after, "old predictions\n");
+        } else {
+            // The predictions fit and are complete; the probabilities are the old ones.
+            assert_eq!(read_predictions(&predictions).unwrap().len(), ROWS);
+        }
+        assert_eq!(
+            fs::read_to_string(&probabilities).unwrap(),
+            "old probabilities\n"
+        );
+        assert_eq!(
+            files_in(&dir),
+            ["predictions.csv", "probabilities.csv"],
+            "{limit}: no temporary file is left behind"
+        );
+    }
+}
+
+#[test]
 fn predict_lists_rows_skipped_at_extraction_and_needs_a_choice() {
     let f = fixture();
     let ckpt = checkpoint(&f, "mlp:hidden=8", "checkpoints");

@@ -2,14 +2,14 @@
 //! file (`ImageID,Labels`) and, optionally, the probabilities.
 
 use super::{at_least_one_row, one_of};
-use anyhow::Result;
+use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
 use multiclip::model::Model;
 use multiclip::model::score::SCORE_BATCH_ROWS;
 use multiclip::predict::{SkippedRows, predict};
-use multiclip::submission::{write_predictions, write_probabilities};
+use multiclip::submission::{same_file, write_predictions, write_probabilities};
 use std::path::PathBuf;
 
 /// Predict labels for every row of a cache.
@@ -40,7 +40,22 @@ pub struct PredictArgs {
     pub allow_skipped: Option<SkippedRows>,
 }
 
+/// Checks the arguments without reading anything: the two outputs must be two files.
+pub fn check(args: &PredictArgs) -> Result<()> {
+    if let Some(probabilities) = &args.probabilities
+        && same_file(&args.out, probabilities)
+    {
+        bail!(
+            "--out {} and --probabilities {} name the same file: one would overwrite the other",
+            args.out.display(),
+            probabilities.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: PredictArgs) -> Result<()> {
+    check(&args)?;
     let device = Device::Cpu;
     let reader = CacheReader::open(&args.cache)?;
     let model = Model::load(&args.checkpoint, &device)?;
