@@ -111,8 +111,8 @@ fn parse_head_config(text_or_path: &str) -> Result<HeadConfig> {
     }
 }
 
-/// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
-pub fn run(args: TrainArgs) -> Result<PathBuf> {
+/// The training run the arguments ask for (nothing read yet but a `--head-config` file).
+fn request(args: &TrainArgs) -> Result<TrainRequest> {
     let head = match (&args.head, &args.head_config) {
         (_, Some(config)) => parse_head_config(config)?,
         (Some(spec), None) => spec.parse::<HeadConfig>()?,
@@ -139,18 +139,27 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
         memory_limit: args.memory_limit,
         ..defaults
     };
-    let request = TrainRequest {
-        cache: args.cache,
-        data: args.data,
-        split: args.split,
+    Ok(TrainRequest {
+        cache: args.cache.clone(),
+        data: args.data.clone(),
+        split: args.split.clone(),
         head,
         loss: args.loss,
         config,
-        out_dir: args.out,
-        name: args.name,
+        out_dir: args.out.clone(),
+        name: args.name.clone(),
         device: Device::Cpu,
-    };
-    let report = train(&request)?;
+    })
+}
+
+/// Checks the arguments without reading the cache (settings, head, loss).
+pub fn check(args: &TrainArgs) -> Result<()> {
+    request(args)?.check().map(drop)
+}
+
+/// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
+pub fn run(args: TrainArgs) -> Result<PathBuf> {
+    let report = train(&request(&args)?)?;
     let outcome = &report.outcome;
     println!(
         "best epoch {} of {}{}; thresholds tuned on {} validation rows",
