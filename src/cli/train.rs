@@ -42,7 +42,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = Loss::default())]
     pub loss: Loss,
     /// Peak learning rate.
-    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    #[arg(long, default_value_t = TrainConfig::default().lr, allow_negative_numbers = true)]
     pub lr: f64,
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     pub batch_size: usize,
@@ -62,13 +62,13 @@ pub struct TrainArgs {
     /// Learning-rate schedule after the warm-up: constant or cosine.
     #[arg(long, default_value_t = TrainConfig::default().schedule)]
     pub schedule: ScheduleKind,
-    #[arg(long, default_value_t = TrainConfig::default().warmup_epochs)]
+    #[arg(long, default_value_t = TrainConfig::default().warmup_epochs, allow_negative_numbers = true)]
     pub warmup_epochs: f64,
     /// Decoupled weight decay (biases and norms are exempt).
-    #[arg(long, default_value_t = TrainConfig::default().adamw.weight_decay)]
+    #[arg(long, default_value_t = TrainConfig::default().adamw.weight_decay, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// Maximum global gradient norm; 0 turns clipping off.
-    #[arg(long, default_value_t = TrainConfig::default().clip_grad.unwrap_or(0.0))]
+    #[arg(long, default_value_t = TrainConfig::default().clip_grad.unwrap_or(0.0), allow_negative_numbers = true)]
     pub clip_grad: f64,
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
