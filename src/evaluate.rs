@@ -91,12 +91,12 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
                 );
             }
             let split = Split::load(&split_path)?;
-            let ids = match request.part {
-                EvalPart::Val => &split.val,
-                _ => &split.train,
+            let (ids, side) = match request.part {
+                EvalPart::Val => (&split.val, "validation"),
+                _ => (&split.train, "training"),
             };
             let records = labelled_records(&data, &reader)?;
-            let rows = rows_for_ids(&reader, ids, "split")?;
+            let rows = rows_for_ids(&reader, ids, side)?;
             (records, rows)
         }
         EvalPart::Test => {

@@ -1,13 +1,13 @@
 //! Labelled cache rows, for training and evaluation: the labelled records of a dataset's
 //! `train.csv` (checked against the csv the cache was extracted from), the cache rows of a list of
-//! ids, and the multi-hot targets of cache rows (labels from the csv, features from the cache,
-//! joined by image id).
+//! ids (rows skipped at extraction left out, and said so), and the multi-hot targets of cache rows
+//! (labels from the csv, features from the cache, joined by image id).
 
-use crate::cache::CacheReader;
+use crate::cache::{CacheReader, SkippedRow};
 use crate::data::labels::LabelVocab;
 use crate::data::{Dataset, Part, Record};
 use crate::files::sha256_file;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,21 +39,61 @@ pub fn labelled_records(data: &Path, reader: &CacheReader) -> Result<Vec<Record>
     dataset.records(Part::Train)
 }
 
-/// The cache rows of `ids` (e.g. one side of a split); `what` names them in the error about an
-/// id the cache lacks.
+/// The cache rows of `ids` (e.g. one side of a split; `what` names them: "training"). An id the
+/// cache recorded as skipped at extraction (`extract --on-error skip`: an unreadable image) is
+/// left out, with a warning that says how many, which and why; an id the cache does not know is
+/// an error.
 pub fn rows_for_ids(reader: &CacheReader, ids: &[String], what: &str) -> Result<Vec<usize>> {
-    ids.iter()
-        .map(|id| {
-            reader.index_of(id).with_context(|| {
-                format!(
-                    "{what} id `{id}` is not in cache {} ({} rows): was the cache extracted from \
-                     another dataset or split?",
-                    reader.dir().display(),
-                    reader.len()
-                )
-            })
-        })
-        .collect()
+    let skipped: HashMap<&str, &SkippedRow> = reader
+        .manifest()
+        .skipped()
+        .map(|s| (s.id.as_str(), s))
+        .collect();
+    let mut rows = Vec::with_capacity(ids.len());
+    let mut left_out = Vec::new();
+    for id in ids {
+        match (reader.index_of(id), skipped.get(id.as_str())) {
+            (Some(row), _) => rows.push(row),
+            (None, Some(s)) => left_out.push(*s),
+            (None, None) => bail!(
+                "{what} id `{id}` is not in cache {} ({} rows): was the cache extracted from \
+                 another dataset or split?",
+                reader.dir().display(),
+                reader.len()
+            ),
+        }
+    }
+    if !left_out.is_empty() {
+        tracing::warn!(
+            "{} {what} ids (of {}) were skipped at extraction and are left out: {}",
+            left_out.len(),
+            ids.len(),
+            describe_skipped(&left_out, reader.dir())
+        );
+    }
+    Ok(rows)
+}
+
+/// Skipped rows listed in messages; `cache info --skipped 0` lists all.
+const SKIPPED_SHOWN: usize = 10;
+
+/// `id (reason), ...` for the first skipped rows of the cache in `dir`, then how many more and
+/// where to see them all.
+pub fn describe_skipped(rows: &[&SkippedRow], dir: &Path) -> String {
+    let mut text = rows
+        .iter()
+        .take(SKIPPED_SHOWN)
+        .map(|s| format!("{} ({})", s.id, s.reason.trim_end()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if rows.len() > SKIPPED_SHOWN {
+        text.push_str(&format!(
+            " and {} more (`multiclip cache info {} --skipped 0` lists all)",
+            rows.len() - SKIPPED_SHOWN,
+            dir.display()
+        ));
+    }
+    text
 }
 
 /// One multi-hot vector of `num_labels` per cache row; rows without labels (test rows) are

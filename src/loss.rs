@@ -203,7 +203,8 @@ impl Loss {
         let (valid, message) = match *self {
             Loss::Bce | Loss::Zlpr => (true, ""),
             Loss::Smoothing { epsilon } => {
-                ((0.0..=1.0).contains(&epsilon), "epsilon must be in [0, 1]")
+                // epsilon = 1 makes every target 0.5: nothing left to learn.
+                ((0.0..1.0).contains(&epsilon), "epsilon must be in [0, 1)")
             }
             Loss::Focal { alpha, gamma } => (
                 (0.0..=1.0).contains(&alpha) && non_negative(gamma),
@@ -792,6 +793,13 @@ mod tests {
             "focal:alpha=0.25,alpha=0.5",
             "focal-0.25-2",
             "smoothing:epsilon=1.5",
+            "smoothing:epsilon=1",
+            "smoothing:epsilon=NaN",
+            "focal:gamma=-1",
+            "focal:gamma=inf",
+            "focal:alpha=NaN",
+            "margin:margin=NaN",
+            "angular:scale=inf",
             "angular:margin=2",
             "asl:clip=1",
             "margin:scale=0",

@@ -30,6 +30,8 @@ enum Command {
     Evaluate(cli::evaluate::EvaluateArgs),
     /// Label every row of a cache with a checkpoint (submission csv).
     Predict(cli::predict::PredictArgs),
+    /// Seal a checkpoint's files as they are now (after a deliberate edit of its model card).
+    Checkpoint(cli::checkpoint::CheckpointArgs),
     /// Run a pipeline file (pipelines/*.toml): split, extract, train, evaluate, predict.
     Run(cli::run::RunArgs),
 }
@@ -46,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => cli::train::run(args).map(drop),
         Command::Evaluate(args) => cli::evaluate::run(args),
         Command::Predict(args) => cli::predict::run(args),
+        Command::Checkpoint(args) => cli::checkpoint::run(args),
         Command::Run(args) => cli::run::run(args),
     }
 }

@@ -101,6 +101,30 @@ pub fn write_probabilities(
     write_file(path, out.as_bytes())
 }
 
+/// Whether the output paths `a` and `b` name one file: the same directory entry once `.`, `..`
+/// and symbolic links in the folders are resolved (`x.csv`, `./x.csv`, `out/../x.csv`), or two
+/// links to one existing file.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    /// The canonical folder and the name: what an atomic write replaces.
+    fn entry(path: &Path) -> Option<std::path::PathBuf> {
+        let name = path.file_name()?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(parent).ok()?.join(name))
+    }
+    match (entry(a), entry(b)) {
+        (Some(x), Some(y)) if x == y => return true,
+        (None, None) => return a == b,
+        _ => {}
+    }
+    matches!(
+        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+        (Ok(x), Ok(y)) if x == y
+    )
+}
+
 /// Writes `bytes` to `path` atomically, creating its folder.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -108,4 +132,25 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
             .with_context(|| format!("creating folder {}", parent.display()))?;
     }
     write_atomic(path, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_file_is_recognised_under_every_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        let x = d.join("x.csv");
+        assert!(same_file(&x, &d.join(".").join("x.csv")));
+        assert!(same_file(&x, &d.join("sub").join("..").join("x.csv")));
+        assert!(!same_file(&x, &d.join("y.csv")));
+        std::fs::write(&x, "").unwrap();
+        std::os::unix::fs::symlink(&x, d.join("link.csv")).unwrap();
+        assert!(same_file(&x, &d.join("link.csv")));
+        std::os::unix::fs::symlink(d, d.join("sub").join("up")).unwrap();
+        assert!(same_file(&x, &d.join("sub").join("up").join("x.csv")));
+    }
 }

@@ -380,6 +380,50 @@ fn missing_inputs_are_named_with_the_available_ones() -> Result<()> {
 }
 
 #[test]
+fn head_configs_that_cannot_work_are_refused_when_parsed_and_when_built() -> Result<()> {
+    for (spec, field) in [
+        ("gat:hidden=0", "hidden"),
+        ("gat:heads=0", "heads"),
+        ("gat:hidden=6,heads=4", "heads"),
+        ("gat:p=1.5", "p"),
+        ("gat:threshold=-0.1", "threshold"),
+        ("mlp:dropout=1", "dropout"),
+        ("ensemble:dropout=-1", "dropout"),
+        ("ml_decoder:d_model=0", "d_model"),
+        ("ml_decoder:ffn=0", "ffn"),
+        ("ml_decoder:heads=0", "heads"),
+        ("ml_decoder:d_model=10,heads=3", "heads"),
+        ("ml_decoder:dropout=1", "dropout"),
+    ] {
+        let err = format!("{:#}", spec.parse::<HeadConfig>().expect_err(spec));
+        assert!(err.contains(spec) && err.contains(field), "{spec}: {err}");
+    }
+    // The same configurations from JSON (a --head-config file, a checkpoint's sidecar) are
+    // refused by `build`, before any variable exists.
+    let d = data(3)?;
+    for (json, field) in [
+        (r#"{"kind": "gat", "hidden": 0}"#, "hidden"),
+        (r#"{"kind": "ml_decoder", "d_model": 0}"#, "d_model"),
+        (r#"{"kind": "ml_decoder", "ffn": 0}"#, "ffn"),
+        (
+            r#"{"kind": "ml_decoder", "d_model": 8, "heads": 3}"#,
+            "heads",
+        ),
+    ] {
+        let cfg: HeadConfig = serde_json::from_str(json).expect("well-formed");
+        let map = VarMap::new();
+        let vb = seeded_var_builder(&map, 0, &Device::Cpu);
+        let err = format!(
+            "{:#}",
+            heads::build(&cfg, &d.ctx, vb).err().expect("must fail")
+        );
+        assert!(err.contains(field), "{json}: {err}");
+        assert!(map.all_vars().is_empty(), "{json}");
+    }
+    Ok(())
+}
+
+#[test]
 fn head_specs_parse_and_reject_typos() {
     let cfg: HeadConfig = "router:inputs=image+text,hidden=0,dropout=0.5"
         .parse()

@@ -83,3 +83,49 @@ fn overrides_reach_the_command_and_bad_flags_name_the_section() {
         "{stderr}"
     );
 }
+
+#[test]
+fn every_stage_is_checked_before_any_stage_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, cache) = (dir.path().join("data"), dir.path().join("cache"));
+    let out = dir.path().join("predictions.csv");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[pipeline]\nname = \"bad\"\n\n[[extract]]\ndata = {data:?}\npart = \"train\"\n\
+             backbone = \"dinov2:tests/fixtures/dinov2-tiny\"\nout = {cache:?}\n\n\
+             [train]\ncache = {cache:?}\ndata = {data:?}\nsplit = \"split.json\"\n\
+             head = \"mlp\"\n\n[predict]\ncache = {cache:?}\nout = {out:?}\n"
+        ),
+    )
+    .unwrap();
+    for (set, section, named) in [
+        ("train.learning_rate=0.1", "[train]", "--learning-rate"),
+        ("train.lr=-1.0", "[train]", "--lr"),
+        ("train.batch_size=0", "[train]", "--batch-size"),
+        ("train.head=gat:hidden=0", "[train]", "hidden"),
+        (
+            &format!("predict.probabilities={}", out.display()),
+            "[predict]",
+            "--probabilities",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_multiclip"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("run")
+            .arg(&file)
+            .args(["--set", set])
+            .output()
+            .expect("runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{set}: {stdout}\n{stderr}");
+        assert!(
+            stderr.contains(section) && stderr.contains(named),
+            "{set}: {stderr}"
+        );
+        assert!(!stdout.contains("== multiclip extract"), "{set}: {stdout}");
+        assert!(!cache.exists() && !out.exists(), "{set}");
+    }
+}

@@ -22,18 +22,10 @@ use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts, checkp
 use multiclip::train::early_stop::Criterion;
 use multiclip::train::run::{TrainRequest, head_context, train};
 use multiclip::train::{TrainConfig, TrainData, fit};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+use support::fixture::Fixture;
 use support::synthetic::Synthetic;
-
-/// A dataset, its cache and a split in a temporary folder.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    data: PathBuf,
-    cache: PathBuf,
-    split: PathBuf,
-}
 
 fn synthetic(backbone: &str) -> Synthetic {
     Synthetic {
@@ -48,27 +40,10 @@ fn synthetic(backbone: &str) -> Synthetic {
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let data = root.join("data");
-    let cache = root.join("cache");
-    let spec = synthetic("synthetic:models/test-backbone");
-    spec.write_dataset(&data).unwrap();
-    spec.write_cache(&data, &cache).unwrap();
-    let records = Dataset::open(&data).unwrap().records(Part::Train).unwrap();
-    let vocab = LabelVocab::from_records(&records).unwrap();
-    let split = root.join("split.json");
-    Split::stratified(&records, &vocab, 0.25, 3407)
-        .unwrap()
-        .save(&split)
-        .unwrap();
-    Fixture {
-        _dir: dir,
-        root,
-        data,
-        cache,
-        split,
-    }
+    Fixture::new(
+        &synthetic("synthetic:models/test-backbone"),
+        |spec, data, cache| spec.write_cache(data, cache),
+    )
 }
 
 fn quick_config() -> TrainConfig {

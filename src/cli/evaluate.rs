@@ -1,7 +1,7 @@
 //! `multiclip evaluate`: a checkpoint's metrics (at its tuned thresholds) on the validation,
 //! training or test rows, as a summary table and a per-label table.
 
-use super::one_of;
+use super::{at_least_one_row, one_of};
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
@@ -29,7 +29,7 @@ pub struct EvaluateArgs {
     #[arg(long, default_value = "val", value_parser = one_of(&EvalPart::ALL, EvalPart::name))]
     pub part: EvalPart,
     /// Rows per forward pass.
-    #[arg(long, default_value_t = SCORE_BATCH_ROWS)]
+    #[arg(long, default_value_t = SCORE_BATCH_ROWS, value_parser = at_least_one_row())]
     pub batch_size: usize,
     /// Do not force at least one label per sample.
     #[arg(long)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use super::one_of;
+use super::{at_least_one_row, one_of};
 use multiclip::backbone;
 use multiclip::cache::{StoredDtype, WorkerSlot};
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
@@ -47,10 +47,10 @@ pub struct ExtractArgs {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Rows per forward pass.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one_row())]
     batch_size: usize,
     /// Dataset rows per shard file (memory holds one shard's outputs).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one_row())]
     shard_rows: usize,
     /// Stored type of float outputs (masks are always u8).
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
@@ -71,13 +71,13 @@ pub struct ExtractArgs {
     #[arg(long, default_value = "fail", value_parser = one_of(&OnError::ALL, OnError::name))]
     on_error: OnError,
     /// Images with more pixels than this are refused (checked from the header, before decoding).
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_pixels: u64,
     /// CPU threads for decoding, preprocessing and the model [default: all cores].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// Prepared batches queued ahead of the model.
-    #[arg(long, default_value_t = 3, value_name = "N")]
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = at_least_one_row())]
     prefetch: usize,
 }
 

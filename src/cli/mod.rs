@@ -2,6 +2,7 @@
 //! the pipeline files `multiclip run` reads.
 
 pub mod cache;
+pub mod checkpoint;
 pub mod dataset;
 pub mod evaluate;
 pub mod extract;
@@ -25,6 +26,11 @@ pub fn one_of<T: Copy + Send + Sync + 'static>(
                 .ok_or("not one of the listed values")
         },
     )
+}
+
+/// A clap value parser for a count of rows (or items) that must be at least 1.
+pub fn at_least_one_row() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` selects the level (default `info`).

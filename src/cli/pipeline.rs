@@ -122,23 +122,25 @@ fn parse_value(raw: &str) -> Value {
 
 /// Turns a stage's flag table into command-line arguments: `key = v` -> `--key v`,
 /// `flag = true` -> `--flag`, `false` -> nothing, arrays repeat the flag, tables become JSON.
+/// A value starting with `-` (`lr = -1.0`) is joined to its flag (`--lr=-1`), so that it reads
+/// as the flag's value and not as another flag.
 pub fn to_args(flags: &Table) -> Vec<String> {
     let mut args = Vec::new();
     for (key, value) in flags {
         let flag = format!("--{}", key.replace('_', "-"));
+        let mut push = |value: &Value| {
+            let value = scalar(value);
+            if value.starts_with('-') {
+                args.push(format!("{flag}={value}"));
+            } else {
+                args.extend([flag.clone(), value]);
+            }
+        };
         match value {
             Value::Boolean(true) => args.push(flag),
             Value::Boolean(false) => {}
-            Value::Array(items) => {
-                for item in items {
-                    args.push(flag.clone());
-                    args.push(scalar(item));
-                }
-            }
-            other => {
-                args.push(flag);
-                args.push(scalar(other));
-            }
+            Value::Array(items) => items.iter().for_each(&mut push),
+            other => push(other),
         }
     }
     args
@@ -170,6 +172,7 @@ head = "mlp"
 lr = 0.001
 multistage = false
 verbose = true
+margin = -0.5
 "#;
 
     #[test]
@@ -179,7 +182,17 @@ verbose = true
         let names: Vec<&str> = p.stages.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["extract", "train"]);
         let args = to_args(&p.stage("train")[0]);
-        assert_eq!(args, ["--head", "mlp", "--lr", "0.001", "--verbose"]);
+        assert_eq!(
+            args,
+            [
+                "--head",
+                "mlp",
+                "--lr",
+                "0.001",
+                "--margin=-0.5",
+                "--verbose"
+            ]
+        );
         assert_eq!(
             to_args(&p.stage("extract")[0]),
             ["--batch-size", "32", "--data", "data/demo"]

@@ -1,14 +1,15 @@
 //! `multiclip predict`: label every row of a cache with a checkpoint and write the submission
 //! file (`ImageID,Labels`) and, optionally, the probabilities.
 
-use anyhow::Result;
+use super::{at_least_one_row, one_of};
+use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
 use multiclip::model::Model;
 use multiclip::model::score::SCORE_BATCH_ROWS;
-use multiclip::predict::predict;
-use multiclip::submission::{write_predictions, write_probabilities};
+use multiclip::predict::{SkippedRows, predict};
+use multiclip::submission::{same_file, write_predictions, write_probabilities};
 use std::path::PathBuf;
 
 /// Predict labels for every row of a cache.
@@ -30,19 +31,41 @@ pub struct PredictArgs {
     #[arg(long)]
     pub no_at_least_one: bool,
     /// Rows per forward pass.
-    #[arg(long, default_value_t = SCORE_BATCH_ROWS)]
+    #[arg(long, default_value_t = SCORE_BATCH_ROWS, value_parser = at_least_one_row())]
     pub batch_size: usize,
+    /// Predict although the cache has rows skipped at extraction (`extract --on-error skip`):
+    /// write them with no labels (`empty`, NaN probabilities: the file keeps every row) or
+    /// leave them out (`omit`). They are listed either way; without this flag they are refused.
+    #[arg(long, value_name = "omit|empty", value_parser = one_of(&SkippedRows::ALLOWED, SkippedRows::name))]
+    pub allow_skipped: Option<SkippedRows>,
+}
+
+/// Checks the arguments without reading anything: the two outputs must be two files.
+pub fn check(args: &PredictArgs) -> Result<()> {
+    if let Some(probabilities) = &args.probabilities
+        && same_file(&args.out, probabilities)
+    {
+        bail!(
+            "--out {} and --probabilities {} name the same file: one would overwrite the other",
+            args.out.display(),
+            probabilities.display()
+        );
+    }
+    Ok(())
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
+    check(&args)?;
     let device = Device::Cpu;
     let reader = CacheReader::open(&args.cache)?;
     let model = Model::load(&args.checkpoint, &device)?;
+    let skipped = args.allow_skipped.unwrap_or(SkippedRows::Refuse);
     let predictions = predict(
         &model,
         &reader,
         args.batch_size,
         !args.no_at_least_one,
+        skipped,
         &device,
     )?;
     write_predictions(
@@ -51,8 +74,13 @@ pub fn run(args: PredictArgs) -> Result<()> {
         &predictions.decisions,
         &predictions.labels,
     )?;
+    let note = match (predictions.skipped.len(), skipped) {
+        (0, _) => String::new(),
+        (n, SkippedRows::WriteEmpty) => format!(" ({n} skipped at extraction, with no labels)"),
+        (n, _) => format!(" ({n} skipped at extraction left out)"),
+    };
     println!(
-        "{} rows labelled with {} -> {}",
+        "{} rows labelled with {} -> {}{note}",
         predictions.ids.len(),
         model.card.name,
         args.out.display()

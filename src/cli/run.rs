@@ -11,9 +11,6 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use super::pipeline::{Pipeline, to_args};
 use super::{dataset, evaluate, extract, predict, train};
 
-/// Order in which stages run; a pipeline names any subset.
-const STAGES: [&str; 5] = ["split", "extract", "train", "evaluate", "predict"];
-
 const RUN_HELP: &str = "\
 A pipeline file holds a [pipeline] section (name, description, `needs` paths and a `fetch`
 command run when one is missing) and one section per stage with that command's long flags:
@@ -53,12 +50,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some((name, _)) = pipeline
         .stages
         .iter()
-        .find(|(name, _)| !STAGES.contains(&name.as_str()))
+        .find(|(name, _)| !Stage::ALL.iter().any(|s| s.name() == name))
     {
         bail!(
             "unknown stage [{name}] in {}: stages are {}",
             args.pipeline.display(),
-            STAGES.join(", ")
+            Stage::ALL.map(Stage::name).join(", ")
         );
     }
     println!(
@@ -69,62 +66,162 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !pipeline.info.description.is_empty() {
         println!("  {}", pipeline.info.description);
     }
+    // Every stage is checked (its flags parsed by the command's own parser, then the command's
+    // own checks) before anything is fetched or run: a typo in [train] does not wait for the
+    // extraction to finish.
+    let planned = plan(&pipeline)?;
+    for stage in &planned {
+        stage.check()?;
+    }
     let runner = Runner {
         dry_run: args.dry_run,
     };
     runner.fetch_missing(&pipeline)?;
-
-    for flags in pipeline.stage("split") {
-        let mut argv = vec!["split".to_string()];
-        let data = flags
-            .get("data")
-            .and_then(|v| v.as_str())
-            .context("[split] needs `data = \"DIR\"` (the dataset folder)")?;
-        argv.push(data.to_string());
-        let mut rest = flags.clone();
-        rest.remove("data");
-        let out = rest
-            .get("out")
-            .and_then(|v| v.as_str())
-            .map_or_else(|| Path::new(data).join("split.json"), PathBuf::from);
-        argv.extend(to_args(&rest));
-        if out.exists() {
-            println!("\n== split: reusing {}", out.display());
-            continue;
-        }
-        runner.stage("dataset", &argv, |a: dataset::DatasetArgs| dataset::run(a))?;
-    }
-    for flags in pipeline.stage("extract") {
-        runner.stage("extract", &to_args(flags), extract::run)?;
-    }
     let mut checkpoint: Option<PathBuf> = None;
-    for flags in pipeline.stage("train") {
-        checkpoint = runner.stage("train", &to_args(flags), |a| train::run(a).map(Some))?;
-    }
-    for (name, flags) in [
-        ("evaluate", pipeline.stage("evaluate")),
-        ("predict", pipeline.stage("predict")),
-    ] {
-        for flags in flags {
-            let mut argv = to_args(flags);
-            if !flags.contains_key("checkpoint") {
-                let path = match (&checkpoint, runner.dry_run) {
-                    (Some(path), _) => path.display().to_string(),
-                    (None, true) => "<trained checkpoint>".to_string(),
-                    (None, false) => {
-                        bail!("[{name}] has no `checkpoint` and the pipeline trains none: add one")
-                    }
-                };
-                argv.extend(["--checkpoint".to_string(), path]);
-            }
-            match name {
-                "evaluate" => runner.stage(name, &argv, evaluate::run)?,
-                _ => runner.stage(name, &argv, predict::run)?,
-            }
+    for stage in &planned {
+        if let Some(trained) = runner.run(stage, checkpoint.as_deref())? {
+            checkpoint = Some(trained);
         }
     }
     println!("\npipeline {} done", pipeline.info.name);
     Ok(())
+}
+
+/// The stages of a pipeline, in the order they run; a pipeline names any subset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Split,
+    Extract,
+    Train,
+    Evaluate,
+    Predict,
+}
+
+impl Stage {
+    const ALL: [Stage; 5] = [
+        Self::Split,
+        Self::Extract,
+        Self::Train,
+        Self::Evaluate,
+        Self::Predict,
+    ];
+
+    /// The section of the pipeline file.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Split => "split",
+            Self::Extract => "extract",
+            Self::Train => "train",
+            Self::Evaluate => "evaluate",
+            Self::Predict => "predict",
+        }
+    }
+
+    /// The `multiclip` command it runs.
+    fn command(self) -> &'static str {
+        match self {
+            Self::Split => "dataset",
+            other => other.name(),
+        }
+    }
+}
+
+/// Stands for the checkpoint that the [train] stage will write, until it has.
+const TRAINED_CHECKPOINT: &str = "<trained checkpoint>";
+
+/// One run of a stage, as the pipeline file gives it.
+struct Planned {
+    stage: Stage,
+    argv: Vec<String>,
+    /// The split file of a [split] stage: an existing one is reused.
+    reuse: Option<PathBuf>,
+    /// Whether `--checkpoint` is the trained one (an [evaluate] or [predict] without its own).
+    trained_checkpoint: bool,
+}
+
+/// Every run of every stage, in order.
+fn plan(pipeline: &Pipeline) -> Result<Vec<Planned>> {
+    let trains = !pipeline.stage(Stage::Train.name()).is_empty();
+    let mut planned = Vec::new();
+    for stage in Stage::ALL {
+        for flags in pipeline.stage(stage.name()) {
+            let mut run = Planned {
+                stage,
+                argv: to_args(flags),
+                reuse: None,
+                trained_checkpoint: false,
+            };
+            match stage {
+                Stage::Split => {
+                    let data = flags
+                        .get("data")
+                        .and_then(|v| v.as_str())
+                        .context("[split] needs `data = \"DIR\"` (the dataset folder)")?;
+                    let mut rest = flags.clone();
+                    rest.remove("data");
+                    run.reuse = Some(
+                        rest.get("out")
+                            .and_then(|v| v.as_str())
+                            .map_or_else(|| Path::new(data).join("split.json"), PathBuf::from),
+                    );
+                    run.argv = ["split".to_string(), data.to_string()]
+                        .into_iter()
+                        .chain(to_args(&rest))
+                        .collect();
+                }
+                Stage::Evaluate | Stage::Predict if !flags.contains_key("checkpoint") => {
+                    if !trains {
+                        bail!(
+                            "[{}] has no `checkpoint` and the pipeline trains none: add one",
+                            stage.name()
+                        );
+                    }
+                    run.trained_checkpoint = true;
+                }
+                _ => {}
+            }
+            planned.push(run);
+        }
+    }
+    Ok(planned)
+}
+
+impl Planned {
+    /// The command line, with `checkpoint` as the trained checkpoint where it takes it.
+    fn argv(&self, checkpoint: &str) -> Vec<String> {
+        let mut argv = self.argv.clone();
+        if self.trained_checkpoint {
+            argv.extend(["--checkpoint".to_string(), checkpoint.to_string()]);
+        }
+        argv
+    }
+
+    /// Parses the flags with the command's own parser.
+    fn parse<T: Args>(&self, argv: &[String]) -> Result<T> {
+        StageArgs::<T>::command()
+            .try_get_matches_from(argv)
+            .and_then(|m| StageArgs::<T>::from_arg_matches(&m))
+            .map(|stage| stage.args)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "in the [{}] section of the pipeline: {e}",
+                    self.stage.name()
+                )
+            })
+    }
+
+    /// Parses the flags and runs the command's checks, reading nothing.
+    fn check(&self) -> Result<()> {
+        let argv = self.argv(TRAINED_CHECKPOINT);
+        match self.stage {
+            Stage::Split => self.parse::<dataset::DatasetArgs>(&argv).map(drop),
+            Stage::Extract => self.parse::<extract::ExtractArgs>(&argv).map(drop),
+            Stage::Train => train::check(&self.parse(&argv)?),
+            Stage::Evaluate => self.parse::<evaluate::EvaluateArgs>(&argv).map(drop),
+            Stage::Predict => predict::check(&self.parse(&argv)?),
+        }
+        .with_context(|| format!("in the [{}] section of the pipeline", self.stage.name()))
+    }
 }
 
 struct Runner {
@@ -132,22 +229,31 @@ struct Runner {
 }
 
 impl Runner {
-    /// Prints the stage's command line, parses it as the command's arguments and runs it.
-    fn stage<T: Args, R: Default>(
-        &self,
-        command: &str,
-        argv: &[String],
-        run: impl FnOnce(T) -> Result<R>,
-    ) -> Result<R> {
-        println!("\n== multiclip {command} {}", shell_words(argv));
-        let matches = StageArgs::<T>::command()
-            .try_get_matches_from(argv)
-            .and_then(|m| StageArgs::<T>::from_arg_matches(&m))
-            .map_err(|e| anyhow::anyhow!("in the [{command}] section of the pipeline: {e}"))?;
-        if self.dry_run {
-            return Ok(R::default());
+    /// Prints the stage's command line and runs it (not in a dry run); returns the checkpoint a
+    /// [train] stage wrote.
+    fn run(&self, stage: &Planned, checkpoint: Option<&Path>) -> Result<Option<PathBuf>> {
+        if let Some(out) = stage.reuse.as_ref().filter(|out| out.exists()) {
+            println!("\n== split: reusing {}", out.display());
+            return Ok(None);
         }
-        run(matches.args).with_context(|| format!("stage `{command}` failed"))
+        let shown = checkpoint.map(|p| p.display().to_string());
+        let argv = stage.argv(shown.as_deref().unwrap_or(TRAINED_CHECKPOINT));
+        println!(
+            "\n== multiclip {} {}",
+            stage.stage.command(),
+            shell_words(&argv)
+        );
+        if self.dry_run {
+            return Ok(None);
+        }
+        match stage.stage {
+            Stage::Split => dataset::run(stage.parse(&argv)?).map(|()| None),
+            Stage::Extract => extract::run(stage.parse(&argv)?).map(|()| None),
+            Stage::Train => train::run(stage.parse(&argv)?).map(Some),
+            Stage::Evaluate => evaluate::run(stage.parse(&argv)?).map(|()| None),
+            Stage::Predict => predict::run(stage.parse(&argv)?).map(|()| None),
+        }
+        .with_context(|| format!("stage `{}` failed", stage.stage.command()))
     }
 
     /// Runs the pipeline's `fetch` command when a path in `needs` is missing.

@@ -9,6 +9,7 @@ use multiclip::heads::HeadConfig;
 use multiclip::loss::Loss;
 use multiclip::train::TrainConfig;
 use multiclip::train::early_stop::Criterion;
+use multiclip::train::memory::MemoryLimit;
 use multiclip::train::run::{TrainRequest, train};
 use multiclip::train::schedule::ScheduleKind;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = Loss::default())]
     pub loss: Loss,
     /// Peak learning rate.
-    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    #[arg(long, default_value_t = TrainConfig::default().lr, allow_negative_numbers = true)]
     pub lr: f64,
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     pub batch_size: usize,
@@ -61,19 +62,24 @@ pub struct TrainArgs {
     /// Learning-rate schedule after the warm-up: constant or cosine.
     #[arg(long, default_value_t = TrainConfig::default().schedule)]
     pub schedule: ScheduleKind,
-    #[arg(long, default_value_t = TrainConfig::default().warmup_epochs)]
+    #[arg(long, default_value_t = TrainConfig::default().warmup_epochs, allow_negative_numbers = true)]
     pub warmup_epochs: f64,
     /// Decoupled weight decay (biases and norms are exempt).
-    #[arg(long, default_value_t = TrainConfig::default().adamw.weight_decay)]
+    #[arg(long, default_value_t = TrainConfig::default().adamw.weight_decay, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// Maximum global gradient norm; 0 turns clipping off.
-    #[arg(long, default_value_t = TrainConfig::default().clip_grad.unwrap_or(0.0))]
+    #[arg(long, default_value_t = TrainConfig::default().clip_grad.unwrap_or(0.0), allow_negative_numbers = true)]
     pub clip_grad: f64,
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
     /// Warm up each part of the head (router experts) until it plateaus, then train the whole.
     #[arg(long)]
     pub multistage: bool,
+    /// Refuse to start when the head, its optimiser state and a batch need more memory than
+    /// this: a size (`512M`, `16G`), `available` (what the machine and its cgroup have free
+    /// now) or `none` (no check).
+    #[arg(long, default_value = "available", value_name = "SIZE")]
+    pub memory_limit: MemoryLimit,
     /// Folder of the checkpoints.
     #[arg(long, default_value = "checkpoints")]
     pub out: PathBuf,
@@ -105,8 +111,8 @@ fn parse_head_config(text_or_path: &str) -> Result<HeadConfig> {
     }
 }
 
-/// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
-pub fn run(args: TrainArgs) -> Result<PathBuf> {
+/// The training run the arguments ask for (nothing read yet but a `--head-config` file).
+fn request(args: &TrainArgs) -> Result<TrainRequest> {
     let head = match (&args.head, &args.head_config) {
         (_, Some(config)) => parse_head_config(config)?,
         (Some(spec), None) => spec.parse::<HeadConfig>()?,
@@ -126,23 +132,34 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
             weight_decay: args.weight_decay,
             ..defaults.adamw
         },
-        clip_grad: (args.clip_grad > 0.0).then_some(args.clip_grad),
+        // 0 turns clipping off; anything else (negative, NaN) goes to the range check.
+        clip_grad: (args.clip_grad != 0.0).then_some(args.clip_grad),
         seed: args.seed,
         multistage: args.multistage,
+        memory_limit: args.memory_limit,
         ..defaults
     };
-    let request = TrainRequest {
-        cache: args.cache,
-        data: args.data,
-        split: args.split,
+    Ok(TrainRequest {
+        cache: args.cache.clone(),
+        data: args.data.clone(),
+        split: args.split.clone(),
         head,
         loss: args.loss,
         config,
-        out_dir: args.out,
-        name: args.name,
+        out_dir: args.out.clone(),
+        name: args.name.clone(),
         device: Device::Cpu,
-    };
-    let report = train(&request)?;
+    })
+}
+
+/// Checks the arguments without reading the cache (settings, head, loss).
+pub fn check(args: &TrainArgs) -> Result<()> {
+    request(args)?.check().map(drop)
+}
+
+/// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
+pub fn run(args: TrainArgs) -> Result<PathBuf> {
+    let report = train(&request(&args)?)?;
     let outcome = &report.outcome;
     println!(
         "best epoch {} of {}{}; thresholds tuned on {} validation rows",

@@ -37,6 +37,13 @@ impl Default for EnsembleConfig {
     }
 }
 
+impl EnsembleConfig {
+    /// `dropout` in [0, 1) (`hidden` 0 makes the fused base and the router linear).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::require_dropout(self.dropout)
+    }
+}
+
 /// All the cache's pooled outputs and token sequences (masks excluded), sorted.
 fn all_features(ctx: &HeadContext) -> Vec<String> {
     let mut names: Vec<String> = ctx

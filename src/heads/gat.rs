@@ -53,6 +53,15 @@ impl Default for GatConfig {
     }
 }
 
+impl GatConfig {
+    /// `hidden` at least 1 and a multiple of `heads`, `threshold` and `p` in [0, 1].
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::require_divisible("hidden", self.hidden, self.heads)?;
+        super::require_probability("threshold", self.threshold, false)?;
+        super::require_probability("p", self.p, false)
+    }
+}
+
 /// Label co-occurrence counts of a training split: `counts[i][j]` = samples holding both labels
 /// i and j; `counts[i][i]` = samples holding label i.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,16 +213,6 @@ impl GatHead {
         vb: VarBuilder,
     ) -> anyhow::Result<Self> {
         let k = ctx.num_labels;
-        if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) {
-            bail!(
-                "gat: hidden {} must be a multiple of heads {}",
-                cfg.hidden,
-                cfg.heads
-            );
-        }
-        if !(0.0..=1.0).contains(&cfg.p) {
-            bail!("gat: p must be in [0, 1], got {}", cfg.p);
-        }
         let features = Feature::resolve_all(&inputs_or_pooled(&cfg.inputs, ctx), ctx)?;
         let (adjacency_name, adjacency) = buffer(&vb, "adjacency", (k, k), || {
             let Some(cooc) = &ctx.label_cooccurrence else {
@@ -279,6 +278,19 @@ impl Head for GatHead {
 
     fn inputs(&self) -> Vec<String> {
         self.features.iter().flat_map(Feature::inputs).collect()
+    }
+
+    /// Per sample: the features, the projection and the logits; per batch: each GAT layer's
+    /// node features and attention over the label graph.
+    fn activation_values(&self, rows: usize) -> usize {
+        let (k, hidden) = self.label_embed.dims2().unwrap_or((0, 0));
+        let in_dim: usize = self.features.iter().map(|f| f.dim).sum();
+        let graph: usize = self
+            .layers
+            .iter()
+            .map(|l| 4 * k * hidden + 3 * l.heads * k * k)
+            .sum();
+        rows * (2 * in_dim + hidden + 2 * k) + graph
     }
 
     fn forward(&self, x: &Inputs, _train: bool) -> Result<Tensor> {

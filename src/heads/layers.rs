@@ -59,6 +59,11 @@ impl Linear {
 }
 
 impl Linear {
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+
     /// `y = x W^T + b`, followed by a ReLU when `relu` (fused with the bias add on the CPU).
     fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let dims = x.dims();
@@ -284,6 +289,19 @@ impl Mlp {
     /// The bias added to the logits (none for a cosine classifier).
     pub fn logit_bias(&self) -> Option<&Tensor> {
         self.out.bias()
+    }
+
+    /// Values one sample produces: the hidden layer (after ReLU and dropout) and the outputs.
+    pub fn activation_values_per_row(&self) -> usize {
+        let out = match &self.out {
+            Classifier::Linear(linear) => linear.out_dim(),
+            Classifier::Cosine { weight } => weight.dims().first().copied().unwrap_or(0),
+        };
+        let hidden = self
+            .hidden
+            .as_ref()
+            .map_or(0, |(linear, _)| linear.out_dim());
+        2 * hidden + out
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {

@@ -58,6 +58,15 @@ impl Default for MlDecoderConfig {
     }
 }
 
+impl MlDecoderConfig {
+    /// `d_model` at least 1 and a multiple of `heads`, `ffn` at least 1, `dropout` in [0, 1).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::require_divisible("d_model", self.d_model, self.heads)?;
+        super::require_positive("ffn", self.ffn)?;
+        super::require_dropout(self.dropout)
+    }
+}
+
 /// Bias added to attention scores of padding keys: finite, so a sample without any real token
 /// gets a uniform mix of zero rows rather than NaN.
 const MASKED: f32 = -1e9;
@@ -67,6 +76,8 @@ pub struct MlDecoderHead {
     mask: Option<String>,
     heads: usize,
     d_model: usize,
+    /// Token positions per sample (1 for a pooled input).
+    tokens: usize,
     input_proj: Linear,
     /// Q and K projections; `None` for a pooled input (one key: nothing to attend between).
     query_key: Option<(Linear, Linear)>,
@@ -103,16 +114,10 @@ impl MlDecoderHead {
         vb: VarBuilder,
     ) -> anyhow::Result<Self> {
         let (d, k) = (cfg.d_model, ctx.num_labels);
-        if cfg.heads == 0 || !d.is_multiple_of(cfg.heads) {
-            bail!(
-                "ml_decoder: d_model {d} must be a multiple of heads {}",
-                cfg.heads
-            );
-        }
         let shape = shape_of(ctx, &cfg.input)?;
-        let (in_dim, is_sequence) = match shape {
-            [dim] => (*dim, false),
-            [_, dim] => (*dim, true),
+        let (in_dim, tokens, is_sequence) = match shape {
+            [dim] => (*dim, 1, false),
+            [tokens, dim] => (*dim, *tokens, true),
             other => bail!(
                 "ml_decoder input `{}` has per-sample shape {other:?}; expected [T, D] or [D]",
                 cfg.input
@@ -159,6 +164,7 @@ impl MlDecoderHead {
             mask,
             heads: cfg.heads,
             d_model: d,
+            tokens,
             input_proj: Linear::new(in_dim, d, vb.pp("input_proj"))?,
             query_key: if is_sequence {
                 Some((
@@ -383,6 +389,15 @@ impl Head for MlDecoderHead {
         std::iter::once(self.input.clone())
             .chain(self.mask.clone())
             .collect()
+    }
+
+    /// Per sample: the projected tokens, keys and values; per query the decoder layer's outputs
+    /// (norms, attention, FFN) and the attention weights over the tokens.
+    fn activation_values(&self, rows: usize) -> usize {
+        let (k, d) = self.queries.dims2().unwrap_or((0, 0));
+        let tokens = 3 * self.tokens * d;
+        let queries = k * (8 * d + 2 * self.fc1.out_dim() + 2 * self.heads * self.tokens);
+        rows * (tokens + queries) + k * d
     }
 
     fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {

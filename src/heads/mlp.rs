@@ -32,6 +32,13 @@ impl Default for MlpConfig {
     }
 }
 
+impl MlpConfig {
+    /// `dropout` in [0, 1) (`hidden` 0 is a linear probe).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::require_dropout(self.dropout)
+    }
+}
+
 /// Inputs of a head config: the listed ones, or every pooled output of the cache.
 pub(crate) fn inputs_or_pooled(listed: &[String], ctx: &HeadContext) -> Vec<String> {
     if listed.is_empty() {
@@ -75,6 +82,12 @@ impl Head for MlpHead {
 
     fn inputs(&self) -> Vec<String> {
         self.features.iter().flat_map(Feature::inputs).collect()
+    }
+
+    /// The features (pooled, then concatenated) and the MLP's layers.
+    fn activation_values(&self, rows: usize) -> usize {
+        let in_dim: usize = self.features.iter().map(|f| f.dim).sum();
+        rows * (2 * in_dim + self.mlp.activation_values_per_row())
     }
 
     fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {

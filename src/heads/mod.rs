@@ -23,6 +23,7 @@ pub mod layers;
 pub mod ml_decoder;
 pub mod mlp;
 pub mod router;
+pub mod shapes;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -81,6 +82,59 @@ pub enum HeadKind {
     MlDecoder(MlDecoderConfig),
 }
 
+impl HeadConfig {
+    /// Checks the kind's fields (each config's own `validate`): zero widths, head counts that do
+    /// not divide a width, probabilities outside their range are refused, naming the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match &self.kind {
+            HeadKind::Mlp(c) => c.validate(),
+            HeadKind::Router(c) => c.validate(),
+            HeadKind::Ensemble(c) => c.validate(),
+            HeadKind::Gat(c) => c.validate(),
+            HeadKind::MlDecoder(c) => c.validate(),
+        }
+        .with_context(|| format!("head `{}`", self.kind.name()))
+    }
+}
+
+/// Fails naming `field` unless `value` is at least 1.
+fn require_positive(field: &str, value: usize) -> anyhow::Result<()> {
+    if value == 0 {
+        anyhow::bail!("`{field}` must be at least 1 (got 0)");
+    }
+    Ok(())
+}
+
+/// Fails naming `field` unless `width` is a multiple of `heads` (both at least 1).
+fn require_divisible(field: &str, width: usize, heads: usize) -> anyhow::Result<()> {
+    require_positive(field, width)?;
+    require_positive("heads", heads)?;
+    if !width.is_multiple_of(heads) {
+        anyhow::bail!("`{field}` {width} must be a multiple of `heads` {heads}");
+    }
+    Ok(())
+}
+
+/// Fails naming `field` unless `p` is a probability in `[0, 1]` (`[0, 1)` when `below_one`:
+/// dropout of 1 drops everything).
+fn require_probability(field: &str, p: f32, below_one: bool) -> anyhow::Result<()> {
+    let ok = if below_one {
+        (0.0..1.0).contains(&p)
+    } else {
+        (0.0..=1.0).contains(&p)
+    };
+    if !ok {
+        let range = if below_one { "[0, 1)" } else { "[0, 1]" };
+        anyhow::bail!("`{field}` must be in {range} (got {p})");
+    }
+    Ok(())
+}
+
+/// Fails naming `dropout` unless it is in `[0, 1)`.
+fn require_dropout(p: f32) -> anyhow::Result<()> {
+    require_probability("dropout", p, true)
+}
+
 impl HeadKind {
     /// The kind's name, as written in configs and checkpoint names (`mlp`, `ml_decoder`, ...).
     pub fn name(&self) -> &'static str {
@@ -115,9 +169,13 @@ impl FromStr for HeadConfig {
             };
             map.insert(key.to_string(), value);
         }
-        serde_json::from_value(map.into()).with_context(|| {
+        let config: Self = serde_json::from_value(map.into()).with_context(|| {
             format!("bad head `{text}` (kinds: mlp, router, ensemble, gat, ml_decoder)")
-        })
+        })?;
+        config
+            .validate()
+            .with_context(|| format!("bad head `{text}`"))?;
+        Ok(config)
     }
 }
 
@@ -181,6 +239,11 @@ pub trait Head: Send + Sync {
     fn part_forward(&self, part: &str, _x: &Inputs, _train: bool) -> Result<Tensor> {
         candle_core::bail!("this head has no part `{part}`")
     }
+
+    /// About how many values the forward pass of `rows` samples produces (every layer's output,
+    /// each kept for the backward pass, which makes a gradient of the same size): the memory
+    /// check before training ([`crate::train::memory`]) counts on it. An estimate, not a bound.
+    fn activation_values(&self, rows: usize) -> usize;
 
     /// Rows per micro-batch in training and prediction ([`POOLED_MICRO_BATCH_ROWS`]; heads on
     /// token sequences use [`MICRO_BATCH_ROWS`]).
@@ -250,6 +313,7 @@ pub fn build(cfg: &HeadConfig, ctx: &HeadContext, vb: VarBuilder) -> anyhow::Res
     if ctx.num_labels == 0 {
         anyhow::bail!("a head needs at least one label");
     }
+    cfg.validate()?;
     let cosine = cfg.cosine;
     let head: Box<dyn Head> = match &cfg.kind {
         HeadKind::Mlp(c) => Box::new(mlp::MlpHead::new(c, cosine, ctx, vb)?),

@@ -40,6 +40,13 @@ impl Default for RouterConfig {
     }
 }
 
+impl RouterConfig {
+    /// `dropout` in [0, 1) (0 widths make linear experts or router).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::require_dropout(self.dropout)
+    }
+}
+
 /// One classifier of a mixture, on a subset of the mixture's features.
 pub(crate) struct Expert {
     pub name: String,
@@ -116,6 +123,29 @@ impl Head for Mixture {
 
     fn inputs(&self) -> Vec<String> {
         self.features.iter().flat_map(Feature::inputs).collect()
+    }
+
+    /// The features (pooled, and concatenated for the router), each expert's input and layers,
+    /// the router's layers, the stacked and weighted logits.
+    fn activation_values(&self, rows: usize) -> usize {
+        let dims: Vec<usize> = self.features.iter().map(|f| f.dim).collect();
+        let experts: usize = self
+            .experts
+            .iter()
+            .map(|e| {
+                e.features.iter().map(|&i| dims[i]).sum::<usize>()
+                    + e.mlp.activation_values_per_row()
+            })
+            .sum();
+        let logits = self
+            .experts
+            .first()
+            .map_or(0, |e| e.mlp.activation_values_per_row());
+        let per_row = 2 * dims.iter().sum::<usize>()
+            + experts
+            + self.router.activation_values_per_row()
+            + 2 * self.experts.len() * logits;
+        rows * per_row
     }
 
     fn forward(&self, x: &Inputs, train: bool) -> Result<Tensor> {

@@ -15,7 +15,7 @@ use crate::heads::{self, Head, HeadConfig, Inputs};
 use crate::labelled::Targets;
 use crate::loss::Loss;
 use crate::metrics;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,58 @@ pub struct ModelCard {
     pub seed: u64,
 }
 
+impl ModelCard {
+    /// Checks what the card says on its own: at least one label and each once, one threshold
+    /// per label, each a probability in [0, 1], the loss's and the head's parameters in range, and
+    /// a head whose outputs (cosines or logits) are those its loss trains on.
+    pub fn validate(&self) -> Result<()> {
+        let k = self.labels.len();
+        if k == 0 {
+            bail!("the model card lists no labels");
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(label) = self.labels.iter().find(|l| !seen.insert(l.as_str())) {
+            bail!("label `{label}` is listed twice in the model card");
+        }
+        if self.thresholds.len() != k {
+            bail!(
+                "the model card has {} thresholds for {k} labels: one per label is needed",
+                self.thresholds.len()
+            );
+        }
+        if let Some((j, t)) = self
+            .thresholds
+            .iter()
+            .enumerate()
+            .find(|(_, t)| !(0.0..=1.0).contains(*t))
+        {
+            bail!(
+                "the threshold of label `{}` is {t}: thresholds are probabilities in [0, 1]",
+                self.labels[j]
+            );
+        }
+        self.loss.validate()?;
+        self.head.validate()?;
+        if self.head.cosine != self.loss.needs_cosine_logits() {
+            bail!(
+                "the head has cosine={} but the loss is `{}`: cosine outputs go with the \
+                 `angular` loss, and only with it",
+                self.head.cosine,
+                self.loss.kind()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The model card as a sidecar holds it: with its seal.
+#[derive(Deserialize)]
+struct SealedCard {
+    #[serde(flatten)]
+    card: ModelCard,
+    seal: checkpoint::Seal,
+}
+
 /// A checkpoint's head, rebuilt from the checkpoint alone.
 pub struct Model {
     pub card: ModelCard,
@@ -52,10 +104,19 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads the checkpoint at `path` (`NAME`, `NAME.json` or `NAME.safetensors`) onto `device`.
+    /// Loads the checkpoint at `path` (`NAME`, `NAME.json` or `NAME.safetensors`) onto `device`,
+    /// after checking its card ([`ModelCard::validate`]), its seal (the weights and the card
+    /// are the ones written together) and every tensor against the head the card describes.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let card: ModelCard = checkpoint::read_sidecar(path)?;
-        let tensors = checkpoint::read_tensors(path, device)?;
+        let SealedCard { card, seal } = checkpoint::read_sidecar(path)?;
+        let (weights_path, sidecar_path) = checkpoint::resolve(path);
+        card.validate()
+            .with_context(|| format!("checkpoint {}", sidecar_path.display()))?;
+        let weights = checkpoint::read_weights(path)?;
+        seal.check(&card, &weights, path)?;
+        checkpoint::check_tensors(&card, &weights, path)?;
+        let tensors = candle_core::safetensors::load_buffer(&weights, device)
+            .with_context(|| format!("reading checkpoint weights {}", weights_path.display()))?;
         let ctx = card.inputs.head_context(card.labels.len(), card.seed);
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let head = heads::build(&card.head, &ctx, vb)

@@ -44,6 +44,7 @@ pub fn score_rows(
     device: &Device,
     targets: Option<&Targets>,
 ) -> Result<Scores> {
+    anyhow::ensure!(batch_size >= 1, "a scoring batch needs at least one row");
     let names = head.inputs();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut probabilities = Vec::new();

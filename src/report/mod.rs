@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::files::write_atomic;
 use crate::metrics::{self, LabelMetrics, Metrics};
 use crate::model::checkpoint::resolve;
+use crate::train::checkpoint::{METRICS_EXTENSION, REPORT_EXTENSION};
 use crate::train::history::EpochRecord;
 use crate::train::run::TrainReport;
 
@@ -70,7 +71,7 @@ struct NamedLabelMetrics<'a> {
 pub fn write(run: &TrainReport) -> Result<WrittenReport> {
     let data = report_data(run);
     let (weights, _) = resolve(&run.checkpoint);
-    let html = weights.with_extension("report.html");
+    let html = weights.with_extension(REPORT_EXTENSION);
     write_atomic(&html, render_html(&data)?.as_bytes())?;
     let meta = &run.meta;
     let validation = &run.outcome.validation;
@@ -90,7 +91,7 @@ pub fn write(run: &TrainReport) -> Result<WrittenReport> {
             .collect(),
         history: &meta.history,
     };
-    let metrics_json = weights.with_extension("metrics.json");
+    let metrics_json = weights.with_extension(METRICS_EXTENSION);
     write_atomic(
         &metrics_json,
         (serde_json::to_string_pretty(&file)? + "\n").as_bytes(),

@@ -7,23 +7,33 @@
 //! A checkpoint `NAME` is the pair `NAME.safetensors` + `NAME.json` in one folder
 //! ([`crate::model::checkpoint`]). Names follow the
 //! original project: `{head}_{backbone}_{loss}_v{N}_lr{lr}_bs{batch}_seed{seed}_{criterion}`;
-//! saving never overwrites: the version is bumped to the first free one, and an explicit name that
-//! exists is refused.
+//! saving never overwrites: a name is taken when any file of a run of that name exists (the
+//! checkpoint pair, or the report written beside it, [`RUN_FILE_EXTENSIONS`]); the version is then
+//! bumped to the first free one, and an explicit name that is taken is refused. The sidecar is
+//! written last, atomically and sealed ([`crate::model::checkpoint::Seal`]).
 
 use super::TrainConfig;
 use super::history::EpochRecord;
+use crate::files::write_atomic;
 use crate::heads::Head;
 use crate::metrics::Metrics;
 use crate::model::ModelCard;
-use crate::model::checkpoint::{checkpoint_files, read_sidecar, read_tensors};
+use crate::model::checkpoint::{Seal, checkpoint_files, read_sidecar};
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// Extension of the run report beside a checkpoint (`NAME.report.html`, `crate::report`).
+pub const REPORT_EXTENSION: &str = "report.html";
+/// Extension of the report's numbers (`NAME.metrics.json`).
+pub const METRICS_EXTENSION: &str = "metrics.json";
+/// Every file a training run writes for checkpoint `NAME`, as `NAME.<extension>`.
+pub const RUN_FILE_EXTENSIONS: [&str; 4] =
+    ["safetensors", "json", REPORT_EXTENSION, METRICS_EXTENSION];
 
 /// The split file the run used, with its content hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,9 +126,9 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Saves under `dir` as `explicit_name` (refused if it exists) or as the first free version
-    /// of `parts`; returns the sidecar's path. The sidecar is created exclusively first, so two
-    /// runs cannot take the same name.
+    /// Saves under `dir` as `explicit_name` (refused if taken) or as the first free version of
+    /// `parts`; returns the sidecar's path. The name is reserved by creating the sidecar
+    /// exclusively, so two runs cannot take the same name; on failure nothing is left behind.
     pub fn save(
         &mut self,
         dir: &Path,
@@ -127,52 +137,50 @@ impl Checkpoint {
     ) -> Result<PathBuf> {
         fs::create_dir_all(dir)
             .with_context(|| format!("creating checkpoint folder {}", dir.display()))?;
-        let (name, mut sidecar) = match explicit_name {
-            Some(name) => match create_exclusive(dir, name)? {
-                Some(file) => (name.to_string(), file),
-                None => bail!(
-                    "checkpoint `{name}` already exists in {}: choose another --name or remove it",
-                    dir.display()
-                ),
-            },
-            None => {
-                let mut version = 1;
-                loop {
-                    let name = parts.name(version);
-                    if let Some(file) = create_exclusive(dir, &name)? {
-                        break (name, file);
-                    }
-                    version += 1;
+        let name = match explicit_name {
+            Some(name) => {
+                if let Some(taken) = reserve(dir, name)? {
+                    bail!(
+                        "checkpoint `{name}` is taken in {}: {} exists (nothing is overwritten); \
+                         choose another --name or remove it",
+                        dir.display(),
+                        taken.display()
+                    );
                 }
+                name.to_string()
             }
+            None => (1..)
+                .map(|version| parts.name(version))
+                .find_map(|name| match reserve(dir, &name) {
+                    Ok(Some(_)) => None,
+                    Ok(None) => Some(Ok(name)),
+                    Err(e) => Some(Err(e)),
+                })
+                .expect("versions never run out")?,
         };
         let (weights_path, sidecar_path) = checkpoint_files(dir, &name);
         self.meta.model.name = name;
+        let tmp = weights_path.with_extension("safetensors.tmp");
         let written = (|| -> Result<()> {
-            let tmp = weights_path.with_extension("safetensors.tmp");
             candle_core::safetensors::save(&self.tensors, &tmp)
                 .with_context(|| format!("writing {}", tmp.display()))?;
             fs::rename(&tmp, &weights_path)
                 .with_context(|| format!("renaming {} into place", tmp.display()))?;
-            let json = serde_json::to_string_pretty(&self.meta)?;
-            sidecar
-                .write_all(json.as_bytes())
-                .with_context(|| format!("writing {}", sidecar_path.display()))?;
-            Ok(())
+            let weights = fs::read(&weights_path)
+                .with_context(|| format!("reading back {}", weights_path.display()))?;
+            let mut sidecar = serde_json::to_value(&self.meta)?;
+            sidecar["seal"] = serde_json::to_value(Seal::new(&self.meta.model, &weights)?)?;
+            let mut json = serde_json::to_string_pretty(&sidecar)?;
+            json.push('\n');
+            write_atomic(&sidecar_path, json.as_bytes())
         })();
         if let Err(e) = written {
-            let _ = fs::remove_file(&sidecar_path);
+            for path in [&tmp, &weights_path, &sidecar_path] {
+                let _ = fs::remove_file(path);
+            }
             return Err(e);
         }
         Ok(sidecar_path)
-    }
-
-    /// Loads `path` (`NAME`, `NAME.json` or `NAME.safetensors`) onto `device`.
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        Ok(Self {
-            meta: Self::load_meta(path)?,
-            tensors: read_tensors(path, device)?,
-        })
     }
 
     /// Reads only the sidecar.
@@ -200,19 +208,23 @@ pub fn checkpoint_tensors(varmap: &VarMap, head: &dyn Head) -> Result<HashMap<St
     Ok(tensors)
 }
 
-/// Creates `dir/name.json` if neither it nor `dir/name.safetensors` exists.
-fn create_exclusive(dir: &Path, name: &str) -> Result<Option<fs::File>> {
-    let (weights, sidecar) = checkpoint_files(dir, name);
-    if weights.exists() {
-        return Ok(None);
+/// Reserves the name `name` in `dir` by creating `dir/name.json` exclusively, unless a file of
+/// a run of that name exists ([`RUN_FILE_EXTENSIONS`]): returns that file, or `None` when the
+/// name is now reserved.
+fn reserve(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    let files = RUN_FILE_EXTENSIONS.map(|ext| dir.join(format!("{name}.{ext}")));
+    // `symlink_metadata`: a dangling link is taken too.
+    if let Some(taken) = files.iter().find(|f| f.symlink_metadata().is_ok()) {
+        return Ok(Some(taken.clone()));
     }
+    let (_, sidecar) = checkpoint_files(dir, name);
     match fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&sidecar)
     {
-        Ok(file) => Ok(Some(file)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Some(sidecar)),
         Err(e) => Err(e).with_context(|| format!("creating {}", sidecar.display())),
     }
 }
@@ -225,6 +237,7 @@ mod tests {
     use crate::loss::Loss;
     use crate::model::checkpoint::FORMAT_VERSION;
     use crate::model::{InputSignature, OutputSignature};
+    use candle_core::Device;
 
     fn identity() -> InputSignature {
         InputSignature {
@@ -313,16 +326,31 @@ mod tests {
         let second = checkpoint().save(dir.path(), None, &parts()).unwrap();
         assert!(first.ends_with("mlp_dinov2_bce_v1_lr0.001_bs256_seed3407_f1.json"));
         assert!(second.ends_with("mlp_dinov2_bce_v2_lr0.001_bs256_seed3407_f1.json"));
-        let loaded = Checkpoint::load(&second.with_extension("safetensors"), &Device::Cpu).unwrap();
+        let loaded = Checkpoint::load_meta(&second.with_extension("safetensors")).unwrap();
         assert_eq!(
-            loaded.meta.model.name,
+            loaded.model.name,
             "mlp_dinov2_bce_v2_lr0.001_bs256_seed3407_f1"
         );
-        assert_eq!(loaded.meta.model.thresholds, vec![0.4, 0.6]);
+        assert_eq!(loaded.model.thresholds, vec![0.4, 0.6]);
+        let weights = fs::read(second.with_extension("safetensors")).unwrap();
+        let tensors = candle_core::safetensors::load_buffer(&weights, &Device::Cpu).unwrap();
         assert_eq!(
-            loaded.tensors["fc.weight"].to_vec2::<f32>().unwrap(),
+            tensors["fc.weight"].to_vec2::<f32>().unwrap(),
             vec![vec![1.0, 2.0], vec![3.0, 4.0]]
         );
+        // Sealed: the seal holds for the card and weights as written, not for others.
+        let sidecar: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&second).unwrap()).unwrap();
+        let seal: Seal = serde_json::from_value(sidecar["seal"].clone()).unwrap();
+        seal.check(&loaded.model, &weights, &second).unwrap();
+        let mut edited = loaded.model.clone();
+        edited.thresholds[1] = 0.5;
+        assert!(seal.check(&edited, &weights, &second).is_err());
+        let first_weights = fs::read(first.with_extension("safetensors")).unwrap();
+        assert_eq!(first_weights, weights);
+        let mut other = weights.clone();
+        *other.last_mut().unwrap() ^= 1;
+        assert!(seal.check(&loaded.model, &other, &second).is_err());
     }
 
     #[test]
@@ -347,6 +375,29 @@ mod tests {
         let err = checkpoint()
             .save(dir.path(), Some("mine"), &parts())
             .unwrap_err();
-        assert!(err.to_string().contains("already exists"), "{err}");
+        assert!(err.to_string().contains("mine.safetensors exists"), "{err}");
+    }
+
+    #[test]
+    fn a_name_is_taken_by_any_file_of_its_run() {
+        let dir = tempfile::tempdir().unwrap();
+        for ext in RUN_FILE_EXTENSIONS {
+            let name = format!("taken-{}", ext.replace('.', "-"));
+            let file = dir.path().join(format!("{name}.{ext}"));
+            fs::write(&file, "keep").unwrap();
+            let err = checkpoint()
+                .save(dir.path(), Some(&name), &parts())
+                .unwrap_err();
+            assert!(err.to_string().contains(&format!("{name}.{ext}")), "{err}");
+            assert_eq!(fs::read_to_string(&file).unwrap(), "keep");
+        }
+        // A generated name bumps past them.
+        fs::write(
+            dir.path().join(format!("{}.report.html", parts().name(1))),
+            "keep",
+        )
+        .unwrap();
+        let saved = checkpoint().save(dir.path(), None, &parts()).unwrap();
+        assert!(saved.ends_with(format!("{}.json", parts().name(2))));
     }
 }

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod early_stop;
 pub mod grads;
 pub mod history;
+pub mod memory;
 pub mod multistage;
 pub mod optim;
 pub mod run;
@@ -61,6 +62,9 @@ pub struct TrainConfig {
     pub multistage: bool,
     /// A warm-up stage ends when its train micro-F1 gains less than this in an epoch.
     pub plateau_gain: f64,
+    /// The memory the run may need ([`memory`]); where it runs, not how, so not recorded.
+    #[serde(skip)]
+    pub memory_limit: memory::MemoryLimit,
 }
 
 impl Default for TrainConfig {
@@ -79,6 +83,76 @@ impl Default for TrainConfig {
             seed: 3407,
             multistage: false,
             plateau_gain: 0.01,
+            memory_limit: memory::MemoryLimit::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every setting, naming the flag that sets it (`--lr`, ...): a learning rate that is
+    /// not a positive finite number, a zero batch size or epoch count, negative decay or clipping
+    /// (NaN included) are refused rather than trained with. Every problem is listed at once.
+    ///
+    /// `epochs` must be at least 1: a checkpoint keeps the best epoch's weights and thresholds,
+    /// and a run without an epoch has none.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        let mut require = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        let unit = |x: f64| (0.0..1.0).contains(&x);
+        let a = &self.adamw;
+        require(
+            positive(self.lr),
+            format!("--lr must be a finite number above 0 (got {})", self.lr),
+        );
+        for (flag, value) in [
+            ("--batch-size", self.batch_size),
+            ("--eval-batch-size", self.eval_batch_size),
+            ("--epochs", self.epochs),
+            ("--patience", self.patience),
+        ] {
+            require(
+                value >= 1,
+                format!("{flag} must be at least 1 (got {value})"),
+            );
+        }
+        for (flag, value) in [
+            ("--warmup-epochs", self.warmup_epochs),
+            ("--weight-decay", a.weight_decay),
+            ("plateau_gain", self.plateau_gain),
+        ] {
+            require(
+                non_negative(value),
+                format!("{flag} must be a finite number >= 0 (got {value})"),
+            );
+        }
+        if let Some(clip) = self.clip_grad {
+            require(
+                positive(clip),
+                format!(
+                    "--clip-grad must be a finite number >= 0, 0 turning clipping off (got {clip})"
+                ),
+            );
+        }
+        for (name, value) in [("adamw.beta1", a.beta1), ("adamw.beta2", a.beta2)] {
+            require(
+                unit(value),
+                format!("{name} must be in [0, 1) (got {value})"),
+            );
+        }
+        require(
+            positive(a.eps),
+            format!("adamw.eps must be a finite number above 0 (got {})", a.eps),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("invalid training settings: {}", problems.join("; "))
         }
     }
 }
@@ -175,6 +249,8 @@ pub fn fit(
     data: &TrainData,
     config: &TrainConfig,
 ) -> Result<TrainOutcome> {
+    config.validate()?;
+    loss.validate()?;
     data.check()?;
     let vars = named_vars(varmap)?;
     if vars.is_empty() {
@@ -421,5 +497,65 @@ pub fn measure(
         thresholds,
         probabilities,
         truth,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_out_of_range_are_refused_naming_each_flag() {
+        TrainConfig::default().validate().unwrap();
+        let bad = TrainConfig {
+            lr: -0.01,
+            batch_size: 0,
+            eval_batch_size: 0,
+            epochs: 0,
+            patience: 0,
+            warmup_epochs: f64::NAN,
+            adamw: AdamWConfig {
+                weight_decay: -5.0,
+                beta1: 1.0,
+                eps: 0.0,
+                ..AdamWConfig::default()
+            },
+            clip_grad: Some(f64::NAN),
+            plateau_gain: -1.0,
+            ..TrainConfig::default()
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        for named in [
+            "--lr",
+            "--batch-size",
+            "--eval-batch-size",
+            "--epochs",
+            "--patience",
+            "--warmup-epochs",
+            "--weight-decay",
+            "--clip-grad",
+            "plateau_gain",
+            "adamw.beta1",
+            "adamw.eps",
+        ] {
+            assert!(err.contains(named), "{named}: {err}");
+        }
+        for lr in [0.0, f64::INFINITY, f64::NAN] {
+            assert!(
+                TrainConfig {
+                    lr,
+                    ..TrainConfig::default()
+                }
+                .validate()
+                .is_err()
+            );
+        }
+        for clip in [-1.0, 0.0, f64::INFINITY] {
+            let config = TrainConfig {
+                clip_grad: Some(clip),
+                ..TrainConfig::default()
+            };
+            assert!(config.validate().is_err(), "{clip}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 use super::checkpoint::{
     Checkpoint, CheckpointMeta, NameParts, SplitRef, backbone_short_name, checkpoint_tensors,
 };
+use super::memory::MemoryEstimate;
 use super::{TrainConfig, TrainData, TrainOutcome, fit};
 use crate::cache::CacheReader;
 use crate::data::Record;
@@ -37,6 +38,18 @@ pub struct TrainRequest {
     /// Explicit checkpoint name (refused if taken); default: the original's naming scheme.
     pub name: Option<String>,
     pub device: Device,
+}
+
+impl TrainRequest {
+    /// Checks what can be checked without reading anything: every training setting, the loss's
+    /// and the head's parameters, and that the head suits the loss. [`train`] starts with it;
+    /// pipelines run it for every stage before running any.
+    pub fn check(&self) -> Result<HeadConfig> {
+        self.config.validate()?;
+        self.loss.validate()?;
+        self.head.validate()?;
+        head_for_loss(&self.head, &self.loss)
+    }
 }
 
 /// What a run produced.
@@ -103,6 +116,7 @@ pub fn head_for_loss(head: &HeadConfig, loss: &Loss) -> Result<HeadConfig> {
 
 /// Trains, validates, tunes thresholds and saves the checkpoint.
 pub fn train(request: &TrainRequest) -> Result<TrainReport> {
+    let head_config = request.check()?;
     let reader = CacheReader::open(&request.cache)?;
     let records = labelled_records(&request.data, &reader)?;
     let vocab = split_vocabulary(&request.split, &records)?;
@@ -117,7 +131,6 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     let cooccurrence =
         LabelCooccurrence::from_label_sets(label_sets.iter().map(Vec::as_slice), vocab.len())?;
 
-    let head_config = head_for_loss(&request.head, &request.loss)?;
     let config = &request.config;
     let positives = cooccurrence.label_counts();
     let ctx = head_context(
@@ -126,6 +139,10 @@ pub fn train(request: &TrainRequest) -> Result<TrainReport> {
         Some(cooccurrence.clone()),
         config.seed,
     );
+    let planned = heads::shapes::plan(&head_config, &ctx)?;
+    MemoryEstimate::of_run(&planned, &ctx, config, train_rows.len(), reader.len())
+        .check(config.memory_limit)?;
+    drop(planned);
     let varmap = VarMap::new();
     let vb = heads::init::seeded_var_builder(&varmap, config.seed, &request.device);
     let head = heads::build(&head_config, &ctx, vb)?;

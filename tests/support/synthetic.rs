@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 use multiclip::backbone::{BackboneInfo, OutputKind};
 use multiclip::cache::manifest::FORMAT_VERSION;
 use multiclip::cache::{
-    CacheHeader, CacheWriter, CsvPart, DatasetFingerprint, StoredDtype, StoredOutput, WorkerSlot,
+    CacheHeader, CacheWriter, CsvPart, DatasetFingerprint, SkippedRow, StoredDtype, StoredOutput,
+    WorkerSlot,
 };
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -101,6 +102,17 @@ impl Synthetic {
 
     /// Writes the cache of the dataset in `data_dir` (whose train.csv must exist) into `dir`.
     pub fn write_cache(&self, data_dir: &Path, dir: &Path) -> Result<()> {
+        self.write_cache_skipping(data_dir, dir, &[])
+    }
+
+    /// [`Synthetic::write_cache`] with the rows `skipped` recorded as skipped (as
+    /// `extract --on-error skip` records an unreadable image) instead of stored.
+    pub fn write_cache_skipping(
+        &self,
+        data_dir: &Path,
+        dir: &Path,
+        skipped: &[usize],
+    ) -> Result<()> {
         let csv = data_dir.join("train.csv");
         let sha256 = multiclip::files::sha256_file(&csv)?;
         let header = CacheHeader {
@@ -130,7 +142,18 @@ impl Synthetic {
         for index in writer.pending() {
             let range = writer.shard_ranges()[index].clone();
             let mut builder = writer.builder(index);
-            let rows: Vec<usize> = range.collect();
+            let (rows, left_out): (Vec<usize>, Vec<usize>) =
+                range.partition(|r| !skipped.contains(r));
+            for row in left_out {
+                builder.skip(SkippedRow {
+                    row,
+                    id: Self::id(row),
+                    reason: format!(
+                        "cannot decode image {}: unexpected end of file",
+                        Self::id(row)
+                    ),
+                })?;
+            }
             for chunk in rows.chunks(256) {
                 let ids: Vec<(usize, String)> = chunk.iter().map(|&r| (r, Self::id(r))).collect();
                 builder.push(&ids, &self.features(chunk)?)?;
