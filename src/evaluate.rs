@@ -1,7 +1,7 @@
 //! Metrics of a trained checkpoint (at its tuned thresholds) on labelled rows of a cache: the
 //! split's validation or training ids, or the ids of the dataset's `test_labels.csv`.
 
-use crate::cache::CacheReader;
+use crate::cache::{CacheReader, Integrity};
 use crate::data::labels::LabelVocab;
 use crate::data::split::Split;
 use crate::files::sha256_file;
@@ -49,6 +49,8 @@ pub struct EvaluateRequest {
     pub batch_size: usize,
     pub at_least_one: bool,
     pub device: Device,
+    /// How much of the cache is checked when it is opened.
+    pub integrity: Integrity,
 }
 
 /// Metrics of a checkpoint (at its tuned thresholds) on one part.
@@ -73,7 +75,7 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
         .data
         .clone()
         .unwrap_or_else(|| meta.data_dir.clone());
-    let reader = CacheReader::open(&cache)?;
+    let reader = CacheReader::open_with(&cache, request.integrity)?;
     let model = Model::load(&request.checkpoint, &request.device)?;
     model.ensure_compatible(&reader)?;
     let vocab = LabelVocab::from_ordered(model.card.labels.clone())?;

@@ -870,4 +870,17 @@ fn train_and_predict_refuse_damaged_shards() {
             "{stderr}"
         );
     }
+    // --trust-cache skips the content hash only: the NaN is still refused when its row is read,
+    let stderr = failure(predict().arg("--trust-cache"));
+    assert!(
+        stderr.contains("shard-00002.safetensors") && stderr.contains("NaN"),
+        "{stderr}"
+    );
+    // and a finite change of a feature value (f16 1.0) is read as it is.
+    bytes = fs::read(&last).unwrap();
+    bytes[at..at + 2].copy_from_slice(&[0x00, 0x3c]);
+    fs::write(&last, bytes).unwrap();
+    assert!(failure(&mut predict()).contains("altered"));
+    run_ok(predict().arg("--trust-cache"));
+    run_ok(train("trusted").arg("--trust-cache"));
 }

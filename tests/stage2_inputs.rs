@@ -7,6 +7,7 @@
 mod support;
 
 use candle_core::Device;
+use multiclip::cache::Integrity;
 use multiclip::data::split::Split;
 use multiclip::loss::Loss;
 use multiclip::submission::read_predictions;
@@ -64,6 +65,7 @@ fn checkpoint(f: &Fixture, head: &str, out: &str) -> PathBuf {
         out_dir: f.root.join(out),
         name: None,
         device: Device::Cpu,
+        integrity: Integrity::Full,
     })
     .unwrap()
     .checkpoint

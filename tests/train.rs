@@ -6,6 +6,7 @@ mod support;
 
 use candle_core::Device;
 use candle_nn::VarMap;
+use multiclip::cache::Integrity;
 use multiclip::cache::{CacheReader, StoredDtype};
 use multiclip::data::labels::LabelVocab;
 use multiclip::data::split::Split;
@@ -69,6 +70,7 @@ fn request(f: &Fixture, head: &str, out: &str) -> TrainRequest {
         out_dir: f.root.join(out),
         name: None,
         device: Device::Cpu,
+        integrity: Integrity::Full,
     }
 }
 
@@ -256,6 +258,7 @@ fn the_report_shows_what_evaluating_the_checkpoint_gives() {
         batch_size: 4096,
         at_least_one: true,
         device: Device::Cpu,
+        integrity: Integrity::Full,
     })
     .unwrap();
     let json: serde_json::Value =

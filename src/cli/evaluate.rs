@@ -1,7 +1,7 @@
 //! `multiclip evaluate`: a checkpoint's metrics (at its tuned thresholds) on the validation,
 //! training or test rows, as a summary table and a per-label table.
 
-use super::{at_least_one_row, one_of};
+use super::{CacheCheck, at_least_one_row, one_of};
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
@@ -34,6 +34,8 @@ pub struct EvaluateArgs {
     /// Do not force at least one label per sample.
     #[arg(long)]
     pub no_at_least_one: bool,
+    #[command(flatten)]
+    pub cache_check: CacheCheck,
 }
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
@@ -46,6 +48,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         batch_size: args.batch_size,
         at_least_one: !args.no_at_least_one,
         device: Device::Cpu,
+        integrity: args.cache_check.integrity(),
     };
     let evaluation = evaluate(&request)?;
     println!(

@@ -28,6 +28,26 @@ pub fn one_of<T: Copy + Send + Sync + 'static>(
     )
 }
 
+/// `--trust-cache`, shared by the commands that read a cache.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct CacheCheck {
+    /// Skip the content hash of the cache's shards when opening it (sizes, headers, row ids and
+    /// non-finite values are still checked): for a cache verified already, on storage where
+    /// reading it whole costs too much.
+    #[arg(long)]
+    pub trust_cache: bool,
+}
+
+impl CacheCheck {
+    pub fn integrity(self) -> multiclip::cache::Integrity {
+        if self.trust_cache {
+            multiclip::cache::Integrity::Headers
+        } else {
+            multiclip::cache::Integrity::Full
+        }
+    }
+}
+
 /// A clap value parser for a count of rows (or items) that must be at least 1.
 pub fn at_least_one_row() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)

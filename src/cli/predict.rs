@@ -1,7 +1,7 @@
 //! `multiclip predict`: label every row of a cache with a checkpoint and write the submission
 //! file (`ImageID,Labels`) and, optionally, the probabilities.
 
-use super::{at_least_one_row, one_of};
+use super::{CacheCheck, at_least_one_row, one_of};
 use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::Args;
@@ -38,6 +38,8 @@ pub struct PredictArgs {
     /// leave them out (`omit`). They are listed either way; without this flag they are refused.
     #[arg(long, value_name = "omit|empty", value_parser = one_of(&SkippedRows::ALLOWED, SkippedRows::name))]
     pub allow_skipped: Option<SkippedRows>,
+    #[command(flatten)]
+    pub cache_check: CacheCheck,
 }
 
 /// Checks the arguments without reading anything: the two outputs must be two files.
@@ -57,7 +59,7 @@ pub fn check(args: &PredictArgs) -> Result<()> {
 pub fn run(args: PredictArgs) -> Result<()> {
     check(&args)?;
     let device = Device::Cpu;
-    let reader = CacheReader::open(&args.cache)?;
+    let reader = CacheReader::open_with(&args.cache, args.cache_check.integrity())?;
     let model = Model::load(&args.checkpoint, &device)?;
     let skipped = args.allow_skipped.unwrap_or(SkippedRows::Refuse);
     let predictions = predict(

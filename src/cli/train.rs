@@ -1,6 +1,7 @@
 //! `multiclip train`: train a head on a cache, tune thresholds on validation, save a checkpoint
 //! and print the validation metrics.
 
+use super::CacheCheck;
 use super::evaluate::print_metrics;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
@@ -87,6 +88,8 @@ pub struct TrainArgs {
     /// `{head}_{backbone}_{loss}_v{N}_lr{lr}_bs{batch}_seed{seed}_{metric}` with the first free N.
     #[arg(long)]
     pub name: Option<String>,
+    #[command(flatten)]
+    pub cache_check: CacheCheck,
 }
 
 /// `--head-config`: a file (JSON, or TOML by extension) or inline JSON/TOML.
@@ -149,6 +152,7 @@ fn request(args: &TrainArgs) -> Result<TrainRequest> {
         out_dir: args.out.clone(),
         name: args.name.clone(),
         device: Device::Cpu,
+        integrity: args.cache_check.integrity(),
     })
 }
 

@@ -6,7 +6,7 @@ use super::checkpoint::{
 };
 use super::memory::MemoryEstimate;
 use super::{TrainConfig, TrainData, TrainOutcome, fit};
-use crate::cache::CacheReader;
+use crate::cache::{CacheReader, Integrity};
 use crate::data::Record;
 use crate::data::labels::{LABELS_FILE, LabelVocab};
 use crate::data::split::Split;
@@ -38,6 +38,8 @@ pub struct TrainRequest {
     /// Explicit checkpoint name (refused if taken); default: the original's naming scheme.
     pub name: Option<String>,
     pub device: Device,
+    /// How much of the cache is checked when it is opened.
+    pub integrity: Integrity,
 }
 
 impl TrainRequest {
@@ -117,7 +119,7 @@ pub fn head_for_loss(head: &HeadConfig, loss: &Loss) -> Result<HeadConfig> {
 /// Trains, validates, tunes thresholds and saves the checkpoint.
 pub fn train(request: &TrainRequest) -> Result<TrainReport> {
     let head_config = request.check()?;
-    let reader = CacheReader::open(&request.cache)?;
+    let reader = CacheReader::open_with(&request.cache, request.integrity)?;
     let records = labelled_records(&request.data, &reader)?;
     let vocab = split_vocabulary(&request.split, &records)?;
     let split = Split::load(&request.split)?;
