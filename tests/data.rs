@@ -1028,6 +1028,11 @@ fn cli_inspect_reports_ids_outside_the_data_folder() {
     assert_eq!(images["ok"], 15, "{images}");
     assert_eq!(images["unreadable"], 3, "{images}");
     assert_eq!(images["outside_data"], 2, "{images}");
+    let text = stdout_of(&["dataset", "inspect", dir]);
+    assert!(
+        text.contains("2 images reached through symlinks that point outside data/"),
+        "{text}"
+    );
     let errors: Vec<&str> = images["examples"]
         .as_array()
         .unwrap()

@@ -207,6 +207,12 @@ fn format_report(report: &InspectReport) -> String {
     if let Some(l) = &img.largest {
         out += &format!("  largest: {} ({}x{})\n", l.id, l.width, l.height);
     }
+    if img.outside_data > 0 {
+        out += &format!(
+            "  {} images reached through symlinks that point outside data/\n",
+            img.outside_data
+        );
+    }
     for issue in &img.examples {
         out += &format!("  {} {}: {}\n", issue.part, issue.id, issue.error);
     }
