@@ -228,6 +228,62 @@ fn kill_9_then_resume_gives_the_uninterrupted_cache() {
     );
 }
 
+/// A write that fails midway (a full disk: here a file-size limit, which makes `write` fail with
+/// EFBIG as a full disk fails with ENOSPC) stops the run with the error; the same command run
+/// again keeps what was finished and gives the bytes of an uninterrupted run.
+#[test]
+fn a_failed_write_then_resume_gives_the_uninterrupted_cache() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 30, 0);
+    let opts = ["--shard-rows", "4", "--batch-size", "2"];
+    let full = tmp.path().join("full");
+    run_ok(&mut extract_cmd(&data, &full, &opts));
+    let expected = tree(&full);
+    let largest_shard = shard_files(&full)
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .max()
+        .unwrap();
+    let manifest = fs::metadata(full.join("manifest.json")).unwrap().len();
+    assert!(
+        manifest > largest_shard,
+        "the limit below must stop only the manifest"
+    );
+    // No shard fits; then every shard fits but the manifest does not.
+    for (limit, shards_left) in [(largest_shard / 2, 0), (largest_shard, 8)] {
+        let cache = tmp.path().join(format!("limited-{limit}"));
+        let mut cmd = extract_cmd(&data, &cache, &opts);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let stderr = failure(&mut cmd);
+        assert!(stderr.contains("File too large"), "{limit}: {stderr}");
+        assert!(!cache.join("manifest.json").exists());
+        assert_eq!(shard_files(&cache).len(), shards_left, "{limit}");
+        let output = run_ok(&mut extract_cmd(&data, &cache, &opts));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let reused = format!("{} written, {shards_left} reused", 8 - shards_left);
+        assert!(
+            stdout.contains(&reused),
+            "expected `{reused}` in:\n{stdout}"
+        );
+        assert_eq!(tree(&cache), expected, "{limit}: the resumed cache differs");
+    }
+}
+
 #[test]
 fn three_workers_and_merge_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
