@@ -1,4 +1,5 @@
-//! Property-based tests of the readers of user files: the competition csv reader, the label
+//! Property-based tests of the readers of user files (their twin for multiclip's own formats and
+//! the specs is `fuzz_formats.rs`): the competition csv reader, the label
 //! vocabulary and the split file. Arbitrary input gives `Ok` or `Err`, never a panic (and an
 //! accepted file keeps its invariants: lines in order, unique ids, refused ids reported);
 //! generated well-formed files read back exactly.
