@@ -28,6 +28,8 @@ pub struct CacheWriter {
     written: usize,
     /// `manifest.json` of this extraction already existed (the cache was complete or merged).
     merged: bool,
+    /// Recorded in the entries of the shards this writer writes ([`CacheWriter::set_device`]).
+    device: Option<String>,
 }
 
 impl CacheWriter {
@@ -98,7 +100,13 @@ impl CacheWriter {
             reused,
             written: 0,
             merged,
+            device: None,
         })
+    }
+
+    /// Records `device` (e.g. `cuda:0`) as where the shards written from now on were computed.
+    pub fn set_device(&mut self, device: String) {
+        self.device = Some(device);
     }
 
     pub fn header(&self) -> &CacheHeader {
@@ -159,6 +167,7 @@ impl CacheWriter {
                 bytes: bytes.len() as u64,
                 sha256: files::sha256_hex(&bytes),
                 skipped: meta.skipped,
+                device: self.device.clone(),
             },
         );
         self.written += 1;
@@ -241,6 +250,7 @@ pub(crate) fn describe_shard_file(
         bytes: bytes.len() as u64,
         sha256: files::sha256_hex(&bytes),
         skipped: layout.meta.skipped,
+        device: None,
     })
 }
 
