@@ -1,9 +1,9 @@
 //! `multiclip evaluate`: a checkpoint's metrics (at its tuned thresholds) on the validation,
 //! training or test rows, as a summary table and a per-label table.
 
+use super::DeviceArg;
 use super::one_of;
 use anyhow::Result;
-use candle_core::Device;
 use clap::Args;
 use multiclip::evaluate::{EvalPart, EvaluateRequest, evaluate};
 use multiclip::metrics::{LabelMetrics, Metrics};
@@ -34,6 +34,9 @@ pub struct EvaluateArgs {
     /// Do not force at least one label per sample.
     #[arg(long)]
     pub no_at_least_one: bool,
+    /// Where the head runs: cpu, cuda or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceArg,
 }
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
@@ -45,7 +48,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         part: args.part,
         batch_size: args.batch_size,
         at_least_one: !args.no_at_least_one,
-        device: Device::Cpu,
+        device: args.device.open()?,
     };
     let evaluation = evaluate(&request)?;
     println!(

@@ -1,8 +1,8 @@
 //! `multiclip predict`: label every row of a cache with a checkpoint and write the submission
 //! file (`ImageID,Labels`) and, optionally, the probabilities.
 
+use super::DeviceArg;
 use anyhow::Result;
-use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
 use multiclip::model::Model;
@@ -32,10 +32,13 @@ pub struct PredictArgs {
     /// Rows per forward pass.
     #[arg(long, default_value_t = SCORE_BATCH_ROWS)]
     pub batch_size: usize,
+    /// Where the head runs: cpu, cuda or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceArg,
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
-    let device = Device::Cpu;
+    let device = args.device.open()?;
     let reader = CacheReader::open(&args.cache)?;
     let model = Model::load(&args.checkpoint, &device)?;
     let predictions = predict(

@@ -1,9 +1,9 @@
 //! `multiclip train`: train a head on a cache, tune thresholds on validation, save a checkpoint
 //! and print the validation metrics.
 
+use super::DeviceArg;
 use super::evaluate::print_metrics;
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use clap::Args;
 use multiclip::heads::HeadConfig;
 use multiclip::loss::Loss;
@@ -77,6 +77,9 @@ pub struct TrainArgs {
     /// Folder of the checkpoints.
     #[arg(long, default_value = "checkpoints")]
     pub out: PathBuf,
+    /// Where the head runs: cpu, cuda or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceArg,
     /// Checkpoint name (refused if it exists); default
     /// `{head}_{backbone}_{loss}_v{N}_lr{lr}_bs{batch}_seed{seed}_{metric}` with the first free N.
     #[arg(long)]
@@ -140,7 +143,7 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
         config,
         out_dir: args.out,
         name: args.name,
-        device: Device::Cpu,
+        device: args.device.open()?,
     };
     let report = train(&request)?;
     let outcome = &report.outcome;
