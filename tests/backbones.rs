@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use multiclip::backbone::preprocess::{Filter, ImagePreprocess, resample};
 use multiclip::backbone::{self, Sample};
 use multiclip::data::image::{DEFAULT_MAX_PIXELS, load_rgb};
@@ -13,27 +13,13 @@ use multiclip::data::image::{DEFAULT_MAX_PIXELS, load_rgb};
 #[path = "support/kernel_paths.rs"]
 mod kernel_paths;
 
+use kernel_paths::max_abs_diff;
+
 const DINOV2: &str = "tests/fixtures/dinov2-tiny";
 const MINILM: &str = "tests/fixtures/minilm-tiny";
 
 fn expected(dir: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(Path::new(dir).join("expected.safetensors"), &Device::Cpu)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
         .unwrap()
 }
 

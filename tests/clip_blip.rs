@@ -221,30 +221,34 @@ fn blip_tiny_matches_transformers() -> Result<()> {
     check_dir(&fixture("blip-tiny"))
 }
 
+/// The backbone spec and parity samples of each tiny fixture (CLIP with its token output).
+fn tiny_backbones() -> Result<Vec<(String, Vec<Sample>)>> {
+    let (clip, blip) = (fixture("clip-tiny"), fixture("blip-tiny"));
+    Ok(vec![
+        (
+            format!("clip:\"{}\":image_tokens=true", clip.display()),
+            samples(&clip)?,
+        ),
+        (format!("blip:{}", blip.display()), samples(&blip)?),
+    ])
+}
+
 /// What CUDA runs (the device-generic ops) equals the fused CPU kernels: every output of both
 /// models, the BLIP ITM text encoder's cross-attention included.
 #[test]
 fn generic_path_equals_fused_path() -> Result<()> {
-    let clip = fixture("clip-tiny");
-    let spec = format!("clip:\"{}\":image_tokens=true", clip.display());
-    kernel_paths::assert_generic_equals_fused(&spec, &samples(&clip)?);
-    let blip = fixture("blip-tiny");
-    kernel_paths::assert_generic_equals_fused(
-        &format!("blip:{}", blip.display()),
-        &samples(&blip)?,
-    );
+    for (spec, samples) in tiny_backbones()? {
+        kernel_paths::assert_generic_equals_fused(&spec, &samples);
+    }
     Ok(())
 }
 
 /// `--precision bf16` and `f16` stay within cosine 0.999 of f32 on every output row.
 #[test]
 fn reduced_precisions_stay_close_to_f32() -> Result<()> {
-    let clip = fixture("clip-tiny");
-    let spec = format!("clip:\"{}\":image_tokens=true", clip.display());
-    kernel_paths::assert_reduced_precisions_close(&spec, &samples(&clip)?);
-    let blip = fixture("blip-tiny");
-    let spec = format!("blip:{}", blip.display());
-    kernel_paths::assert_reduced_precisions_close(&spec, &samples(&blip)?);
+    for (spec, samples) in tiny_backbones()? {
+        kernel_paths::assert_reduced_precisions_close(&spec, &samples);
+    }
     Ok(())
 }
 

@@ -203,11 +203,7 @@ impl BlipItmModel {
 
     /// Tokens of one image in the vision model (class token + patches).
     pub fn image_tokens(&self) -> usize {
-        self.vision
-            .embeddings
-            .position_embedding
-            .dim(1)
-            .unwrap_or(1)
+        self.vision.embeddings.tokens()
     }
 
     /// `pixels` [B, 3, S, S]; `ids`, `keep` row-major [B, T] as the tokenizer pads them (right

@@ -355,11 +355,7 @@ impl ClipModel {
 
     /// Tokens of one image in the vision model (class token + patches).
     pub fn image_tokens(&self) -> usize {
-        self.vision
-            .embeddings
-            .position_embedding
-            .dim(1)
-            .unwrap_or(1)
+        self.vision.embeddings.tokens()
     }
 
     /// pixels [B, 3, S, S] (CLIP-normalised) -> (`image` [B, P] L2-normalised, `image_tokens`

@@ -314,6 +314,11 @@ pub struct VitEmbeddings {
 }
 
 impl VitEmbeddings {
+    /// Tokens of one image (class token + patches).
+    pub fn tokens(&self) -> usize {
+        self.position_embedding.dim(1).unwrap_or(1)
+    }
+
     /// pixels [B, C, S, S] -> tokens [B, 1 + patches, D]; `model` names the model in the error
     /// about a wrong image size.
     pub fn forward(&self, pixels: &Tensor, model: &str) -> Result<Tensor> {

@@ -27,8 +27,11 @@ fn outputs(spec: &str, precision: Precision, kernels: Kernels, samples: &[Sample
     outputs
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+/// The largest absolute difference of two tensors of one shape (any dtypes), as f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
     (a - b)
         .unwrap()
         .abs()
