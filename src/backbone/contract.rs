@@ -70,8 +70,10 @@ pub fn rows_per_pass(device: &Device, tokens_per_row: usize) -> usize {
     (budget / tokens_per_row.max(1)).max(1)
 }
 
-/// `pass(start, len)` over consecutive ranges of at most `per_pass` of `rows` rows; its outputs
-/// (the same number each time) concatenated along the rows. One pass when the rows fit.
+/// `pass(start, len)` over consecutive ranges of `rows` rows, as few as hold at most `per_pass`
+/// rows each, of sizes that differ by one at most (32 rows at 15 per pass: 11, 11, 10, not 15,
+/// 15, 2: a small last pass is a slow one); its outputs (the same number each time) concatenated
+/// along the rows. One pass when the rows fit.
 pub fn in_passes(
     rows: usize,
     per_pass: usize,
@@ -80,9 +82,14 @@ pub fn in_passes(
     if rows <= per_pass {
         return pass(0, rows);
     }
-    let mut passes = Vec::new();
-    for start in (0..rows).step_by(per_pass.max(1)) {
-        passes.push(pass(start, per_pass.min(rows - start))?);
+    let count = rows.div_ceil(per_pass.max(1));
+    let (size, longer) = (rows / count, rows % count);
+    let mut passes = Vec::with_capacity(count);
+    let mut start = 0;
+    for i in 0..count {
+        let len = size + usize::from(i < longer);
+        passes.push(pass(start, len)?);
+        start += len;
     }
     let outputs = passes.first().map_or(0, Vec::len);
     (0..outputs)
@@ -164,7 +171,13 @@ mod tests {
             let part = rows.narrow(0, start, len)?;
             Ok(vec![part.clone(), (part * 2.0)?])
         })?;
-        assert_eq!(seen, [(0, 3), (3, 3), (6, 1)]);
+        assert_eq!(seen, [(0, 3), (3, 2), (5, 2)]);
+        seen.clear();
+        in_passes(8, 3, |start, len| {
+            seen.push((start, len));
+            Ok(vec![])
+        })?;
+        assert_eq!(seen, [(0, 3), (3, 3), (6, 2)]);
         assert_eq!(out[0].to_vec1::<f32>()?, rows.to_vec1::<f32>()?);
         assert_eq!(out[1].to_vec1::<f32>()?, (rows * 2.0)?.to_vec1::<f32>()?);
         assert_eq!(
