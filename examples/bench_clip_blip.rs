@@ -12,6 +12,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use multiclip::backbone::blip::{BLIP_TEXT_TOKENS, BlipConfig, BlipItmModel};
 use multiclip::backbone::clip::{ClipConfig, ClipModel};
+use multiclip::backbone::source::Weights;
+use multiclip::tensor_ops::Kernels;
 
 fn median_rate(items: usize, repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     run()?;
@@ -40,6 +42,7 @@ fn main() -> Result<()> {
     let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)?
     };
+    let vb = Weights::new(vb, Kernels::Fused);
     println!("threads: {}", rayon::current_num_threads());
     match args[0].as_str() {
         "clip" => {

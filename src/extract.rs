@@ -10,10 +10,13 @@
 //! are consecutive rows. Windows depend only on the shard's rows and the batch size, so a shard's
 //! bytes never depend on which process or run computed it.
 //!
-//! Threads: a producer thread loads each window's images and captions in parallel (rayon) and
-//! runs [`Backbone::prepare`]; prepared batches wait in a bounded channel (`prefetch` deep) while
-//! the calling thread runs [`Backbone::forward`] and writes shards. Decoding and preprocessing
-//! thus overlap the model, and memory stays bounded by `prefetch` batches plus one shard.
+//! Threads: a producer thread loads each window's images and captions in parallel (rayon, on all
+//! cores unless `--threads` says otherwise) and runs [`Backbone::prepare`], which also copies the
+//! pixels to the backbone's device; prepared batches wait in a bounded channel (`prefetch` deep)
+//! while the calling thread runs [`Backbone::forward`], brings the outputs back to the host and
+//! writes shards. Decoding, preprocessing and (on CUDA, where each thread has its own stream) the
+//! host-to-device copy thus overlap the model, and memory stays bounded by `prefetch` batches plus
+//! one shard.
 
 use crate::backbone::{Backbone, Prepared, Sample};
 use crate::cache::manifest::{FORMAT_VERSION, describe_skipped};
@@ -24,7 +27,9 @@ use crate::cache::{
 };
 use crate::data::{Dataset, Part, image::load_rgb};
 use crate::files::sha256_file;
+use crate::tensor_ops::Precision;
 use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -173,6 +178,10 @@ pub struct ExtractOptions {
     pub batch_size: usize,
     pub shard_rows: usize,
     pub dtype: StoredDtype,
+    /// The backbone's forward precision (part of the cache's identity).
+    pub precision: Precision,
+    /// Where the backbone runs (`cpu`, `cuda:0`): recorded beside each shard written.
+    pub device: String,
     pub slot: WorkerSlot,
     pub on_error: OnError,
     pub max_pixels: u64,
@@ -197,7 +206,8 @@ pub struct ExtractSummary {
     /// Skipped rows of this worker's shards (including reused ones).
     pub skipped: Vec<SkippedRow>,
     pub elapsed: Duration,
-    /// Time the model thread spent in [`Backbone::forward`].
+    /// Time the model thread spent in [`Backbone::forward`], the outputs' copy to the host
+    /// included (on CUDA, where the forward only queues work, that copy waits for it).
     pub forward: Duration,
     /// Time the model thread waited for decoded, prepared batches (the input pipeline was the
     /// bottleneck for that long).
@@ -222,6 +232,7 @@ pub fn cache_header(
         format_version: FORMAT_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         backbone: backbone.info(),
+        precision: options.precision,
         outputs: backbone
             .outputs()
             .iter()
@@ -267,6 +278,7 @@ pub fn extract(
     let start = Instant::now();
     let header = cache_header(backbone, &selected.fingerprint, options);
     let mut writer = CacheWriter::open(&options.out, header, options.slot)?;
+    writer.set_device(options.device.clone());
     let ranges = writer.shard_ranges().to_vec();
     let pending = writer.pending();
     let pending_rows: usize = pending.iter().map(|&i| ranges[i].len()).sum();
@@ -311,13 +323,16 @@ pub fn extract(
             }
             if let Some(prepared) = window.prepared {
                 let forward_start = Instant::now();
-                let outputs = backbone.forward(prepared).with_context(|| {
-                    format!(
-                        "backbone forward failed on {} of shard {}",
-                        describe_rows(&window.rows),
-                        window.shard
-                    )
-                })?;
+                let outputs = backbone
+                    .forward(prepared)
+                    .and_then(|outputs| to_host(&outputs))
+                    .with_context(|| {
+                        format!(
+                            "backbone forward failed on {} of shard {}",
+                            describe_rows(&window.rows),
+                            window.shard
+                        )
+                    })?;
                 forward += forward_start.elapsed();
                 current.push(&window.rows, &outputs)?;
             }
@@ -374,6 +389,14 @@ pub fn extract(
         input_wait,
         index_file,
     })
+}
+
+/// The backbone's outputs on the host (a no-op on the CPU).
+fn to_host(outputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    Ok(outputs
+        .iter()
+        .map(|t| t.to_device(&Device::Cpu))
+        .collect::<candle_core::Result<_>>()?)
 }
 
 /// The producer thread: loads and prepares the windows of the `pending` shards in order and
@@ -566,7 +589,6 @@ mod tests {
     use super::*;
     use crate::backbone::{BackboneInfo, OutputKind, OutputSpec};
     use crate::cache::CacheReader;
-    use candle_core::{Device, Tensor};
 
     /// A backbone without weights: `image` = mean RGB of the image / 255 and `text` =
     /// [caption length, batch size seen, longest caption of the batch].
@@ -659,6 +681,8 @@ mod tests {
             batch_size: 3,
             shard_rows: 4,
             dtype: StoredDtype::F32,
+            precision: Precision::F32,
+            device: "cpu".into(),
             slot: WorkerSlot::SINGLE,
             on_error,
             max_pixels: 1_000_000,

@@ -1,20 +1,101 @@
 //! Tensor maths shared by the frozen backbones and the trainable heads, at the bottom of the crate
 //! so that both import it from here: L2 normalisation of rows as torch's `F.normalize` does it,
-//! the mean of a token sequence over its real (unmasked) tokens, and what the fused CPU kernels of
-//! both (`backbone::cpu_ops` and `backbone::attention` for inference, `heads::fused` with backward
-//! passes for training) have in common: when they apply ([`is_cpu_f32`]), their task size
-//! ([`CHUNK`]) and their access to a contiguous tensor's data ([`contiguous_f32`]).
+//! the mean of a token sequence over its real (unmasked) tokens, the number type of a forward pass
+//! ([`Precision`]), and what the fused CPU kernels of both (`backbone::cpu_ops` and
+//! `backbone::attention` for inference, `heads::fused` with backward passes for training) have in
+//! common: when they apply ([`Kernels::fuse`], [`is_cpu_f32`]), their task size ([`CHUNK`]) and
+//! their access to a contiguous tensor's data ([`contiguous_f32`]).
 
-use candle_core::{CpuStorage, D, DType, Layout, Result, Tensor};
+use candle_core::{CpuStorage, D, DType, Device, DeviceLocation, Layout, Result, Tensor};
+use serde::{Deserialize, Serialize};
 
 /// Elements per parallel task of the element-wise CPU kernels: enough work per rayon task to beat
 /// its scheduling cost.
 pub const CHUNK: usize = 1 << 14;
 
-/// Whether `t` is an f32 tensor on the CPU: the tensors the fused CPU kernels take (others go
-/// through candle's ops).
+/// Whether `t` is an f32 tensor on the CPU: the only tensors the fused CPU kernels take (others,
+/// on any device or in any other dtype, go through candle's device-generic ops). The kernels read
+/// such a tensor through [`contiguous_f32`] (after `.contiguous()`, free when it already is) or,
+/// for the attention's column slices of a fused projection, check its strides themselves.
 pub fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// Which kernels a frozen model runs, chosen once when it is loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fused CPU kernels wherever their inputs allow ([`Kernels::fuse`]), candle's
+    /// device-generic ops elsewhere (CUDA, bf16, f16).
+    #[default]
+    Fused,
+    /// candle's device-generic ops everywhere: what runs on CUDA, forced on the CPU by the tests
+    /// that prove the two paths equal.
+    Generic,
+}
+
+impl Kernels {
+    /// Whether a fused CPU kernel takes `tensors`: [`Kernels::Fused`] and every one of them
+    /// [`is_cpu_f32`]. The one check in front of every fused kernel of the backbones.
+    pub fn fuse(self, tensors: &[&Tensor]) -> bool {
+        self == Kernels::Fused && tensors.iter().all(|t| is_cpu_f32(t))
+    }
+}
+
+/// The number type of a forward pass (`--precision`): weights are converted to it once when a
+/// model is loaded and activations stay in it, except where transformers computes in f32 too (layer
+/// norm statistics, attention softmax) and for the final outputs, which are f32 before their
+/// normalisation. Stored (cache) dtypes are a separate choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Self::F32, Self::Bf16, Self::F16];
+
+    /// `f32`, `bf16` or `f16`, as written on the command line and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    /// bf16 on a GPU (tensor cores, f32 accumulation), f32 on the CPU (the fused kernels).
+    pub fn default_for(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::F32
+        } else {
+            Self::Bf16
+        }
+    }
+
+    /// Whether this is f32 (every cache made before the precision was recorded).
+    pub fn is_f32(&self) -> bool {
+        *self == Self::F32
+    }
+}
+
+/// `cpu`, `cuda:0`, ...: a device as the manifest records it.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".to_string(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// The f32 data of a contiguous tensor in a custom op's `cpu_fwd`; `op` names the op in errors.

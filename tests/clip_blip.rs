@@ -15,8 +15,13 @@ use multiclip::backbone::blip::{
     BLIP_DEFAULT_TEMPLATE, BLIP_TEXT_TOKENS, BlipConfig, BlipItmModel, blip_caption_case,
 };
 use multiclip::backbone::clip::{ClipConfig, ClipModel};
+use multiclip::backbone::source::Weights;
 use multiclip::backbone::text::{encode, load_tokenizer};
 use multiclip::backbone::{self, OutputKind, Sample};
+use multiclip::tensor_ops::Kernels;
+
+#[path = "support/kernel_paths.rs"]
+mod kernel_paths;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -32,15 +37,16 @@ fn expected(dir: &Path) -> Result<HashMap<String, Tensor>> {
         .with_context(|| format!("reading {}", path.display()))
 }
 
-fn weights(dir: &Path) -> Result<VarBuilder<'static>> {
+fn weights(dir: &Path) -> Result<Weights> {
     // SAFETY: the memory-mapped fixture is only read, and nothing writes it while the test runs.
-    Ok(unsafe {
+    let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(
             &[dir.join("model.safetensors")],
             DType::F32,
             &Device::Cpu,
         )?
-    })
+    };
+    Ok(Weights::new(vb, Kernels::Fused))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -213,6 +219,37 @@ fn clip_tiny_matches_transformers() -> Result<()> {
 #[test]
 fn blip_tiny_matches_transformers() -> Result<()> {
     check_dir(&fixture("blip-tiny"))
+}
+
+/// The backbone spec and parity samples of each tiny fixture (CLIP with its token output).
+fn tiny_backbones() -> Result<Vec<(String, Vec<Sample>)>> {
+    let (clip, blip) = (fixture("clip-tiny"), fixture("blip-tiny"));
+    Ok(vec![
+        (
+            format!("clip:\"{}\":image_tokens=true", clip.display()),
+            samples(&clip)?,
+        ),
+        (format!("blip:{}", blip.display()), samples(&blip)?),
+    ])
+}
+
+/// What CUDA runs (the device-generic ops) equals the fused CPU kernels: every output of both
+/// models, the BLIP ITM text encoder's cross-attention included.
+#[test]
+fn generic_path_equals_fused_path() -> Result<()> {
+    for (spec, samples) in tiny_backbones()? {
+        kernel_paths::assert_generic_equals_fused(&spec, &samples);
+    }
+    Ok(())
+}
+
+/// `--precision bf16` and `f16` stay within cosine 0.999 of f32 on every output row.
+#[test]
+fn reduced_precisions_stay_close_to_f32() -> Result<()> {
+    for (spec, samples) in tiny_backbones()? {
+        kernel_paths::assert_reduced_precisions_close(&spec, &samples);
+    }
+    Ok(())
 }
 
 #[test]

@@ -6,14 +6,16 @@
 //! transposes, the 1/sqrt(d) scale applied by the matrix product), takes the softmax of its score
 //! block while it is still in cache, and writes the weighted values into the merged `[B, T, D]`
 //! output. The scores of a whole batch (`[B, H, T, T]`, 50 MB for 32 ViT images) never exist.
-//! Other devices and dtypes run the same maths with candle ops.
+//! Other devices and dtypes (and [`Kernels::Generic`]) run the same maths with candle ops: the
+//! products in the forward's dtype, the mask and softmax in f32 as transformers' CLIP attention
+//! and PyTorch's fused attention do (a masked key adds `f32::MIN`, which only f32 can hold).
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_ops::softmax_row;
-use crate::tensor_ops::is_cpu_f32;
+use crate::tensor_ops::Kernels;
 
 /// Which keys a query may attend to.
 #[derive(Clone, Copy, Debug)]
@@ -32,22 +34,25 @@ pub fn self_attention(
     seq: usize,
     heads: usize,
     mask: Option<Mask>,
+    kernels: Kernels,
 ) -> Result<Tensor> {
     let dim = qkv.dim(1)? / 3;
     let qkv = qkv.reshape((batch, seq, 3 * dim))?;
     let part = |i: usize| qkv.narrow(D::Minus1, i * dim, dim);
-    let out = attention(&part(0)?, &part(1)?, &part(2)?, heads, mask)?;
+    let out = attention(&part(0)?, &part(1)?, &part(2)?, heads, mask, kernels)?;
     Ok(out.reshape((batch * seq, dim))?)
 }
 
 /// Scaled dot-product attention over already projected `q` [B, Tq, D] and `k`, `v` [B, Tk, D]
-/// with `heads` heads; the inputs may be column slices of a wider projection. Returns [B, Tq, D].
+/// with `heads` heads; the inputs may be column slices of a wider projection. Returns [B, Tq, D],
+/// computed by the fused kernel when `kernels` fuses the inputs, else by candle's ops.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     mask: Option<Mask>,
+    kernels: Kernels,
 ) -> Result<Tensor> {
     let (b, tq, d) = q.dims3()?;
     let (_, tk, _) = k.dims3()?;
@@ -63,7 +68,7 @@ pub fn attention(
         !causal || tq == tk,
         "causal attention needs as many queries as keys"
     );
-    if is_cpu_f32(q) && is_cpu_f32(k) && is_cpu_f32(v) {
+    if kernels.fuse(&[q, k, v]) {
         let keep = match mask {
             Some(Mask::Keys(m)) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
             _ => None,
@@ -86,7 +91,8 @@ fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
-/// The same attention with candle ops (any device and dtype).
+/// The same attention with candle ops (any device and dtype): products in the inputs' dtype,
+/// mask and softmax in f32.
 fn attention_ops(
     q: &Tensor,
     k: &Tensor,
@@ -96,29 +102,30 @@ fn attention_ops(
 ) -> Result<Tensor> {
     let (b, tq, d) = q.dims3()?;
     let tk = k.dim(1)?;
+    let dtype = q.dtype();
     let scale = 1.0 / ((d / heads) as f64).sqrt();
     let q = split_heads(&(q * scale)?, heads)?;
     let k = split_heads(k, heads)?;
     let v = split_heads(v, heads)?;
-    let mut scores = q.matmul(&k.t()?)?;
-    match mask {
-        // 0 where attended, the most negative value on masked keys (as transformers).
-        Some(Mask::Keys(keep)) => {
-            let bias = ((1.0 - keep.to_dtype(scores.dtype())?)? * f32::MIN as f64)?;
-            scores = scores.broadcast_add(&bias.reshape((b, 1, 1, tk))?)?;
+    let probs = {
+        let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        match mask {
+            // 0 where attended, the most negative f32 on masked keys (as transformers).
+            Some(Mask::Keys(keep)) => {
+                let bias = ((1.0 - keep.to_dtype(DType::F32)?)? * f32::MIN as f64)?;
+                scores = scores.broadcast_add(&bias.reshape((b, 1, 1, tk))?)?;
+            }
+            Some(Mask::Causal) => {
+                let mask: Vec<f32> = (0..tq)
+                    .flat_map(|i| (0..tk).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+                    .collect();
+                let mask = Tensor::from_vec(mask, (1, 1, tq, tk), scores.device())?;
+                scores = scores.broadcast_add(&mask)?;
+            }
+            None => {}
         }
-        Some(Mask::Causal) => {
-            let mask: Vec<f32> = (0..tq)
-                .flat_map(|i| (0..tk).map(move |j| if j > i { f32::MIN } else { 0.0 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (1, 1, tq, tk), &Device::Cpu)?
-                .to_device(scores.device())?
-                .to_dtype(scores.dtype())?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        None => {}
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?
+    };
     let out = probs.matmul(&v)?; // [B, H, Tq, dh]
     Ok(out.transpose(1, 2)?.reshape((b, tq, d))?)
 }
@@ -273,6 +280,7 @@ unsafe fn product(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
@@ -308,18 +316,18 @@ mod tests {
             &dev,
         )?;
         for mask in [None, Some(Mask::Causal), Some(Mask::Keys(&keep))] {
-            let fused = attention(&q, &k, &v, heads, mask)?;
+            let fused = attention(&q, &k, &v, heads, mask, Kernels::Fused)?;
             let ops = attention_ops(&q, &k, &v, heads, mask)?;
             assert!(max_diff(&fused, &ops) < 1e-6, "{mask:?}");
         }
         let context = Tensor::randn(0f32, 1.0, (b, 3, 2 * d), &dev)?;
         let (ck, cv) = (context.narrow(2, 0, d)?, context.narrow(2, d, d)?);
-        let fused = attention(&q, &ck, &cv, heads, None)?;
+        let fused = attention(&q, &ck, &cv, heads, None, Kernels::Fused)?;
         assert!(max_diff(&fused, &attention_ops(&q, &ck, &cv, heads, None)?) < 1e-6);
         // Every key masked: uniform attention (the mean of the values) as in transformers, not NaN.
         let none = Tensor::zeros((b, t), DType::F32, &dev)?;
         let mask = Some(Mask::Keys(&none));
-        let fused = attention(&q, &k, &v, heads, mask)?;
+        let fused = attention(&q, &k, &v, heads, mask, Kernels::Fused)?;
         assert!(max_diff(&fused, &attention_ops(&q, &k, &v, heads, mask)?) < 1e-6);
         Ok(())
     }
@@ -328,10 +336,15 @@ mod tests {
     fn causal_attention_ignores_later_tokens() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &dev)?;
-        let full = attention(&x, &x, &x, 2, Some(Mask::Causal))?;
-        let prefix = x.narrow(1, 0, 3)?;
-        let short = attention(&prefix, &prefix, &prefix, 2, Some(Mask::Causal))?;
-        assert!(max_diff(&full.narrow(1, 0, 3)?, &short) < 1e-6);
+        for kernels in [Kernels::Fused, Kernels::Generic] {
+            let full = attention(&x, &x, &x, 2, Some(Mask::Causal), kernels)?;
+            let prefix = x.narrow(1, 0, 3)?;
+            let short = attention(&prefix, &prefix, &prefix, 2, Some(Mask::Causal), kernels)?;
+            assert!(
+                max_diff(&full.narrow(1, 0, 3)?, &short) < 1e-6,
+                "{kernels:?}"
+            );
+        }
         Ok(())
     }
 }

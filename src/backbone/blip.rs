@@ -23,17 +23,19 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use super::activation::Activation;
 use super::blip_text::{BlipTextConfig, BlipTextEncoder};
-use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
+use super::contract::{
+    Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample, in_passes,
+    rows_per_pass,
+};
 use super::layers::{FrozenLayerNorm, FrozenLinear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
-use super::source::{ModelDir, load_weights};
+use super::source::{ModelDir, Weights, load_weights};
 use super::text::{encode, load_tokenizer};
 use crate::tensor_ops::l2_normalize;
 
@@ -123,7 +125,7 @@ struct BlipVision {
 }
 
 impl BlipVision {
-    fn new(cfg: &BlipVisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &BlipVisionConfig, vb: Weights) -> Result<Self> {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         let act = Activation::from_hf(&cfg.hidden_act)?;
@@ -167,7 +169,7 @@ impl BlipVision {
     }
 }
 
-/// Everything [`BlipItmModel::forward`] computes for a batch.
+/// Everything [`BlipItmModel::forward`] computes for a batch, in f32.
 #[derive(Debug)]
 pub struct BlipFeatures {
     /// [B, 256], L2-normalised.
@@ -188,7 +190,7 @@ pub struct BlipItmModel {
 }
 
 impl BlipItmModel {
-    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BlipConfig, vb: Weights) -> Result<Self> {
         let (tc, vc) = (&cfg.text_config, &cfg.vision_config);
         let proj = cfg.image_text_hidden_size;
         Ok(Self {
@@ -197,6 +199,11 @@ impl BlipItmModel {
             vision_proj: FrozenLinear::new(vc.hidden_size, proj, vb.pp("vision_proj"))?,
             text_proj: FrozenLinear::new(tc.hidden_size, proj, vb.pp("text_proj"))?,
         })
+    }
+
+    /// Tokens of one image in the vision model (class token + patches).
+    pub fn image_tokens(&self) -> usize {
+        self.vision.embeddings.tokens()
     }
 
     /// `pixels` [B, 3, S, S]; `ids`, `keep` row-major [B, T] as the tokenizer pads them (right
@@ -209,8 +216,11 @@ impl BlipItmModel {
         );
         let t = ids.len() / b.max(1);
         let image_embeds = self.vision.forward(pixels)?;
-        let cls = image_embeds.narrow(1, 0, 1)?.squeeze(1)?;
-        let image = l2_normalize(&self.vision_proj.forward(&cls)?)?;
+        let project = |proj: &FrozenLinear, hidden: &Tensor| -> Result<Tensor> {
+            let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+            Ok(l2_normalize(&proj.forward(&cls)?.to_dtype(DType::F32)?)?)
+        };
+        let image = project(&self.vision_proj, &image_embeds)?;
 
         // Text-only: the [CLS] row cannot see padding, so run only up to the longest caption.
         let used = (0..b)
@@ -226,10 +236,12 @@ impl BlipItmModel {
             .flat_map(|i| (i * t..i * t + used).map(|j| (ids[j], keep[j])))
             .unzip();
         let text_hidden = self.text.forward(&ids_used, &keep_used, b, None)?;
-        let text_cls = text_hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        let text = l2_normalize(&self.text_proj.forward(&text_cls)?)?;
+        let text = project(&self.text_proj, &text_hidden)?;
 
-        let multimodal_tokens = self.text.forward(ids, keep, b, Some(&image_embeds))?;
+        let multimodal_tokens = self
+            .text
+            .forward(ids, keep, b, Some(&image_embeds))?
+            .to_dtype(DType::F32)?;
         Ok(BlipFeatures {
             image,
             text,
@@ -259,13 +271,13 @@ struct BlipBatch {
 
 impl BlipBackbone {
     /// Loads `config.json`, `preprocessor_config.json`, `tokenizer.json` and the weights.
-    pub fn load(id: &str, dir: &ModelDir, options: &Options, device: &Device) -> Result<Self> {
+    pub fn load(id: &str, dir: &ModelDir, options: &Options, compute: &Compute) -> Result<Self> {
         options.check_known("blip", &["template"])?;
         let config = BlipConfig::from_file(&dir.file("config.json")?)?;
         let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
         let weights = load_weights(
             dir,
-            device,
+            compute,
             "text_encoder.embeddings.word_embeddings.weight",
             &[],
         )?;
@@ -284,7 +296,7 @@ impl BlipBackbone {
             tokenizer,
             template: options.template(BLIP_DEFAULT_TEMPLATE)?,
             weights_sha256: weights.sha256,
-            device: device.clone(),
+            device: compute.device.clone(),
         })
     }
 }
@@ -354,12 +366,17 @@ impl Backbone for BlipBackbone {
         let batch = prepared.downcast::<BlipBatch>().map_err(|_| {
             anyhow::anyhow!("blip forward got a batch prepared by another backbone")
         })?;
-        let b = batch.pixels.dim(0)?;
-        let out = self.model.forward(&batch.pixels, &batch.ids, &batch.keep)?;
-        let cls = out.multimodal_tokens.narrow(1, 0, 1)?.squeeze(1)?;
-        let mask = Tensor::from_vec(batch.keep, (b, BLIP_TEXT_TOKENS), &self.device)?
-            .to_dtype(DType::F32)?;
-        Ok(vec![out.image, out.text, cls, out.multimodal_tokens, mask])
+        let t = BLIP_TEXT_TOKENS;
+        let per_pass = rows_per_pass(&self.device, self.model.image_tokens());
+        in_passes(batch.pixels.dim(0)?, per_pass, |start, len| {
+            let pixels = batch.pixels.narrow(0, start, len)?;
+            let text = start * t..(start + len) * t;
+            let keep = &batch.keep[text.clone()];
+            let out = self.model.forward(&pixels, &batch.ids[text], keep)?;
+            let cls = out.multimodal_tokens.narrow(1, 0, 1)?.squeeze(1)?;
+            let mask = Tensor::from_slice(keep, (len, t), &self.device)?.to_dtype(DType::F32)?;
+            Ok(vec![out.image, out.text, cls, out.multimodal_tokens, mask])
+        })
     }
 }
 

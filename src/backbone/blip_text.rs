@@ -5,13 +5,13 @@
 
 use anyhow::Result;
 use candle_core::{D, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::activation::Activation;
 use super::attention::{Mask, attention};
 use super::cpu_ops::residual_add;
 use super::layers::{FrozenLayerNorm, FrozenLinear};
+use super::source::Weights;
 
 /// `text_config` of a BLIP `config.json`; missing fields take transformers' defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -58,7 +58,7 @@ struct BertAttention {
 }
 
 impl BertAttention {
-    fn new(dim: usize, kv_dim: usize, heads: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, kv_dim: usize, heads: usize, eps: f64, vb: Weights) -> Result<Self> {
         let s = vb.pp("self");
         let key = FrozenLinear::new(kv_dim, dim, s.pp("key"))?;
         let value = FrozenLinear::new(kv_dim, dim, s.pp("value"))?;
@@ -73,14 +73,17 @@ impl BertAttention {
 
     /// `x` [B, T, D] attends to `context` [B, S, D_kv] (itself for self-attention).
     fn forward(&self, x: &Tensor, context: &Tensor, mask: Option<Mask>) -> Result<Tensor> {
+        let kernels = self.query.kernels();
         let d = x.dim(D::Minus1)?;
-        let q = self.query.forward(x)?;
-        let kv = self.key_value.forward(context)?;
-        let k = kv.narrow(D::Minus1, 0, d)?;
-        let v = kv.narrow(D::Minus1, d, d)?;
-        let a = attention(&q, &k, &v, self.heads, mask)?;
-        self.norm
-            .forward(&residual_add(x, self.dense.forward(&a)?)?)
+        let attended = {
+            let q = self.query.forward(x)?;
+            let kv = self.key_value.forward(context)?;
+            let k = kv.narrow(D::Minus1, 0, d)?;
+            let v = kv.narrow(D::Minus1, d, d)?;
+            self.dense
+                .forward(&attention(&q, &k, &v, self.heads, mask, kernels)?)?
+        };
+        self.norm.forward(&residual_add(x, attended, kernels)?)
     }
 }
 
@@ -101,10 +104,12 @@ impl BertLayer {
             Some(image) => self.cross_attention.forward(&x, image, None)?,
             None => x,
         };
-        let h = self
-            .output
-            .forward(&self.intermediate.forward_act(&x, Some(self.act))?)?;
-        self.output_norm.forward(&residual_add(&x, h)?)
+        let h = {
+            let hidden = self.intermediate.forward_act(&x, Some(self.act))?;
+            self.output.forward(&hidden)?
+        };
+        let kernels = self.intermediate.kernels();
+        self.output_norm.forward(&residual_add(&x, h, kernels)?)
     }
 }
 
@@ -120,7 +125,7 @@ pub struct BlipTextEncoder {
 }
 
 impl BlipTextEncoder {
-    pub fn new(cfg: &BlipTextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BlipTextConfig, vb: Weights) -> Result<Self> {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         let heads = cfg.num_attention_heads;

@@ -25,18 +25,20 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{D, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use super::activation::Activation;
 use super::attention::Mask;
-use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
+use super::contract::{
+    Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample, in_passes,
+    rows_per_pass,
+};
 use super::layers::{FrozenLayerNorm, FrozenLinear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
 use super::preprocess::ImagePreprocess;
-use super::source::{ModelDir, load_weights};
+use super::source::{ModelDir, Weights, load_weights};
 use super::text::{encode, load_tokenizer};
 use crate::tensor_ops::l2_normalize;
 
@@ -131,7 +133,7 @@ fn clip_layer(
     heads: usize,
     act: Activation,
     eps: f64,
-    vb: VarBuilder,
+    vb: Weights,
 ) -> Result<PreNormLayer> {
     let attn = vb.pp("self_attn");
     let q = FrozenLinear::new(dim, dim, attn.pp("q_proj"))?;
@@ -157,7 +159,7 @@ fn clip_layers(
     heads: usize,
     act: &str,
     eps: f64,
-    vb: VarBuilder,
+    vb: Weights,
 ) -> Result<Vec<PreNormLayer>> {
     let act = Activation::from_hf(act)?;
     (0..count)
@@ -175,7 +177,7 @@ struct ClipVision {
 }
 
 impl ClipVision {
-    fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ClipVisionConfig, vb: Weights) -> Result<Self> {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let positions = (cfg.image_size / cfg.patch_size).pow(2) + 1;
@@ -234,7 +236,7 @@ struct ClipText {
 }
 
 impl ClipText {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ClipTextConfig, vb: Weights) -> Result<Self> {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         Ok(Self {
@@ -329,7 +331,7 @@ pub struct ClipModel {
 }
 
 impl ClipModel {
-    pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &ClipConfig, vb: Weights) -> Result<Self> {
         let (tc, vc) = (&cfg.text_config, &cfg.vision_config);
         Ok(Self {
             vision: ClipVision::new(vc, vb.pp("vision_model"))?,
@@ -351,34 +353,39 @@ impl ClipModel {
         self.text.token_embedding.device()
     }
 
+    /// Tokens of one image in the vision model (class token + patches).
+    pub fn image_tokens(&self) -> usize {
+        self.vision.embeddings.tokens()
+    }
+
     /// pixels [B, 3, S, S] (CLIP-normalised) -> (`image` [B, P] L2-normalised, `image_tokens`
-    /// [B, 1 + patches, D] after `post_layernorm` when `with_tokens`).
+    /// [B, 1 + patches, D] after `post_layernorm` when `with_tokens`), in f32.
     pub fn image_features(
         &self,
         pixels: &Tensor,
         with_tokens: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let hidden = self.vision.forward(pixels)?;
+        let project = |pooled: &Tensor| -> Result<Tensor> {
+            let embeds = self.visual_projection.forward(pooled)?;
+            Ok(l2_normalize(&embeds.to_dtype(DType::F32)?)?)
+        };
         if with_tokens {
             let tokens = self.vision.post_layernorm.forward(&hidden)?;
-            let pooled = tokens.narrow(1, 0, 1)?.squeeze(1)?;
-            let embeds = l2_normalize(&self.visual_projection.forward(&pooled)?)?;
-            Ok((embeds, Some(tokens)))
+            let embeds = project(&tokens.narrow(1, 0, 1)?.squeeze(1)?)?;
+            Ok((embeds, Some(tokens.to_dtype(DType::F32)?)))
         } else {
             let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-            let pooled = self.vision.post_layernorm.forward(&cls)?;
-            Ok((
-                l2_normalize(&self.visual_projection.forward(&pooled)?)?,
-                None,
-            ))
+            Ok((project(&self.vision.post_layernorm.forward(&cls)?)?, None))
         }
     }
 
     /// Token ids per caption (start token .. end token, as the tokenizer gives them; anything
-    /// after the end token is ignored) -> `text` [B, P] L2-normalised.
+    /// after the end token is ignored) -> `text` [B, P] L2-normalised, in f32.
     pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         let pooled = self.text.forward(ids)?;
-        Ok(l2_normalize(&self.text_projection.forward(&pooled)?)?)
+        let embeds = self.text_projection.forward(&pooled)?;
+        Ok(l2_normalize(&embeds.to_dtype(DType::F32)?)?)
     }
 }
 
@@ -403,13 +410,13 @@ struct ClipBatch {
 
 impl ClipBackbone {
     /// Loads `config.json`, `preprocessor_config.json`, `tokenizer.json` and the weights.
-    pub fn load(id: &str, dir: &ModelDir, options: &Options, device: &Device) -> Result<Self> {
+    pub fn load(id: &str, dir: &ModelDir, options: &Options, compute: &Compute) -> Result<Self> {
         options.check_known("clip", &["template", "image_tokens"])?;
         let config = ClipConfig::from_file(&dir.file("config.json")?)?;
         let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
         let weights = load_weights(
             dir,
-            device,
+            compute,
             "text_model.embeddings.token_embedding.weight",
             &[],
         )?;
@@ -429,7 +436,7 @@ impl ClipBackbone {
             template: options.template("{caption}")?,
             image_tokens: options.flag("image_tokens")?,
             weights_sha256: weights.sha256,
-            device: device.clone(),
+            device: compute.device.clone(),
         })
     }
 }
@@ -492,14 +499,16 @@ impl Backbone for ClipBackbone {
         let batch = prepared.downcast::<ClipBatch>().map_err(|_| {
             anyhow::anyhow!("clip forward got a batch prepared by another backbone")
         })?;
-        let (image, tokens) = self
-            .model
-            .image_features(&batch.pixels, self.image_tokens)?;
-        let text = self.model.text_features(&batch.ids)?;
-        Ok(std::iter::once(image)
-            .chain(std::iter::once(text))
-            .chain(tokens)
-            .collect())
+        let per_pass = rows_per_pass(&self.device, self.model.image_tokens());
+        in_passes(batch.ids.len(), per_pass, |start, len| {
+            let pixels = batch.pixels.narrow(0, start, len)?;
+            let (image, tokens) = self.model.image_features(&pixels, self.image_tokens)?;
+            let text = self.model.text_features(&batch.ids[start..start + len])?;
+            Ok(std::iter::once(image)
+                .chain(std::iter::once(text))
+                .chain(tokens)
+                .collect())
+        })
     }
 }
 

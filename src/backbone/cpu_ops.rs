@@ -1,17 +1,19 @@
 //! Fused, in-place, multi-threaded element-wise kernels for the CPU inference path of the
 //! transformer backbones: `y = act(y + bias)` right after a matrix product, `x += y` for
-//! residuals, and the row softmax of the fused attention ([`super::attention`]). candle runs each of these as separate single-threaded passes that allocate a new
-//! tensor; on two cores that costs as much as a fifth of a ViT forward.
+//! residuals, and the row softmax of the fused attention ([`super::attention`]). candle runs each
+//! of these as separate single-threaded passes that allocate a new tensor; on two cores that costs
+//! as much as a fifth of a ViT forward.
 //!
 //! Activations use vectorisable polynomial approximations of exp and erf (errors ~1e-7 absolute,
-//! far below the 1e-4 parity tolerance). Other devices and dtypes go through candle's own ops.
+//! far below the 1e-4 parity tolerance). Only f32 CPU tensors reach these kernels (the callers
+//! check [`Kernels::fuse`]); other devices and dtypes go through candle's own ops.
 
 use anyhow::Result;
 use candle_core::{CpuStorage, Layout, Tensor};
 use rayon::prelude::*;
 
 use super::activation::Activation;
-use crate::tensor_ops::{CHUNK, contiguous_f32, contiguous_f32_mut, is_cpu_f32};
+use crate::tensor_ops::{CHUNK, Kernels, contiguous_f32, contiguous_f32_mut};
 
 /// exp(x) for f32 (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp).
 #[inline(always)]
@@ -192,36 +194,14 @@ pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>) {
     softmax_row_impl(row, keep)
 }
 
-/// Whether `t` can take the in-place CPU kernels.
-fn is_inplace_ready(t: &Tensor) -> bool {
-    is_cpu_f32(t) && t.is_contiguous()
-}
-
-/// `act(y + bias)` with `bias` broadcast over the last dimension; in place on a CPU f32 `y`
-/// (which the caller must own, e.g. a fresh matrix product). `bias_host` is `bias` as a slice.
-pub fn bias_act(
-    y: Tensor,
-    bias: Option<(&Tensor, &[f32])>,
-    act: Option<Activation>,
-) -> Result<Tensor> {
-    if bias.is_none() && act.is_none() {
-        return Ok(y);
+/// `act(y + bias)` with `bias` (as a host slice) broadcast over the last dimension, in place on a
+/// contiguous f32 CPU `y`, which the caller must own (e.g. a fresh matrix product) and have checked
+/// with [`Kernels::fuse`].
+pub fn bias_act(y: Tensor, bias: Option<&[f32]>, act: Option<Activation>) -> Result<Tensor> {
+    if bias.is_some() || act.is_some() {
+        y.inplace_op1(&BiasAct { bias, act })?;
     }
-    if is_inplace_ready(&y) {
-        y.inplace_op1(&BiasAct {
-            bias: bias.map(|(_, host)| host),
-            act,
-        })?;
-        return Ok(y);
-    }
-    let y = match bias {
-        Some((b, _)) => y.broadcast_add(b)?,
-        None => y,
-    };
-    match act {
-        Some(act) => Ok(act.apply(&y)?),
-        None => Ok(y),
-    }
+    Ok(y)
 }
 
 struct AddAssign;
@@ -247,9 +227,11 @@ impl candle_core::InplaceOp2 for AddAssign {
     }
 }
 
-/// `x + y` (same shape); in place into `y` on the CPU (the caller must own `y`).
-pub fn residual_add(x: &Tensor, y: Tensor) -> Result<Tensor> {
-    if is_inplace_ready(x) && is_inplace_ready(&y) && x.dims() == y.dims() {
+/// `x + y` (same shape); in place into `y` for contiguous f32 CPU tensors that `kernels` fuses
+/// (the caller must own `y`), else candle's add.
+pub fn residual_add(x: &Tensor, y: Tensor, kernels: Kernels) -> Result<Tensor> {
+    let in_place = x.is_contiguous() && y.is_contiguous() && x.dims() == y.dims();
+    if in_place && kernels.fuse(&[x, &y]) {
         y.inplace_op2(x, &AddAssign)?;
         return Ok(y);
     }
@@ -310,7 +292,7 @@ mod tests {
             Activation::Silu,
         ] {
             let want = act.apply(&x.broadcast_add(&b)?)?;
-            let got = bias_act(x.copy()?, Some((&b, &host)), Some(act))?;
+            let got = bias_act(x.copy()?, Some(&host), Some(act))?;
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{act:?}: {diff}");
         }
@@ -324,7 +306,7 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(diff < 1e-6, "softmax: {diff}");
         }
-        let got = residual_add(&x, b.broadcast_as((37, 24))?.contiguous()?)?;
+        let got = residual_add(&x, b.broadcast_as((37, 24))?.contiguous()?, Kernels::Fused)?;
         let want = x.broadcast_add(&b)?;
         assert_eq!(
             (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?,

@@ -8,17 +8,19 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::activation::Activation;
 use super::attention::self_attention;
-use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
+use super::contract::{
+    Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample, in_passes,
+    rows_per_pass,
+};
 use super::cpu_ops::residual_add;
 use super::layers::{FrozenLayerNorm, FrozenLinear};
 use super::preprocess::ImagePreprocess;
-use super::source::{ModelDir, load_weights};
+use super::source::{ModelDir, Weights, load_weights};
 
 /// The fields of `Dinov2Config` the forward pass needs.
 #[derive(Clone, Debug, Deserialize)]
@@ -84,7 +86,7 @@ pub struct Dinov2Model {
 }
 
 impl Dinov2Model {
-    pub fn new(config: Config, vb: VarBuilder) -> Result<Self> {
+    pub fn new(config: Config, vb: Weights) -> Result<Self> {
         if config.use_swiglu_ffn {
             bail!("DINOv2 with use_swiglu_ffn (the giant model) is not supported");
         }
@@ -96,6 +98,7 @@ impl Dinov2Model {
         let patch_projection = FrozenLinear::from_weights(
             proj.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?,
             Some(proj.get(d, "bias")?),
+            vb.kernels(),
         )?;
         let cls_token = emb.get((1, 1, d), "cls_token")?.reshape((1, d))?;
         let position_embeddings = emb
@@ -139,7 +142,8 @@ impl Dinov2Model {
     }
 
     /// Position embeddings `[1 + rows * cols, hidden]` for a patch grid of that size, as
-    /// transformers' `interpolate_pos_encoding` computes them.
+    /// transformers' `interpolate_pos_encoding` computes them (in f32, then in the forward's
+    /// dtype).
     fn position_embeddings(
         &self,
         rows: usize,
@@ -160,9 +164,15 @@ impl Dinov2Model {
         let d = self.config.hidden_size;
         let patches = self.position_embeddings.narrow(0, 1, grid * grid)?;
         // [grid*grid, d] -> channel planes [d, grid, grid]
-        let planes: Vec<f32> = patches.t()?.contiguous()?.flatten_all()?.to_vec1()?;
+        let planes: Vec<f32> = patches
+            .t()?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         let resized = bicubic_resize_torch(&planes, d, (grid, grid), (rows, cols));
-        let resized = Tensor::from_vec(resized, (d, rows * cols), patches.device())?.t()?;
+        let resized = Tensor::from_vec(resized, (d, rows * cols), patches.device())?
+            .to_dtype(patches.dtype())?
+            .t()?;
         let cls = self.position_embeddings.narrow(0, 0, 1)?;
         let full = Tensor::cat(&[&cls, &resized], 0)?.contiguous()?;
         cache.insert((rows, cols), full.clone());
@@ -181,6 +191,7 @@ impl Dinov2Model {
         // Non-overlapping patches as rows of a matrix (a stride-p convolution, as one matmul);
         // like the convolution, pixels beyond the last whole patch are ignored.
         let patches = pixels
+            .to_dtype(self.patch_projection.dtype())?
             .narrow(2, 0, rows * p)?
             .narrow(3, 0, cols * p)?
             .reshape((b, c, rows, p, cols, p))?
@@ -197,23 +208,35 @@ impl Dinov2Model {
             .broadcast_add(&positions.unsqueeze(0)?)?
             .reshape((b * seq, d))?;
         let heads = self.config.num_attention_heads;
+        let kernels = self.patch_projection.kernels();
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&layer.norm1.forward(&x)?)?;
-            let attn = layer
-                .attn_out
-                .forward(&self_attention(&qkv, b, seq, heads, None)?)?;
-            x = residual_add(&x, attn)?;
-            let hidden = layer
-                .fc1
-                .forward_act(&layer.norm2.forward(&x)?, Some(self.activation))?;
-            x = residual_add(&x, layer.fc2.forward(&hidden)?)?;
+            let attn = {
+                let qkv = layer.qkv.forward(&layer.norm1.forward(&x)?)?;
+                layer
+                    .attn_out
+                    .forward(&self_attention(&qkv, b, seq, heads, None, kernels)?)?
+            };
+            x = residual_add(&x, attn, kernels)?;
+            let mlp = {
+                let hidden = layer
+                    .fc1
+                    .forward_act(&layer.norm2.forward(&x)?, Some(self.activation))?;
+                layer.fc2.forward(&hidden)?
+            };
+            x = residual_add(&x, mlp, kernels)?;
         }
         Ok(self.final_norm.forward(&x)?.reshape((b, seq, d))?)
     }
 
-    /// (CLS token, mean patch token) of the final layer norm, each `[batch, hidden]`.
+    /// Tokens of one image of `height` x `width` pixels (class token + patches).
+    pub fn tokens_per_image(&self, height: usize, width: usize) -> usize {
+        let p = self.config.patch_size;
+        1 + (height / p) * (width / p)
+    }
+
+    /// (CLS token, mean patch token) of the final layer norm, each `[batch, hidden]` in f32.
     pub fn embed(&self, pixels: &Tensor) -> Result<(Tensor, Tensor)> {
-        let hidden = self.forward(pixels)?;
+        let hidden = self.forward(pixels)?.to_dtype(DType::F32)?;
         let seq = hidden.dim(1)?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         let patch_mean = hidden.narrow(1, 1, seq - 1)?.mean(1)?;
@@ -270,10 +293,6 @@ pub fn bicubic_resize_torch(
     out
 }
 
-/// Images per forward pass inside [`Backbone::forward`]: larger batches run as several passes
-/// (the matrix products are already large at 8 x 257 tokens; bigger ones only grow the scores).
-const FORWARD_CHUNK: usize = 8;
-
 /// A loaded DINOv2 backbone with its preprocessing.
 pub struct Dinov2Backbone {
     id: String,
@@ -285,10 +304,10 @@ pub struct Dinov2Backbone {
 
 impl Dinov2Backbone {
     /// Loads `config.json`, `preprocessor_config.json` and the weights of `dir`.
-    pub fn load(id: &str, dir: &ModelDir, device: &Device) -> Result<Self> {
+    pub fn load(id: &str, dir: &ModelDir, compute: &Compute) -> Result<Self> {
         let config: Config = dir.json("config.json")?;
         let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
-        let weights = load_weights(dir, device, "embeddings.cls_token", &["dinov2"])?;
+        let weights = load_weights(dir, compute, "embeddings.cls_token", &["dinov2"])?;
         let model = Dinov2Model::new(config, weights.vb)
             .with_context(|| format!("cannot build DINOv2 from {}", dir.location))?;
         Ok(Self {
@@ -296,7 +315,7 @@ impl Dinov2Backbone {
             model,
             preprocess,
             weights_sha256: weights.sha256,
-            device: device.clone(),
+            device: compute.device.clone(),
         })
     }
 
@@ -342,17 +361,12 @@ impl Backbone for Dinov2Backbone {
         let pixels = prepared.downcast::<Tensor>().map_err(|_| {
             anyhow::anyhow!("dinov2 forward got a batch prepared by another backbone")
         })?;
-        // Sub-batches keep the attention scores of a forward pass in cache and memory bounded.
-        let (mut cls, mut patch_mean) = (Vec::new(), Vec::new());
-        let n = pixels.dim(0)?;
-        for start in (0..n).step_by(FORWARD_CHUNK) {
-            let (c, p) =
-                self.model
-                    .embed(&pixels.narrow(0, start, FORWARD_CHUNK.min(n - start))?)?;
-            cls.push(c);
-            patch_mean.push(p);
-        }
-        Ok(vec![Tensor::cat(&cls, 0)?, Tensor::cat(&patch_mean, 0)?])
+        let (n, _, h, w) = pixels.dims4()?;
+        let per_pass = rows_per_pass(&self.device, self.model.tokens_per_image(h, w));
+        in_passes(n, per_pass, |start, len| {
+            let (cls, patch_mean) = self.model.embed(&pixels.narrow(0, start, len)?)?;
+            Ok(vec![cls, patch_mean])
+        })
     }
 }
 

@@ -6,15 +6,17 @@
 //! Frozen weights only, forward passes only: the fast, gradient-free candle kernels are fine.
 //! Hence [`FrozenLinear`] and [`FrozenLayerNorm`], unlike the heads' trainable `Linear` and
 //! `LayerNorm` (`crate::heads::layers`), which initialise their variables and record backward
-//! passes.
+//! passes. Each layer runs in the dtype and with the [`Kernels`] its [`Weights`] were loaded
+//! with; a layer built of others (the encoder layer) runs with those of its projections.
 
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Tensor};
-use candle_nn::VarBuilder;
 
 use super::activation::Activation;
 use super::attention::{Mask, attention};
 use super::cpu_ops::{bias_act, residual_add};
+use super::source::Weights;
+use crate::tensor_ops::Kernels;
 
 /// A dense layer `y = x W^T + b` with loaded (frozen) weights over the last dimension of any-rank
 /// input, optionally followed by an activation in the same pass.
@@ -24,47 +26,49 @@ pub struct FrozenLinear {
     weight: Tensor,
     /// [out]
     bias: Option<Tensor>,
-    /// `bias` on the host, for the fused CPU kernels.
+    /// `bias` on the host, when the layer runs the fused CPU kernel (f32 CPU weights).
     bias_host: Option<Vec<f32>>,
+    kernels: Kernels,
 }
 
 impl FrozenLinear {
-    /// A layer of these weights: `weight` [out, in], `bias` [out].
-    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// A layer of these weights: `weight` [out, in], `bias` [out], of one dtype and device.
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, kernels: Kernels) -> Result<Self> {
         let bias_host = match &bias {
-            Some(b) if b.device().is_cpu() => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            Some(b) if kernels.fuse(&[&weight, b]) => Some(b.to_vec1()?),
             _ => None,
         };
         Ok(Self {
             weight,
             bias,
             bias_host,
+            kernels,
         })
     }
 
     /// Loads `weight` [out, in] and `bias` [out] under `vb`.
-    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_dim: usize, out_dim: usize, vb: Weights) -> Result<Self> {
         Self::load(in_dim, out_dim, true, vb)
     }
 
     /// Loads `weight` [out, in] under `vb` (a layer without bias).
-    pub fn without_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn without_bias(in_dim: usize, out_dim: usize, vb: Weights) -> Result<Self> {
         Self::load(in_dim, out_dim, false, vb)
     }
 
-    fn load(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Self> {
+    fn load(in_dim: usize, out_dim: usize, with_bias: bool, vb: Weights) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if with_bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        Self::from_weights(weight, bias)
+        Self::from_weights(weight, bias, vb.kernels())
     }
 
     /// Loads three `[dim, dim]` projections (e.g. query, key, value) under `vb` as one
     /// `[3 * dim, dim]` layer: a single matrix product.
-    pub fn fused(names: [&str; 3], dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn fused(names: [&str; 3], dim: usize, with_bias: bool, vb: Weights) -> Result<Self> {
         let parts = names
             .iter()
             .map(|name| Self::load(dim, dim, with_bias, vb.pp(*name)))
@@ -84,36 +88,58 @@ impl FrozenLinear {
         } else {
             bail!("cannot fuse linear layers where only some have a bias")
         };
-        Self::from_weights(weight, bias)
+        let kernels = parts.first().map_or(Kernels::Fused, |p| p.kernels);
+        Self::from_weights(weight, bias, kernels)
     }
 
     /// Folds a per-output scale (DINOv2's layer scale) into the layer: `(x W^T + b) * s`.
     pub fn scaled(self, scale: &Tensor) -> Result<Self> {
         let weight = self.weight.broadcast_mul(&scale.unsqueeze(1)?)?;
         let bias = self.bias.map(|b| b * scale).transpose()?;
-        Self::from_weights(weight, bias)
+        Self::from_weights(weight, bias, self.kernels)
     }
 
     pub fn out_dim(&self) -> usize {
         self.weight.dims()[0]
     }
 
+    /// The dtype of the weights: the forward's.
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
+    /// The kernels this layer was loaded with.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, None)
     }
 
-    /// `act(x W^T + b)`, fused into one in-place pass on the CPU.
+    /// `act(x W^T + b)`: on the CPU in f32, the bias and activation fused into one in-place pass
+    /// after the product; elsewhere candle's ops.
     pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let in_dim = *dims
             .last()
             .expect("linear input has at least one dimension");
         let rows = x.elem_count() / in_dim;
+        // The layer's one matrix product (where a CPU bf16 kernel would plug in).
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match (&self.bias, &self.bias_host) {
-            (Some(b), Some(host)) => bias_act(y, Some((b, host.as_slice())), act)?,
-            (Some(b), None) => bias_act(y.broadcast_add(b)?, None, act)?,
-            (None, _) => bias_act(y, None, act)?,
+            (None, _) if self.kernels.fuse(&[&y]) => bias_act(y, None, act)?,
+            (Some(_), Some(host)) if self.kernels.fuse(&[&y]) => bias_act(y, Some(host), act)?,
+            (bias, _) => {
+                let y = match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                match act {
+                    Some(act) => act.apply(&y)?,
+                    None => y,
+                }
+            }
         };
         *dims.last_mut().expect("non-empty") = self.out_dim();
         Ok(y.reshape(dims)?)
@@ -131,7 +157,7 @@ pub struct FrozenLayerNorm {
 impl FrozenLayerNorm {
     /// Loads `weight` and `bias` [dim] under `vb` (or `gamma` and `beta`, as older BERT
     /// checkpoints name them).
-    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, eps: f64, vb: Weights) -> Result<Self> {
         let name = |names: [&'static str; 2]| {
             names
                 .into_iter()
@@ -145,6 +171,8 @@ impl FrozenLayerNorm {
         })
     }
 
+    /// Statistics in f32 whatever the dtype (candle's CPU and CUDA kernels both accumulate in
+    /// f32, as PyTorch does for bf16 and f16), output in the input's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(
             &x.contiguous()?,
@@ -172,19 +200,26 @@ pub struct PreNormLayer {
 
 impl PreNormLayer {
     pub fn forward(&self, x: &Tensor, mask: Option<Mask>) -> Result<Tensor> {
+        let kernels = self.qkv.kernels();
         let d = x.dim(D::Minus1)?;
-        let h = self.ln1.forward(x)?;
-        let qkv = self.qkv.forward(&h)?;
-        let q = qkv.narrow(D::Minus1, 0, d)?;
-        let k = qkv.narrow(D::Minus1, d, d)?;
-        let v = qkv.narrow(D::Minus1, 2 * d, d)?;
-        let a = attention(&q, &k, &v, self.heads, mask)?;
-        let x = residual_add(x, self.out.forward(&a)?)?;
-        let h = self.ln2.forward(&x)?;
-        let h = self
-            .fc2
-            .forward(&self.fc1.forward_act(&h, Some(self.act))?)?;
-        residual_add(&x, h)
+        // Blocks drop each intermediate as soon as it is used: one pass holds a layer's
+        // activations at a time, not every one it made.
+        let attended = {
+            let qkv = self.qkv.forward(&self.ln1.forward(x)?)?;
+            let q = qkv.narrow(D::Minus1, 0, d)?;
+            let k = qkv.narrow(D::Minus1, d, d)?;
+            let v = qkv.narrow(D::Minus1, 2 * d, d)?;
+            self.out
+                .forward(&attention(&q, &k, &v, self.heads, mask, kernels)?)?
+        };
+        let x = residual_add(x, attended, kernels)?;
+        let h = {
+            let hidden = self
+                .fc1
+                .forward_act(&self.ln2.forward(&x)?, Some(self.act))?;
+            self.fc2.forward(&hidden)?
+        };
+        residual_add(&x, h, kernels)
     }
 }
 
@@ -204,7 +239,7 @@ impl PatchEmbedding {
         dim: usize,
         patch: usize,
         with_bias: bool,
-        vb: VarBuilder,
+        vb: Weights,
     ) -> Result<Self> {
         let weight = vb
             .get((dim, channels, patch, patch), "weight")?
@@ -215,7 +250,7 @@ impl PatchEmbedding {
             None
         };
         Ok(Self {
-            proj: FrozenLinear::from_weights(weight, bias)?,
+            proj: FrozenLinear::from_weights(weight, bias, vb.kernels())?,
             patch,
         })
     }
@@ -228,7 +263,7 @@ impl PatchEmbedding {
         }
         let (gh, gw) = (h / p, w / p);
         let patches = pixels
-            .to_dtype(DType::F32)?
+            .to_dtype(self.proj.dtype())?
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
@@ -254,7 +289,7 @@ mod tests {
             .flatten_from(2)?
             .transpose(1, 2)?;
         let pe = PatchEmbedding {
-            proj: FrozenLinear::from_weights(w.reshape((5, 48))?, Some(b))?,
+            proj: FrozenLinear::from_weights(w.reshape((5, 48))?, Some(b), Kernels::Fused)?,
             patch: 4,
         };
         let diff = (pe.forward(&x)? - conv)?
@@ -279,6 +314,11 @@ pub struct VitEmbeddings {
 }
 
 impl VitEmbeddings {
+    /// Tokens of one image (class token + patches).
+    pub fn tokens(&self) -> usize {
+        self.position_embedding.dim(1).unwrap_or(1)
+    }
+
     /// pixels [B, C, S, S] -> tokens [B, 1 + patches, D]; `model` names the model in the error
     /// about a wrong image size.
     pub fn forward(&self, pixels: &Tensor, model: &str) -> Result<Tensor> {

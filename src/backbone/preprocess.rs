@@ -243,8 +243,8 @@ impl ImagePreprocess {
     }
 
     /// Preprocesses the images of a batch (every sample must have one) in parallel into one
-    /// `[batch, 3, H, W]` tensor. All images must come out the same size (always true with a crop
-    /// or an exact resize).
+    /// `[batch, 3, H, W]` f32 tensor on `device` (copied there before it returns). All images must
+    /// come out the same size (always true with a crop or an exact resize).
     pub fn batch(&self, samples: &[Sample], device: &Device) -> Result<Tensor> {
         let images = samples
             .iter()
@@ -273,11 +273,12 @@ impl ImagePreprocess {
             data.extend_from_slice(&values);
         }
         let n = images.len();
-        Ok(Tensor::from_vec(
-            data,
-            (n, 3, h as usize, w as usize),
-            device,
-        )?)
+        let pixels = Tensor::from_vec(data, (n, 3, h as usize, w as usize), device)?;
+        // On CUDA the copy ran on this thread's stream (candle uses CUDA's per-thread default
+        // streams), concurrently with the forward on the model thread's: it must be finished
+        // before the batch is handed over.
+        device.synchronize()?;
+        Ok(pixels)
     }
 }
 

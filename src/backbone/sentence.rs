@@ -7,17 +7,18 @@
 //! caption, so padding is (almost) never computed; rows come back in the original order.
 
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Module, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use super::activation::Activation;
 use super::attention::{Mask, self_attention};
-use super::contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sample};
+use super::contract::{
+    Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample, rows_per_pass,
+};
 use super::cpu_ops::residual_add;
 use super::layers::{FrozenLayerNorm, FrozenLinear};
-use super::source::{ModelDir, load_weights};
+use super::source::{ModelDir, Weights, load_weights};
 use super::text::{read_tokenizer, set_length};
 use crate::tensor_ops::{l2_normalize, masked_mean};
 
@@ -62,7 +63,8 @@ struct Layer {
 pub struct BertEncoder {
     config: Config,
     activation: Activation,
-    word_embeddings: Embedding,
+    /// [vocab, D]
+    word_embeddings: Tensor,
     position_embeddings: Tensor,
     /// Token type 0 embedding (sentence-transformers encodes single sentences).
     token_type_embedding: Tensor,
@@ -71,7 +73,7 @@ pub struct BertEncoder {
 }
 
 impl BertEncoder {
-    pub fn new(config: Config, vb: VarBuilder) -> Result<Self> {
+    pub fn new(config: Config, vb: Weights) -> Result<Self> {
         if config.position_embedding_type != "absolute" {
             bail!(
                 "position_embedding_type `{}` is not supported",
@@ -82,8 +84,9 @@ impl BertEncoder {
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
         let ffn = config.intermediate_size;
         let emb = vb.pp("embeddings");
-        let word_embeddings =
-            candle_nn::embedding(config.vocab_size, d, emb.pp("word_embeddings"))?;
+        let word_embeddings = emb
+            .pp("word_embeddings")
+            .get((config.vocab_size, d), "weight")?;
         let position_embeddings = emb
             .pp("position_embeddings")
             .get((config.max_position_embeddings, d), "weight")?;
@@ -128,7 +131,10 @@ impl BertEncoder {
                 self.config.max_position_embeddings
             );
         }
-        let words = self.word_embeddings.forward(ids)?;
+        let words = self
+            .word_embeddings
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, seq, d))?;
         let positions = self.position_embeddings.narrow(0, 0, seq)?;
         let x = words.broadcast_add(
             &positions
@@ -138,19 +144,22 @@ impl BertEncoder {
         let mut x = self.embed_norm.forward(&x.reshape((b * seq, d))?)?;
         let heads = self.config.num_attention_heads;
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x)?;
-            let attn = layer.attn_out.forward(&self_attention(
-                &qkv,
-                b,
-                seq,
-                heads,
-                mask.map(Mask::Keys),
-            )?)?;
-            x = layer.attn_norm.forward(&residual_add(&x, attn)?)?;
-            let hidden = layer.intermediate.forward_act(&x, Some(self.activation))?;
+            let kernels = layer.qkv.kernels();
+            let attn = {
+                let qkv = layer.qkv.forward(&x)?;
+                let mask = mask.map(Mask::Keys);
+                layer
+                    .attn_out
+                    .forward(&self_attention(&qkv, b, seq, heads, mask, kernels)?)?
+            };
+            x = layer.attn_norm.forward(&residual_add(&x, attn, kernels)?)?;
+            let out = {
+                let hidden = layer.intermediate.forward_act(&x, Some(self.activation))?;
+                layer.output.forward(&hidden)?
+            };
             x = layer
                 .output_norm
-                .forward(&residual_add(&x, layer.output.forward(&hidden)?)?)?;
+                .forward(&residual_add(&x, out, kernels)?)?;
         }
         Ok(x.reshape((b, seq, d))?)
     }
@@ -188,9 +197,6 @@ struct SentenceBertConfig {
     max_seq_length: Option<usize>,
 }
 
-/// Most padded tokens one sub-batch of the forward pass may hold.
-const SUB_BATCH_TOKENS: usize = 4096;
-
 /// A loaded sentence encoder with its tokenizer.
 pub struct SentenceBackbone {
     id: String,
@@ -209,7 +215,7 @@ struct Tokenized(Vec<Vec<u32>>);
 impl SentenceBackbone {
     /// Loads `config.json`, `tokenizer.json`, the weights, and the sentence-transformers files
     /// when present (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`).
-    pub fn load(id: &str, dir: &ModelDir, device: &Device) -> Result<Self> {
+    pub fn load(id: &str, dir: &ModelDir, compute: &Compute) -> Result<Self> {
         let config: Config = dir.json("config.json")?;
         let tokenizer_path = dir.file("tokenizer.json")?;
         let mut tokenizer = read_tokenizer(&tokenizer_path)?;
@@ -250,7 +256,7 @@ impl SentenceBackbone {
                 .iter()
                 .any(|m| m.kind.ends_with(".Normalize")),
         };
-        let weights = load_weights(dir, device, "embeddings.word_embeddings.weight", &["bert"])?;
+        let weights = load_weights(dir, compute, "embeddings.word_embeddings.weight", &["bert"])?;
         let model = BertEncoder::new(config, weights.vb)
             .with_context(|| format!("cannot build the BERT encoder from {}", dir.location))?;
         Ok(Self {
@@ -261,7 +267,7 @@ impl SentenceBackbone {
             pooling,
             normalize,
             weights_sha256: weights.sha256,
-            device: device.clone(),
+            device: compute.device.clone(),
         })
     }
 
@@ -279,7 +285,10 @@ impl SentenceBackbone {
         }
         let ids = Tensor::from_vec(ids, (rows.len(), seq), &self.device)?;
         let mask = Tensor::from_vec(mask, (rows.len(), seq), &self.device)?;
-        let hidden = self.model.forward(&ids, padded.then_some(&mask))?;
+        let hidden = self
+            .model
+            .forward(&ids, padded.then_some(&mask))?
+            .to_dtype(DType::F32)?;
         let pooled = match self.pooling {
             Pooling::Mean => masked_mean(&hidden, padded.then_some(&mask))?,
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
@@ -349,10 +358,10 @@ impl Backbone for SentenceBackbone {
         let mut pieces = Vec::new();
         let mut start = 0;
         while start < order.len() {
-            // Sorted ascending: the last row of a group is its longest.
+            // Sorted ascending: the last row of a group is its longest, and the group one pass.
             let mut end = start + 1;
             while end < order.len()
-                && (end + 1 - start) * rows[order[end]].len() <= SUB_BATCH_TOKENS
+                && end + 1 - start <= rows_per_pass(&self.device, rows[order[end]].len())
             {
                 end += 1;
             }

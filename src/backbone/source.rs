@@ -2,16 +2,19 @@
 //! by `+`),
 //! model directories in the Hugging Face layout (a local folder or a Hub repo id fetched through
 //! `hf-hub`, honouring `HF_HUB_OFFLINE`), weight-file discovery (`model.safetensors`, a sharded
-//! `model.safetensors.index.json`, or `pytorch_model.bin`), their sha256, and a weight store whose
-//! errors name the tensor and the file.
+//! `model.safetensors.index.json`, or `pytorch_model.bin`), their sha256, a weight store whose
+//! errors name the tensor and the file, and the [`Weights`] the layers load from (converted once to
+//! the forward's dtype on its device).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use super::contract::Compute;
 use crate::files::sha256_file;
 use crate::spec::{Options, Spec, split_unquoted};
+use crate::tensor_ops::Kernels;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
@@ -322,18 +325,57 @@ impl SimpleBackend for WeightStore {
     }
 }
 
+/// A model's weights as its layers load them: every tensor converted to the forward's dtype on its
+/// device (a `VarBuilder`), and the kernels the layers built from them run.
+#[derive(Clone)]
+pub struct Weights {
+    vb: VarBuilder<'static>,
+    kernels: Kernels,
+}
+
+impl Weights {
+    pub fn new(vb: VarBuilder<'static>, kernels: Kernels) -> Self {
+        Self { vb, kernels }
+    }
+
+    /// The weights under `name.` (as `VarBuilder::pp`).
+    pub fn pp(&self, name: impl ToString) -> Self {
+        Self {
+            vb: self.vb.pp(name),
+            kernels: self.kernels,
+        }
+    }
+
+    /// The tensor `name` of this shape (an error naming tensor and file otherwise).
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<Tensor> {
+        self.vb.get(shape, name)
+    }
+
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+}
+
 /// Weights of a model directory plus their identity.
 pub struct LoadedWeights {
-    pub vb: VarBuilder<'static>,
+    pub vb: Weights,
     pub sha256: Vec<(String, String)>,
 }
 
-/// Opens the weights of `dir` in f32 on `device`. When the checkpoint stores the model under a
-/// prefix (e.g. `bert.` in a `BertForMaskedLM` file), give the tensor name that identifies the bare
-/// model in `probe`; the builder is then rooted at that prefix.
+/// Opens the weights of `dir` for `compute` (its dtype, device and kernels). When the checkpoint
+/// stores the model under a prefix (e.g. `bert.` in a `BertForMaskedLM` file), give the tensor
+/// name that identifies the bare model in `probe`; the builder is then rooted at that prefix.
 pub fn load_weights(
     dir: &ModelDir,
-    device: &Device,
+    compute: &Compute,
     probe: &str,
     prefixes: &[&str],
 ) -> Result<LoadedWeights> {
@@ -349,9 +391,12 @@ pub fn load_weights(
             dir.location
         );
     };
-    let vb = store.into_var_builder(DType::F32, device);
+    let vb = store.into_var_builder(compute.dtype(), &compute.device);
     let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
-    Ok(LoadedWeights { vb, sha256 })
+    Ok(LoadedWeights {
+        vb: Weights::new(vb, compute.kernels),
+        sha256,
+    })
 }
 
 fn join_prefix(prefix: &str, name: &str) -> String {

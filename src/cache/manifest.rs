@@ -1,11 +1,14 @@
 //! `manifest.json`: what a cache holds and how it was made. The [`CacheHeader`] is everything that
-//! determines the bytes of the shards (backbone, outputs, dataset, shard size, batch size, tool
-//! version); its [`CacheHeader::fingerprint`] is stamped into every shard, part and manifest so a
-//! re-run with other settings into the same directory is refused instead of mixing caches.
+//! determines the bytes of the shards (backbone, forward precision, outputs, dataset, shard size,
+//! batch size, tool version); its [`CacheHeader::fingerprint`] is stamped into every shard, part
+//! and manifest so a re-run with other settings into the same directory is refused instead of
+//! mixing caches. The device that computed each shard is recorded beside it ([`ShardEntry`]), not
+//! in the header: a run resumed on another device with the same precision may go on.
 
 use super::layout::MANIFEST_FILE;
 use crate::backbone::{BackboneInfo, OutputKind, OutputSpec};
 use crate::files::{self, ContentHash, HashAlgorithm};
+use crate::tensor_ops::Precision;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -126,6 +129,11 @@ pub struct CacheHeader {
     pub format_version: u32,
     pub tool_version: String,
     pub backbone: BackboneInfo,
+    /// The number type of the forward pass (`--precision`). Written only when it is not f32, so
+    /// that the headers (and fingerprints) of f32 caches, every cache made before it existed
+    /// included, stay as they were: absent means f32.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     pub outputs: Vec<StoredOutput>,
     pub dataset: DatasetFingerprint,
     /// Dataset rows per shard (the last shard may have fewer).
@@ -156,6 +164,9 @@ impl CacheHeader {
         }
         if self.backbone != other.backbone {
             diffs.push("backbone (--backbone, weights or preprocessing)");
+        }
+        if self.precision != other.precision {
+            diffs.push("--precision");
         }
         if self.outputs != other.outputs {
             diffs.push("outputs or --dtype");
@@ -222,6 +233,10 @@ pub struct ShardEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header_hash: Option<ContentHash>,
     pub skipped: Vec<SkippedRow>,
+    /// The device that computed its rows (`cpu`, `cuda:0`), when known: recorded, not part of
+    /// the cache's identity (absent in shards written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// A [`ShardEntry`] as written by any format version.
@@ -241,6 +256,8 @@ struct ShardEntryFields {
     #[serde(default)]
     sha256: Option<String>,
     skipped: Vec<SkippedRow>,
+    #[serde(default)]
+    device: Option<String>,
 }
 
 impl TryFrom<ShardEntryFields> for ShardEntry {
@@ -268,6 +285,7 @@ impl TryFrom<ShardEntryFields> for ShardEntry {
             hash,
             header_hash: f.header_hash,
             skipped: f.skipped,
+            device: f.device,
         })
     }
 }
@@ -423,6 +441,7 @@ pub(crate) mod tests {
                 preprocessing: serde_json::json!({"size": 4}),
                 text_template: None,
             },
+            precision: Precision::F32,
             outputs: vec![
                 StoredOutput {
                     name: "image".into(),
@@ -503,6 +522,7 @@ pub(crate) mod tests {
             hash: ContentHash::of(SHARD_HASH, b"shard"),
             header_hash: Some(ContentHash::of(SHARD_HASH, b"header")),
             skipped: vec![],
+            device: None,
         }
     }
 
@@ -554,14 +574,35 @@ pub(crate) mod tests {
         let mut b = a.clone();
         b.shard_rows = 4;
         b.backbone.id = "other".into();
+        b.precision = Precision::Bf16;
         assert_eq!(
             a.differences(&b),
             vec![
                 "backbone (--backbone, weights or preprocessing)",
+                "--precision",
                 "--shard-rows"
             ]
         );
         assert_ne!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.fingerprint(), a.clone().fingerprint());
+    }
+
+    /// An f32 header serialises as before precisions existed (its fingerprint, which old caches
+    /// carry, unchanged); another precision is written and read back.
+    #[test]
+    fn precision_is_written_only_when_not_f32() {
+        let f32_header = test_header(3, 2);
+        let json = serde_json::to_value(&f32_header).unwrap();
+        assert!(json.get("precision").is_none(), "{json}");
+        let mut without = json.clone();
+        without.as_object_mut().unwrap().remove("precision");
+        let read: CacheHeader = serde_json::from_value(without).unwrap();
+        assert_eq!(read.precision, Precision::F32);
+        let mut bf16 = f32_header.clone();
+        bf16.precision = Precision::Bf16;
+        let json = serde_json::to_value(&bf16).unwrap();
+        assert_eq!(json["precision"], "bf16");
+        assert_eq!(serde_json::from_value::<CacheHeader>(json).unwrap(), bf16);
+        assert_ne!(bf16.fingerprint(), f32_header.fingerprint());
     }
 }

@@ -33,6 +33,8 @@ pub struct CacheWriter {
     merged: bool,
     /// Held until the writer is dropped (after [`CacheWriter::finish`]).
     _lock: WriterLock,
+    /// Recorded in the entries of the shards this writer writes ([`CacheWriter::set_device`]).
+    device: Option<String>,
 }
 
 impl CacheWriter {
@@ -117,7 +119,13 @@ impl CacheWriter {
             written: 0,
             merged,
             _lock: lock,
+            device: None,
         })
+    }
+
+    /// Records `device` (e.g. `cuda:0`) as where the shards written from now on were computed.
+    pub fn set_device(&mut self, device: String) {
+        self.device = Some(device);
     }
 
     pub fn header(&self) -> &CacheHeader {
@@ -194,6 +202,7 @@ impl CacheWriter {
                 hash,
                 header_hash: Some(header_hash),
                 skipped: meta.skipped,
+                device: self.device.clone(),
             },
         );
         self.written += 1;
@@ -278,6 +287,7 @@ pub(crate) fn describe_shard_file(
         hash,
         header_hash: Some(header_hash),
         skipped: layout.meta.skipped,
+        device: None,
     })
 }
 

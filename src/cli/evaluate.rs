@@ -1,9 +1,8 @@
 //! `multiclip evaluate`: a checkpoint's metrics (at its tuned thresholds) on the validation,
 //! training or test rows, as a summary table and a per-label table.
 
-use super::{CacheCheck, at_least_one_row, one_of};
+use super::{CacheCheck, DeviceArg, at_least_one_row, one_of};
 use anyhow::Result;
-use candle_core::Device;
 use clap::Args;
 use multiclip::evaluate::{EvalPart, EvaluateRequest, evaluate};
 use multiclip::metrics::{LabelMetrics, Metrics};
@@ -36,6 +35,9 @@ pub struct EvaluateArgs {
     pub no_at_least_one: bool,
     #[command(flatten)]
     pub cache_check: CacheCheck,
+    /// Where the head runs: cpu, cuda or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceArg,
 }
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
@@ -47,7 +49,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         part: args.part,
         batch_size: args.batch_size,
         at_least_one: !args.no_at_least_one,
-        device: Device::Cpu,
+        device: args.device.open()?,
         integrity: args.cache_check.integrity(),
     };
     let evaluation = evaluate(&request)?;

@@ -5,15 +5,17 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use super::{at_least_one_row, one_of};
-use multiclip::backbone;
+use super::{DeviceArg, at_least_one_row, one_of};
+use multiclip::backbone::{self, Compute};
 use multiclip::cache::{StoredDtype, WorkerSlot};
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
 use multiclip::extract::{ExtractOptions, OnError, PartSelection, SelectedRows, extract};
+use multiclip::tensor_ops::{Precision, device_name};
 
 const EXTRACT_HELP: &str = "\
 The cache is resumable: re-running the same command after a crash or kill computes only the
-missing shards. A different backbone, dataset or option into an existing cache is refused.
+missing shards. A different backbone, dataset, precision or option into an existing cache is
+refused; another --device with the same --precision may resume it.
 
 Several machines: give every worker the same arguments plus --num-workers N --worker-index I
 (or run it as a Slurm array / Kubernetes Indexed Job, which set them), then run
@@ -22,6 +24,8 @@ Several machines: give every worker the same arguments plus --num-workers N --wo
 Examples:
   multiclip extract --data data/demo --part all \\
       --backbone dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2 --out cache/demo
+  multiclip extract --data data/demo --backbone blip:Salesforce/blip-itm-large-coco \\
+      --out cache/demo-blip --device cuda --precision bf16 --batch-size 256
   sbatch --array=0-7 --wrap 'multiclip extract --data /data/comp --part all \\
       --backbone dinov2:facebook/dinov2-base --out /shared/cache/comp --device cuda'";
 
@@ -55,9 +59,14 @@ pub struct ExtractArgs {
     /// Stored type of float outputs (masks are always u8).
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     dtype: String,
-    /// Where the model runs (`cuda` needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
-    device: String,
+    /// Where the model runs: cpu, cuda (the first GPU) or cuda:N (needs a build with
+    /// `--features cuda`). Decoding and preprocessing run on the CPU cores either way.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: DeviceArg,
+    /// Number type of the forward pass: f32, bf16 or f16 [default: bf16 on cuda, f32 on cpu].
+    /// Part of the cache's identity; the stored type is --dtype.
+    #[arg(long, value_parser = one_of(&Precision::ALL, Precision::name))]
+    precision: Option<Precision>,
     /// Number of worker processes sharing the job [default: SLURM_ARRAY_TASK_COUNT,
     /// MULTICLIP_NUM_WORKERS, else 1].
     #[arg(long, value_name = "N")]
@@ -88,18 +97,19 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     let slot = WorkerSlot::resolve(args.num_workers, args.worker_index, |name| {
         std::env::var(name).ok()
     })?;
-    let device = match args.device.as_str() {
-        "cpu" => candle_core::Device::Cpu,
-        "cuda" => candle_core::Device::new_cuda(0)?,
-        other => bail!("unknown device {other:?}"),
-    };
+    let device = args.device.open()?;
+    let precision = args
+        .precision
+        .unwrap_or_else(|| Precision::default_for(&device));
     let selected = SelectedRows::read(&args.data, args.part)?;
-    let model = backbone::load(&args.backbone, &device)?;
+    let model = backbone::load(&args.backbone, Compute::new(&device, precision))?;
     let options = ExtractOptions {
         out: args.out.clone(),
         batch_size: args.batch_size,
         shard_rows: args.shard_rows,
         dtype: args.dtype.parse::<StoredDtype>()?,
+        precision,
+        device: device_name(&device),
         slot,
         on_error: args.on_error,
         max_pixels: args.max_pixels,
@@ -108,7 +118,13 @@ pub fn run(args: ExtractArgs) -> Result<()> {
     };
     let summary = extract(model.as_ref(), &selected, &options)?;
 
-    println!("extracted {} with {}", args.out.display(), args.backbone);
+    println!(
+        "extracted {} with {} ({} on {})",
+        args.out.display(),
+        args.backbone,
+        precision.name(),
+        args.device
+    );
     println!(
         "  worker       {} of {} (owns {} of {} shards)",
         slot.index, slot.count, summary.shards_owned, summary.shards_total

@@ -1,5 +1,9 @@
-//! One module per `multiclip` command: its clap arguments and the function that runs it; and
-//! the pipeline files `multiclip run` reads.
+//! One module per `multiclip` command: its clap arguments and the function that runs it; the
+//! pipeline files `multiclip run` reads; and what several commands share (`--device`, value
+//! parsers, logging).
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
 
 pub mod cache;
 pub mod checkpoint;
@@ -48,9 +52,55 @@ impl CacheCheck {
     }
 }
 
+/// `--device`: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(name: &str) -> std::result::Result<Self, String> {
+        let gpu = |index: &str| index.parse().map(DeviceArg::Cuda).ok();
+        match name {
+            "cpu" => Some(DeviceArg::Cpu),
+            "cuda" => Some(DeviceArg::Cuda(0)),
+            _ => name.strip_prefix("cuda:").and_then(gpu),
+        }
+        .ok_or_else(|| format!("unknown device {name:?}: expected cpu, cuda or cuda:N"))
+    }
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Cpu => f.write_str("cpu"),
+            DeviceArg::Cuda(index) => write!(f, "cuda:{index}"),
+        }
+    }
+}
+
 /// A clap value parser for a count of rows (or items) that must be at least 1.
 pub fn at_least_one_row() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
+impl DeviceArg {
+    /// The candle device; a clear error when this binary has no CUDA support or the GPU cannot
+    /// be opened.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda(_) if !candle_core::utils::cuda_is_available() => bail!(
+                "--device {self}: this multiclip was built without the `cuda` feature; build it \
+                 with `cargo build --release --features cuda` (README, GPU extraction)"
+            ),
+            DeviceArg::Cuda(index) => Device::new_cuda(index)
+                .with_context(|| format!("--device {self}: cannot open GPU {index}")),
+        }
+    }
 }
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` selects the level (default `info`).

@@ -1,9 +1,8 @@
 //! `multiclip predict`: label every row of a cache with a checkpoint and write the submission
 //! file (`ImageID,Labels`) and, optionally, the probabilities.
 
-use super::{CacheCheck, at_least_one_row, one_of};
+use super::{CacheCheck, DeviceArg, at_least_one_row, one_of};
 use anyhow::{Result, bail};
-use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
 use multiclip::model::Model;
@@ -40,6 +39,9 @@ pub struct PredictArgs {
     pub allow_skipped: Option<SkippedRows>,
     #[command(flatten)]
     pub cache_check: CacheCheck,
+    /// Where the head runs: cpu, cuda or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceArg,
 }
 
 /// Checks the arguments without reading anything: the two outputs must be two files.
@@ -58,7 +60,7 @@ pub fn check(args: &PredictArgs) -> Result<()> {
 
 pub fn run(args: PredictArgs) -> Result<()> {
     check(&args)?;
-    let device = Device::Cpu;
+    let device = args.device.open()?;
     let reader = CacheReader::open_with(&args.cache, args.cache_check.integrity())?;
     let model = Model::load(&args.checkpoint, &device)?;
     let skipped = args.allow_skipped.unwrap_or(SkippedRows::Refuse);

@@ -1,10 +1,9 @@
 //! `multiclip train`: train a head on a cache, tune thresholds on validation, save a checkpoint
 //! and print the validation metrics.
 
-use super::CacheCheck;
 use super::evaluate::print_metrics;
+use super::{CacheCheck, DeviceArg};
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use clap::Args;
 use multiclip::heads::HeadConfig;
 use multiclip::loss::Loss;
@@ -84,6 +83,9 @@ pub struct TrainArgs {
     /// Folder of the checkpoints.
     #[arg(long, default_value = "checkpoints")]
     pub out: PathBuf,
+    /// Where the head runs: cpu, cuda or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceArg,
     /// Checkpoint name (refused if it exists); default
     /// `{head}_{backbone}_{loss}_v{N}_lr{lr}_bs{batch}_seed{seed}_{metric}` with the first free N.
     #[arg(long)]
@@ -151,7 +153,7 @@ fn request(args: &TrainArgs) -> Result<TrainRequest> {
         config,
         out_dir: args.out.clone(),
         name: args.name.clone(),
-        device: Device::Cpu,
+        device: args.device.open()?,
         integrity: args.cache_check.integrity(),
     })
 }

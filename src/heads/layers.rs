@@ -410,6 +410,57 @@ mod tests {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar()
     }
 
+    /// What a CUDA tensor meets, shown on the CPU: a tensor that is not CPU f32 (here f64, which
+    /// every fused kernel refuses) goes through the same entry points to candle's generic ops, with
+    /// the values and gradients of the fused f32 path.
+    #[test]
+    fn tensors_the_fused_kernels_refuse_take_the_generic_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let var = |t: Tensor| candle_core::Var::from_tensor(&t);
+        let x = var(Tensor::randn(0f32, 2.0, (3, 50, 7), &dev)?)?;
+        let w = var(Tensor::randn(0f32, 0.5, (7, 7), &dev)?)?;
+        let b = var(Tensor::randn(0f32, 1.0, 7, &dev)?)?;
+        let g = var(Tensor::randn(1f32, 0.3, 7, &dev)?)?;
+        let target = Tensor::randn(0f32, 1.0, (3, 50, 7), &dev)?;
+        // x -> relu(x W^T + b) -> layer norm (g, b), plus x + b: every dispatching layer.
+        let run = |dtype: DType| -> Result<(Tensor, Vec<Tensor>)> {
+            let vars = [&x, &w, &b, &g].map(|v| v.as_tensor().to_dtype(dtype).and_then(&var));
+            let [x, w, b, g] = vars.map(|v| v.expect("variable"));
+            let linear = Linear {
+                weight: w.as_tensor().clone(),
+                bias: Some(b.as_tensor().clone()),
+            };
+            let norm = LayerNorm {
+                weight: g.as_tensor().clone(),
+                bias: b.as_tensor().clone(),
+                eps: 1e-5,
+            };
+            let y = (norm.forward(&linear.forward_relu(&x)?)? + add_bias(&x, &b)?)?;
+            let loss = (&y * target.to_dtype(dtype)?)?.sum_all()?;
+            let grads = loss.backward()?;
+            let grads = [&x, &w, &b, &g]
+                .iter()
+                .map(|v| {
+                    grads
+                        .get(v.as_tensor())
+                        .expect("gradient")
+                        .to_dtype(DType::F32)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((y.to_dtype(DType::F32)?, grads))
+        };
+        let (fused, fused_grads) = run(DType::F32)?;
+        let (generic, generic_grads) = run(DType::F64)?;
+        assert!(max_diff(&fused, &generic)? < 1e-5);
+        for (f, g) in fused_grads.iter().zip(&generic_grads) {
+            let diff = max_diff(f, g)?;
+            // f32 against f64: relative to the gradient's size (up to ~30 here).
+            let scale = g.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5 * (1.0 + scale), "gradient differs by {diff}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn dropout_is_seeded_scaled_and_off_in_eval() -> Result<()> {
         let dev = Device::Cpu;

@@ -124,6 +124,7 @@ impl Synthetic {
                 preprocessing: serde_json::json!({"synthetic": true}),
                 text_template: None,
             },
+            precision: Default::default(),
             outputs: self.outputs(),
             dataset: DatasetFingerprint {
                 selection: "train".into(),
