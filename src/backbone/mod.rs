@@ -31,11 +31,21 @@ pub use contract::{Backbone, BackboneInfo, OutputKind, OutputSpec, Prepared, Sam
 /// Families: `clip`, `blip`, `dinov2`, `sentence`. A location is a directory in the Hugging Face
 /// layout or a Hub repo id; the options are the family's (see [`options`]).
 pub fn load(spec: &str, device: &Device) -> Result<Box<dyn Backbone>> {
+    load_located(spec, &|location| location.to_string(), device)
+}
+
+/// [`load`] with each part's files looked for at `locate(location)` (e.g. a relative location
+/// resolved under another folder); ids, and so the [`BackboneInfo`], stay as `spec` writes them.
+pub fn load_located(
+    spec: &str,
+    locate: &dyn Fn(&str) -> String,
+    device: &Device,
+) -> Result<Box<dyn Backbone>> {
     let parts = source::parse_spec(spec)?;
     let mut loaded = parts
         .iter()
         .map(|part| {
-            load_one(&part.id, part, device)
+            load_one(&part.id, &locate(&part.location), part, device)
                 .with_context(|| format!("cannot load backbone {}", part.id))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -45,9 +55,14 @@ pub fn load(spec: &str, device: &Device) -> Result<Box<dyn Backbone>> {
     Ok(Box::new(composite::CompositeBackbone::new(spec, loaded)?))
 }
 
-fn load_one(id: &str, part: &source::BackboneSpec, device: &Device) -> Result<Box<dyn Backbone>> {
+fn load_one(
+    id: &str,
+    location: &str,
+    part: &source::BackboneSpec,
+    device: &Device,
+) -> Result<Box<dyn Backbone>> {
     let options = &part.options;
-    let dir = source::ModelDir::resolve(&part.location)?;
+    let dir = source::ModelDir::resolve(location)?;
     Ok(match part.family.as_str() {
         "clip" => Box::new(clip::ClipBackbone::load(id, &dir, options, device)?),
         "blip" => Box::new(blip::BlipBackbone::load(id, &dir, options, device)?),
