@@ -9,7 +9,10 @@ use super::one_of;
 use multiclip::backbone;
 use multiclip::cache::{StoredDtype, WorkerSlot};
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
-use multiclip::extract::{ExtractOptions, OnError, PartSelection, SelectedRows, extract};
+use multiclip::extract::{
+    DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS, ExtractOptions, OnError, PartSelection, SelectedRows,
+    extract,
+};
 
 const EXTRACT_HELP: &str = "\
 The cache is resumable: re-running the same command after a crash or kill computes only the
@@ -47,10 +50,10 @@ pub struct ExtractArgs {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Rows per forward pass.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// Dataset rows per shard file (memory holds one shard's outputs).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = DEFAULT_SHARD_ROWS)]
     shard_rows: usize,
     /// Stored type of float outputs (masks are always u8).
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
