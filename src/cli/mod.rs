@@ -5,6 +5,7 @@ pub mod cache;
 pub mod dataset;
 pub mod evaluate;
 pub mod extract;
+pub mod live;
 pub mod pipeline;
 pub mod predict;
 pub mod run;

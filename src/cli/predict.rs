@@ -1,7 +1,8 @@
-//! `multiclip predict`: label every row of a cache with a checkpoint and write the submission
-//! file (`ImageID,Labels`) and, optionally, the probabilities.
+//! `multiclip predict`: label every row of a cache (or, with `--data`, a dataset's raw images and
+//! captions, see `live.rs`) with a checkpoint and write the submission file (`ImageID,Labels`)
+//! and, optionally, the probabilities.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::Args;
 use multiclip::cache::CacheReader;
@@ -11,12 +12,14 @@ use multiclip::predict::predict;
 use multiclip::submission::{write_predictions, write_probabilities};
 use std::path::PathBuf;
 
-/// Predict labels for every row of a cache.
+/// Predict labels for every row of a cache, or of a dataset's raw images (--data).
 #[derive(Debug, Args)]
 pub struct PredictArgs {
     /// Cache folder of the rows to label (e.g. cache/test).
-    #[arg(long)]
-    pub cache: PathBuf,
+    #[arg(long, required_unless_present = "data")]
+    pub cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub live: super::live::DataArgs,
     /// Checkpoint: NAME, NAME.json or NAME.safetensors.
     #[arg(long)]
     pub checkpoint: PathBuf,
@@ -35,16 +38,29 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
-    let device = Device::Cpu;
-    let reader = CacheReader::open(&args.cache)?;
-    let model = Model::load(&args.checkpoint, &device)?;
-    let predictions = predict(
-        &model,
-        &reader,
-        args.batch_size,
-        !args.no_at_least_one,
-        &device,
-    )?;
+    let (name, predictions) = match (&args.cache, &args.live.data) {
+        (Some(cache), _) => {
+            let device = Device::Cpu;
+            let reader = CacheReader::open(cache)?;
+            let model = Model::load(&args.checkpoint, &device)?;
+            let predictions = predict(
+                &model,
+                &reader,
+                args.batch_size,
+                !args.no_at_least_one,
+                &device,
+            )?;
+            (model.card.name, predictions)
+        }
+        (None, Some(data)) => super::live::predict_data(
+            &args.live,
+            data,
+            &args.checkpoint,
+            args.batch_size,
+            !args.no_at_least_one,
+        )?,
+        (None, None) => bail!("give --cache or --data"),
+    };
     write_predictions(
         &args.out,
         &predictions.ids,
@@ -54,7 +70,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     println!(
         "{} rows labelled with {} -> {}",
         predictions.ids.len(),
-        model.card.name,
+        name,
         args.out.display()
     );
     if let Some(path) = &args.probabilities {
