@@ -9,6 +9,7 @@ pub mod live;
 pub mod pipeline;
 pub mod predict;
 pub mod run;
+pub mod serve;
 pub mod train;
 
 /// A clap value parser for one of a closed set of library values: `all` lists them and `name`
