@@ -171,6 +171,11 @@ impl SelectedRows {
     }
 }
 
+/// Rows per forward pass unless told otherwise (`extract --batch-size`).
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+/// Dataset rows per shard unless told otherwise (`extract --shard-rows`).
+pub const DEFAULT_SHARD_ROWS: usize = 4096;
+
 /// Settings of one `extract` run.
 #[derive(Clone, Debug)]
 pub struct ExtractOptions {
@@ -433,7 +438,7 @@ fn produce(
 /// The windows (dataset positions, increasing in each) in which the rows of one shard go to the
 /// backbone: `batch_size` consecutive rows, or, `by_caption_length`, `batch_size` rows at a time
 /// of the shard's rows sorted by caption length (ties in dataset order).
-fn shard_windows(
+pub fn shard_windows(
     rows: &[Row],
     range: std::ops::Range<usize>,
     batch_size: usize,
@@ -536,7 +541,7 @@ fn describe_rows(rows: &[(usize, String)]) -> String {
 }
 
 /// Reads what the backbone needs of one row; the error is the reason the row cannot be used.
-fn load_sample(
+pub fn load_sample(
     row: &Row,
     needs_images: bool,
     needs_text: bool,

@@ -3,12 +3,15 @@
 //! Data flows one way: [`data`] -> [`backbone`] -> cache -> heads -> [`model`] -> train ->
 //! evaluate / predict -> report. Stage 1 (`extract`) runs a frozen backbone once and writes a
 //! memory-mapped cache; stage 2 trains small heads on that cache many times; a trained checkpoint
-//! is a [`model::Model`] that scores inputs on its own. [`spec`] is the grammar of backbone, head
-//! and loss specs. The CLI (`src/main.rs`, `src/cli/`) is a thin layer on top.
+//! is a [`model::Model`] that scores inputs on its own, and [`classify`] puts it back on its live
+//! backbone to label raw images and captions without a cache. [`spec`] is the grammar of
+//! backbone, head and loss specs. The CLI (`src/main.rs`, `src/cli/`) and the HTTP server
+//! (`src/serve/`) are thin layers on top.
 
 pub mod backbone;
 pub mod bf16_gemm;
 pub mod cache;
+pub mod classify;
 pub mod data;
 pub mod evaluate;
 pub mod extract;

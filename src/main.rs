@@ -1,9 +1,10 @@
 //! The `multiclip` command line: parse, call the library, print. Each command's arguments and
-//! runner live in `src/cli/<command>.rs`.
+//! runner live in `src/cli/<command>.rs`; the HTTP server of `multiclip serve` in `src/serve/`.
 
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod serve;
 
 /// Multimodal, multi-label classification on frozen vision-language backbones.
 ///
@@ -34,6 +35,8 @@ enum Command {
     Checkpoint(cli::checkpoint::CheckpointArgs),
     /// Run a pipeline file (pipelines/*.toml): split, extract, train, evaluate, predict.
     Run(cli::run::RunArgs),
+    /// Serve a checkpoint over HTTP: image + caption -> labels, with dynamic batching.
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Command::Predict(args) => cli::predict::run(args),
         Command::Checkpoint(args) => cli::checkpoint::run(args),
         Command::Run(args) => cli::run::run(args),
+        Command::Serve(args) => cli::serve::run(args),
     }
 }

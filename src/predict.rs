@@ -8,7 +8,6 @@ use crate::labelled::describe_skipped;
 use crate::model::Model;
 use anyhow::{Result, bail, ensure};
 use candle_core::Device;
-use std::collections::HashMap;
 
 /// What to do with rows of the cache that were skipped at extraction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +24,29 @@ pub enum SkippedRows {
 impl SkippedRows {
     /// The choices a user can make: `omit` and `empty`.
     pub const ALLOWED: [SkippedRows; 2] = [Self::Omit, Self::WriteEmpty];
+
+    /// Refuses the skipped `rows` (that "N rows `origin`", e.g. "of cache X were skipped at
+    /// extraction", listed as `listed`) or warns that they are left out or written empty.
+    pub fn check(self, rows: &[&SkippedRow], origin: &str, listed: &str) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let n = rows.len();
+        match self {
+            SkippedRows::Refuse => bail!(
+                "{n} rows {origin}: {listed}. Predictions without them would be incomplete: fix \
+                 their images (and, for a cache, extract into a new one), or pass \
+                 --allow-skipped empty (written with no labels) or --allow-skipped omit (left out)"
+            ),
+            SkippedRows::Omit => {
+                tracing::warn!("{n} rows {origin} and are left out of the predictions: {listed}")
+            }
+            SkippedRows::WriteEmpty => {
+                tracing::warn!("{n} rows {origin} and are written with no labels: {listed}")
+            }
+        }
+        Ok(())
+    }
 
     /// `omit` or `empty` (`refuse` for the default).
     pub fn name(self) -> &'static str {
@@ -58,27 +80,15 @@ pub fn predict(
     device: &Device,
 ) -> Result<Predictions> {
     let left_out: Vec<&SkippedRow> = reader.manifest().skipped().collect();
-    if !left_out.is_empty() {
-        let listed = describe_skipped(&left_out, reader.dir());
-        match skipped {
-            SkippedRows::Refuse => bail!(
-                "{} rows of cache {} were skipped at extraction (`extract --on-error skip`): \
-                 {listed}. Predictions without them would be incomplete: fix their images and \
-                 extract into a new cache, or pass --allow-skipped empty (written with no labels) \
-                 or --allow-skipped omit (left out)",
-                left_out.len(),
-                reader.dir().display()
-            ),
-            SkippedRows::Omit => tracing::warn!(
-                "{} rows skipped at extraction are left out of the predictions: {listed}",
-                left_out.len()
-            ),
-            SkippedRows::WriteEmpty => tracing::warn!(
-                "{} rows skipped at extraction are written with no labels: {listed}",
-                left_out.len()
-            ),
-        }
-    }
+    let origin = format!(
+        "of cache {} were skipped at extraction (`extract --on-error skip`)",
+        reader.dir().display()
+    );
+    skipped.check(
+        &left_out,
+        &origin,
+        &describe_skipped(&left_out, reader.dir()),
+    )?;
     let rows: Vec<usize> = (0..reader.len()).collect();
     let scores = model.score_rows(reader, &rows, batch_size, device, None)?;
     let decisions = model.decisions(&scores.probabilities, at_least_one);
@@ -89,54 +99,48 @@ pub fn predict(
         decisions,
         skipped: left_out.into_iter().cloned().collect(),
     };
-    if skipped == SkippedRows::WriteEmpty && !predictions.skipped.is_empty() {
-        predictions = with_empty_rows(predictions, reader)?;
+    if skipped == SkippedRows::WriteEmpty {
+        predictions = predictions.with_empty_rows()?;
     }
     Ok(predictions)
 }
 
-/// The predictions of the stored rows with the skipped ones in their dataset places, with no
-/// labels and NaN probabilities.
-fn with_empty_rows(stored: Predictions, reader: &CacheReader) -> Result<Predictions> {
-    let k = stored.labels.len();
-    let total = stored.ids.len() + stored.skipped.len();
-    let (mut ids, mut probabilities, mut decisions) = (
-        Vec::with_capacity(total),
-        Vec::with_capacity(total * k),
-        Vec::with_capacity(total * k),
-    );
-    let mut next = 0;
-    for shard in &reader.manifest().shards {
-        let skipped: HashMap<usize, &SkippedRow> =
-            shard.skipped.iter().map(|s| (s.row, s)).collect();
-        for position in shard.start..shard.end {
-            if let Some(s) = skipped.get(&position) {
+impl Predictions {
+    /// These predictions with the skipped rows in their dataset places (by [`SkippedRow::row`]),
+    /// with no labels and NaN probabilities.
+    pub fn with_empty_rows(self) -> Result<Predictions> {
+        let k = self.labels.len();
+        let total = self.ids.len() + self.skipped.len();
+        let (mut ids, mut probabilities, mut decisions) = (
+            Vec::with_capacity(total),
+            Vec::with_capacity(total * k),
+            Vec::with_capacity(total * k),
+        );
+        let mut skipped: Vec<&SkippedRow> = self.skipped.iter().collect();
+        skipped.sort_by_key(|s| s.row);
+        let (mut next, mut next_skipped) = (0, skipped.iter().peekable());
+        for position in 0..total {
+            if let Some(s) = next_skipped.next_if(|s| s.row == position) {
                 ids.push(s.id.clone());
                 probabilities.extend(std::iter::repeat_n(f32::NAN, k));
                 decisions.extend(std::iter::repeat_n(false, k));
                 continue;
             }
             ensure!(
-                next < stored.ids.len(),
-                "cache {}: its shards cover more rows than it stores",
-                reader.dir().display()
+                next < self.ids.len(),
+                "skipped row {} lies beyond the {total} rows",
+                next_skipped.peek().map_or(position, |s| s.row)
             );
-            ids.push(stored.ids[next].clone());
-            probabilities.extend_from_slice(&stored.probabilities[next * k..(next + 1) * k]);
-            decisions.extend_from_slice(&stored.decisions[next * k..(next + 1) * k]);
+            ids.push(self.ids[next].clone());
+            probabilities.extend_from_slice(&self.probabilities[next * k..(next + 1) * k]);
+            decisions.extend_from_slice(&self.decisions[next * k..(next + 1) * k]);
             next += 1;
         }
+        Ok(Predictions {
+            ids,
+            probabilities,
+            decisions,
+            ..self
+        })
     }
-    ensure!(
-        next == stored.ids.len(),
-        "cache {}: its shards cover {next} stored rows, it holds {}",
-        reader.dir().display(),
-        stored.ids.len()
-    );
-    Ok(Predictions {
-        ids,
-        probabilities,
-        decisions,
-        ..stored
-    })
 }

@@ -32,12 +32,22 @@ pub use contract::{Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prep
 /// layout or a Hub repo id; the options are the family's (see [`options`]). `compute` is a
 /// [`Compute`] or a `&Device` (its default precision).
 pub fn load(spec: &str, compute: impl Into<Compute>) -> Result<Box<dyn Backbone>> {
+    load_located(spec, &|location| location.to_string(), compute)
+}
+
+/// [`load`] with each part's files looked for at `locate(location)` (e.g. a relative location
+/// resolved under another folder); ids, and so the [`BackboneInfo`], stay as `spec` writes them.
+pub fn load_located(
+    spec: &str,
+    locate: &dyn Fn(&str) -> String,
+    compute: impl Into<Compute>,
+) -> Result<Box<dyn Backbone>> {
     let compute = compute.into();
     let parts = source::parse_spec(spec)?;
     let mut loaded = parts
         .iter()
         .map(|part| {
-            load_one(&part.id, part, &compute)
+            load_one(&part.id, &locate(&part.location), part, &compute)
                 .with_context(|| format!("cannot load backbone {}", part.id))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -49,9 +59,14 @@ pub fn load(spec: &str, compute: impl Into<Compute>) -> Result<Box<dyn Backbone>
     Ok(Box::new(composite::CompositeBackbone::new(spec, loaded)?))
 }
 
-fn load_one(id: &str, part: &source::BackboneSpec, compute: &Compute) -> Result<Box<dyn Backbone>> {
+fn load_one(
+    id: &str,
+    location: &str,
+    part: &source::BackboneSpec,
+    compute: &Compute,
+) -> Result<Box<dyn Backbone>> {
     let options = &part.options;
-    let dir = source::ModelDir::resolve(&part.location)?;
+    let dir = source::ModelDir::resolve(location)?;
     Ok(match part.family.as_str() {
         "clip" => Box::new(clip::ClipBackbone::load(id, &dir, options, compute)?),
         "blip" => Box::new(blip::BlipBackbone::load(id, &dir, options, compute)?),

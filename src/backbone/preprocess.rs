@@ -205,19 +205,30 @@ impl ImagePreprocess {
         serde_json::to_value(self).expect("preprocessing serialises")
     }
 
-    /// Resize and crop in uint8, as the HF processor does before rescaling.
+    /// Resize and crop in uint8, as the HF processor does before rescaling. Only the resized
+    /// pixels that the crop keeps are computed (the same values): time and memory follow the
+    /// crop, not the resized image, which a thin image makes huge (1 x 400,000 pixels resize to
+    /// 256 x 102 million).
     pub fn resize_and_crop(&self, image: &RgbImage) -> RgbImage {
-        let resized = match self.resize {
-            Some(resize) => {
-                let (h, w) = resized_size(resize, image.height(), image.width());
-                resample(image, w, h, self.filter)
-            }
-            None => image.clone(),
+        let Some(resize) = self.resize else {
+            return match self.crop {
+                Some((h, w)) => center_crop(image, h, w),
+                None => image.clone(),
+            };
         };
-        match self.crop {
-            Some((h, w)) => center_crop(&resized, h, w),
-            None => resized,
-        }
+        let (h, w) = resized_size(resize, image.height(), image.width());
+        let Some((crop_h, crop_w)) = self.crop else {
+            return resample(image, w, h, self.filter);
+        };
+        let (top, left) = center_crop_offsets((h, w), (crop_h, crop_w));
+        let kept = |offset: i64, crop: u32, size: u32| {
+            offset.clamp(0, size as i64) as usize
+                ..(offset + crop as i64).clamp(0, size as i64) as usize
+        };
+        let (rows, cols) = (kept(top, crop_h, h), kept(left, crop_w, w));
+        let (row0, col0) = (rows.start as i64, cols.start as i64);
+        let window = resample_window(image, (w, h), self.filter, rows, cols);
+        crop_at(&window, (top - row0, left - col0), (crop_h, crop_w))
     }
 
     /// Full preprocessing of one image: CHW f32 values, with its (height, width).
@@ -322,23 +333,27 @@ fn resized_size(resize: Resize, height: u32, width: u32) -> (u32, u32) {
 /// HF `center_crop`: offsets `(size - crop) // 2` (floor), zero padding (centred, rounded up on
 /// the top/left) when the image is smaller than the crop.
 pub fn center_crop(image: &RgbImage, height: u32, width: u32) -> RgbImage {
+    let offsets = center_crop_offsets((image.height(), image.width()), (height, width));
+    crop_at(image, offsets, (height, width))
+}
+
+/// (top, left) of a center crop of `crop` (height, width) in an image of `size`: floor of half
+/// the difference, negative when the crop is larger (the image then moves by ceil(pad / 2)
+/// inside a zero canvas).
+fn center_crop_offsets(size: (u32, u32), crop: (u32, u32)) -> (i64, i64) {
+    (
+        (size.0 as i64 - crop.0 as i64).div_euclid(2),
+        (size.1 as i64 - crop.1 as i64).div_euclid(2),
+    )
+}
+
+/// The `size` (height, width) window of `image` whose top-left pixel is `offset` (row, column),
+/// zero outside the image.
+fn crop_at(image: &RgbImage, offset: (i64, i64), size: (u32, u32)) -> RgbImage {
     let (in_w, in_h) = (image.width() as i64, image.height() as i64);
-    let (crop_h, crop_w) = (height as i64, width as i64);
-    let top = (in_h - crop_h).div_euclid(2);
-    let left = (in_w - crop_w).div_euclid(2);
-    // When padding, the image moves by ceil(pad / 2) inside a zero canvas.
-    let (pad_top, pad_left) = if top >= 0 && left >= 0 {
-        (0, 0)
-    } else {
-        let new_h = crop_h.max(in_h);
-        let new_w = crop_w.max(in_w);
-        ((new_h - in_h + 1) / 2, (new_w - in_w + 1) / 2)
-    };
-    let (top, left) = (top + pad_top, left + pad_left);
-    let mut out = RgbImage::new(width, height);
+    let mut out = RgbImage::new(size.1, size.0);
     for (x, y, px) in out.enumerate_pixels_mut() {
-        let sy = y as i64 + top - pad_top;
-        let sx = x as i64 + left - pad_left;
+        let (sy, sx) = (y as i64 + offset.0, x as i64 + offset.1);
         if (0..in_h).contains(&sy) && (0..in_w).contains(&sx) {
             *px = *image.get_pixel(sx as u32, sy as u32);
         }
@@ -356,15 +371,22 @@ struct Coefficients {
     ksize: usize,
 }
 
-fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+/// The coefficients of the output indices `range` (of `out_size`), in order.
+fn coefficients(
+    in_size: usize,
+    out_size: usize,
+    filter: Filter,
+    range: std::ops::Range<usize>,
+) -> Coefficients {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
+    let mut bounds = Vec::with_capacity(range.len());
+    let mut weights = vec![0i32; range.len() * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
+    let first = range.start;
+    for xx in range {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // PIL truncates toward zero after adding 0.5 (C cast).
@@ -379,7 +401,7 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients
         for x in 0..count {
             let w = if total != 0.0 { k[x] / total } else { k[x] };
             let fixed = w * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 {
+            weights[(xx - first) * ksize + x] = if w < 0.0 {
                 (fixed - 0.5) as i32
             } else {
                 (fixed + 0.5) as i32
@@ -402,23 +424,44 @@ fn clip8(acc: i32) -> u8 {
 /// Resizes like `PIL.Image.resize((width, height), resample)` with `reducing_gap=None` on an RGB
 /// image: a horizontal pass, then a vertical pass, each rounded to uint8.
 pub fn resample(image: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
+    resample_window(
+        image,
+        (width, height),
+        filter,
+        0..height as usize,
+        0..width as usize,
+    )
+}
+
+/// The pixels `rows` x `cols` of [`resample`] to `size` (width, height), computed alone: the
+/// horizontal pass runs on the columns `cols` of the source rows the vertical pass reads for
+/// `rows`, each output pixel from the same coefficients as in the whole image.
+fn resample_window(
+    image: &RgbImage,
+    size: (u32, u32),
+    filter: Filter,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> RgbImage {
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
-    let (out_w, out_h) = (width as usize, height as usize);
-    if (in_w, in_h) == (out_w, out_h) {
-        return image.clone();
-    }
-    let horizontal = coefficients(in_w, out_w, filter);
-    let vertical = coefficients(in_h, out_h, filter);
-    // Only the source rows the vertical pass reads go through the horizontal pass.
-    let first_row = vertical.bounds[0].0;
-    let last_row = vertical.bounds.last().map_or(0, |&(start, n)| start + n);
+    let (out_w, out_h) = (size.0 as usize, size.1 as usize);
+    let (win_w, win_h) = (cols.len(), rows.len());
     let src = image.as_raw();
     let rounding = 1i32 << (PRECISION_BITS - 1);
-
-    let (temp, temp_w, row_offset) = if in_w != out_w {
-        let rows = last_row - first_row;
-        let mut temp = vec![0u8; rows * out_w * 3];
-        for (r, row_out) in temp.chunks_exact_mut(out_w * 3).enumerate() {
+    let vertical = (in_h != out_h).then(|| coefficients(in_h, out_h, filter, rows.clone()));
+    // The source rows the vertical pass reads (all of `rows` when there is none).
+    let (first_row, last_row) = match &vertical {
+        Some(v) => (
+            v.bounds.first().map_or(0, |b| b.0),
+            v.bounds.last().map_or(0, |&(start, n)| start + n),
+        ),
+        None => (rows.start, rows.end),
+    };
+    let temp_rows = first_row..last_row;
+    let mut temp = vec![0u8; temp_rows.len() * win_w * 3];
+    if in_w != out_w {
+        let horizontal = coefficients(in_w, out_w, filter, cols.clone());
+        for (r, row_out) in temp.chunks_exact_mut(win_w * 3).enumerate() {
             let row_in = &src[(first_row + r) * in_w * 3..(first_row + r + 1) * in_w * 3];
             for (xx, &(xmin, count)) in horizontal.bounds.iter().enumerate() {
                 let k = &horizontal.weights[xx * horizontal.ksize..][..count];
@@ -434,31 +477,28 @@ pub fn resample(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Rg
                 }
             }
         }
-        (temp, out_w, first_row)
     } else {
-        (src.clone(), in_w, 0)
-    };
-    if in_h == out_h {
-        return RgbImage::from_raw(
-            out_w as u32,
-            out_h as u32,
-            temp[..out_h * out_w * 3].to_vec(),
-        )
-        .expect("buffer size matches");
+        for (r, row_out) in temp.chunks_exact_mut(win_w * 3).enumerate() {
+            let row = (first_row + r) * in_w * 3;
+            row_out.copy_from_slice(&src[row + cols.start * 3..row + cols.end * 3]);
+        }
     }
-    let mut out = vec![0u8; out_h * temp_w * 3];
-    for (yy, row_out) in out.chunks_exact_mut(temp_w * 3).enumerate() {
+    let Some(vertical) = vertical else {
+        return RgbImage::from_raw(win_w as u32, win_h as u32, temp).expect("buffer size matches");
+    };
+    let mut out = vec![0u8; win_h * win_w * 3];
+    for (yy, row_out) in out.chunks_exact_mut(win_w * 3).enumerate() {
         let (ymin, count) = vertical.bounds[yy];
         let k = &vertical.weights[yy * vertical.ksize..][..count];
         for (i, value) in row_out.iter_mut().enumerate() {
             let mut acc = rounding;
             for (y, &w) in k.iter().enumerate() {
-                acc += temp[(ymin - row_offset + y) * temp_w * 3 + i] as i32 * w;
+                acc += temp[(ymin - first_row + y) * win_w * 3 + i] as i32 * w;
             }
             *value = clip8(acc);
         }
     }
-    RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("buffer size matches")
+    RgbImage::from_raw(win_w as u32, win_h as u32, out).expect("buffer size matches")
 }
 
 #[cfg(test)]
@@ -518,6 +558,63 @@ mod tests {
         );
         assert_eq!(p.crop, None);
         assert!(ImagePreprocess::from_hf_json(&serde_json::json!({"size": "big"})).is_err());
+    }
+
+    /// A deterministic image with detail in both directions.
+    fn pattern(width: u32, height: u32) -> RgbImage {
+        RgbImage::from_fn(width, height, |x, y| {
+            let v = (x * 37 + y * 91 + x * y * 7) as u8;
+            image::Rgb([v, v.wrapping_mul(3), (x ^ y) as u8])
+        })
+    }
+
+    fn preprocess(resize: Resize, crop: (u32, u32)) -> ImagePreprocess {
+        ImagePreprocess {
+            resize: Some(resize),
+            filter: Filter::Bicubic,
+            crop: Some(crop),
+            rescale: None,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            normalize: false,
+        }
+    }
+
+    #[test]
+    fn resizing_only_the_cropped_pixels_gives_the_whole_resize_cropped() {
+        let resizes = [
+            Resize::ShortestSide(8),
+            Resize::ShortestSide(13),
+            Resize::Exact {
+                height: 9,
+                width: 20,
+            },
+        ];
+        for (w, h) in [(1, 300), (300, 1), (17, 11), (8, 8), (5, 40), (64, 3)] {
+            let image = pattern(w, h);
+            for resize in resizes {
+                for crop in [(6, 6), (8, 11), (15, 4), (30, 30)] {
+                    let p = preprocess(resize, crop);
+                    let (rh, rw) = resized_size(resize, h, w);
+                    let whole = center_crop(&resample(&image, rw, rh, p.filter), crop.0, crop.1);
+                    assert_eq!(
+                        p.resize_and_crop(&image),
+                        whole,
+                        "{w}x{h} {resize:?} {crop:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_thin_image_costs_its_crop_not_its_resize() {
+        // Resized whole, 1 x 400,000 pixels would be 256 x 102,400,000 (79 GB).
+        let image = pattern(1, 400_000);
+        let start = std::time::Instant::now();
+        let out = preprocess(Resize::ShortestSide(256), (224, 224)).resize_and_crop(&image);
+        assert_eq!(out.dimensions(), (224, 224));
+        assert!(start.elapsed().as_secs() < 10, "{:?}", start.elapsed());
     }
 
     #[test]

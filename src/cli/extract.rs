@@ -9,7 +9,10 @@ use super::{DeviceArg, at_least_one_row, one_of};
 use multiclip::backbone::{self, Compute};
 use multiclip::cache::{StoredDtype, WorkerSlot};
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
-use multiclip::extract::{ExtractOptions, OnError, PartSelection, SelectedRows, extract};
+use multiclip::extract::{
+    DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS, ExtractOptions, OnError, PartSelection, SelectedRows,
+    extract,
+};
 use multiclip::tensor_ops::{Precision, device_name};
 
 const EXTRACT_HELP: &str = "\
@@ -51,10 +54,10 @@ pub struct ExtractArgs {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Rows per forward pass.
-    #[arg(long, default_value_t = 32, value_parser = at_least_one_row())]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = at_least_one_row())]
     batch_size: usize,
     /// Dataset rows per shard file (memory holds one shard's outputs).
-    #[arg(long, default_value_t = 4096, value_parser = at_least_one_row())]
+    #[arg(long, default_value_t = DEFAULT_SHARD_ROWS, value_parser = at_least_one_row())]
     shard_rows: usize,
     /// Stored type of float outputs (masks are always u8).
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]

@@ -10,9 +10,11 @@ pub mod checkpoint;
 pub mod dataset;
 pub mod evaluate;
 pub mod extract;
+pub mod live;
 pub mod pipeline;
 pub mod predict;
 pub mod run;
+pub mod serve;
 pub mod train;
 
 /// A clap value parser for one of a closed set of library values: `all` lists them and `name`

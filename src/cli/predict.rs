@@ -1,7 +1,8 @@
-//! `multiclip predict`: label every row of a cache with a checkpoint and write the submission
-//! file (`ImageID,Labels`) and, optionally, the probabilities.
+//! `multiclip predict`: label every row of a cache (or, with `--data`, a dataset's raw images and
+//! captions, see `live.rs`) with a checkpoint and write the submission file (`ImageID,Labels`)
+//! and, optionally, the probabilities.
 
-use super::{CacheCheck, DeviceArg, at_least_one_row, one_of};
+use super::{CacheCheck, at_least_one_row, one_of};
 use anyhow::{Result, bail};
 use clap::Args;
 use multiclip::cache::CacheReader;
@@ -11,12 +12,14 @@ use multiclip::predict::{SkippedRows, predict};
 use multiclip::submission::{same_file, write_predictions, write_probabilities};
 use std::path::PathBuf;
 
-/// Predict labels for every row of a cache.
+/// Predict labels for every row of a cache, or of a dataset's raw images (--data).
 #[derive(Debug, Args)]
 pub struct PredictArgs {
     /// Cache folder of the rows to label (e.g. cache/test).
-    #[arg(long)]
-    pub cache: PathBuf,
+    #[arg(long, required_unless_present = "data")]
+    pub cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub live: super::live::DataArgs,
     /// Checkpoint: NAME, NAME.json or NAME.safetensors.
     #[arg(long)]
     pub checkpoint: PathBuf,
@@ -32,16 +35,13 @@ pub struct PredictArgs {
     /// Rows per forward pass.
     #[arg(long, default_value_t = SCORE_BATCH_ROWS, value_parser = at_least_one_row())]
     pub batch_size: usize,
-    /// Predict although the cache has rows skipped at extraction (`extract --on-error skip`):
-    /// write them with no labels (`empty`, NaN probabilities: the file keeps every row) or
+    /// Predict although rows were skipped (at extraction for a cache, `extract --on-error
+    /// skip`; with --data, `--on-error skip`): write them with no labels (`empty`, NaN probabilities: the file keeps every row) or
     /// leave them out (`omit`). They are listed either way; without this flag they are refused.
     #[arg(long, value_name = "omit|empty", value_parser = one_of(&SkippedRows::ALLOWED, SkippedRows::name))]
     pub allow_skipped: Option<SkippedRows>,
     #[command(flatten)]
     pub cache_check: CacheCheck,
-    /// Where the head runs: cpu, cuda or cuda:N (needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    pub device: DeviceArg,
 }
 
 /// Checks the arguments without reading anything: the two outputs must be two files.
@@ -60,18 +60,32 @@ pub fn check(args: &PredictArgs) -> Result<()> {
 
 pub fn run(args: PredictArgs) -> Result<()> {
     check(&args)?;
-    let device = args.device.open()?;
-    let reader = CacheReader::open_with(&args.cache, args.cache_check.integrity())?;
-    let model = Model::load(&args.checkpoint, &device)?;
     let skipped = args.allow_skipped.unwrap_or(SkippedRows::Refuse);
-    let predictions = predict(
-        &model,
-        &reader,
-        args.batch_size,
-        !args.no_at_least_one,
-        skipped,
-        &device,
-    )?;
+    let (name, predictions) = match (&args.cache, &args.live.data) {
+        (Some(cache), _) => {
+            let device = args.live.backbone.device.open()?;
+            let reader = CacheReader::open_with(cache, args.cache_check.integrity())?;
+            let model = Model::load(&args.checkpoint, &device)?;
+            let predictions = predict(
+                &model,
+                &reader,
+                args.batch_size,
+                !args.no_at_least_one,
+                skipped,
+                &device,
+            )?;
+            (model.card.name, predictions)
+        }
+        (None, Some(data)) => super::live::predict_data(
+            &args.live,
+            data,
+            &args.checkpoint,
+            args.batch_size,
+            !args.no_at_least_one,
+            skipped,
+        )?,
+        (None, None) => bail!("give --cache or --data"),
+    };
     write_predictions(
         &args.out,
         &predictions.ids,
@@ -86,7 +100,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     println!(
         "{} rows labelled with {} -> {}{note}",
         predictions.ids.len(),
-        model.card.name,
+        name,
         args.out.display()
     );
     if let Some(path) = &args.probabilities {

@@ -13,7 +13,7 @@
 //! limit before any pixel is decoded; the decoder's own memory limit is also set from it.
 
 use std::fs::{File, Metadata};
-use std::io::BufReader;
+use std::io::{BufRead, BufReader, Cursor, Seek};
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
@@ -135,9 +135,18 @@ fn special_file_kind(_: &std::fs::FileType) -> &'static str {
 /// Opens `path` and reads its header: a decoder ready to decode, after checking that
 /// `width * height <= max_pixels`.
 fn open_checked(path: &Path, max_pixels: u64) -> Result<impl ImageDecoder + use<>, ImageLoadError> {
-    let file = open_regular_file(path)?;
+    decoder_checked(BufReader::new(open_regular_file(path)?), path, max_pixels)
+}
+
+/// A decoder over `reader` (the image called `path` in errors) after checking from its header
+/// that `width * height <= max_pixels`.
+fn decoder_checked<'a, R: BufRead + Seek + 'a>(
+    reader: R,
+    path: &Path,
+    max_pixels: u64,
+) -> Result<impl ImageDecoder + use<'a, R>, ImageLoadError> {
     let corrupt = |e: image::ImageError| corrupt(path, e);
-    let mut reader = ImageReader::new(BufReader::new(file))
+    let mut reader = ImageReader::new(reader)
         .with_guessed_format()
         .map_err(|source| ImageLoadError::Unreadable {
             path: path.to_path_buf(),
@@ -188,7 +197,16 @@ pub fn image_dimensions(path: &Path, max_pixels: u64) -> Result<(u32, u32), Imag
 /// Loads `path` as 8-bit RGB (see the module docs for the conversions), refusing images with
 /// more than `max_pixels` pixels before decoding them.
 pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<RgbImage, ImageLoadError> {
-    let decoder = open_checked(path, max_pixels)?;
+    decode(open_checked(path, max_pixels)?, path)
+}
+
+/// [`load_rgb`] on an image file's bytes already in memory (an upload); `name` stands for the
+/// file in errors.
+pub fn decode_rgb(bytes: &[u8], name: &Path, max_pixels: u64) -> Result<RgbImage, ImageLoadError> {
+    decode(decoder_checked(Cursor::new(bytes), name, max_pixels)?, name)
+}
+
+fn decode(decoder: impl ImageDecoder, path: &Path) -> Result<RgbImage, ImageLoadError> {
     let image = DynamicImage::from_decoder(decoder).map_err(|e| corrupt(path, e))?;
     Ok(to_rgb_over_white(image))
 }
@@ -214,6 +232,25 @@ fn to_rgb_over_white(image: DynamicImage) -> RgbImage {
 mod tests {
     use super::*;
     use image::{Rgba, RgbaImage};
+
+    #[test]
+    fn bytes_decode_as_the_file_does_with_the_same_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.png");
+        RgbaImage::from_fn(5, 4, |x, y| Rgba([x as u8 * 50, y as u8 * 60, 7, 200]))
+            .save(&path)
+            .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let name = Path::new("upload");
+        assert_eq!(
+            decode_rgb(&bytes, name, 20).unwrap(),
+            load_rgb(&path, 20).unwrap()
+        );
+        let err = decode_rgb(&bytes, name, 19).unwrap_err();
+        assert!(matches!(err, ImageLoadError::TooLarge { .. }), "{err}");
+        let err = decode_rgb(b"not an image", name, 20).unwrap_err();
+        assert!(matches!(err, ImageLoadError::Corrupt { .. }) && err.path() == name);
+    }
 
     #[test]
     fn alpha_is_composited_over_white() {
