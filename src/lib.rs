@@ -17,6 +17,7 @@ pub mod labelled;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod parallel;
 pub mod predict;
 pub mod report;
 pub mod runtime;
