@@ -20,82 +20,10 @@ use multiclip::model::{InputSignature, Model, ModelCard};
 use multiclip::submission;
 use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts, checkpoint_tensors};
 use multiclip::train::early_stop::Criterion;
-use multiclip::train::run::{TrainRequest, head_context, train};
+use multiclip::train::run::{head_context, train};
 use multiclip::train::{TrainConfig, TrainData, fit};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use support::synthetic::Synthetic;
-
-/// A dataset, its cache and a split in a temporary folder.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    data: PathBuf,
-    cache: PathBuf,
-    split: PathBuf,
-}
-
-fn synthetic(backbone: &str) -> Synthetic {
-    Synthetic {
-        rows: 320,
-        dim: 16,
-        tokens: Some((8, 2..6)),
-        labels: 5,
-        seed: 7,
-        shard_rows: 100,
-        backbone: backbone.into(),
-    }
-}
-
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let data = root.join("data");
-    let cache = root.join("cache");
-    let spec = synthetic("synthetic:models/test-backbone");
-    spec.write_dataset(&data).unwrap();
-    spec.write_cache(&data, &cache).unwrap();
-    let records = Dataset::open(&data).unwrap().records(Part::Train).unwrap();
-    let vocab = LabelVocab::from_records(&records).unwrap();
-    let split = root.join("split.json");
-    Split::stratified(&records, &vocab, 0.25, 3407)
-        .unwrap()
-        .save(&split)
-        .unwrap();
-    Fixture {
-        _dir: dir,
-        root,
-        data,
-        cache,
-        split,
-    }
-}
-
-fn quick_config() -> TrainConfig {
-    TrainConfig {
-        lr: 3e-3,
-        batch_size: 64,
-        eval_batch_size: 100,
-        epochs: 6,
-        patience: 3,
-        warmup_epochs: 1.0,
-        ..TrainConfig::default()
-    }
-}
-
-fn request(f: &Fixture, head: &str, out: &str) -> TrainRequest {
-    TrainRequest {
-        cache: f.cache.clone(),
-        data: f.data.clone(),
-        split: f.split.clone(),
-        head: head.parse().unwrap(),
-        loss: Loss::Bce,
-        config: quick_config(),
-        out_dir: f.root.join(out),
-        name: None,
-        device: Device::Cpu,
-    }
-}
+use std::path::Path;
+use support::fixture::{Fixture, fixture, multiclip, quick_config, request, synthetic};
 
 #[test]
 fn same_seed_gives_identical_runs_and_checkpoints() {
@@ -232,13 +160,13 @@ fn assert_checkpoint_round_trip(f: &Fixture, head_spec: &str) {
         tensors: checkpoint_tensors(&varmap, head.as_ref()).unwrap(),
     };
     let parts = NameParts {
-        head: config.kind.name(),
-        backbone: "synthetic",
-        loss: "bce",
+        head: config.kind.name().into(),
+        backbone: "synthetic".into(),
+        loss: "bce".into(),
         lr: 0.001,
         batch_size: 64,
         seed: 11,
-        criterion: "f1",
+        criterion: "f1".into(),
     };
     let path = checkpoint
         .save(&f.root.join("round"), None, &parts)
@@ -433,20 +361,6 @@ fn multistage_router_warms_up_each_modality_first() {
             .iter()
             .all(|e| e.train_loss.is_finite())
     );
-}
-
-fn multiclip(args: &[&str]) -> std::process::Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_multiclip"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "multiclip {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 #[test]

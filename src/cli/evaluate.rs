@@ -50,7 +50,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let evaluation = evaluate(&request)?;
     println!(
         "checkpoint {} on {} ({:?} part, {} rows), loss {:.4}",
-        evaluation.meta.model.name,
+        evaluation.name,
         evaluation.cache.display(),
         args.part,
         evaluation.rows,
@@ -59,7 +59,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     print_metrics(
         &evaluation.metrics,
         &evaluation.per_label,
-        &evaluation.meta.model.labels,
+        &evaluation.labels,
     );
     Ok(())
 }

@@ -11,7 +11,9 @@
 //! exists is refused.
 
 use super::TrainConfig;
+use super::budget::HeadSize;
 use super::history::EpochRecord;
+use super::kfold::FoldRef;
 use crate::heads::Head;
 use crate::metrics::Metrics;
 use crate::model::ModelCard;
@@ -50,23 +52,41 @@ pub struct CheckpointMeta {
     /// Main-stage epoch (1-based) whose weights were saved.
     pub best_epoch: usize,
     pub history: Vec<EpochRecord>,
+    /// Trainable parameters and saved bytes (0 in sidecars written before they were recorded).
+    #[serde(default)]
+    pub size: HeadSize,
+    /// The fold this member of a k-fold ensemble validated on (absent for a plain run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<FoldRef>,
     /// The multiclip version that wrote it.
     pub written_by: String,
 }
 
+/// What any sidecar (a head's or an ensemble's) says about the data it was trained on: the
+/// defaults of `evaluate`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunRecord {
+    pub cache_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub split: SplitRef,
+    /// Set for k-fold ensembles and their members.
+    #[serde(default)]
+    pub fold: Option<FoldRef>,
+}
+
 /// What goes into a checkpoint's name.
 #[derive(Debug, Clone)]
-pub struct NameParts<'a> {
-    pub head: &'a str,
-    pub backbone: &'a str,
-    pub loss: &'a str,
+pub struct NameParts {
+    pub head: String,
+    pub backbone: String,
+    pub loss: String,
     pub lr: f64,
     pub batch_size: usize,
     pub seed: u64,
-    pub criterion: &'a str,
+    pub criterion: String,
 }
 
-impl NameParts<'_> {
+impl NameParts {
     /// `{head}_{backbone}_{loss}_v{version}_lr{lr}_bs{batch}_seed{seed}_{criterion}`.
     pub fn name(&self, version: u32) -> String {
         format!(
@@ -201,7 +221,7 @@ pub fn checkpoint_tensors(varmap: &VarMap, head: &dyn Head) -> Result<HashMap<St
 }
 
 /// Creates `dir/name.json` if neither it nor `dir/name.safetensors` exists.
-fn create_exclusive(dir: &Path, name: &str) -> Result<Option<fs::File>> {
+pub(crate) fn create_exclusive(dir: &Path, name: &str) -> Result<Option<fs::File>> {
     let (weights, sidecar) = checkpoint_files(dir, name);
     if weights.exists() {
         return Ok(None);
@@ -270,21 +290,23 @@ mod tests {
                 val_loss: 0.1,
                 best_epoch: 3,
                 history: vec![],
+                size: HeadSize::default(),
+                fold: None,
                 written_by: "test".into(),
             },
             tensors,
         }
     }
 
-    fn parts() -> NameParts<'static> {
+    fn parts() -> NameParts {
         NameParts {
-            head: "mlp",
-            backbone: "dinov2",
-            loss: "bce",
+            head: "mlp".into(),
+            backbone: "dinov2".into(),
+            loss: "bce".into(),
             lr: 0.001,
             batch_size: 256,
             seed: 3407,
-            criterion: "f1",
+            criterion: "f1".into(),
         }
     }
 

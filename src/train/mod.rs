@@ -8,10 +8,13 @@
 //! come from the seeded variable builder, batch order from `(seed, epoch)`, and every reduction
 //! runs in a fixed order.
 
+pub mod budget;
 pub mod checkpoint;
 pub mod early_stop;
+pub mod ensemble;
 pub mod grads;
 pub mod history;
+pub mod kfold;
 pub mod multistage;
 pub mod optim;
 pub mod run;
@@ -61,6 +64,10 @@ pub struct TrainConfig {
     pub multistage: bool,
     /// A warm-up stage ends when its train micro-F1 gains less than this in an epoch.
     pub plateau_gain: f64,
+    /// Refuse, before training, a head (all members of an ensemble together) whose saved
+    /// weights exceed this many MB (`budget`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_head_mb: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -79,6 +86,7 @@ impl Default for TrainConfig {
             seed: 3407,
             multistage: false,
             plateau_gain: 0.01,
+            max_head_mb: None,
         }
     }
 }
@@ -148,7 +156,8 @@ impl Validation {
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
     pub history: Vec<EpochRecord>,
-    /// 1-based epoch of the main stage whose weights were kept.
+    /// 1-based epoch of the main stage whose weights were kept (0: the initial weights, with
+    /// `--epochs 0`).
     pub best_epoch: usize,
     pub stopped_early: bool,
     /// Validation of the kept weights (thresholds tuned on validation).
@@ -261,13 +270,18 @@ pub fn fit(
             break;
         }
     }
-    let (best_epoch, _) = stopper
-        .best()
-        .context("training ran no epoch (--epochs 0?)")?;
-    let best = stopper
-        .best_weights()
-        .context("early stopping kept no weights")?;
-    best.restore(vars.iter().map(|(n, v)| (n, v)))?;
+    // With `--epochs 0` the initial weights are kept (validated, thresholds tuned): label
+    // priors in the output biases, or class weights from label embeddings.
+    let best_epoch = if config.epochs == 0 {
+        0
+    } else {
+        let (best_epoch, _) = stopper.best().context("early stopping saw no epoch")?;
+        let best = stopper
+            .best_weights()
+            .context("early stopping kept no weights")?;
+        best.restore(vars.iter().map(|(n, v)| (n, v)))?;
+        best_epoch
+    };
     let validation = validate(head, loss, data, config)?;
     Ok(TrainOutcome {
         history,
@@ -413,6 +427,18 @@ pub fn measure(
 ) -> Validation {
     let thresholds =
         metrics::tune_thresholds(&probabilities, &truth, num_labels, TuneObjective::default());
+    measure_at(probabilities, truth, thresholds, loss)
+}
+
+/// Metrics of probabilities against multi-hot truth at given thresholds (tuned elsewhere), with
+/// the at-least-one-label rule applied.
+pub fn measure_at(
+    probabilities: Vec<f32>,
+    truth: Vec<f32>,
+    thresholds: Vec<f32>,
+    loss: f64,
+) -> Validation {
+    let num_labels = thresholds.len();
     Validation {
         rows: probabilities.len() / num_labels.max(1),
         loss,
