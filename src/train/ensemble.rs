@@ -88,6 +88,9 @@ pub struct EnsembleMeta {
     /// The folds of a k-fold ensemble.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fold: Option<FoldRef>,
+    /// The image ids of each fold (member `i` was validated on fold `i`), in csv order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fold_ids: Vec<Vec<String>>,
     pub tuned_on: TunedOn,
     /// Metrics where the thresholds were tuned (the rows of `tuned_on`), with the BCE of the
     /// probabilities there.
@@ -268,6 +271,7 @@ pub fn average(members: &[PathBuf], name: &str, device: &Device) -> Result<Ensem
             data_dir: first.data_dir.clone(),
             split: first.split.clone(),
             fold: None,
+            fold_ids: Vec::new(),
             tuned_on: TunedOn::Validation,
             metrics: shown.metrics.clone(),
             val_loss: shown.loss,

@@ -118,7 +118,8 @@ pub fn train_folds(request: &KFoldRequest) -> Result<EnsembleReport> {
     let made = (|| -> Result<EnsembleReport> {
         let threads = threads_per_job(request.jobs);
         let trained = run_indexed(request.jobs, k, |fold| -> Result<TrainReport> {
-            let _span = tracing::info_span!("fold", fold = fold + 1).entered();
+            // Log lines carry the fold (entered where the member trains: a pool thread).
+            let span = tracing::info_span!("fold", fold = fold + 1);
             let side = |validation: bool| -> Vec<usize> {
                 rows.iter()
                     .zip(&fold_of)
@@ -135,6 +136,7 @@ pub fn train_folds(request: &KFoldRequest) -> Result<EnsembleReport> {
                 ..train.clone()
             };
             let run = || {
+                let _span = span.enter();
                 train_on_rows(
                     &member,
                     &inputs,
@@ -228,6 +230,14 @@ pub fn train_folds(request: &KFoldRequest) -> Result<EnsembleReport> {
             data_dir: train.data.clone(),
             split: metas[0].split.clone(),
             fold: Some(fold_ref(None)),
+            fold_ids: (0..k)
+                .map(|fold| {
+                    (ids.iter().zip(&fold_of))
+                        .filter(|&(_, &f)| f == fold)
+                        .map(|(id, _)| id.clone())
+                        .collect()
+                })
+                .collect(),
             tuned_on: TunedOn::OutOfFold,
             metrics: out_of_fold.metrics.clone(),
             val_loss: out_of_fold.loss,
