@@ -239,6 +239,14 @@ impl Classifier {
             Self::Cosine { .. } => None,
         }
     }
+
+    /// The class weights `[out, in]` of a cosine classifier.
+    pub fn cosine_weight(&self) -> Option<&Tensor> {
+        match self {
+            Self::Linear(_) => None,
+            Self::Cosine { weight } => Some(weight),
+        }
+    }
 }
 
 impl Module for Classifier {
@@ -284,6 +292,15 @@ impl Mlp {
     /// The bias added to the logits (none for a cosine classifier).
     pub fn logit_bias(&self) -> Option<&Tensor> {
         self.out.bias()
+    }
+
+    /// The class weights of a cosine linear probe (`hidden` 0), the only layer between the
+    /// features and the cosines.
+    pub fn probe_cosine_weight(&self) -> Option<&Tensor> {
+        match self.hidden {
+            None => self.out.cosine_weight(),
+            Some(_) => None,
+        }
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {

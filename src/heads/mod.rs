@@ -55,6 +55,49 @@ pub struct HeadContext {
     pub label_cooccurrence: Option<LabelCooccurrence>,
     /// Seed of the fixed random buffers and the dropout masks.
     pub seed: u64,
+    /// Embeddings of the label names `[K, D]` (vocabulary order), for heads with
+    /// `queries=labels`. Training fills it from the cache once extraction stores them; a
+    /// checkpoint does not need it (what the head took from it is saved with the weights).
+    pub label_embeddings: Option<Tensor>,
+}
+
+/// Where a head's per-label starting points come from: `ml_decoder`'s class queries, `gat`'s
+/// label nodes, a cosine `mlp`'s class weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Queries {
+    /// Seeded random values (the original heads).
+    #[default]
+    Random,
+    /// The label-name embeddings of the context (`HeadContext::label_embeddings`).
+    Labels,
+}
+
+impl Queries {
+    pub fn is_random(&self) -> bool {
+        *self == Self::Random
+    }
+}
+
+/// The label embeddings `[K, D]` of `ctx` for `head` (`queries=labels`): present, one row per
+/// label, f32.
+pub(crate) fn label_embeddings<'a>(ctx: &'a HeadContext, head: &str) -> anyhow::Result<&'a Tensor> {
+    let Some(embeddings) = &ctx.label_embeddings else {
+        anyhow::bail!(
+            "{head}: queries=labels needs embeddings of the label names, which this cache does \
+             not hold (`multiclip extract --label-names` stores them)"
+        );
+    };
+    match embeddings.dims() {
+        [k, _] if *k == ctx.num_labels && embeddings.dtype() == candle_core::DType::F32 => {
+            Ok(embeddings)
+        }
+        dims => anyhow::bail!(
+            "{head}: the label embeddings are {dims:?} {:?}, expected [{}, D] f32",
+            embeddings.dtype(),
+            ctx.num_labels
+        ),
+    }
 }
 
 /// Head configuration: the kind with its own fields, and what every kind shares. In JSON/TOML one
@@ -293,6 +336,25 @@ fn buffer(
             );
         }
         tensor
+    };
+    Ok((full_name, tensor))
+}
+
+/// [`buffer`] whose shape is known only when it is made: read from `vb` at whatever shape it was
+/// saved with (a checkpoint), otherwise made by `make`.
+fn buffer_as_saved(
+    vb: &VarBuilder,
+    name: &str,
+    make: impl FnOnce() -> anyhow::Result<Tensor>,
+) -> anyhow::Result<(String, Tensor)> {
+    let scope = vb.pp(BUFFER_SCOPE);
+    let full_name = scope.pp(name).prefix();
+    let tensor = if scope.contains_tensor(name) {
+        scope
+            .get_unchecked(name)
+            .with_context(|| format!("buffer `{full_name}` in the checkpoint"))?
+    } else {
+        make()?
     };
     Ok((full_name, tensor))
 }

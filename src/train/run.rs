@@ -69,6 +69,9 @@ pub fn head_context(
             .collect(),
         label_cooccurrence,
         seed,
+        // The label-name embeddings enter here once the cache stores them
+        // (`extract --label-names`).
+        label_embeddings: None,
     }
 }
 

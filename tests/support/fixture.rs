@@ -1,5 +1,8 @@
 //! A small labelled dataset with its cache and split in a temporary folder, the training
 //! request and settings the trainer's tests use on it, and running the `multiclip` binary.
+//!
+//! Each test crate uses a part of it.
+#![allow(dead_code)]
 
 use super::synthetic::Synthetic;
 use candle_core::Device;
