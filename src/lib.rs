@@ -23,5 +23,6 @@ pub mod report;
 pub mod runtime;
 pub mod spec;
 pub mod submission;
+pub mod sweep;
 pub mod tensor_ops;
 pub mod train;

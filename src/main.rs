@@ -32,6 +32,9 @@ enum Command {
     Predict(cli::predict::PredictArgs),
     /// Run a pipeline file (pipelines/*.toml): split, extract, train, evaluate, predict.
     Run(cli::run::RunArgs),
+    /// Train a grid of configurations over one cache (local processes or a Slurm array), rank
+    /// them on validation, average the best.
+    Sweep(cli::sweep::SweepArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         Command::Evaluate(args) => cli::evaluate::run(args),
         Command::Predict(args) => cli::predict::run(args),
         Command::Run(args) => cli::run::run(args),
+        Command::Sweep(args) => cli::sweep::run(args),
     }
 }

@@ -8,6 +8,7 @@ pub mod extract;
 pub mod pipeline;
 pub mod predict;
 pub mod run;
+pub mod sweep;
 pub mod train;
 
 /// A clap value parser for one of a closed set of library values: `all` lists them and `name`

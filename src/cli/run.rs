@@ -127,6 +127,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parses `argv` (without the command's name) as the arguments of one command.
+pub fn parse_args<T: Args>(argv: &[String]) -> Result<T, clap::Error> {
+    StageArgs::<T>::command()
+        .try_get_matches_from(argv)
+        .and_then(|m| StageArgs::<T>::from_arg_matches(&m))
+        .map(|stage| stage.args)
+}
+
 struct Runner {
     dry_run: bool,
 }
@@ -140,14 +148,12 @@ impl Runner {
         run: impl FnOnce(T) -> Result<R>,
     ) -> Result<R> {
         println!("\n== multiclip {command} {}", shell_words(argv));
-        let matches = StageArgs::<T>::command()
-            .try_get_matches_from(argv)
-            .and_then(|m| StageArgs::<T>::from_arg_matches(&m))
+        let args = parse_args::<T>(argv)
             .map_err(|e| anyhow::anyhow!("in the [{command}] section of the pipeline: {e}"))?;
         if self.dry_run {
             return Ok(R::default());
         }
-        run(matches.args).with_context(|| format!("stage `{command}` failed"))
+        run(args).with_context(|| format!("stage `{command}` failed"))
     }
 
     /// Runs the pipeline's `fetch` command when a path in `needs` is missing.
@@ -194,11 +200,13 @@ impl Runner {
     }
 }
 
-/// The arguments as a person would type them (quoted where needed).
-fn shell_words(argv: &[String]) -> String {
+/// The arguments as a POSIX shell reads them back (single-quoted unless every character is
+/// plainly safe).
+pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
         .map(|a| {
-            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "\"'{}*$".contains(c)) {
+            let safe = |c: char| c.is_ascii_alphanumeric() || "_./:=,+@%-".contains(c);
+            if a.is_empty() || !a.chars().all(safe) {
                 format!("'{}'", a.replace('\'', "'\\''"))
             } else {
                 a.clone()

@@ -9,11 +9,12 @@
 
 pub mod gallery;
 mod html;
+pub mod sweep;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::files::write_atomic;
 use crate::heads::LabelCooccurrence;
@@ -58,27 +59,40 @@ pub struct WrittenReport {
     pub data: ReportData,
 }
 
-/// `metrics.json`: the validation numbers of a checkpoint with label names.
-#[derive(Serialize)]
-struct MetricsFile<'a> {
-    checkpoint: &'a str,
+/// `NAME.metrics.json`: the validation numbers of a checkpoint with label names, for scripts
+/// (and the ranking of a sweep).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunMetrics {
+    pub checkpoint: String,
     /// `val` (the split's validation rows) or `out-of-fold`.
-    part: &'a str,
-    rows: usize,
-    loss: f64,
-    metrics: &'a Metrics,
-    per_label: Vec<NamedLabelMetrics<'a>>,
-    history: &'a [EpochRecord],
-    size: HeadSize,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    members: &'a [MemberRun],
+    pub part: String,
+    pub rows: usize,
+    pub loss: f64,
+    pub metrics: Metrics,
+    pub per_label: Vec<NamedLabelMetrics>,
+    pub history: Vec<EpochRecord>,
+    /// All members together for an ensemble (0 in files written before sizes were recorded).
+    #[serde(default)]
+    pub size: HeadSize,
+    /// An ensemble's members.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberRun>,
 }
 
-#[derive(Serialize)]
-struct NamedLabelMetrics<'a> {
-    name: &'a str,
+impl RunMetrics {
+    /// Wall-clock seconds of training (every member's, for an ensemble).
+    pub fn seconds(&self) -> f64 {
+        let epochs = |h: &[EpochRecord]| h.iter().map(|e| e.seconds).sum::<f64>();
+        epochs(&self.history) + self.members.iter().map(|m| epochs(&m.history)).sum::<f64>()
+    }
+}
+
+/// One label's row of [`RunMetrics::per_label`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NamedLabelMetrics {
+    pub name: String,
     #[serde(flatten)]
-    metrics: &'a LabelMetrics,
+    pub metrics: LabelMetrics,
 }
 
 /// Writes `NAME.report.html` and `NAME.metrics.json` beside the checkpoint of a training run.
@@ -238,23 +252,27 @@ fn write_shown(shown: &Shown, facts: Vec<(String, String)>) -> Result<WrittenRep
     let (weights, _) = resolve(shown.checkpoint);
     let html = weights.with_extension("report.html");
     write_atomic(&html, render_html(&data)?.as_bytes())?;
-    let file = MetricsFile {
-        checkpoint: shown.name,
-        part: shown.part,
+    let file = RunMetrics {
+        checkpoint: shown.name.to_string(),
+        part: shown.part.to_string(),
         rows: validation.rows,
         loss: validation.loss,
-        metrics: &validation.metrics,
+        metrics: validation.metrics.clone(),
         per_label: validation
             .per_label
             .iter()
             .map(|m| NamedLabelMetrics {
-                name: shown.labels.get(m.label).map_or("?", String::as_str),
-                metrics: m,
+                name: shown
+                    .labels
+                    .get(m.label)
+                    .map_or("?", String::as_str)
+                    .to_string(),
+                metrics: m.clone(),
             })
             .collect(),
-        history: shown.history,
+        history: shown.history.to_vec(),
         size: shown.size,
-        members: shown.members,
+        members: shown.members.to_vec(),
     };
     let metrics_json = weights.with_extension("metrics.json");
     write_atomic(
