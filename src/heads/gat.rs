@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::features::{Feature, concat};
 use super::layers::{Linear, add_bias, l2_normalize_smooth, leaky_relu};
 use super::mlp::inputs_or_pooled;
-use super::{Head, HeadContext, Inputs, Queries, buffer, buffer_as_saved, label_embeddings};
+use super::{Head, HeadContext, Inputs, LabelQueries, Queries, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -190,11 +190,7 @@ enum LabelNodes {
     /// A learned `[K, hidden]` embedding.
     Learned(Tensor),
     /// Fixed label-name embeddings `[K, D]` (a buffer) through a learned projection.
-    Named {
-        buffer_name: String,
-        embeddings: Tensor,
-        proj: Linear,
-    },
+    Named(LabelQueries),
 }
 
 pub struct GatHead {
@@ -268,20 +264,14 @@ impl GatHead {
                     stdev: 1.0,
                 },
             )?),
-            Queries::Labels => {
-                let (buffer_name, embeddings) = buffer_as_saved(&vb, "label_embeddings", || {
-                    Ok(label_embeddings(ctx, "gat")?.clone())
-                })?;
-                let (rows, width) = embeddings.dims2()?;
-                if rows != k {
-                    bail!("gat: {rows} label embeddings for {k} labels");
-                }
-                LabelNodes::Named {
-                    buffer_name,
-                    embeddings,
-                    proj: Linear::new(width, cfg.hidden, vb.pp("label_proj"))?,
-                }
-            }
+            Queries::Labels => LabelNodes::Named(LabelQueries::new(
+                "gat",
+                ctx,
+                &vb,
+                "label_embeddings",
+                "label_proj",
+                cfg.hidden,
+            )?),
         };
         Ok(Self {
             proj: Linear::new(in_dim, cfg.hidden, vb.pp("proj"))?,
@@ -299,9 +289,7 @@ impl GatHead {
     pub fn label_classifiers(&self) -> Result<Tensor> {
         let mut nodes = match &self.label_nodes {
             LabelNodes::Learned(embed) => embed.clone(),
-            LabelNodes::Named {
-                embeddings, proj, ..
-            } => proj.forward(embeddings)?,
+            LabelNodes::Named(queries) => queries.projected()?,
         };
         for (l, layer) in self.layers.iter().enumerate() {
             if l > 0 {
@@ -340,13 +328,8 @@ impl Head for GatHead {
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
         let mut buffers = vec![(self.adjacency_name.clone(), self.adjacency.clone())];
-        if let LabelNodes::Named {
-            buffer_name,
-            embeddings,
-            ..
-        } = &self.label_nodes
-        {
-            buffers.push((buffer_name.clone(), embeddings.clone()));
+        if let LabelNodes::Named(queries) = &self.label_nodes {
+            buffers.push((queries.buffer_name.clone(), queries.embeddings.clone()));
         }
         buffers
     }

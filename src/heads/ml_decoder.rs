@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::features::{default_mask_name, lookup, shape_of};
 use super::init::seeded_tensor;
 use super::layers::{Dropout, LayerNorm, Linear, add_bias, l2_normalize_smooth};
-use super::{Head, HeadContext, Inputs, Queries, buffer, buffer_as_saved, label_embeddings};
+use super::{Head, HeadContext, Inputs, LabelQueries, Queries, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -159,15 +159,8 @@ impl MlDecoderHead {
                 (name, queries, None)
             }
             Queries::Labels => {
-                let (name, queries) = buffer_as_saved(&vb, "queries", || {
-                    Ok(label_embeddings(ctx, "ml_decoder")?.clone())
-                })?;
-                let (rows, width) = queries.dims2()?;
-                if rows != k {
-                    bail!("ml_decoder: {rows} label embeddings for {k} labels");
-                }
-                let proj = Linear::new(width, d, vb.pp("query_proj"))?;
-                (name, queries, Some(proj))
+                let named = LabelQueries::new("ml_decoder", ctx, &vb, "queries", "query_proj", d)?;
+                (named.buffer_name, named.embeddings, Some(named.proj))
             }
         };
         let attn = vb.pp("attn");

@@ -340,23 +340,54 @@ fn buffer(
     Ok((full_name, tensor))
 }
 
-/// [`buffer`] whose shape is known only when it is made: read from `vb` at whatever shape it was
-/// saved with (a checkpoint), otherwise made by `make`.
-fn buffer_as_saved(
-    vb: &VarBuilder,
-    name: &str,
-    make: impl FnOnce() -> anyhow::Result<Tensor>,
-) -> anyhow::Result<(String, Tensor)> {
-    let scope = vb.pp(BUFFER_SCOPE);
-    let full_name = scope.pp(name).prefix();
-    let tensor = if scope.contains_tensor(name) {
-        scope
-            .get_unchecked(name)
-            .with_context(|| format!("buffer `{full_name}` in the checkpoint"))?
-    } else {
-        make()?
-    };
-    Ok((full_name, tensor))
+/// The label-name embeddings `[K, D]` as a head's fixed buffer, with a learned projection of
+/// them: where `ml_decoder`'s queries and `gat`'s label nodes start with `queries=labels`.
+pub(crate) struct LabelQueries {
+    pub buffer_name: String,
+    /// `[K, D]`: from the context when the head is built for training, as saved when it is
+    /// loaded from a checkpoint.
+    pub embeddings: Tensor,
+    /// `D -> width`.
+    pub proj: layers::Linear,
+}
+
+impl LabelQueries {
+    /// The buffer `buffer` and the projection `projection` (to `width`) of `head` under `vb`.
+    pub(crate) fn new(
+        head: &str,
+        ctx: &HeadContext,
+        vb: &VarBuilder,
+        buffer: &str,
+        projection: &str,
+        width: usize,
+    ) -> anyhow::Result<Self> {
+        let scope = vb.pp(BUFFER_SCOPE);
+        let buffer_name = scope.pp(buffer).prefix();
+        let embeddings = if scope.contains_tensor(buffer) {
+            scope
+                .get_unchecked(buffer)
+                .with_context(|| format!("buffer `{buffer_name}` in the checkpoint"))?
+        } else {
+            label_embeddings(ctx, head)?.clone()
+        };
+        let (rows, dim) = embeddings.dims2()?;
+        if rows != ctx.num_labels {
+            anyhow::bail!(
+                "{head}: {rows} label embeddings for {} labels",
+                ctx.num_labels
+            );
+        }
+        Ok(Self {
+            buffer_name,
+            embeddings,
+            proj: layers::Linear::new(dim, width, vb.pp(projection))?,
+        })
+    }
+
+    /// The projected embeddings `[K, width]`.
+    pub(crate) fn projected(&self) -> Result<Tensor> {
+        candle_nn::Module::forward(&self.proj, &self.embeddings)
+    }
 }
 
 #[cfg(test)]
