@@ -12,7 +12,7 @@ use std::path::Path;
 use base64::Engine as _;
 use image::codecs::jpeg::JpegEncoder;
 
-use super::html::escape;
+use super::escape;
 use crate::data::image::{DEFAULT_MAX_PIXELS, load_rgb};
 use crate::data::{Dataset, Part};
 use crate::metrics::apply_thresholds_flat;

@@ -13,7 +13,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor;
 
-use super::{ReportData, gallery};
+use super::{ReportData, escape, gallery};
 use crate::metrics::LabelMetrics;
 use crate::train::ensemble::MemberRun;
 use crate::train::history::EpochRecord;
@@ -148,13 +148,6 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px}\
 .row{display:flex;gap:16px;flex-wrap:wrap}\
 table{border-collapse:collapse;font-size:13px;margin-top:12px}th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}\
 td.n{text-align:right;font-variant-numeric:tabular-nums}";
-
-pub(super) fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
 
 /// Runs `draw` on an SVG drawing area of the given size and returns the SVG markup.
 fn svg(

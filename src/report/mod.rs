@@ -205,6 +205,14 @@ pub fn write_ensemble(run: &EnsembleReport) -> Result<WrittenReport> {
     write_shown(&shown, facts)
 }
 
+/// `s` with the characters HTML gives a meaning escaped.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 /// What a report shows: a checkpoint's scored rows and its record.
 struct Shown<'a> {
     checkpoint: &'a Path,

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 
-use super::RunMetrics;
-use super::html::{SMALL_CURVE, escape, loss_chart, metric_chart};
+use super::html::{SMALL_CURVE, loss_chart, metric_chart};
+use super::{RunMetrics, escape};
 
 /// One configuration of a sweep: its grid values and, once finished, its validation numbers.
 pub struct SweepRow<'a> {

@@ -2,11 +2,10 @@
 //! built variables and buffers (cheap: nothing is trained), and the `--max-head-mb` refusal that
 //! runs before any training. An ensemble counts all its members.
 
-use super::checkpoint::checkpoint_tensors;
-use crate::heads::Head;
 use anyhow::{Result, bail};
-use candle_nn::VarMap;
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// Bytes per MB of the budget (decimal, as course rules such as "< 100 MB" mean it).
 pub const BYTES_PER_MB: f64 = 1e6;
@@ -23,19 +22,20 @@ pub struct HeadSize {
 }
 
 impl HeadSize {
-    /// Counts the variables of `varmap` and the buffers of `head` as a checkpoint saves them.
-    pub fn of(varmap: &VarMap, head: &dyn Head) -> Result<Self> {
+    /// Counts the tensors a checkpoint saves (`train::checkpoint::checkpoint_tensors`): trainable
+    /// variables and fixed buffers (by name, [`crate::heads::is_buffer`]).
+    pub fn of(tensors: &HashMap<String, Tensor>) -> Self {
         let mut size = Self::default();
-        for (name, tensor) in checkpoint_tensors(varmap, head)? {
+        for (name, tensor) in tensors {
             let values = tensor.elem_count() as u64;
-            if crate::heads::is_buffer(&name) {
+            if crate::heads::is_buffer(name) {
                 size.buffer_values += values;
             } else {
                 size.parameters += values;
             }
             size.bytes += values * tensor.dtype().size_in_bytes() as u64;
         }
-        Ok(size)
+        size
     }
 
     /// `copies` models of this size (the members of an ensemble).
@@ -104,7 +104,9 @@ fn thousands(n: u64) -> String {
 mod tests {
     use super::*;
     use crate::heads::{self, HeadContext};
+    use crate::train::checkpoint::checkpoint_tensors;
     use candle_core::Device;
+    use candle_nn::VarMap;
 
     #[test]
     fn counts_the_built_head_and_refuses_it_over_budget() {
@@ -116,7 +118,7 @@ mod tests {
         let varmap = VarMap::new();
         let vb = heads::init::seeded_var_builder(&varmap, 1, &Device::Cpu);
         let head = heads::build(&"mlp:hidden=4".parse().unwrap(), &ctx, vb).unwrap();
-        let size = HeadSize::of(&varmap, head.as_ref()).unwrap();
+        let size = HeadSize::of(&checkpoint_tensors(&varmap, head.as_ref()).unwrap());
         // hidden 10x4 + 4, out 4x3 + 3, f32.
         let parameters = 10 * 4 + 4 + 4 * 3 + 3;
         assert_eq!(

@@ -12,8 +12,8 @@
 
 use super::TrainConfig;
 use super::budget::HeadSize;
+use super::folds::FoldRef;
 use super::history::EpochRecord;
-use super::kfold::FoldRef;
 use crate::heads::Head;
 use crate::metrics::Metrics;
 use crate::model::ModelCard;

@@ -5,8 +5,8 @@
 
 use super::budget::HeadSize;
 use super::checkpoint::{CheckpointMeta, SplitRef, create_exclusive};
+use super::folds::FoldRef;
 use super::history::EpochRecord;
-use super::kfold::FoldRef;
 use super::{Validation, measure};
 use crate::cache::CacheReader;
 use crate::data::labels::LabelVocab;

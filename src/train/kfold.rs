@@ -20,6 +20,7 @@
 use super::budget::HeadSize;
 use super::checkpoint::CheckpointMeta;
 use super::ensemble::{self, EnsembleMeta, EnsembleReport, HeldOut, MemberRun, TunedOn};
+use super::folds::{FoldRef, FoldRows};
 use super::run::{TrainInputs, TrainReport, TrainRequest, build_head, default_name, train_on_rows};
 use super::{TrainConfig, measure, measure_at};
 use crate::data::split::stratified_folds;
@@ -30,48 +31,6 @@ use crate::model::ensemble::EnsembleHead;
 use crate::model::{Card, Model};
 use crate::parallel::{run_indexed, threads_per_job};
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
-
-/// Which rows of the split file the folds cover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FoldRows {
-    /// The training and validation ids.
-    All,
-    /// The training ids; the validation ids measure the ensemble.
-    Train,
-}
-
-impl FoldRows {
-    pub const ALL: [FoldRows; 2] = [Self::All, Self::Train];
-
-    /// `all` or `train`, as written on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::All => "all",
-            Self::Train => "train",
-        }
-    }
-}
-
-/// The folds of a k-fold ensemble, recorded in its sidecar and its members'.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FoldRef {
-    /// K.
-    pub count: usize,
-    pub seed: u64,
-    pub rows: FoldRows,
-    /// The 1-based fold a member was validated on (absent for the ensemble).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub index: Option<usize>,
-}
-
-impl FoldRef {
-    /// Whether some member trained on the split's validation ids.
-    pub fn trained_on_validation_ids(&self) -> bool {
-        self.rows == FoldRows::All
-    }
-}
 
 /// A k-fold run: the training request of every member, K, the rows folded and the members
 /// trained at once.

@@ -12,6 +12,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod early_stop;
 pub mod ensemble;
+pub mod folds;
 pub mod grads;
 pub mod history;
 pub mod kfold;

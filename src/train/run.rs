@@ -5,7 +5,7 @@ use super::budget::HeadSize;
 use super::checkpoint::{
     Checkpoint, CheckpointMeta, NameParts, SplitRef, backbone_short_name, checkpoint_tensors,
 };
-use super::kfold::FoldRef;
+use super::folds::FoldRef;
 use super::{TrainConfig, TrainData, TrainOutcome, fit};
 use crate::cache::CacheReader;
 use crate::data::Record;
@@ -176,7 +176,7 @@ pub fn build_head(
         &cooccurrence.label_counts(),
         train_rows.len(),
     )?;
-    let size = HeadSize::of(&varmap, head.as_ref())?;
+    let size = HeadSize::of(&checkpoint_tensors(&varmap, head.as_ref())?);
     Ok(BuiltHead {
         config,
         varmap,
