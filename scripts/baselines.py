@@ -9,6 +9,12 @@ every gap between validation scores followed by micro-F1 coordinate ascent) and 
 rows (test_labels.csv): mAP, micro-F1, macro-F1. Every sample gets at least one label (the one
 closest to its threshold), as `multiclip evaluate` does by default; `--no-at-least-one` turns it off.
 
+`--folds-from ENSEMBLE.json` also trains each model as a k-fold ensemble on the SAME folds as a
+multiclip k-fold ensemble (its sidecar's `fold_ids`): one model per fold trained on the other
+folds, thresholds tuned on the out-of-fold probabilities, test probabilities averaged over the
+folds (rows "... k-fold"; their val_* columns are out-of-fold). `--models lr1,lr100,mlp` picks the
+models (the MLP needs torch).
+
     PY=$(scripts/python-env.sh)
     $PY scripts/baselines.py --data data/openclipart-full --train-cache cache/oc-train \
         --test-cache cache/oc-test --split checkpoints/oc/split.json --out checkpoints/oc/baselines.tsv
@@ -194,6 +200,8 @@ def main():
     ap.add_argument("--out", default="checkpoints/oc/baselines.tsv")
     ap.add_argument("--no-at-least-one", action="store_true")
     ap.add_argument("--unimodal", action="store_true", help="also logistic regression C=100 on text / image only")
+    ap.add_argument("--models", default="lr1,lr100,mlp", help="comma-separated: lr1, lr100, mlp")
+    ap.add_argument("--folds-from", help="a multiclip k-fold ensemble sidecar: also k-fold ensembles on its folds")
     args = ap.parse_args()
     at_least_one = not args.no_at_least_one
 
@@ -217,11 +225,12 @@ def main():
         "text": ["text"],
         "image + patch mean": ["image", "image_patch_mean"],
     }
-    models = {
-        "logistic regression C=1": logistic(1.0),
-        "logistic regression C=100": logistic(100.0),
-        "PyTorch MLP (AdamW 1e-3, 100 epochs)": mlp(),
+    all_models = {
+        "lr1": ("logistic regression C=1", logistic(1.0)),
+        "lr100": ("logistic regression C=100", logistic(100.0)),
+        "mlp": ("PyTorch MLP (AdamW 1e-3, 100 epochs)", mlp()),
     }
+    models = dict(all_models[key] for key in args.models.split(","))
     runs = [(m, f) for f in ["image + text", "image + patch mean + text"] for m in models]
     if args.unimodal:
         runs += [("logistic regression C=100", "text"), ("logistic regression C=100", "image + patch mean")]
@@ -229,6 +238,23 @@ def main():
     runs = [(m, f) for m, f in runs if all(n in train_cache for n in feature_sets[f])] or [
         (m, "text") for m in models
     ]
+    folds = None
+    if args.folds_from:
+        folds = json.loads(Path(args.folds_from).read_text())["fold_ids"]
+        print(f"{len(folds)} folds of {sum(map(len, folds))} rows from {args.folds_from}", flush=True)
+
+    def measure(model_name, feat_name, y_tune, p_tune, pte, start):
+        """One row: thresholds tuned on (y_tune, p_tune) three ways, scored on the test rows."""
+        result = {"model": model_name, "features": feat_name, "val_map": mean_ap(y_tune, p_tune),
+                  "test_map": mean_ap(yte, pte)}
+        for tune_name, tune in [("0.5", None), ("greedy", greedy_thresholds), ("exact", exact_thresholds)]:
+            t = np.full(len(vocab), 0.5) if tune is None else tune(y_tune, p_tune)
+            result[f"val_micro_{tune_name}"] = f1s(y_tune, predict(p_tune, t, at_least_one))[0]
+            mi, ma = f1s(yte, predict(pte, t, at_least_one))
+            result[f"test_micro_{tune_name}"], result[f"test_macro_{tune_name}"] = mi, ma
+        result["seconds"] = round(time.time() - start, 1)
+        rows.append(result)
+        print("\t".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in result.values()), flush=True)
 
     rows = []
     for model_name, feat_name in runs:
@@ -237,16 +263,23 @@ def main():
         xtr, xva, xte = (features(c, i, names, r) for c, i, r in
                          [(train_cache, train_ids, tr), (train_cache, train_ids, va), (test_cache, test_ids, te)])
         pva, pte = models[model_name](xtr, ytr, xva, xte)
-        m = mean_ap(yte, pte)
-        result = {"model": model_name, "features": feat_name, "val_map": mean_ap(yva, pva), "test_map": m}
-        for tune_name, tune in [("0.5", None), ("greedy", greedy_thresholds), ("exact", exact_thresholds)]:
-            t = np.full(len(vocab), 0.5) if tune is None else tune(yva, pva)
-            result[f"val_micro_{tune_name}"] = f1s(yva, predict(pva, t, at_least_one))[0]
-            mi, ma = f1s(yte, predict(pte, t, at_least_one))
-            result[f"test_micro_{tune_name}"], result[f"test_macro_{tune_name}"] = mi, ma
-        result["seconds"] = round(time.time() - start, 1)
-        rows.append(result)
-        print("\t".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in result.values()), flush=True)
+        measure(model_name, feat_name, yva, pva, pte, start)
+        if folds is None:
+            continue
+        # The same model as a k-fold ensemble on multiclip's folds.
+        start = time.time()
+        folded = [i for fold in folds for i in fold]
+        xall = features(train_cache, train_ids, names, folded)
+        yall = np.stack([train_labels[i] for i in folded])
+        which = np.concatenate([np.full(len(fold), k) for k, fold in enumerate(folds)])
+        oof = np.zeros_like(yall)
+        pte_sum = np.zeros((len(te), len(vocab)), dtype=np.float64)
+        for k in range(len(folds)):
+            out, inside = which == k, which != k
+            p_out, p_test = models[model_name](xall[inside], yall[inside], xall[out], xte)
+            oof[out] = p_out
+            pte_sum += p_test
+        measure(f"{model_name} {len(folds)}-fold", feat_name, yall, oof, pte_sum / len(folds), start)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

@@ -8,9 +8,14 @@
 #   scripts/quality-study.sh table     # the markdown table of everything run so far
 #   scripts/quality-study.sh all       # extract (resumable) + split + grid + sweep + table
 #   scripts/quality-study.sh one NAME HEAD LOSS [train flags...]   # a single run
+#   scripts/quality-study.sh ensembles # issue 14: `multiclip sweep` of SWEEP_FILE (ranked on
+#                                      # validation) with its top-3 ensemble, and 5-fold ensembles
+#                                      # of its best run and of the defaults, all scored on test
+#   scripts/quality-study.sh ensembles-table   # their markdown table
 #
 # Resumable: a run whose results row exists is skipped. One training process at a time.
-# MC (the multiclip binary, default target/release/multiclip), DATA, OUT can be overridden.
+# MC (the multiclip binary, default target/release/multiclip), DATA, OUT, SWEEP_FILE (whose
+# [sweep] out must be SWEEP_OUT) and JOBS (runs / members at once) can be overridden.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +29,10 @@ OUT=${OUT:-checkpoints/oc/study}
 SEED=${SEED:-3407}
 RESULTS=$OUT/results.tsv
 LOGS=$OUT/logs
+SWEEP_FILE=${SWEEP_FILE:-sweeps/openclipart.toml}
+SWEEP_OUT=${SWEEP_OUT:-checkpoints/oc/sweep}
+JOBS=${JOBS:-1}
+ENSEMBLES=$OUT/ensembles.tsv
 
 HEADS=(mlp mlp:hidden=0 router router+multistage "router:inputs=image+text" ensemble gat
     ml_decoder:input=text)
@@ -143,6 +152,64 @@ baseline_table() {
             $c["test_micro_exact"], $c["test_macro_exact"] }' "$1"
 }
 
+# score NAME WHAT CHECKPOINT VAL_LOG: the validation numbers of VAL_LOG (a train or evaluate
+# log) and the test numbers of CHECKPOINT, as a row of ensembles.tsv.
+score() {
+    local name=$1 what=$2 checkpoint=$3 val_log=$4
+    [[ -f $ENSEMBLES ]] || printf 'name\twhat\tval_map\tval_micro_f1\tval_macro_f1\ttest_map\ttest_micro_f1\ttest_macro_f1\n' >"$ENSEMBLES"
+    if cut -f1 "$ENSEMBLES" | grep -qx "$name"; then return 0; fi
+    "$MC" evaluate --checkpoint "$checkpoint" --part test --cache "$TEST_CACHE" >"$LOGS/$name.test.log" 2>&1
+    printf '%s\t%s\t%s\t%s\n' "$name" "$what" "$(metrics "$val_log")" "$(metrics "$LOGS/$name.test.log")" >>"$ENSEMBLES"
+    echo "   $name: val $(metrics "$val_log") | test $(metrics "$LOGS/$name.test.log")"
+}
+
+# kfold NAME FOLD_ROWS [train flags...]: a 5-fold ensemble, scored on validation where that is
+# honest (held-out ids with --fold-rows train; out of fold with all) and on test.
+kfold() {
+    local name=$1 rows=$2
+    shift 2
+    [[ -f $OUT/$name.json ]] || "$MC" train "$@" --folds 5 --fold-rows "$rows" --jobs "$JOBS" \
+        --out "$OUT" --name "$name" >"$LOGS/$name.train.log" 2>&1
+    local val_log=$LOGS/$name.train.log
+    if [[ $rows == train ]]; then
+        "$MC" evaluate --checkpoint "$OUT/$name" --part val >"$LOGS/$name.val.log" 2>&1
+        val_log=$LOGS/$name.val.log
+    fi
+    score "$name" "5-fold ensemble ($rows rows): $*" "$OUT/$name" "$val_log"
+}
+
+ensembles() {
+    echo "== load before: $(uptime)"
+    "$MC" sweep "$SWEEP_FILE" --jobs "$JOBS" --ensemble-top 3 | tee "$LOGS/sweep.log"
+    # Every run of the sweep and the top-3 ensemble (chosen on validation) on test.
+    local rank run
+    while IFS=, read -r rank run _; do
+        [[ $rank =~ ^[0-9]+$ ]] || continue
+        "$MC" evaluate --checkpoint "$SWEEP_OUT/$run" --part val >"$LOGS/$run.val.log" 2>&1
+        score "$run" "sweep rank $rank" "$SWEEP_OUT/$run" "$LOGS/$run.val.log"
+    done <"$SWEEP_OUT/sweep.csv"
+    "$MC" evaluate --checkpoint "$SWEEP_OUT/top-3" --part val >"$LOGS/top-3.val.log" 2>&1
+    score top-3 "mean of the sweep's 3 best runs" "$SWEEP_OUT/top-3" "$LOGS/top-3.val.log"
+    # 5-fold ensembles of the sweep's best run (its flags from --list) and of the defaults.
+    local best flags rows
+    best=$(awk -F, 'NR == 2 { print $2 }' "$SWEEP_OUT/sweep.csv")
+    flags=$("$MC" sweep "$SWEEP_FILE" --list | awk -v run="$best" '$3 == run { $1 = $2 = $3 = ""; print }')
+    eval "local best_flags=($flags)"
+    local base=(--cache "$TRAIN_CACHE" --data "$DATA" --split "$SPLIT" --seed "$SEED")
+    for rows in all train; do
+        kfold "best-5fold-$rows" "$rows" "${best_flags[@]}"
+        kfold "default-5fold-$rows" "$rows" "${base[@]}"
+    done
+    echo "== load after: $(uptime)"
+}
+
+ensembles_table() {
+    awk -F'\t' 'NR == 1 {
+            print "| run | what | val mAP | val micro-F1 | test mAP | test micro-F1 (tuned) | test macro-F1 |"
+            print "|---|---|---|---|---|---|---|"; next }
+        { printf "| `%s` | %s | %.3f | %.3f | %.3f | %.3f | %.3f |\n", $1, $2, $3, $4, $6, $7, $8 }' "$ENSEMBLES"
+}
+
 table() {
     [[ -f ${BASELINES:-$OUT/../baselines.tsv} ]] && baseline_table "${BASELINES:-$OUT/../baselines.tsv}" && echo
     awk -F'\t' 'NR == 1 {
@@ -158,6 +225,8 @@ grid) grid ;;
 sweep) sweep ;;
 table) table ;;
 one) shift && run "$@" ;;
+ensembles) ensembles ;;
+ensembles-table) ensembles_table ;;
 all) extract && grid && sweep && table ;;
-*) echo "usage: $0 [extract|grid|sweep|table|all|one NAME HEAD LOSS FLAGS...]" >&2 && exit 2 ;;
+*) echo "usage: $0 [extract|grid|sweep|table|all|ensembles|ensembles-table|one NAME HEAD LOSS FLAGS...]" >&2 && exit 2 ;;
 esac

@@ -8,8 +8,9 @@ use crate::files::sha256_file;
 use crate::labelled::{Targets, labelled_records, rows_for_ids};
 use crate::metrics::{self, LabelMetrics, Metrics};
 use crate::model::Model;
+use crate::model::checkpoint::read_sidecar;
 use crate::submission::read_predictions;
-use crate::train::checkpoint::{Checkpoint, CheckpointMeta};
+use crate::train::checkpoint::RunRecord;
 use anyhow::{Result, bail};
 use candle_core::Device;
 use std::path::PathBuf;
@@ -56,7 +57,9 @@ pub struct EvaluateRequest {
 /// Metrics of a checkpoint (at its tuned thresholds) on one part.
 #[derive(Debug, Clone)]
 pub struct Evaluation {
-    pub meta: CheckpointMeta,
+    /// The checkpoint's name and label vocabulary.
+    pub name: String,
+    pub labels: Vec<String>,
     pub cache: PathBuf,
     pub rows: usize,
     pub loss: f64,
@@ -66,7 +69,7 @@ pub struct Evaluation {
 
 /// Scores a checkpoint on the validation, training or test rows of a cache.
 pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
-    let meta = Checkpoint::load_meta(&request.checkpoint)?;
+    let meta: RunRecord = read_sidecar(&request.checkpoint)?;
     let cache = request
         .cache
         .clone()
@@ -79,6 +82,14 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
     let model = Model::load(&request.checkpoint, &request.device)?;
     model.ensure_compatible(&reader)?;
     let vocab = LabelVocab::from_ordered(model.card.labels.clone())?;
+    if request.part == EvalPart::Val && meta.fold.is_some_and(|f| f.trained_on_validation_ids()) {
+        bail!(
+            "{} was trained with k-fold over the split's training and validation ids, so its \
+             validation rows are not held out: its out-of-fold metrics are in its sidecar and \
+             report; evaluate it with --part test",
+            model.card.name
+        );
+    }
     let (records, rows) = match request.part {
         EvalPart::Val | EvalPart::Train => {
             let split_path = request
@@ -140,6 +151,7 @@ pub fn evaluate(request: &EvaluateRequest) -> Result<Evaluation> {
             &model.card.thresholds,
             request.at_least_one,
         ),
-        meta,
+        name: model.card.name,
+        labels: model.card.labels,
     })
 }

@@ -37,6 +37,9 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Serve a checkpoint over HTTP: image + caption -> labels, with dynamic batching.
     Serve(cli::serve::ServeArgs),
+    /// Train a grid of configurations over one cache (local processes or a Slurm array), rank
+    /// them on validation, average the best.
+    Sweep(cli::sweep::SweepArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +57,6 @@ fn main() -> anyhow::Result<()> {
         Command::Checkpoint(args) => cli::checkpoint::run(args),
         Command::Run(args) => cli::run::run(args),
         Command::Serve(args) => cli::serve::run(args),
+        Command::Sweep(args) => cli::sweep::run(args),
     }
 }

@@ -6,7 +6,6 @@
 //! Cases are bounded and the seed fixed, as in `fuzz_data.rs`; raise them from the environment to
 //! hunt further, e.g. `PROPTEST_CASES=5000 PROPTEST_RNG_SEED=9 cargo test --test fuzz_formats`.
 
-#[allow(dead_code)] // the fixture helpers are for the trainer tests
 mod support;
 
 use candle_core::Device;

@@ -114,6 +114,7 @@ fn data(seed: u64) -> Result<Data> {
                 .expect("valid labels"),
         ),
         seed: 3407,
+        label_embeddings: None,
     };
     Ok(Data {
         inputs,

@@ -165,7 +165,6 @@ fn training_settings_out_of_range_are_refused_naming_the_flag() {
         (&["--clip-grad=-1"], "--clip-grad"),
         (&["--clip-grad", "-1"], "--clip-grad"),
         (&["--clip-grad", "NaN"], "--clip-grad"),
-        (&["--epochs", "0"], "--epochs"),
         (&["--patience", "0"], "--patience"),
         (&["--warmup-epochs=-1"], "--warmup-epochs"),
         (&["--warmup-epochs", "NaN"], "--warmup-epochs"),

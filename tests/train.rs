@@ -21,58 +21,10 @@ use multiclip::model::{InputSignature, Model, ModelCard};
 use multiclip::submission;
 use multiclip::train::checkpoint::{Checkpoint, CheckpointMeta, NameParts, checkpoint_tensors};
 use multiclip::train::early_stop::Criterion;
-use multiclip::train::run::{TrainRequest, head_context, train};
+use multiclip::train::run::{head_context, train};
 use multiclip::train::{TrainConfig, TrainData, fit};
 use std::path::Path;
-use std::process::Command;
-use support::fixture::Fixture;
-use support::synthetic::Synthetic;
-
-fn synthetic(backbone: &str) -> Synthetic {
-    Synthetic {
-        rows: 320,
-        dim: 16,
-        tokens: Some((8, 2..6)),
-        labels: 5,
-        seed: 7,
-        shard_rows: 100,
-        backbone: backbone.into(),
-    }
-}
-
-fn fixture() -> Fixture {
-    Fixture::new(
-        &synthetic("synthetic:models/test-backbone"),
-        |spec, data, cache| spec.write_cache(data, cache),
-    )
-}
-
-fn quick_config() -> TrainConfig {
-    TrainConfig {
-        lr: 3e-3,
-        batch_size: 64,
-        eval_batch_size: 100,
-        epochs: 6,
-        patience: 3,
-        warmup_epochs: 1.0,
-        ..TrainConfig::default()
-    }
-}
-
-fn request(f: &Fixture, head: &str, out: &str) -> TrainRequest {
-    TrainRequest {
-        cache: f.cache.clone(),
-        data: f.data.clone(),
-        split: f.split.clone(),
-        head: head.parse().unwrap(),
-        loss: Loss::Bce,
-        config: quick_config(),
-        out_dir: f.root.join(out),
-        name: None,
-        device: Device::Cpu,
-        integrity: Integrity::Full,
-    }
-}
+use support::fixture::{Fixture, fixture, multiclip, quick_config, request, synthetic};
 
 #[test]
 fn same_seed_gives_identical_runs_and_checkpoints() {
@@ -209,13 +161,13 @@ fn assert_checkpoint_round_trip(f: &Fixture, head_spec: &str) {
         tensors: checkpoint_tensors(&varmap, head.as_ref()).unwrap(),
     };
     let parts = NameParts {
-        head: config.kind.name(),
-        backbone: "synthetic",
-        loss: "bce",
+        head: config.kind.name().into(),
+        backbone: "synthetic".into(),
+        loss: "bce".into(),
         lr: 0.001,
         batch_size: 64,
         seed: 11,
-        criterion: "f1",
+        criterion: "f1".into(),
     };
     let path = checkpoint
         .save(&f.root.join("round"), None, &parts)
@@ -411,20 +363,6 @@ fn multistage_router_warms_up_each_modality_first() {
             .iter()
             .all(|e| e.train_loss.is_finite())
     );
-}
-
-fn multiclip(args: &[&str]) -> std::process::Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_multiclip"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "multiclip {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 #[test]

@@ -21,7 +21,7 @@ use crate::backbone::source::parse_spec;
 use crate::backbone::{self, Backbone, BackboneInfo, OutputKind, Prepared, Sample};
 use crate::cache::StoredDtype;
 use crate::heads::Inputs;
-use crate::model::{Model, ModelCard, OutputSignature};
+use crate::model::{Card, Model, OutputSignature};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
@@ -126,7 +126,7 @@ impl Classifier {
     }
 
     /// The model card: name, labels, thresholds, head, inputs.
-    pub fn card(&self) -> &ModelCard {
+    pub fn card(&self) -> &Card {
         &self.model.card
     }
 

@@ -55,7 +55,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let evaluation = evaluate(&request)?;
     println!(
         "checkpoint {} on {} ({:?} part, {} rows), loss {:.4}",
-        evaluation.meta.model.name,
+        evaluation.name,
         evaluation.cache.display(),
         args.part,
         evaluation.rows,
@@ -64,7 +64,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     print_metrics(
         &evaluation.metrics,
         &evaluation.per_label,
-        &evaluation.meta.model.labels,
+        &evaluation.labels,
     );
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod predict;
 pub mod run;
 pub mod serve;
+pub mod sweep;
 pub mod train;
 
 /// A clap value parser for one of a closed set of library values: `all` lists them and `name`

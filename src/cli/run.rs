@@ -198,16 +198,12 @@ impl Planned {
 
     /// Parses the flags with the command's own parser.
     fn parse<T: Args>(&self, argv: &[String]) -> Result<T> {
-        StageArgs::<T>::command()
-            .try_get_matches_from(argv)
-            .and_then(|m| StageArgs::<T>::from_arg_matches(&m))
-            .map(|stage| stage.args)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "in the [{}] section of the pipeline: {e}",
-                    self.stage.name()
-                )
-            })
+        parse_args::<T>(argv).map_err(|e| {
+            anyhow::anyhow!(
+                "in the [{}] section of the pipeline: {e}",
+                self.stage.name()
+            )
+        })
     }
 
     /// Parses the flags and runs the command's checks, reading nothing.
@@ -222,6 +218,14 @@ impl Planned {
         }
         .with_context(|| format!("in the [{}] section of the pipeline", self.stage.name()))
     }
+}
+
+/// Parses `argv` (without the command's name) as the arguments of one command.
+pub fn parse_args<T: Args>(argv: &[String]) -> Result<T, clap::Error> {
+    StageArgs::<T>::command()
+        .try_get_matches_from(argv)
+        .and_then(|m| StageArgs::<T>::from_arg_matches(&m))
+        .map(|stage| stage.args)
 }
 
 struct Runner {
@@ -300,11 +304,13 @@ impl Runner {
     }
 }
 
-/// The arguments as a person would type them (quoted where needed).
-fn shell_words(argv: &[String]) -> String {
+/// The arguments as a POSIX shell reads them back (single-quoted unless every character is
+/// plainly safe).
+pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
         .map(|a| {
-            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "\"'{}*$".contains(c)) {
+            let safe = |c: char| c.is_ascii_alphanumeric() || "_./:=,+@%-".contains(c);
+            if a.is_empty() || !a.chars().all(safe) {
                 format!("'{}'", a.replace('\'', "'\\''"))
             } else {
                 a.clone()

@@ -1,14 +1,17 @@
 //! `multiclip train`: train a head on a cache, tune thresholds on validation, save a checkpoint
-//! and print the validation metrics.
+//! and print the validation metrics; with `--folds K`, a k-fold ensemble of K such heads.
 
 use super::evaluate::print_metrics;
-use super::{CacheCheck, DeviceArg};
+use super::{CacheCheck, DeviceArg, one_of};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use multiclip::heads::HeadConfig;
 use multiclip::loss::Loss;
 use multiclip::train::TrainConfig;
 use multiclip::train::early_stop::Criterion;
+use multiclip::train::ensemble::EnsembleReport;
+use multiclip::train::folds::FoldRows;
+use multiclip::train::kfold::{KFoldRequest, train_folds};
 use multiclip::train::memory::MemoryLimit;
 use multiclip::train::run::{TrainRequest, train};
 use multiclip::train::schedule::ScheduleKind;
@@ -87,11 +90,28 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: DeviceArg,
     /// Checkpoint name (refused if it exists); default
-    /// `{head}_{backbone}_{loss}_v{N}_lr{lr}_bs{batch}_seed{seed}_{metric}` with the first free N.
+    /// `{head}_{backbone}_{loss}_v{N}_lr{lr}_bs{batch}_seed{seed}_{metric}` with the first free N
+    /// (`..._{K}fold` for a k-fold ensemble).
     #[arg(long)]
     pub name: Option<String>,
     #[command(flatten)]
     pub cache_check: CacheCheck,
+    /// Refuse, before training, a head whose saved weights exceed this many MB (10^6 bytes; all
+    /// members of a k-fold ensemble together).
+    #[arg(long)]
+    pub max_head_mb: Option<f64>,
+    /// Train a k-fold ensemble: K members, each trained on K-1 stratified folds and validated on
+    /// its own; thresholds tuned on the out-of-fold probabilities; the members' probabilities
+    /// averaged. Members are saved as NAME.fold-I-of-K beside the ensemble's NAME.json.
+    #[arg(long, value_name = "K")]
+    pub folds: Option<usize>,
+    /// Rows the folds cover: `all` (the split's training and validation ids: no row held out)
+    /// or `train` (the validation ids measure the finished ensemble).
+    #[arg(long, default_value = "all", value_parser = one_of(&FoldRows::ALL, FoldRows::name), requires = "folds")]
+    pub fold_rows: FoldRows,
+    /// Members trained at once (each on its share of the CPU threads).
+    #[arg(long, default_value_t = 1, requires = "folds")]
+    pub jobs: usize,
 }
 
 /// `--head-config`: a file (JSON, or TOML by extension) or inline JSON/TOML.
@@ -142,6 +162,7 @@ fn request(args: &TrainArgs) -> Result<TrainRequest> {
         seed: args.seed,
         multistage: args.multistage,
         memory_limit: args.memory_limit,
+        max_head_mb: args.max_head_mb,
         ..defaults
     };
     Ok(TrainRequest {
@@ -165,7 +186,18 @@ pub fn check(args: &TrainArgs) -> Result<()> {
 
 /// Trains, prints the metrics and writes the run report; returns the checkpoint's sidecar path.
 pub fn run(args: TrainArgs) -> Result<PathBuf> {
-    let report = train(&request(&args)?)?;
+    let request = request(&args)?;
+    if let Some(folds) = args.folds {
+        let report = train_folds(&KFoldRequest {
+            train: request,
+            folds,
+            rows: args.fold_rows,
+            jobs: args.jobs.max(1),
+        })?;
+        print_ensemble(&report)?;
+        return Ok(report.checkpoint);
+    }
+    let report = train(&request)?;
     let outcome = &report.outcome;
     println!(
         "best epoch {} of {}{}; thresholds tuned on {} validation rows",
@@ -188,11 +220,50 @@ pub fn run(args: TrainArgs) -> Result<PathBuf> {
         &report.meta.model.labels,
     );
     println!("checkpoint: {}", report.checkpoint.display());
+    println!("size:       {}", report.meta.size.describe());
     let written = multiclip::report::write(&report)?;
     print!("{}", multiclip::report::terminal_summary(&written.data));
     println!("report:     {}", written.html.display());
     println!("metrics:    {}", written.metrics_json.display());
     Ok(report.checkpoint)
+}
+
+/// Prints an ensemble's members and metrics, writes its report (also used by `sweep`).
+pub fn print_ensemble(report: &EnsembleReport) -> Result<()> {
+    let meta = &report.meta;
+    println!(
+        "{:<40} {:>8} {:>10} {:>9} {:>9} {:>7}",
+        "member", "val rows", "best epoch", "micro-F1", "macro-F1", "mAP"
+    );
+    for m in &meta.member_runs {
+        println!(
+            "{:<40} {:>8} {:>10} {:>9.4} {:>9.4} {:>7.4}",
+            m.name,
+            m.val_rows,
+            m.best_epoch,
+            m.metrics.averages.micro.f1,
+            m.metrics.averages.macro_avg.f1,
+            m.metrics.map
+        );
+    }
+    println!(
+        "\nensemble of {} members, {} rows ({}):",
+        meta.member_runs.len(),
+        report.shown.rows,
+        report.shown_part
+    );
+    print_metrics(
+        &report.shown.metrics,
+        &report.shown.per_label,
+        &meta.card.labels,
+    );
+    println!("checkpoint: {}", report.checkpoint.display());
+    println!("size:       {} (all members)", meta.size.describe());
+    let written = multiclip::report::write_ensemble(report)?;
+    print!("{}", multiclip::report::terminal_summary(&written.data));
+    println!("report:     {}", written.html.display());
+    println!("metrics:    {}", written.metrics_json.display());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -170,9 +170,62 @@ const VAL: usize = 1;
 /// Second-order iterative stratification of rows given as sorted label columns; returns, per
 /// row, whether it goes to validation.
 fn assign(label_sets: &[Vec<usize>], n_labels: usize, val_fraction: f64, seed: u64) -> Vec<bool> {
+    let fractions = [1.0 - val_fraction, val_fraction];
+    let sides = assign_sides(label_sets, n_labels, &fractions, &[false, true], seed);
+    sides.into_iter().map(|s| s == VAL).collect()
+}
+
+/// K folds of the rows given as label sets (label columns below `n_labels`), by the split's
+/// second-order iterative stratification with K equal sides: the fold (0-based) of each row.
+/// Every label with at least two rows reaches at least two folds (so every member of a k-fold
+/// ensemble trains on it), and each fold asks for at least one row of every label with two or
+/// more rows. The same rows and seed give the same folds.
+pub fn stratified_folds(
+    label_sets: &[Vec<usize>],
+    n_labels: usize,
+    folds: usize,
+    seed: u64,
+) -> Result<Vec<usize>> {
+    if folds < 2 {
+        bail!("k-fold training needs at least 2 folds, got {folds}");
+    }
+    if folds > label_sets.len() {
+        bail!(
+            "{folds} folds of {} rows: every fold needs at least one row",
+            label_sets.len()
+        );
+    }
+    let mut sets = label_sets.to_vec();
+    for set in &mut sets {
+        if let Some(&bad) = set.iter().find(|&&l| l >= n_labels) {
+            bail!("label column {bad} is out of range for {n_labels} labels");
+        }
+        set.sort_unstable();
+        set.dedup();
+    }
+    let fractions = vec![1.0 / folds as f64; folds];
+    Ok(assign_sides(
+        &sets,
+        n_labels,
+        &fractions,
+        &vec![true; folds],
+        seed,
+    ))
+}
+
+/// Second-order iterative stratification of rows (sorted label columns) into sides of the given
+/// `fractions`: the side of each row. A side with `min_one` asks for at least one row of every
+/// label that has two or more rows (the others share what is left in proportion); a final pass
+/// puts every label with two or more rows on at least two sides.
+fn assign_sides(
+    label_sets: &[Vec<usize>],
+    n_labels: usize,
+    fractions: &[f64],
+    min_one: &[bool],
+    seed: u64,
+) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n = label_sets.len();
-    let fractions = [1.0 - val_fraction, val_fraction];
 
     // Evidence units: every (a, b) with a <= b among a row's labels, numbered as first seen.
     let mut unit_of: HashMap<(usize, usize), usize> = HashMap::new();
@@ -204,37 +257,61 @@ fn assign(label_sets: &[Vec<usize>], n_labels: usize, val_fraction: f64, seed: u
     for rows in &mut unit_rows {
         rows.shuffle(&mut rng);
     }
-    // How many more rows of each unit each side wants; single labels with >= 2 rows want at
-    // least one validation row.
-    let mut wanted: Vec<[f64; 2]> = unit_rows
+    // How many more rows of each unit each side wants.
+    let others_fraction: f64 = fractions
+        .iter()
+        .zip(min_one)
+        .filter(|(_, min)| !**min)
+        .map(|(f, _)| f)
+        .sum();
+    let mut wanted: Vec<Vec<f64>> = unit_rows
         .iter()
         .zip(&unit_is_single)
         .map(|(rows, &single)| {
             let count = rows.len() as f64;
-            let mut val = count * val_fraction;
-            if single && rows.len() >= 2 {
-                val = val.max(1.0);
+            let raise = single && rows.len() >= 2;
+            let mut want: Vec<f64> = fractions
+                .iter()
+                .zip(min_one)
+                .map(|(f, &min)| {
+                    let share = count * f;
+                    if min && raise { share.max(1.0) } else { share }
+                })
+                .collect();
+            let raised: f64 = (want.iter().zip(min_one))
+                .filter(|(_, min)| **min)
+                .map(|(w, _)| w)
+                .sum();
+            for ((w, f), _) in (want.iter_mut().zip(fractions).zip(min_one)).filter(|(_, m)| !**m) {
+                *w = (count - raised) * (f / others_fraction);
             }
-            [count - val, val]
+            want
         })
         .collect();
-    let mut wanted_rows = [n as f64 * fractions[TRAIN], n as f64 * fractions[VAL]];
+    let mut wanted_rows: Vec<f64> = fractions.iter().map(|f| n as f64 * f).collect();
     let mut remaining: Vec<usize> = unit_rows.iter().map(Vec::len).collect();
     let mut side: Vec<Option<usize>> = vec![None; n];
 
     // Pick the side that wants the most; ties go to the side wanting more rows, then at random.
-    let choose = |want: [f64; 2], wanted_rows: [f64; 2], rng: &mut ChaCha8Rng| {
-        if want[TRAIN] != want[VAL] {
-            return if want[TRAIN] > want[VAL] { TRAIN } else { VAL };
+    let choose = |want: &[f64], wanted_rows: &[f64], rng: &mut ChaCha8Rng| {
+        let most = |values: &[f64], among: &[usize]| -> Vec<usize> {
+            let best = among
+                .iter()
+                .map(|&s| values[s])
+                .fold(f64::NEG_INFINITY, f64::max);
+            among
+                .iter()
+                .copied()
+                .filter(|&s| values[s] == best)
+                .collect()
+        };
+        let all: Vec<usize> = (0..want.len()).collect();
+        let tied = most(wanted_rows, &most(want, &all));
+        if tied.len() == 1 {
+            tied[0]
+        } else {
+            tied[rng.random_range(0..tied.len())]
         }
-        if wanted_rows[TRAIN] != wanted_rows[VAL] {
-            return if wanted_rows[TRAIN] > wanted_rows[VAL] {
-                TRAIN
-            } else {
-                VAL
-            };
-        }
-        rng.random_range(0..2)
     };
 
     // Rarest unit first (fewest rows still unassigned; ties: first seen).
@@ -246,7 +323,7 @@ fn assign(label_sets: &[Vec<usize>], n_labels: usize, val_fraction: f64, seed: u
             if side[row].is_some() {
                 continue;
             }
-            let s = choose(wanted[unit], wanted_rows, &mut rng);
+            let s = choose(&wanted[unit], &wanted_rows, &mut rng);
             side[row] = Some(s);
             wanted_rows[s] -= 1.0;
             for &u in &row_units[row] {
@@ -256,14 +333,15 @@ fn assign(label_sets: &[Vec<usize>], n_labels: usize, val_fraction: f64, seed: u
         }
     }
     // Rows without labels.
+    let nothing = vec![0.0; fractions.len()];
     for s in side.iter_mut().filter(|s| s.is_none()) {
-        let chosen = choose([0.0; 2], wanted_rows, &mut rng);
+        let chosen = choose(&nothing, &wanted_rows, &mut rng);
         wanted_rows[chosen] -= 1.0;
         *s = Some(chosen);
     }
-    let mut is_val: Vec<bool> = side.into_iter().map(|s| s == Some(VAL)).collect();
-    repair_one_sided_labels(label_sets, n_labels, &mut is_val);
-    is_val
+    let mut sides: Vec<usize> = side.into_iter().map(|s| s.unwrap_or(TRAIN)).collect();
+    repair_one_sided_labels(label_sets, n_labels, fractions.len(), &mut sides);
+    sides
 }
 
 /// Why the split's sides are far from the requested sizes, when they are: the smaller side off
@@ -316,38 +394,57 @@ fn fraction_shortfall(
     ))
 }
 
-/// Moves one row across for each label with >= 2 rows that sits on one side only, choosing a
-/// row whose move leaves every one of its labels still present on the side it leaves.
-fn repair_one_sided_labels(label_sets: &[Vec<usize>], n_labels: usize, is_val: &mut [bool]) {
-    let count_per_side = |is_val: &[bool]| {
-        let mut counts = vec![[0usize; 2]; n_labels];
-        for (set, &v) in label_sets.iter().zip(is_val.iter()) {
+/// Moves one row for each label with >= 2 rows that sits on one side only, to the side with the
+/// fewest rows, choosing a row whose move leaves every one of its labels still present on the
+/// side it leaves.
+fn repair_one_sided_labels(
+    label_sets: &[Vec<usize>],
+    n_labels: usize,
+    n_sides: usize,
+    sides: &mut [usize],
+) {
+    let count_per_side = |sides: &[usize]| {
+        let mut counts = vec![vec![0usize; n_sides]; n_labels];
+        for (set, &s) in label_sets.iter().zip(sides.iter()) {
             for &l in set {
-                counts[l][v as usize] += 1;
+                counts[l][s] += 1;
             }
         }
         counts
     };
-    let mut counts = count_per_side(is_val);
+    let mut counts = count_per_side(sides);
     let mut order: Vec<usize> = (0..n_labels).collect();
-    order.sort_by_key(|&l| (counts[l][0] + counts[l][1], l));
+    order.sort_by_key(|&l| (counts[l].iter().sum::<usize>(), l));
     let mut moved = HashSet::new();
     for label in order {
-        let [on_train, on_val] = counts[label];
-        if on_train + on_val < 2 || (on_train > 0 && on_val > 0) {
+        let total: usize = counts[label].iter().sum();
+        let present = counts[label].iter().filter(|&&c| c > 0).count();
+        if total < 2 || present >= 2 {
             continue;
         }
-        let from = if on_val == 0 { TRAIN } else { VAL };
+        let Some(from) = (0..n_sides).find(|&s| counts[label][s] > 0) else {
+            continue;
+        };
+        let mut sizes = vec![0usize; n_sides];
+        for &s in sides.iter() {
+            sizes[s] += 1;
+        }
+        let Some(to) = (0..n_sides)
+            .filter(|&s| s != from)
+            .min_by_key(|&s| (sizes[s], s))
+        else {
+            continue;
+        };
         let candidate = (0..label_sets.len()).find(|&row| {
-            is_val[row] as usize == from
+            sides[row] == from
                 && !moved.contains(&row)
                 && label_sets[row].contains(&label)
                 && label_sets[row].iter().all(|&l| counts[l][from] >= 2)
         });
         if let Some(row) = candidate {
-            is_val[row] = !is_val[row];
+            sides[row] = to;
             moved.insert(row);
-            counts = count_per_side(is_val);
+            counts = count_per_side(sides);
         }
     }
 }
@@ -380,6 +477,101 @@ mod tests {
         }
     }
 
+    /// 300 rows over 12 labels with power-law frequencies, 1-3 labels each, seeded.
+    fn multi_label_rows() -> Vec<Vec<usize>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        (0..300)
+            .map(|_| {
+                let mut set: Vec<usize> = (0..rng.random_range(1..4))
+                    .map(|_| {
+                        let u: f64 = rng.random_range(0.0..1.0);
+                        ((u * u * 12.0) as usize).min(11)
+                    })
+                    .collect();
+                set.sort_unstable();
+                set.dedup();
+                set
+            })
+            .collect()
+    }
+
+    /// Per label, the largest gap between its rows in a fold and its fair share (count / k).
+    fn worst_label_gap(sets: &[Vec<usize>], folds: &[usize], k: usize) -> f64 {
+        let mut counts = vec![vec![0usize; k]; 12];
+        for (set, &f) in sets.iter().zip(folds) {
+            for &l in set {
+                counts[l][f] += 1;
+            }
+        }
+        counts
+            .iter()
+            .flat_map(|per_fold| {
+                let share = per_fold.iter().sum::<usize>() as f64 / k as f64;
+                per_fold.iter().map(move |&c| (c as f64 - share).abs())
+            })
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn folds_are_disjoint_covering_seeded_and_stratified() {
+        let sets = multi_label_rows();
+        let k = 5;
+        let folds = stratified_folds(&sets, 12, k, 3407).unwrap();
+        // One fold per row (disjoint and covering), each of about n / k rows.
+        assert_eq!(folds.len(), sets.len());
+        let mut sizes = vec![0usize; k];
+        for &f in &folds {
+            sizes[f] += 1;
+        }
+        assert!(sizes.iter().all(|&s| s.abs_diff(60) <= 6), "{sizes:?}");
+        // Seeded: the same seed gives the same folds, another seed others.
+        assert_eq!(stratified_folds(&sets, 12, k, 3407).unwrap(), folds);
+        assert_ne!(stratified_folds(&sets, 12, k, 1).unwrap(), folds);
+        // Stratified: every label within 2 rows of its share in every fold, where a seeded
+        // random assignment of the same fold sizes misses some label's share by more.
+        let gap = worst_label_gap(&sets, &folds, k);
+        assert!(gap <= 2.0, "worst gap {gap}");
+        let mut shuffled = folds.clone();
+        shuffled.shuffle(&mut ChaCha8Rng::seed_from_u64(5));
+        let random_gap = worst_label_gap(&sets, &shuffled, k);
+        assert!(random_gap > gap + 1.0, "random {random_gap} vs {gap}");
+    }
+
+    #[test]
+    fn single_label_folds_are_exact_and_rare_labels_reach_two_folds() {
+        // 5 labels of 10, 11, ..., 14 rows and one label of 2 rows.
+        let mut sets: Vec<Vec<usize>> = (0..5)
+            .flat_map(|l| std::iter::repeat_n(vec![l], 10 + l))
+            .collect();
+        sets.extend([vec![5], vec![5]]);
+        let k = 4;
+        let folds = stratified_folds(&sets, 6, k, 9).unwrap();
+        for label in 0..6 {
+            let mut per_fold = vec![0usize; k];
+            for (set, &f) in sets.iter().zip(&folds) {
+                if set.contains(&label) {
+                    per_fold[f] += 1;
+                }
+            }
+            let (lo, hi) = (
+                per_fold.iter().min().unwrap(),
+                per_fold.iter().max().unwrap(),
+            );
+            if label < 5 {
+                assert!(hi - lo <= 1, "label {label}: {per_fold:?}");
+            } else {
+                assert_eq!(
+                    per_fold.iter().filter(|&&c| c > 0).count(),
+                    2,
+                    "{per_fold:?}"
+                );
+            }
+        }
+        assert!(stratified_folds(&sets, 6, 1, 9).is_err());
+        assert!(stratified_folds(&sets[..3], 6, 4, 9).is_err());
+        assert!(stratified_folds(&[vec![7]], 6, 2, 9).is_err());
+    }
+
     #[test]
     fn a_far_off_fraction_is_explained() {
         // 10 labels of 3 rows each: at 0.99 each keeps a training row, so 10 of 30 train.
@@ -401,8 +593,11 @@ mod tests {
     #[test]
     fn repair_moves_a_row_when_needed() {
         let sets = vec![vec![0, 1], vec![0, 1], vec![0], vec![0]];
-        let mut is_val = vec![false, false, true, false];
-        repair_one_sided_labels(&sets, 2, &mut is_val);
-        assert!(is_val[0] || is_val[1], "label 1 must reach validation");
+        let mut sides = vec![TRAIN, TRAIN, VAL, TRAIN];
+        repair_one_sided_labels(&sets, 2, 2, &mut sides);
+        assert!(
+            sides[0] == VAL || sides[1] == VAL,
+            "label 1 must reach validation"
+        );
     }
 }

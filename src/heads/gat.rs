@@ -1,6 +1,8 @@
 //! `gat`: graph attention over the LABEL graph producing one classifier vector per label.
 //!
-//! Nodes are the K labels, each with a learned embedding. Edges come from the training split's
+//! Nodes are the K labels, each with a learned embedding, or, with `queries=labels`, the fixed
+//! embeddings of the label names (a buffer) through a learned projection, as ML-GCN starts from
+//! word vectors. Edges come from the training split's
 //! label co-occurrence as in ML-GCN (Chen et al. 2019): P(j | i) = n_ij / n_i, binarised at
 //! `threshold`, then re-weighted so node i keeps 1 - p for itself and spreads p over its
 //! neighbours (a node without neighbours keeps 1). This fixed adjacency A' is a buffer
@@ -11,7 +13,8 @@
 //! classifiers: logits = proj(x) . c_k + b_k, where proj maps the concatenated sample features
 //! to `hidden`.
 //!
-//! Variables: `proj.*`, `label_embed` `[K, hidden]`, `layers.<l>.{weight,att_src,att_dst,bias}`,
+//! Variables: `proj.*`, `label_embed` `[K, hidden]` (or `label_proj.*` from the label-name
+//! buffer `buffers.label_embeddings` `[K, D]`), `layers.<l>.{weight,att_src,att_dst,bias}`,
 //! `label_bias` `[K]` (absent for a cosine head).
 
 use anyhow::bail;
@@ -22,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::features::{Feature, concat};
 use super::layers::{Linear, add_bias, l2_normalize_smooth, leaky_relu};
 use super::mlp::inputs_or_pooled;
-use super::{Head, HeadContext, Inputs, buffer};
+use super::{Head, HeadContext, Inputs, LabelQueries, Queries, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,6 +41,9 @@ pub struct GatConfig {
     pub threshold: f32,
     /// ML-GCN re-weighting: the share of a node's weight given to its neighbours.
     pub p: f32,
+    /// `labels`: the label nodes start from the label-name embeddings (projected).
+    #[serde(skip_serializing_if = "Queries::is_random")]
+    pub queries: Queries,
 }
 
 impl Default for GatConfig {
@@ -49,6 +55,7 @@ impl Default for GatConfig {
             layers: 2,
             threshold: 0.4,
             p: 0.2,
+            queries: Queries::Random,
         }
     }
 }
@@ -187,10 +194,18 @@ impl GatLayer {
     }
 }
 
+/// The label nodes' input features.
+enum LabelNodes {
+    /// A learned `[K, hidden]` embedding.
+    Learned(Tensor),
+    /// Fixed label-name embeddings `[K, D]` (a buffer) through a learned projection.
+    Named(LabelQueries),
+}
+
 pub struct GatHead {
     features: Vec<Feature>,
     proj: Linear,
-    label_embed: Tensor,
+    label_nodes: LabelNodes,
     layers: Vec<GatLayer>,
     adjacency_name: String,
     adjacency: Tensor,
@@ -239,16 +254,27 @@ impl GatHead {
         } else {
             Some(vb.get_with_hints(k, "label_bias", candle_nn::init::ZERO)?)
         };
-        Ok(Self {
-            proj: Linear::new(in_dim, cfg.hidden, vb.pp("proj"))?,
-            label_embed: vb.get_with_hints(
+        let label_nodes = match cfg.queries {
+            Queries::Random => LabelNodes::Learned(vb.get_with_hints(
                 (k, cfg.hidden),
                 "label_embed",
                 Init::Randn {
                     mean: 0.0,
                     stdev: 1.0,
                 },
-            )?,
+            )?),
+            Queries::Labels => LabelNodes::Named(LabelQueries::new(
+                "gat",
+                ctx,
+                &vb,
+                "label_embeddings",
+                "label_proj",
+                cfg.hidden,
+            )?),
+        };
+        Ok(Self {
+            proj: Linear::new(in_dim, cfg.hidden, vb.pp("proj"))?,
+            label_nodes,
             layers,
             log_adjacency: log_adjacency(&adjacency)?,
             adjacency_name,
@@ -260,7 +286,10 @@ impl GatHead {
 
     /// The per-label classifier vectors `[K, hidden]`.
     pub fn label_classifiers(&self) -> Result<Tensor> {
-        let mut nodes = self.label_embed.clone();
+        let mut nodes = match &self.label_nodes {
+            LabelNodes::Learned(embed) => embed.clone(),
+            LabelNodes::Named(queries) => queries.projected()?,
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             if l > 0 {
                 nodes = leaky_relu(&nodes, 0.2)?;
@@ -283,7 +312,8 @@ impl Head for GatHead {
     /// Per sample: the features, the projection and the logits; per batch: each GAT layer's
     /// node features and attention over the label graph.
     fn activation_values(&self, rows: usize) -> usize {
-        let (k, hidden) = self.label_embed.dims2().unwrap_or((0, 0));
+        let k = self.adjacency.dims().first().copied().unwrap_or(0);
+        let hidden = self.proj.out_dim();
         let in_dim: usize = self.features.iter().map(|f| f.dim).sum();
         let graph: usize = self
             .layers
@@ -310,7 +340,11 @@ impl Head for GatHead {
     }
 
     fn buffers(&self) -> Vec<(String, Tensor)> {
-        vec![(self.adjacency_name.clone(), self.adjacency.clone())]
+        let mut buffers = vec![(self.adjacency_name.clone(), self.adjacency.clone())];
+        if let LabelNodes::Named(queries) = &self.label_nodes {
+            buffers.push((queries.buffer_name.clone(), queries.embeddings.clone()));
+        }
+        buffers
     }
 }
 

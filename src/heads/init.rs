@@ -53,6 +53,23 @@ pub fn logit_biases_from_prior(
     Ok(())
 }
 
+/// Starts the trainable variable behind `var` (a tensor a `VarMap`-backed builder returned) at
+/// `value` instead of its random initial values.
+pub fn start_variable_at(var: &Tensor, value: &Tensor) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        var.is_variable(),
+        "only a trainable variable can be started at a value"
+    );
+    anyhow::ensure!(
+        var.shape() == value.shape(),
+        "a variable of shape {:?} cannot start at a value of shape {:?}",
+        var.dims(),
+        value.dims()
+    );
+    Var::from_tensor(var)?.set(value)?;
+    Ok(())
+}
+
 /// A random stream for the object called `name` under the run seed `seed`.
 pub fn stream(seed: u64, name: &str) -> ChaCha8Rng {
     // FNV-1a: stable across platforms and Rust versions, unlike `DefaultHasher`.

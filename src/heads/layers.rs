@@ -244,6 +244,14 @@ impl Classifier {
             Self::Cosine { .. } => None,
         }
     }
+
+    /// The class weights `[out, in]` of a cosine classifier.
+    pub fn cosine_weight(&self) -> Option<&Tensor> {
+        match self {
+            Self::Linear(_) => None,
+            Self::Cosine { weight } => Some(weight),
+        }
+    }
 }
 
 impl Module for Classifier {
@@ -302,6 +310,15 @@ impl Mlp {
             .as_ref()
             .map_or(0, |(linear, _)| linear.out_dim());
         2 * hidden + out
+    }
+
+    /// The class weights of a cosine linear probe (`hidden` 0), the only layer between the
+    /// features and the cosines.
+    pub fn probe_cosine_weight(&self) -> Option<&Tensor> {
+        match self.hidden {
+            None => self.out.cosine_weight(),
+            Some(_) => None,
+        }
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {

@@ -17,9 +17,13 @@
 //! without any real token attends to nothing (its attention output is 0). The K projection has no
 //! bias: a key bias shifts all of a query's scores equally, which softmax ignores.
 //!
+//! With `queries=labels` the queries are the label-name embeddings `[K, D]` (the buffer) through
+//! a learned `query_proj` Linear(D, d_model), as ML-Decoder's zero-shot mode projects word
+//! vectors.
+//!
 //! Variables: `input_proj`, `attn.{q_proj,k_proj,v_proj,out_proj}` (no q/k for a pooled input,
-//! `k_proj` without bias), `norm{1,2,3}`, `ffn.{fc1,fc2}`, `group_fc.{weight,bias}`;
-//! buffer: `buffers.queries` `[K, d_model]`.
+//! `k_proj` without bias), `norm{1,2,3}`, `ffn.{fc1,fc2}`, `group_fc.{weight,bias}`,
+//! `query_proj` (with `queries=labels`); buffer: `buffers.queries` `[K, d_model]` (`[K, D]`).
 
 use anyhow::{Context, bail};
 use candle_core::{D, DType, Device, Result, Tensor};
@@ -29,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::features::{default_mask_name, lookup, shape_of};
 use super::init::seeded_tensor;
 use super::layers::{Dropout, LayerNorm, Linear, add_bias, l2_normalize_smooth};
-use super::{Head, HeadContext, Inputs, buffer};
+use super::{Head, HeadContext, Inputs, LabelQueries, Queries, buffer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -43,6 +47,9 @@ pub struct MlDecoderConfig {
     pub heads: usize,
     pub ffn: usize,
     pub dropout: f32,
+    /// `labels`: the class queries are the label-name embeddings (projected).
+    #[serde(skip_serializing_if = "Queries::is_random")]
+    pub queries: Queries,
 }
 
 impl Default for MlDecoderConfig {
@@ -54,6 +61,7 @@ impl Default for MlDecoderConfig {
             heads: 8,
             ffn: 2048,
             dropout: 0.1,
+            queries: Queries::Random,
         }
     }
 }
@@ -94,6 +102,8 @@ pub struct MlDecoderHead {
     drop_ffn: Dropout,
     queries_name: String,
     queries: Tensor,
+    /// Projects label-name queries `[K, D]` to `d_model` (`queries=labels`).
+    query_proj: Option<Linear>,
     group_weight: Tensor,
     group_bias: Option<Tensor>,
 }
@@ -135,20 +145,29 @@ impl MlDecoderHead {
             None => None,
         };
         let p = cfg.dropout;
-        let (queries_name, queries) = buffer(&vb, "queries", (k, d), || {
-            let name = vb.pp("buffers").pp("queries").prefix();
-            let init = Init::Randn {
-                mean: 0.0,
-                stdev: 1.0,
-            };
-            Ok(seeded_tensor(
-                &(k, d).into(),
-                init,
-                ctx.seed,
-                &name,
-                vb.device(),
-            )?)
-        })?;
+        let (queries_name, queries, query_proj) = match cfg.queries {
+            Queries::Random => {
+                let (name, queries) = buffer(&vb, "queries", (k, d), || {
+                    let name = vb.pp("buffers").pp("queries").prefix();
+                    let init = Init::Randn {
+                        mean: 0.0,
+                        stdev: 1.0,
+                    };
+                    Ok(seeded_tensor(
+                        &(k, d).into(),
+                        init,
+                        ctx.seed,
+                        &name,
+                        vb.device(),
+                    )?)
+                })?;
+                (name, queries, None)
+            }
+            Queries::Labels => {
+                let named = LabelQueries::new("ml_decoder", ctx, &vb, "queries", "query_proj", d)?;
+                (named.buffer_name, named.embeddings, Some(named.proj))
+            }
+        };
         let attn = vb.pp("attn");
         let ffn = vb.pp("ffn");
         let group = vb.pp("group_fc");
@@ -187,6 +206,7 @@ impl MlDecoderHead {
             drop_ffn: Dropout::new(p, ctx.seed, "ffn", &vb)?,
             queries_name,
             queries,
+            query_proj,
             group_weight,
             group_bias,
         })
@@ -265,19 +285,22 @@ impl MlDecoderHead {
 
     /// The decoder layer and the group fully-connected output on a memory of `b` samples.
     fn decode(&self, memory: &Memory, b: usize, train: bool) -> Result<Tensor> {
-        let (k, d) = self.queries.dims2()?;
+        let queries = match &self.query_proj {
+            Some(proj) => proj.forward(&self.queries)?,
+            None => self.queries.clone(),
+        };
+        let (k, d) = queries.dims2()?;
         let dh = d / self.heads;
         // t = LN1(q + dropout(q)): per sample when dropout is active, else shared by the batch.
         let t = if self.drop_query.is_active(train) {
-            let q = self
-                .queries
+            let q = queries
                 .unsqueeze(0)?
                 .broadcast_as((b, k, d))?
                 .contiguous()?;
             self.norm1
                 .forward(&(&q + self.drop_query.forward(&q, true)?)?)?
         } else {
-            self.norm1.forward(&(&self.queries * 2.0)?)?.unsqueeze(0)?
+            self.norm1.forward(&(&queries * 2.0)?)?.unsqueeze(0)?
         };
         let attended = match (&self.query_key, &memory.keys) {
             (Some((q_proj, _)), Some(keys)) => {
@@ -434,6 +457,7 @@ mod tests {
             ]),
             label_cooccurrence: None,
             seed: 11,
+            label_embeddings: None,
         }
     }
 

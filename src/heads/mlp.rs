@@ -1,5 +1,8 @@
 //! `mlp`: Linear -> ReLU -> Linear on one pooled feature or several concatenated (the
-//! original's "naive" BLIP head), or a linear probe with `hidden = 0`.
+//! original's "naive" BLIP head), or a linear probe with `hidden = 0`. A cosine probe with
+//! `queries=labels` starts its class weights at the label-name embeddings: before any training
+//! it scores each label by the cosine of the feature and the label's embedding (CLIP-style
+//! zero-shot classification).
 //!
 //! Variables: `hidden.{weight,bias}` (absent for a probe), `out.{weight,bias}`.
 
@@ -8,8 +11,9 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::features::{Feature, concat, pooled_inputs};
+use super::init::start_variable_at;
 use super::layers::Mlp;
-use super::{Head, HeadContext, Inputs};
+use super::{Head, HeadContext, Inputs, Queries, label_embeddings};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -20,6 +24,10 @@ pub struct MlpConfig {
     /// Hidden width; 0 makes a linear probe.
     pub hidden: usize,
     pub dropout: f32,
+    /// `labels`: the class weights start at the label-name embeddings (a cosine probe whose
+    /// inputs live in the embeddings' space, e.g. CLIP's image and text).
+    #[serde(skip_serializing_if = "Queries::is_random")]
+    pub queries: Queries,
 }
 
 impl Default for MlpConfig {
@@ -28,6 +36,7 @@ impl Default for MlpConfig {
             inputs: Vec::new(),
             hidden: 768,
             dropout: 0.0,
+            queries: Queries::Random,
         }
     }
 }
@@ -71,6 +80,31 @@ impl MlpHead {
             ctx.seed,
             vb,
         )?;
+        if cfg.queries == Queries::Labels {
+            let Some(weight) = mlp.probe_cosine_weight() else {
+                anyhow::bail!(
+                    "mlp: queries=labels starts the class weights of a cosine linear probe at the \
+                     label embeddings: use hidden=0 with --loss angular (or cosine=true)"
+                );
+            };
+            // A checkpoint holds the trained weights; only a head being trained starts them.
+            if weight.is_variable() {
+                let embeddings = label_embeddings(ctx, "mlp")?;
+                let width = embeddings.dim(1)?;
+                if width != in_dim {
+                    anyhow::bail!(
+                        "mlp: the label embeddings are {width} wide but the inputs ({}) are \
+                         {in_dim}: choose inputs in the space of the label embeddings",
+                        features
+                            .iter()
+                            .map(|f| f.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join("+")
+                    );
+                }
+                start_variable_at(weight, embeddings)?;
+            }
+        }
         Ok(Self { features, mlp })
     }
 }

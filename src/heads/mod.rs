@@ -56,6 +56,49 @@ pub struct HeadContext {
     pub label_cooccurrence: Option<LabelCooccurrence>,
     /// Seed of the fixed random buffers and the dropout masks.
     pub seed: u64,
+    /// Embeddings of the label names `[K, D]` (vocabulary order), for heads with
+    /// `queries=labels`. Training fills it from the cache once extraction stores them; a
+    /// checkpoint does not need it (what the head took from it is saved with the weights).
+    pub label_embeddings: Option<Tensor>,
+}
+
+/// Where a head's per-label starting points come from: `ml_decoder`'s class queries, `gat`'s
+/// label nodes, a cosine `mlp`'s class weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Queries {
+    /// Seeded random values (the original heads).
+    #[default]
+    Random,
+    /// The label-name embeddings of the context (`HeadContext::label_embeddings`).
+    Labels,
+}
+
+impl Queries {
+    pub fn is_random(&self) -> bool {
+        *self == Self::Random
+    }
+}
+
+/// The label embeddings `[K, D]` of `ctx` for `head` (`queries=labels`): present, one row per
+/// label, f32.
+pub(crate) fn label_embeddings<'a>(ctx: &'a HeadContext, head: &str) -> anyhow::Result<&'a Tensor> {
+    let Some(embeddings) = &ctx.label_embeddings else {
+        anyhow::bail!(
+            "{head}: queries=labels needs embeddings of the label names, which this cache does \
+             not hold (`multiclip extract --label-names` stores them)"
+        );
+    };
+    match embeddings.dims() {
+        [k, _] if *k == ctx.num_labels && embeddings.dtype() == candle_core::DType::F32 => {
+            Ok(embeddings)
+        }
+        dims => anyhow::bail!(
+            "{head}: the label embeddings are {dims:?} {:?}, expected [{}, D] f32",
+            embeddings.dtype(),
+            ctx.num_labels
+        ),
+    }
 }
 
 /// Head configuration: the kind with its own fields, and what every kind shares. In JSON/TOML one
@@ -359,6 +402,56 @@ fn buffer(
         tensor
     };
     Ok((full_name, tensor))
+}
+
+/// The label-name embeddings `[K, D]` as a head's fixed buffer, with a learned projection of
+/// them: where `ml_decoder`'s queries and `gat`'s label nodes start with `queries=labels`.
+pub(crate) struct LabelQueries {
+    pub buffer_name: String,
+    /// `[K, D]`: from the context when the head is built for training, as saved when it is
+    /// loaded from a checkpoint.
+    pub embeddings: Tensor,
+    /// `D -> width`.
+    pub proj: layers::Linear,
+}
+
+impl LabelQueries {
+    /// The buffer `buffer` and the projection `projection` (to `width`) of `head` under `vb`.
+    pub(crate) fn new(
+        head: &str,
+        ctx: &HeadContext,
+        vb: &VarBuilder,
+        buffer: &str,
+        projection: &str,
+        width: usize,
+    ) -> anyhow::Result<Self> {
+        let scope = vb.pp(BUFFER_SCOPE);
+        let buffer_name = scope.pp(buffer).prefix();
+        let embeddings = if scope.contains_tensor(buffer) {
+            scope
+                .get_unchecked(buffer)
+                .with_context(|| format!("buffer `{buffer_name}` in the checkpoint"))?
+        } else {
+            label_embeddings(ctx, head)?.clone()
+        };
+        let (rows, dim) = embeddings.dims2()?;
+        if rows != ctx.num_labels {
+            anyhow::bail!(
+                "{head}: {rows} label embeddings for {} labels",
+                ctx.num_labels
+            );
+        }
+        Ok(Self {
+            buffer_name,
+            embeddings,
+            proj: layers::Linear::new(dim, width, vb.pp(projection))?,
+        })
+    }
+
+    /// The projected embeddings `[K, width]`.
+    pub(crate) fn projected(&self) -> Result<Tensor> {
+        candle_nn::Module::forward(&self.proj, &self.embeddings)
+    }
 }
 
 #[cfg(test)]

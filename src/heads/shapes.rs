@@ -108,6 +108,7 @@ mod tests {
             label_cooccurrence: Some(
                 LabelCooccurrence::from_label_sets([&[0usize, 1][..], &[2]], 3).unwrap(),
             ),
+            label_embeddings: None,
             seed: 1,
         };
         for spec in [

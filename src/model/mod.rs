@@ -1,12 +1,15 @@
-//! A trained model on its own: a head with the loss it was trained with, its label vocabulary,
-//! tuned thresholds and the signature of the inputs it reads, loaded from a checkpoint alone (no
-//! cache needed). It scores any [`Inputs`]: a cache batch today, live backbone outputs tomorrow;
-//! whether a given cache can feed it is a separate check ([`Model::ensure_compatible`]).
+//! A trained model on its own: a head with the loss it was trained with (or an ensemble of such
+//! checkpoints, their probabilities averaged), its label vocabulary, tuned thresholds and the
+//! signature of the inputs it reads, loaded from a checkpoint alone (no cache needed). It scores
+//! any [`Inputs`]: a cache batch today, live backbone outputs tomorrow; whether a given cache can
+//! feed it is a separate check ([`Model::ensure_compatible`]).
 //!
-//! Modules: [`checkpoint`] (the checkpoint's files and reading them), [`signature`] (what the
-//! model reads, and the cache check), [`score`] (scoring cache rows in batches).
+//! Modules: [`checkpoint`] (the checkpoint's files and reading them), [`ensemble`] (ensemble
+//! checkpoints), [`signature`] (what the model reads, and the cache check), [`score`] (scoring
+//! cache rows in batches).
 
 pub mod checkpoint;
+pub mod ensemble;
 pub mod score;
 pub mod signature;
 
@@ -97,17 +100,50 @@ struct SealedCard {
     seal: checkpoint::Seal,
 }
 
-/// A checkpoint's head, rebuilt from the checkpoint alone.
+/// What using a model needs, the same for one head and for an ensemble: its name, label
+/// vocabulary, thresholds and inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Card {
+    /// The checkpoint's name (file stem).
+    pub name: String,
+    /// Label names in vocabulary order (probability column k is label k).
+    pub labels: Vec<String>,
+    /// Per-label decision thresholds on probabilities.
+    pub thresholds: Vec<f32>,
+    /// The features the model reads.
+    pub inputs: InputSignature,
+}
+
+impl Card {
+    /// The part of a head's model card that using it needs.
+    pub fn of(card: &ModelCard) -> Self {
+        Self {
+            name: card.name.clone(),
+            labels: card.labels.clone(),
+            thresholds: card.thresholds.clone(),
+            inputs: card.inputs.clone(),
+        }
+    }
+}
+
+/// A checkpoint's model, rebuilt from the checkpoint alone: one head, or an ensemble whose
+/// `head` averages its members' probabilities ([`ensemble::EnsembleHead`], with `loss` BCE).
 pub struct Model {
-    pub card: ModelCard,
+    pub card: Card,
     pub head: Box<dyn Head>,
+    /// Turns the head's outputs into probabilities (the loss the head was trained with).
+    pub loss: Loss,
 }
 
 impl Model {
     /// Loads the checkpoint at `path` (`NAME`, `NAME.json` or `NAME.safetensors`) onto `device`,
     /// after checking its card ([`ModelCard::validate`]), its seal (the weights and the card
     /// are the ones written together) and every tensor against the head the card describes.
+    /// An ensemble's sidecar loads its members ([`ensemble::load`]).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if ensemble::is_ensemble(path)? {
+            return ensemble::load(path, device);
+        }
         let SealedCard { card, seal } = checkpoint::read_sidecar(path)?;
         let (weights_path, sidecar_path) = checkpoint::resolve(path);
         card.validate()
@@ -121,7 +157,11 @@ impl Model {
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let head = heads::build(&card.head, &ctx, vb)
             .with_context(|| format!("rebuilding the head of checkpoint {}", card.name))?;
-        Ok(Self { card, head })
+        Ok(Self {
+            card: Card::of(&card),
+            head,
+            loss: card.loss,
+        })
     }
 
     /// Fails naming both sides when `reader`'s cache cannot feed this model: another backbone,
@@ -136,7 +176,7 @@ impl Model {
 
     /// Probabilities `[B, K]` on a batch of inputs (any size: the head runs in micro-batches).
     pub fn probabilities(&self, x: &Inputs) -> Result<Tensor> {
-        score::probabilities(self.head.as_ref(), &self.card.loss, x)
+        score::probabilities(self.head.as_ref(), &self.loss, x)
     }
 
     /// The labels chosen for `probabilities` (`[rows, K]` row-major) at the tuned thresholds;
@@ -158,7 +198,7 @@ impl Model {
         self.ensure_compatible(reader)?;
         score::score_rows(
             self.head.as_ref(),
-            &self.card.loss,
+            &self.loss,
             reader,
             rows,
             batch_size,

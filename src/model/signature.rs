@@ -58,6 +58,7 @@ impl InputSignature {
                 .collect(),
             label_cooccurrence: None,
             seed,
+            label_embeddings: None,
         }
     }
 

@@ -1,9 +1,10 @@
 //! Renders a [`ReportData`] as one self-contained HTML page (inline SVG charts drawn with
 //! plotters; no external files or scripts), plus a short terminal summary.
 //!
-//! Charts: loss and validation-metric curves per epoch, per-label F1 and AP bars (with support),
-//! the micro precision-recall curve and the label co-occurrence heat-map; a per-label table with
-//! the tuned thresholds.
+//! Charts: loss and validation-metric curves per epoch (for an ensemble, each member's side by
+//! side, with a table of the members), per-label F1 and AP bars (with support), the micro
+//! precision-recall curve and the label co-occurrence heat-map; the error gallery; a per-label
+//! table with the tuned thresholds.
 
 use std::fmt::Write as _;
 
@@ -12,13 +13,16 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor;
 
-use super::ReportData;
+use super::{ReportData, escape, gallery};
 use crate::metrics::LabelMetrics;
+use crate::train::ensemble::MemberRun;
 use crate::train::history::EpochRecord;
 
 const WIDTH: u32 = 760;
-const CURVE_WIDTH: u32 = 620;
 const ROW_PX: u32 = 18;
+/// The size of a run's curves, and of the small ones side by side (ensemble members, sweeps).
+pub(super) const CURVE: (u32, u32) = (620, 340);
+pub(super) const SMALL_CURVE: (u32, u32) = (400, 250);
 
 /// Renders the whole report as one HTML string.
 pub fn render_html(data: &ReportData) -> Result<String> {
@@ -27,7 +31,8 @@ pub fn render_html(data: &ReportData) -> Result<String> {
     write!(
         html,
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
-         <style>{STYLE}</style></head><body><h1>{title}</h1>"
+         <style>{STYLE}{}</style></head><body><h1>{title}</h1>",
+        gallery::STYLE
     )?;
     html.push_str("<div class=\"cards\">");
     for (name, value) in &data.metrics {
@@ -50,9 +55,12 @@ pub fn render_html(data: &ReportData) -> Result<String> {
 
     if !data.history.is_empty() {
         html.push_str("<h2>Training curves</h2><div class=\"row\">");
-        html.push_str(&loss_chart(&data.history)?);
-        html.push_str(&metric_chart(&data.history)?);
+        html.push_str(&loss_chart(&data.history, CURVE)?);
+        html.push_str(&metric_chart("Validation metrics", &data.history, CURVE)?);
         html.push_str("</div>");
+    }
+    if !data.members.is_empty() {
+        html.push_str(&members(&data.members)?);
     }
     let labels = label_rows(data);
     if !labels.is_empty() {
@@ -71,6 +79,9 @@ pub fn render_html(data: &ReportData) -> Result<String> {
             html.push_str("<h2>Label co-occurrence (training)</h2><p>Cell (row i, column j) = P(label j | label i).</p>");
             html.push_str(&heatmap(&data.label_names, &data.cooccurrence)?);
         }
+    }
+    if let Some(gallery) = &data.gallery {
+        html.push_str(gallery);
     }
     if !labels.is_empty() {
         html.push_str("<h2>Per-label table</h2>");
@@ -138,13 +149,6 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px}\
 table{border-collapse:collapse;font-size:13px;margin-top:12px}th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}\
 td.n{text-align:right;font-variant-numeric:tabular-nums}";
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// Runs `draw` on an SVG drawing area of the given size and returns the SVG markup.
 fn svg(
     width: u32,
@@ -180,9 +184,9 @@ struct Axes<'a> {
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
 /// Draws lines on one chart with a legend.
-fn line_chart(title: &str, axes: Axes, lines: &[Series]) -> Result<String> {
+fn line_chart(title: &str, axes: Axes, lines: &[Series], size: (u32, u32)) -> Result<String> {
     let (x_range, y_range) = (axes.x_range, axes.y_range);
-    svg(CURVE_WIDTH, 340, |root| {
+    svg(size.0, size.1, |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 18))
             .margin(12)
@@ -233,7 +237,8 @@ fn epoch_range(history: &[&EpochRecord]) -> (f64, f64) {
     (first, last.max(first + 1.0))
 }
 
-fn loss_chart(history: &[EpochRecord]) -> Result<String> {
+/// Training and validation loss per epoch of the main stage.
+pub(super) fn loss_chart(history: &[EpochRecord], size: (u32, u32)) -> Result<String> {
     let history = main_stage(history);
     let train: Vec<(f64, f64)> = history
         .iter()
@@ -261,10 +266,15 @@ fn loss_chart(history: &[EpochRecord]) -> Result<String> {
         whole_x: true,
         legend: SeriesLabelPosition::UpperRight,
     };
-    line_chart("Loss", axes, &lines)
+    line_chart("Loss", axes, &lines, size)
 }
 
-fn metric_chart(history: &[EpochRecord]) -> Result<String> {
+/// Validation micro-F1, macro-F1 and mAP per epoch of the main stage.
+pub(super) fn metric_chart(
+    title: &str,
+    history: &[EpochRecord],
+    size: (u32, u32),
+) -> Result<String> {
     let history = main_stage(history);
     let series = |f: fn(&EpochRecord) -> Option<f64>| -> Vec<(f64, f64)> {
         history
@@ -296,7 +306,7 @@ fn metric_chart(history: &[EpochRecord]) -> Result<String> {
         whole_x: true,
         legend: SeriesLabelPosition::LowerRight,
     };
-    line_chart("Validation metrics", axes, &lines)
+    line_chart(title, axes, &lines, size)
 }
 
 fn pr_chart(points: &[(f64, f64)]) -> Result<String> {
@@ -312,7 +322,51 @@ fn pr_chart(points: &[(f64, f64)]) -> Result<String> {
         "Precision vs recall",
         axes,
         &[("micro", RGBColor(31, 119, 180), points.to_vec())],
+        CURVE,
     )
+}
+
+/// An ensemble's members: a table of their own validation, and their curves side by side.
+fn members(members: &[MemberRun]) -> Result<String> {
+    let mut html = String::from(
+        "<h2>Members</h2><p>Each member's own validation (its fold, or the split's validation \
+         rows) at its own tuned thresholds.</p><table><tr><th>member</th><th>head</th>\
+         <th>loss</th><th>lr</th><th>val rows</th><th>best epoch</th><th>micro-F1</th>\
+         <th>macro-F1</th><th>mAP</th><th>val loss</th><th>parameters</th><th>MB</th></tr>",
+    );
+    for m in members {
+        let a = &m.metrics.averages;
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td><td class=\"n\">{:.4}</td><td class=\"n\">{:.4}</td>\
+             <td class=\"n\">{:.4}</td><td class=\"n\">{:.4}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{:.2}</td></tr>",
+            escape(&m.name),
+            escape(&m.head.to_string()),
+            escape(&m.loss.to_string()),
+            m.lr,
+            m.val_rows,
+            m.best_epoch,
+            a.micro.f1,
+            a.macro_avg.f1,
+            m.metrics.map,
+            m.val_loss,
+            m.size.parameters,
+            m.size.megabytes()
+        );
+    }
+    html.push_str("</table><div class=\"row\">");
+    for m in members.iter().filter(|m| !m.history.is_empty()) {
+        // `NAME.fold-2-of-5` -> `fold-2-of-5`.
+        let title = match m.name.rsplit_once(".fold-") {
+            Some((_, fold)) => format!("fold-{fold}"),
+            None => m.name.clone(),
+        };
+        html.push_str(&metric_chart(&title, &m.history, SMALL_CURVE)?);
+    }
+    html.push_str("</div>");
+    Ok(html)
 }
 
 /// Horizontal grouped bars: F1 and AP for every label, labelled `name (support)`.
@@ -538,6 +592,8 @@ mod tests {
                 .collect(),
             label_names: (0..5).map(|i| format!("label<{i}>")).collect(),
             per_label,
+            members: vec![],
+            gallery: None,
         }
     }
 

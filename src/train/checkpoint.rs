@@ -13,6 +13,8 @@
 //! written last, atomically and sealed ([`crate::model::checkpoint::Seal`]).
 
 use super::TrainConfig;
+use super::budget::HeadSize;
+use super::folds::FoldRef;
 use super::history::EpochRecord;
 use crate::files::write_atomic;
 use crate::heads::Head;
@@ -60,23 +62,41 @@ pub struct CheckpointMeta {
     /// Main-stage epoch (1-based) whose weights were saved.
     pub best_epoch: usize,
     pub history: Vec<EpochRecord>,
+    /// Trainable parameters and saved bytes (0 in sidecars written before they were recorded).
+    #[serde(default)]
+    pub size: HeadSize,
+    /// The fold this member of a k-fold ensemble validated on (absent for a plain run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<FoldRef>,
     /// The multiclip version that wrote it.
     pub written_by: String,
 }
 
+/// What any sidecar (a head's or an ensemble's) says about the data it was trained on: the
+/// defaults of `evaluate`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunRecord {
+    pub cache_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub split: SplitRef,
+    /// Set for k-fold ensembles and their members.
+    #[serde(default)]
+    pub fold: Option<FoldRef>,
+}
+
 /// What goes into a checkpoint's name.
 #[derive(Debug, Clone)]
-pub struct NameParts<'a> {
-    pub head: &'a str,
-    pub backbone: &'a str,
-    pub loss: &'a str,
+pub struct NameParts {
+    pub head: String,
+    pub backbone: String,
+    pub loss: String,
     pub lr: f64,
     pub batch_size: usize,
     pub seed: u64,
-    pub criterion: &'a str,
+    pub criterion: String,
 }
 
-impl NameParts<'_> {
+impl NameParts {
     /// `{head}_{backbone}_{loss}_v{version}_lr{lr}_bs{batch}_seed{seed}_{criterion}`.
     pub fn name(&self, version: u32) -> String {
         format!(
@@ -135,29 +155,7 @@ impl Checkpoint {
         explicit_name: Option<&str>,
         parts: &NameParts,
     ) -> Result<PathBuf> {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("creating checkpoint folder {}", dir.display()))?;
-        let name = match explicit_name {
-            Some(name) => {
-                if let Some(taken) = reserve(dir, name)? {
-                    bail!(
-                        "checkpoint `{name}` is taken in {}: {} exists (nothing is overwritten); \
-                         choose another --name or remove it",
-                        dir.display(),
-                        taken.display()
-                    );
-                }
-                name.to_string()
-            }
-            None => (1..)
-                .map(|version| parts.name(version))
-                .find_map(|name| match reserve(dir, &name) {
-                    Ok(Some(_)) => None,
-                    Ok(None) => Some(Ok(name)),
-                    Err(e) => Some(Err(e)),
-                })
-                .expect("versions never run out")?,
-        };
+        let name = reserve_name(dir, explicit_name, |version| parts.name(version))?;
         let (weights_path, sidecar_path) = checkpoint_files(dir, &name);
         self.meta.model.name = name;
         let tmp = weights_path.with_extension("safetensors.tmp");
@@ -206,6 +204,36 @@ pub fn checkpoint_tensors(varmap: &VarMap, head: &dyn Head) -> Result<HashMap<St
         }
     }
     Ok(tensors)
+}
+
+/// Reserves a run's name in `dir`: `explicit` (refused, naming the file, if taken) or the first
+/// free `default(version)` for versions 1, 2, ... The sidecar `NAME.json` is created empty and
+/// exclusively, so two runs cannot take the same name until the run replaces it.
+pub(crate) fn reserve_name(
+    dir: &Path,
+    explicit: Option<&str>,
+    default: impl Fn(u32) -> String,
+) -> Result<String> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("creating checkpoint folder {}", dir.display()))?;
+    if let Some(name) = explicit {
+        if let Some(taken) = reserve(dir, name)? {
+            bail!(
+                "checkpoint `{name}` is taken in {}: {} exists (nothing is overwritten); \
+                 choose another --name or remove it",
+                dir.display(),
+                taken.display()
+            );
+        }
+        return Ok(name.to_string());
+    }
+    for version in 1.. {
+        let name = default(version);
+        if reserve(dir, &name)?.is_none() {
+            return Ok(name);
+        }
+    }
+    unreachable!("versions never run out")
 }
 
 /// Reserves the name `name` in `dir` by creating `dir/name.json` exclusively, unless a file of
@@ -283,21 +311,23 @@ mod tests {
                 val_loss: 0.1,
                 best_epoch: 3,
                 history: vec![],
+                size: HeadSize::default(),
+                fold: None,
                 written_by: "test".into(),
             },
             tensors,
         }
     }
 
-    fn parts() -> NameParts<'static> {
+    fn parts() -> NameParts {
         NameParts {
-            head: "mlp",
-            backbone: "dinov2",
-            loss: "bce",
+            head: "mlp".into(),
+            backbone: "dinov2".into(),
+            loss: "bce".into(),
             lr: 0.001,
             batch_size: 256,
             seed: 3407,
-            criterion: "f1",
+            criterion: "f1".into(),
         }
     }
 

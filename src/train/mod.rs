@@ -8,10 +8,14 @@
 //! come from the seeded variable builder, batch order from `(seed, epoch)`, and every reduction
 //! runs in a fixed order.
 
+pub mod budget;
 pub mod checkpoint;
 pub mod early_stop;
+pub mod ensemble;
+pub mod folds;
 pub mod grads;
 pub mod history;
+pub mod kfold;
 pub mod memory;
 pub mod multistage;
 pub mod optim;
@@ -65,6 +69,10 @@ pub struct TrainConfig {
     /// The memory the run may need ([`memory`]); where it runs, not how, so not recorded.
     #[serde(skip)]
     pub memory_limit: memory::MemoryLimit,
+    /// Refuse, before training, a head (all members of an ensemble together) whose saved
+    /// weights exceed this many MB (`budget`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_head_mb: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +92,7 @@ impl Default for TrainConfig {
             multistage: false,
             plateau_gain: 0.01,
             memory_limit: memory::MemoryLimit::default(),
+            max_head_mb: None,
         }
     }
 }
@@ -93,8 +102,8 @@ impl TrainConfig {
     /// not a positive finite number, a zero batch size or epoch count, negative decay or clipping
     /// (NaN included) are refused rather than trained with. Every problem is listed at once.
     ///
-    /// `epochs` must be at least 1: a checkpoint keeps the best epoch's weights and thresholds,
-    /// and a run without an epoch has none.
+    /// `epochs` may be 0: the checkpoint then keeps the initial weights (label-name queries give
+    /// zero-shot classifiers that way) with thresholds tuned on validation.
     pub fn validate(&self) -> Result<()> {
         let mut problems = Vec::new();
         let mut require = |ok: bool, problem: String| {
@@ -113,7 +122,6 @@ impl TrainConfig {
         for (flag, value) in [
             ("--batch-size", self.batch_size),
             ("--eval-batch-size", self.eval_batch_size),
-            ("--epochs", self.epochs),
             ("--patience", self.patience),
         ] {
             require(
@@ -222,7 +230,8 @@ impl Validation {
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
     pub history: Vec<EpochRecord>,
-    /// 1-based epoch of the main stage whose weights were kept.
+    /// 1-based epoch of the main stage whose weights were kept (0: the initial weights, with
+    /// `--epochs 0`).
     pub best_epoch: usize,
     pub stopped_early: bool,
     /// Validation of the kept weights (thresholds tuned on validation).
@@ -337,13 +346,18 @@ pub fn fit(
             break;
         }
     }
-    let (best_epoch, _) = stopper
-        .best()
-        .context("training ran no epoch (--epochs 0?)")?;
-    let best = stopper
-        .best_weights()
-        .context("early stopping kept no weights")?;
-    best.restore(vars.iter().map(|(n, v)| (n, v)))?;
+    // With `--epochs 0` the initial weights are kept (validated, thresholds tuned): label
+    // priors in the output biases, or class weights from label embeddings.
+    let best_epoch = if config.epochs == 0 {
+        0
+    } else {
+        let (best_epoch, _) = stopper.best().context("early stopping saw no epoch")?;
+        let best = stopper
+            .best_weights()
+            .context("early stopping kept no weights")?;
+        best.restore(vars.iter().map(|(n, v)| (n, v)))?;
+        best_epoch
+    };
     let validation = validate(head, loss, data, config)?;
     Ok(TrainOutcome {
         history,
@@ -489,6 +503,18 @@ pub fn measure(
 ) -> Validation {
     let thresholds =
         metrics::tune_thresholds(&probabilities, &truth, num_labels, TuneObjective::default());
+    measure_at(probabilities, truth, thresholds, loss)
+}
+
+/// Metrics of probabilities against multi-hot truth at given thresholds (tuned elsewhere), with
+/// the at-least-one-label rule applied.
+pub fn measure_at(
+    probabilities: Vec<f32>,
+    truth: Vec<f32>,
+    thresholds: Vec<f32>,
+    loss: f64,
+) -> Validation {
+    let num_labels = thresholds.len();
     Validation {
         rows: probabilities.len() / num_labels.max(1),
         loss,
@@ -507,11 +533,17 @@ mod tests {
     #[test]
     fn settings_out_of_range_are_refused_naming_each_flag() {
         TrainConfig::default().validate().unwrap();
+        // No epoch keeps the initial weights (zero-shot label queries), a valid run.
+        TrainConfig {
+            epochs: 0,
+            ..TrainConfig::default()
+        }
+        .validate()
+        .unwrap();
         let bad = TrainConfig {
             lr: -0.01,
             batch_size: 0,
             eval_batch_size: 0,
-            epochs: 0,
             patience: 0,
             warmup_epochs: f64::NAN,
             adamw: AdamWConfig {
@@ -529,7 +561,6 @@ mod tests {
             "--lr",
             "--batch-size",
             "--eval-batch-size",
-            "--epochs",
             "--patience",
             "--warmup-epochs",
             "--weight-decay",
