@@ -34,6 +34,10 @@ pub struct ShardMeta {
     pub ids: Vec<String>,
     /// Rows of `[start, end)` that were not stored.
     pub skipped: Vec<SkippedRow>,
+    /// The device that computed the rows (`cpu`, `cuda:0`), when known: kept in the shard so a
+    /// resumed or merged extraction records it for shards it did not compute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// Encodes a shard. `data[k]` holds the stored bytes of `outputs[k]` for all rows.
@@ -370,6 +374,7 @@ impl ShardBuilder {
                 end: self.range.end,
                 ids: self.ids,
                 skipped: self.skipped,
+                device: None,
             },
             self.data,
         ))
@@ -468,6 +473,7 @@ pub(crate) mod tests {
                     reason: "test".into(),
                 })
                 .collect(),
+            device: None,
         };
         encode(&header.outputs, &meta, &data).unwrap()
     }

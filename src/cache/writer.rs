@@ -185,7 +185,8 @@ impl CacheWriter {
             self.slot.owns(index),
             "shard {index} belongs to another worker"
         );
-        let (meta, data) = builder.finish(&self.fingerprint)?;
+        let (mut meta, data) = builder.finish(&self.fingerprint)?;
+        meta.device = self.device.clone();
         let bytes = shard::encode(&self.header.outputs, &meta, &data)?;
         let file = shard_file_name(index);
         write_atomic(&self.dir.join(&file), &bytes)?;
@@ -202,7 +203,7 @@ impl CacheWriter {
                 hash,
                 header_hash: Some(header_hash),
                 skipped: meta.skipped,
-                device: self.device.clone(),
+                device: meta.device,
             },
         );
         self.written += 1;
@@ -287,7 +288,7 @@ pub(crate) fn describe_shard_file(
         hash,
         header_hash: Some(header_hash),
         skipped: layout.meta.skipped,
-        device: None,
+        device: layout.meta.device,
     })
 }
 
