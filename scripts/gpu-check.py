@@ -321,7 +321,9 @@ def write_dataset(out: Path, records, rows: int) -> Path:
         for i in range(rows):
             rep, r = divmod(i, len(records))
             link = out / "data" / f"r{rep}"
-            if not link.exists():
+            if link.is_symlink() and link.resolve() != (DEMO / "data").resolve():
+                link.unlink()  # left by a run from another checkout
+            if not link.is_symlink():
                 link.symlink_to(DEMO / "data", target_is_directory=True)
             rec = records[r]
             w.writerow([f"r{rep}/{rec['id']}", " ".join(rec["labels"]), rec["caption"]])
