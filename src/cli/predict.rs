@@ -29,7 +29,8 @@ pub struct PredictArgs {
     /// Also write `ImageID,<label>,...` probabilities here.
     #[arg(long)]
     pub probabilities: Option<PathBuf>,
-    /// Allow samples without any label (default: each gets at least its most likely one).
+    /// Allow samples without any label (default: each gets at least the label closest to its
+    /// threshold).
     #[arg(long)]
     pub no_at_least_one: bool,
     /// Rows per forward pass.

@@ -56,7 +56,8 @@ pub struct ServeArgs {
     /// On SIGTERM or Ctrl-C, time given to the requests in flight before exiting anyway.
     #[arg(long, default_value_t = 30, value_name = "S")]
     shutdown_timeout_s: u64,
-    /// Allow samples without any label (default: each gets at least its most likely one).
+    /// Allow samples without any label (default: each gets at least the label closest to its
+    /// threshold).
     #[arg(long)]
     no_at_least_one: bool,
 }
