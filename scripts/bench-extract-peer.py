@@ -5,9 +5,10 @@ white, as multiclip does), Hugging Face preprocessing, forward, pooling, and an 
 at the end. torch.set_num_threads(2). Timed from the first batch to the saved output, after
 one warm-up batch (model loading is not timed, as multiclip's rows/s does not count it).
 
-Usage: "$PY" scripts/bench-extract-peer.py image DATASET_DIR BATCH OUT.npy
-       "$PY" scripts/bench-extract-peer.py text  DATASET_DIR BATCH OUT.npy [--sorted]
+Usage: "$PY" scripts/bench-extract-peer.py image DATASET_DIR BATCH OUT.npy [--bf16]
+       "$PY" scripts/bench-extract-peer.py text  DATASET_DIR BATCH OUT.npy [--sorted] [--bf16]
        "$PY" scripts/bench-extract-peer.py padding DATASET_DIR BATCH
+`--bf16` runs the model in bf16 (`model.to(torch.bfloat16)`, inputs cast to it, pooling in f32).
 Prints one line: `peer <kind> batch B: N items in S s = R items/s, peak RSS M MiB`; `padding`
 prints instead the token positions the text encoder computes (and the attention work, sum of
 rows x length^2) when batches are padded in dataset order, globally sorted by token length, or
@@ -51,31 +52,32 @@ def rgb_over_white(path):
     return image.convert("RGB")
 
 
-def image_run(dataset, batch):
+def image_run(dataset, batch, dtype):
     processor = BitImageProcessorPil.from_pretrained(ROOT / "models/dinov2-small")
-    model = Dinov2Model.from_pretrained(ROOT / "models/dinov2-small").eval()
+    model = Dinov2Model.from_pretrained(ROOT / "models/dinov2-small").eval().to(dtype)
     ids = [i for i, _ in rows_of(dataset)]
 
     def embed(chunk):
         images = [rgb_over_white(dataset / "data" / i) for i in chunk]
         pixels = processor(images, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            hidden = model(pixel_values=pixels).last_hidden_state
+            hidden = model(pixel_values=pixels.to(dtype)).last_hidden_state.float()
             return torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=1).half().numpy()
 
     embed(ids[:batch])  # warm-up
     return ids, lambda: np.concatenate([embed(ids[i:i + batch]) for i in range(0, len(ids), batch)])
 
 
-def text_run(dataset, batch, by_length):
+def text_run(dataset, batch, by_length, dtype):
     tok = AutoTokenizer.from_pretrained(ROOT / "models/all-MiniLM-L6-v2")
-    bert = BertModel.from_pretrained(ROOT / "models/all-MiniLM-L6-v2", add_pooling_layer=False).eval()
+    bert = BertModel.from_pretrained(ROOT / "models/all-MiniLM-L6-v2", add_pooling_layer=False)
+    bert = bert.eval().to(dtype)
     captions = [c for _, c in rows_of(dataset)]
 
     def embed(chunk):
         enc = tok(chunk, padding=True, truncation=True, max_length=256, return_tensors="pt")
         with torch.inference_mode():
-            out = bert(**enc).last_hidden_state
+            out = bert(**enc).last_hidden_state.float()
             m = enc["attention_mask"].unsqueeze(-1).float()
             pooled = torch.nn.functional.normalize((out * m).sum(1) / m.sum(1), dim=1)
             return pooled.half().numpy()
@@ -139,17 +141,19 @@ def main():
         return padding_report(Path(sys.argv[2]), int(sys.argv[3]))
     kind, dataset, batch, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(2)
+    flags = sys.argv[5:]
+    dtype = torch.bfloat16 if "--bf16" in flags else torch.float32
     if kind == "image":
-        items, run = image_run(dataset, batch)
+        items, run = image_run(dataset, batch, dtype)
         unit = "img"
     else:
-        items, run = text_run(dataset, batch, "--sorted" in sys.argv[5:])
+        items, run = text_run(dataset, batch, "--sorted" in flags, dtype)
         unit = "texts"
     start = time.perf_counter()
     np.save(out, run())
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    label = kind + (" sorted" if "--sorted" in sys.argv[5:] else "")
+    label = kind + (" sorted" if "--sorted" in flags else "") + (" bf16" if "--bf16" in flags else "")
     print(f"peer {label} batch {batch}: {len(items)} items in {seconds:.1f} s = "
           f"{len(items) / seconds:.2f} {unit}/s, peak RSS {peak:.0f} MiB")
 

@@ -3,8 +3,10 @@
 # write, with the prefetching producer) against the PyTorch + transformers peer
 # (scripts/bench-extract-peer.py: decode + HF preprocessing + forward, sequential), on the same real
 # openclipart images and captions, the same threads (2) and batch sizes, each multiclip run
-# directly followed by its peer so both see the same machine load. Also the peak RSS of multiclip
-# extract at two dataset sizes (N and 4N rows).
+# directly followed by its peer so both see the same machine load. A precision axis: each pair
+# runs in every precision of PRECISIONS (multiclip `--precision P`; the peer in f32, or in bf16
+# with `model.to(torch.bfloat16)`), and a bf16 row also gives its ratio to the f32 peer. Also the
+# peak RSS of multiclip extract (f32) at two dataset sizes (N and 4N rows).
 #
 # Usage: scripts/bench-extract.sh [N_IMAGES]        (default 256)
 # Env:   BIN      multiclip binary (default /tmp/mc-bench: copy target/release/multiclip there,
@@ -12,7 +14,8 @@
 #        DATA     openclipart dataset in competition format (default data/openclipart-full)
 #        TEXT_DATA  dataset whose captions (train + test) the text runs embed (default $DATA)
 #        WORK     scratch folder (default /tmp/mc-bench-runs)
-#        THREADS  2;  IMAGE_BATCHES "1 8 32";  TEXT_BATCHES "32 256"
+#        THREADS  2;  IMAGE_BATCHES "1 8 32";  TEXT_BATCHES "32 256";  PRECISIONS "f32 bf16"
+#        MEMORY   1 (0 skips the memory runs; they need 4N rows in $DATA/train.csv)
 #        MAX_LOAD wait (up to MAX_WAIT s, default 120) before each pair until the 1-minute load
 #                 average is below this (default: no waiting)
 # Needs: models/dinov2-small and models/all-MiniLM-L6-v2 (scripts/fetch-weights.sh), the Python
@@ -28,6 +31,8 @@ WORK=${WORK:-/tmp/mc-bench-runs}
 THREADS=${THREADS:-2}
 IMAGE_BATCHES=${IMAGE_BATCHES:-1 8 32}
 TEXT_BATCHES=${TEXT_BATCHES:-32 256}
+PRECISIONS=${PRECISIONS:-f32 bf16}
+MEMORY=${MEMORY:-1}
 MAX_LOAD=${MAX_LOAD:-}
 MAX_WAIT=${MAX_WAIT:-120}
 PY=$(scripts/python-env.sh)
@@ -67,12 +72,13 @@ wait_quiet() {
 peak_mib() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$1"; }
 cpu_s() { awk -F': ' '/(User|System) time/ { t += $2 } END { printf "%.0f", t }' "$1"; }
 
-# multiclip LABEL DATASET SPEC BATCH -> prints "rate peak_mib" and keeps the logs in $WORK
+# multiclip LABEL DATASET SPEC BATCH PRECISION -> prints "rate peak_mib cpu_s", keeps the logs
 multiclip() {
-  local label=$1 dataset=$2 spec=$3 batch=$4 out=$WORK/cache-$1
+  local label=$1 dataset=$2 spec=$3 batch=$4 precision=$5 out=$WORK/cache-$1
   rm -rf "$out"
   /usr/bin/time -v -o "$WORK/$label.time" "$BIN" extract --data "$dataset" --part all \
-    --backbone "$spec" --batch-size "$batch" --threads "$THREADS" --out "$out" \
+    --backbone "$spec" --batch-size "$batch" --threads "$THREADS" --precision "$precision" \
+    --out "$out" \
     >"$WORK/$label.log" 2>"$WORK/$label.err" || { cat "$WORK/$label.err" >&2; exit 1; }
   local rate
   rate=$(sed -n 's/.*computed now in .* s (\([0-9.]*\) rows\/s).*/\1/p' "$WORK/$label.log")
@@ -80,10 +86,11 @@ multiclip() {
   rm -rf "$out"
 }
 
-# peer LABEL KIND DATASET BATCH [--sorted] -> prints "rate peak_mib"
+# peer LABEL KIND DATASET BATCH PRECISION [--sorted] -> prints "rate peak_mib cpu_s"
 peer() {
-  local label=$1 kind=$2 dataset=$3 batch=$4
-  shift 4
+  local label=$1 kind=$2 dataset=$3 batch=$4 precision=$5
+  shift 5
+  [ "$precision" = f32 ] || set -- "$@" "--$precision"
   /usr/bin/time -v -o "$WORK/$label.time" "$PY" scripts/bench-extract-peer.py "$kind" "$dataset" \
     "$batch" "$WORK/$label.npy" "$@" >"$WORK/$label.log" 2>"$WORK/$label.err" ||
     { cat "$WORK/$label.err" >&2; exit 1; }
@@ -95,22 +102,29 @@ peer() {
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
+# "(R vs peer f32)" for a reduced-precision row, given its rate and the f32 peer's ("" for f32)
+vs_f32() { [ "$1" = f32 ] || [ -z "$3" ] || echo " ($(ratio "$2" "$3") vs peer f32)"; }
+
 images=$(subset "$N")
 {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs);" \
     "threads $THREADS; $(date -u +%FT%TZ); binary $BIN ($(git rev-parse --short HEAD))"
   echo
-  echo "| workload | batch | items | multiclip /s | peer /s | ratio | multiclip peak RSS | peer peak RSS | CPU s multiclip / peer | load before (1/5/15 min) |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "| workload | batch | precision | items | multiclip /s | peer /s | ratio | multiclip peak RSS | peer peak RSS | CPU s multiclip / peer | load before (1/5/15 min) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
 } | tee "$RESULTS"
 
 for b in $IMAGE_BATCHES; do
-  wait_quiet
-  before=$(load)
-  read -r mr mm mc <<<"$(multiclip "dinov2-b$b" "$images" dinov2:models/dinov2-small "$b")"
-  read -r pr pm pc <<<"$(peer "peer-dinov2-b$b" image "$images" "$b")"
-  echo "| DINOv2-S image, e2e | $b | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
-    tee -a "$RESULTS"
+  peer_f32=
+  for p in $PRECISIONS; do
+    wait_quiet
+    before=$(load)
+    read -r mr mm mc <<<"$(multiclip "dinov2-$p-b$b" "$images" dinov2:models/dinov2-small "$b" "$p")"
+    read -r pr pm pc <<<"$(peer "peer-dinov2-$p-b$b" image "$images" "$b" "$p")"
+    [ "$p" = f32 ] && peer_f32=$pr
+    echo "| DINOv2-S image, e2e | $b | $p | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
+      tee -a "$RESULTS"
+  done
 done
 
 texts=$TEXT_DATA
@@ -119,18 +133,23 @@ for csv in "$texts/train.csv" "$texts/test.csv"; do
   [ -f "$csv" ] && n_texts=$((n_texts + $(tail -n +2 "$csv" | wc -l)))
 done
 for b in $TEXT_BATCHES; do
-  wait_quiet
-  before=$(load)
-  read -r mr mm mc <<<"$(multiclip "minilm-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b")"
-  read -r pr pm pc <<<"$(peer "peer-minilm-b$b" text "$texts" "$b")"
-  read -r sr sm sc <<<"$(peer "peer-minilm-sorted-b$b" text "$texts" "$b" --sorted)"
-  echo "| MiniLM-L6 text, e2e (peer padded per batch) | $b | $n_texts | $mr texts/s | $pr texts/s | $(ratio "$mr" "$pr") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
-    tee -a "$RESULTS"
-  echo "| MiniLM-L6 text, e2e (peer sorted by length) | $b | $n_texts | $mr texts/s | $sr texts/s | $(ratio "$mr" "$sr") | $mm MiB | $sm MiB | $mc / $sc | $before |" |
-    tee -a "$RESULTS"
+  peer_f32= sorted_f32=
+  for p in $PRECISIONS; do
+    wait_quiet
+    before=$(load)
+    read -r mr mm mc <<<"$(multiclip "minilm-$p-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b" "$p")"
+    read -r pr pm pc <<<"$(peer "peer-minilm-$p-b$b" text "$texts" "$b" "$p")"
+    read -r sr sm sc <<<"$(peer "peer-minilm-sorted-$p-b$b" text "$texts" "$b" "$p" --sorted)"
+    [ "$p" = f32 ] && peer_f32=$pr sorted_f32=$sr
+    echo "| MiniLM-L6 text, e2e (peer padded per batch) | $b | $p | $n_texts | $mr texts/s | $pr texts/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
+      tee -a "$RESULTS"
+    echo "| MiniLM-L6 text, e2e (peer sorted by length) | $b | $p | $n_texts | $mr texts/s | $sr texts/s | $(ratio "$mr" "$sr")$(vs_f32 "$p" "$mr" "$sorted_f32") | $mm MiB | $sm MiB | $mc / $sc | $before |" |
+      tee -a "$RESULTS"
+  done
 done
 
 # Memory at two dataset sizes (batch 32, default shard size): bounded by batch and shard, not rows.
+[ "$MEMORY" = 1 ] || exit 0
 {
   echo
   echo "| multiclip extract dinov2-s, batch 32 | rows | img/s | peak RSS | CPU s | load before |"
@@ -139,6 +158,6 @@ done
 for n in "$N" $((4 * N)); do
   wait_quiet
   before=$(load)
-  read -r mr mm mc <<<"$(multiclip "dinov2-mem-$n" "$(subset "$n")" dinov2:models/dinov2-small 32)"
+  read -r mr mm mc <<<"$(multiclip "dinov2-mem-$n" "$(subset "$n")" dinov2:models/dinov2-small 32 f32)"
   echo "| | $n | $mr | $mm MiB | $mc | $before |" | tee -a "$RESULTS"
 done

@@ -3,11 +3,14 @@
 //! the mean of a token sequence over its real (unmasked) tokens, the number type of a forward pass
 //! ([`Precision`]), and what the fused CPU kernels of both (`backbone::cpu_ops` and
 //! `backbone::attention` for inference, `heads::fused` with backward passes for training) have in
-//! common: when they apply ([`Kernels::fuse`], [`is_cpu_f32`]), their task size ([`CHUNK`]) and
+//! common: when they apply ([`Kernels::fuse`], [`is_cpu_f32`]; [`Kernels::for_compute`] picks the
+//! bf16 products of [`crate::bf16_gemm`] for bf16 on the CPU), their task size ([`CHUNK`]) and
 //! their access to a contiguous tensor's data ([`contiguous_f32`]).
 
 use candle_core::{CpuStorage, D, DType, Device, DeviceLocation, Layout, Result, Tensor};
 use serde::{Deserialize, Serialize};
+
+use crate::bf16_gemm;
 
 /// Elements per parallel task of the element-wise CPU kernels: enough work per rayon task to beat
 /// its scheduling cost.
@@ -21,30 +24,67 @@ pub fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
-/// Which kernels a frozen model runs, chosen once when it is loaded.
+/// Which kernels a frozen model runs, chosen once when it is loaded ([`Kernels::for_compute`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
     /// The fused CPU kernels wherever their inputs allow ([`Kernels::fuse`]), candle's
     /// device-generic ops elsewhere (CUDA, bf16, f16).
     #[default]
     Fused,
+    /// The fused CPU kernels with every linear layer's matrix product in bf16 x bf16 -> f32 on
+    /// this [`bf16_gemm::Kernel`] (its weights packed once, at load; its input rounded to bf16 at
+    /// each product): `--precision bf16` on the CPU. Everything else (activations, accumulation,
+    /// layer norms, softmax, GELU, the attention's products) stays in f32.
+    FusedBf16(bf16_gemm::Kernel),
     /// candle's device-generic ops everywhere: what runs on CUDA, forced on the CPU by the tests
     /// that prove the two paths equal.
     Generic,
 }
 
 impl Kernels {
-    /// Whether a fused CPU kernel takes `tensors`: [`Kernels::Fused`] and every one of them
-    /// [`is_cpu_f32`]. The one check in front of every fused kernel of the backbones.
+    /// The kernels for `precision` on `device`: [`Kernels::FusedBf16`] on the fastest
+    /// [`bf16_gemm::Kernel`] for bf16 on the CPU (candle has no bf16 dot-product kernels there),
+    /// [`Kernels::Fused`] otherwise. The one place where `--precision` picks a CPU path.
+    pub fn for_compute(device: &Device, precision: Precision) -> Self {
+        if device.is_cpu() && precision == Precision::Bf16 {
+            Self::FusedBf16(bf16_gemm::Kernel::detect())
+        } else {
+            Self::Fused
+        }
+    }
+
+    /// The dtype of a model's weights and activations for `precision` with these kernels: f32
+    /// with [`Kernels::FusedBf16`] (only its products round to bf16), else `precision`'s.
+    pub fn dtype(self, precision: Precision) -> DType {
+        match self {
+            Self::FusedBf16(_) => DType::F32,
+            Self::Fused | Self::Generic => precision.dtype(),
+        }
+    }
+
+    /// The bf16 product kernel of a linear layer whose weight is `weight`: that of
+    /// [`Kernels::FusedBf16`] when the weight is an f32 CPU tensor.
+    pub fn bf16_products(self, weight: &Tensor) -> Option<bf16_gemm::Kernel> {
+        match self {
+            Self::FusedBf16(kernel) if is_cpu_f32(weight) => Some(kernel),
+            _ => None,
+        }
+    }
+
+    /// Whether a fused CPU kernel takes `tensors`: [`Kernels::Fused`] or [`Kernels::FusedBf16`]
+    /// and every one of them [`is_cpu_f32`]. The one check in front of every fused kernel of the
+    /// backbones.
     pub fn fuse(self, tensors: &[&Tensor]) -> bool {
-        self == Kernels::Fused && tensors.iter().all(|t| is_cpu_f32(t))
+        self != Kernels::Generic && tensors.iter().all(|t| is_cpu_f32(t))
     }
 }
 
-/// The number type of a forward pass (`--precision`): weights are converted to it once when a
-/// model is loaded and activations stay in it, except where transformers computes in f32 too (layer
-/// norm statistics, attention softmax) and for the final outputs, which are f32 before their
-/// normalisation. Stored (cache) dtypes are a separate choice.
+/// The number type of a forward pass (`--precision`). On a GPU (and with [`Kernels::Generic`]),
+/// weights are converted to it once when a model is loaded and activations stay in it, except
+/// where transformers computes in f32 too (layer norm statistics, attention softmax) and for the
+/// final outputs, which are f32 before their normalisation. bf16 on the CPU rounds only the
+/// operands of the linear layers' products ([`Kernels::FusedBf16`]). Stored (cache) dtypes are a
+/// separate choice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

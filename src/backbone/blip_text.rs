@@ -60,11 +60,9 @@ struct BertAttention {
 impl BertAttention {
     fn new(dim: usize, kv_dim: usize, heads: usize, eps: f64, vb: Weights) -> Result<Self> {
         let s = vb.pp("self");
-        let key = FrozenLinear::new(kv_dim, dim, s.pp("key"))?;
-        let value = FrozenLinear::new(kv_dim, dim, s.pp("value"))?;
         Ok(Self {
             query: FrozenLinear::new(dim, dim, s.pp("query"))?,
-            key_value: FrozenLinear::concat(&[key, value])?,
+            key_value: FrozenLinear::fused(&["key", "value"], kv_dim, dim, true, s.clone())?,
             dense: FrozenLinear::new(dim, dim, vb.pp("output").pp("dense"))?,
             norm: FrozenLayerNorm::new(dim, eps, vb.pp("output").pp("LayerNorm"))?,
             heads,

@@ -136,12 +136,15 @@ fn clip_layer(
     vb: Weights,
 ) -> Result<PreNormLayer> {
     let attn = vb.pp("self_attn");
-    let q = FrozenLinear::new(dim, dim, attn.pp("q_proj"))?;
-    let k = FrozenLinear::new(dim, dim, attn.pp("k_proj"))?;
-    let v = FrozenLinear::new(dim, dim, attn.pp("v_proj"))?;
     Ok(PreNormLayer {
         ln1: FrozenLayerNorm::new(dim, eps, vb.pp("layer_norm1"))?,
-        qkv: FrozenLinear::concat(&[q, k, v])?,
+        qkv: FrozenLinear::fused(
+            &["q_proj", "k_proj", "v_proj"],
+            dim,
+            dim,
+            true,
+            attn.clone(),
+        )?,
         out: FrozenLinear::new(dim, dim, attn.pp("out_proj"))?,
         ln2: FrozenLayerNorm::new(dim, eps, vb.pp("layer_norm2"))?,
         fc1: FrozenLinear::new(dim, inner, vb.pp("mlp").pp("fc1"))?,

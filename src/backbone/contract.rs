@@ -12,7 +12,7 @@ use crate::tensor_ops::{Kernels, Precision};
 
 /// Where and how a frozen backbone computes: its device, the number type of its forward pass and
 /// which kernels it runs. A `&Device` converts to one with the device's default precision
-/// ([`Precision::default_for`]) and the fused kernels.
+/// ([`Precision::default_for`]) and the fused kernels ([`Kernels::for_compute`]).
 #[derive(Clone, Debug)]
 pub struct Compute {
     pub device: Device,
@@ -21,18 +21,19 @@ pub struct Compute {
 }
 
 impl Compute {
-    /// `precision` on `device`, with the fused CPU kernels where they apply.
+    /// `precision` on `device`, with the fused CPU kernels where they apply (bf16 products on
+    /// the CPU for bf16).
     pub fn new(device: &Device, precision: Precision) -> Self {
         Self {
             device: device.clone(),
             precision,
-            kernels: Kernels::Fused,
+            kernels: Kernels::for_compute(device, precision),
         }
     }
 
-    /// The dtype of the weights and activations.
+    /// The dtype of the weights and activations ([`Kernels::dtype`]).
     pub fn dtype(&self) -> DType {
-        self.precision.dtype()
+        self.kernels.dtype(self.precision)
     }
 }
 

@@ -115,12 +115,17 @@ impl Dinov2Model {
                 let qkv_names = ["query", "key", "value"];
                 Ok(Layer {
                     norm1: FrozenLayerNorm::new(d, eps, vb.pp("norm1"))?,
-                    qkv: FrozenLinear::fused(qkv_names, d, config.qkv_bias, attn.pp("attention"))?,
-                    attn_out: FrozenLinear::new(d, d, attn.pp("output").pp("dense"))?
-                        .scaled(&scale1)?,
+                    qkv: FrozenLinear::fused(
+                        &qkv_names,
+                        d,
+                        d,
+                        config.qkv_bias,
+                        attn.pp("attention"),
+                    )?,
+                    attn_out: FrozenLinear::scaled(d, d, &scale1, attn.pp("output").pp("dense"))?,
                     norm2: FrozenLayerNorm::new(d, eps, vb.pp("norm2"))?,
                     fc1: FrozenLinear::new(d, mlp_dim, vb.pp("mlp").pp("fc1"))?,
-                    fc2: FrozenLinear::new(mlp_dim, d, vb.pp("mlp").pp("fc2"))?.scaled(&scale2)?,
+                    fc2: FrozenLinear::scaled(mlp_dim, d, &scale2, vb.pp("mlp").pp("fc2"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -1,5 +1,6 @@
 //! Inference building blocks shared by the transformer backbones: a linear layer that runs as
-//! one matrix product over all tokens (bias and activation fused on the CPU), layer norm, the
+//! one matrix product over all tokens (bias and activation fused on the CPU; in bf16 x bf16 -> f32
+//! through [`crate::bf16_gemm`] with [`Kernels::FusedBf16`]), layer norm, the
 //! pre-norm ViT/CLIP encoder layer, the ViT patch embedding as one matrix product and the ViT
 //! input tokens; attention is in [`super::attention`], activations in [`super::activation`].
 //!
@@ -9,6 +10,8 @@
 //! passes. Each layer runs in the dtype and with the [`Kernels`] its [`Weights`] were loaded
 //! with; a layer built of others (the encoder layer) runs with those of its projections.
 
+use std::sync::Arc;
+
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Tensor};
 
@@ -16,30 +19,51 @@ use super::activation::Activation;
 use super::attention::{Mask, attention};
 use super::cpu_ops::{bias_act, residual_add};
 use super::source::Weights;
+use crate::bf16_gemm::PackedRhs;
+use crate::bf16_gemm::tensor::{linear, pack_linear_weight};
 use crate::tensor_ops::Kernels;
 
 /// A dense layer `y = x W^T + b` with loaded (frozen) weights over the last dimension of any-rank
 /// input, optionally followed by an activation in the same pass.
 #[derive(Clone, Debug)]
 pub struct FrozenLinear {
-    /// [out, in], as stored by PyTorch.
-    weight: Tensor,
+    product: Product,
     /// [out]
     bias: Option<Tensor>,
-    /// `bias` on the host, when the layer runs the fused CPU kernel (f32 CPU weights).
+    /// `bias` on the host, when the layer runs a fused CPU kernel (f32 CPU weights).
     bias_host: Option<Vec<f32>>,
     kernels: Kernels,
+}
+
+/// How a [`FrozenLinear`] multiplies its input by its weight.
+#[derive(Clone, Debug)]
+enum Product {
+    /// candle's matmul by `W^T`, `W` [out, in] as stored by PyTorch, in the forward's dtype.
+    Matmul(Tensor),
+    /// bf16 x bf16 -> f32 by `W^T`, rounded and packed once at load ([`Kernels::FusedBf16`]);
+    /// the f32 weight is not kept.
+    Bf16(Arc<PackedRhs>),
 }
 
 impl FrozenLinear {
     /// A layer of these weights: `weight` [out, in], `bias` [out], of one dtype and device.
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>, kernels: Kernels) -> Result<Self> {
-        let bias_host = match &bias {
-            Some(b) if kernels.fuse(&[&weight, b]) => Some(b.to_vec1()?),
-            _ => None,
+        let (product, bias_host) = match kernels.bf16_products(&weight) {
+            Some(kernel) => {
+                let packed = pack_linear_weight(&weight, kernel)?;
+                let host = bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1());
+                (Product::Bf16(Arc::new(packed)), host.transpose()?)
+            }
+            None => {
+                let host = match &bias {
+                    Some(b) if kernels.fuse(&[&weight, b]) => Some(b.to_vec1()?),
+                    _ => None,
+                };
+                (Product::Matmul(weight), host)
+            }
         };
         Ok(Self {
-            weight,
+            product,
             bias,
             bias_host,
             kernels,
@@ -48,64 +72,73 @@ impl FrozenLinear {
 
     /// Loads `weight` [out, in] and `bias` [out] under `vb`.
     pub fn new(in_dim: usize, out_dim: usize, vb: Weights) -> Result<Self> {
-        Self::load(in_dim, out_dim, true, vb)
+        let (weight, bias) = Self::parameters(in_dim, out_dim, true, &vb)?;
+        Self::from_weights(weight, bias, vb.kernels())
     }
 
     /// Loads `weight` [out, in] under `vb` (a layer without bias).
     pub fn without_bias(in_dim: usize, out_dim: usize, vb: Weights) -> Result<Self> {
-        Self::load(in_dim, out_dim, false, vb)
+        let (weight, bias) = Self::parameters(in_dim, out_dim, false, &vb)?;
+        Self::from_weights(weight, bias, vb.kernels())
     }
 
-    fn load(in_dim: usize, out_dim: usize, with_bias: bool, vb: Weights) -> Result<Self> {
+    /// `weight` [out, in] and, when `with_bias`, `bias` [out] under `vb`.
+    fn parameters(
+        in_dim: usize,
+        out_dim: usize,
+        with_bias: bool,
+        vb: &Weights,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if with_bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
+        Ok((weight, bias))
+    }
+
+    /// Loads several `[out_dim, in_dim]` projections of one input under `vb` (e.g. query, key,
+    /// value) as one `[names.len() * out_dim, in_dim]` layer: a single matrix product.
+    pub fn fused(
+        names: &[&str],
+        in_dim: usize,
+        out_dim: usize,
+        with_bias: bool,
+        vb: Weights,
+    ) -> Result<Self> {
+        let parts = names
+            .iter()
+            .map(|name| Self::parameters(in_dim, out_dim, with_bias, &vb.pp(*name)))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|(_, b)| b.as_ref()).collect();
+        let bias = with_bias.then(|| Tensor::cat(&biases, 0)).transpose()?;
+        Self::from_weights(Tensor::cat(&weights, 0)?, bias, vb.kernels())
+    }
+
+    /// Loads a layer under `vb` as [`FrozenLinear::new`] with a per-output scale (DINOv2's layer
+    /// scale) folded in: `(x W^T + b) * s`.
+    pub fn scaled(in_dim: usize, out_dim: usize, scale: &Tensor, vb: Weights) -> Result<Self> {
+        let (weight, bias) = Self::parameters(in_dim, out_dim, true, &vb)?;
+        let weight = weight.broadcast_mul(&scale.unsqueeze(1)?)?;
+        let bias = bias.map(|b| b * scale).transpose()?;
         Self::from_weights(weight, bias, vb.kernels())
     }
 
-    /// Loads three `[dim, dim]` projections (e.g. query, key, value) under `vb` as one
-    /// `[3 * dim, dim]` layer: a single matrix product.
-    pub fn fused(names: [&str; 3], dim: usize, with_bias: bool, vb: Weights) -> Result<Self> {
-        let parts = names
-            .iter()
-            .map(|name| Self::load(dim, dim, with_bias, vb.pp(*name)))
-            .collect::<Result<Vec<_>>>()?;
-        Self::concat(&parts)
-    }
-
-    /// Stacks several layers with the same input into one (e.g. q, k, v -> qkv).
-    pub fn concat(parts: &[FrozenLinear]) -> Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
-        let weight = Tensor::cat(&weights, 0)?;
-        let bias = if parts.iter().all(|p| p.bias.is_some()) {
-            let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
-            Some(Tensor::cat(&biases, 0)?)
-        } else if parts.iter().all(|p| p.bias.is_none()) {
-            None
-        } else {
-            bail!("cannot fuse linear layers where only some have a bias")
-        };
-        let kernels = parts.first().map_or(Kernels::Fused, |p| p.kernels);
-        Self::from_weights(weight, bias, kernels)
-    }
-
-    /// Folds a per-output scale (DINOv2's layer scale) into the layer: `(x W^T + b) * s`.
-    pub fn scaled(self, scale: &Tensor) -> Result<Self> {
-        let weight = self.weight.broadcast_mul(&scale.unsqueeze(1)?)?;
-        let bias = self.bias.map(|b| b * scale).transpose()?;
-        Self::from_weights(weight, bias, self.kernels)
-    }
-
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.product {
+            Product::Matmul(weight) => weight.dims()[0],
+            Product::Bf16(packed) => packed.n(),
+        }
     }
 
-    /// The dtype of the weights: the forward's.
+    /// The dtype of the layer's input and output: the forward's.
     pub fn dtype(&self) -> DType {
-        self.weight.dtype()
+        match &self.product {
+            Product::Matmul(weight) => weight.dtype(),
+            Product::Bf16(_) => DType::F32,
+        }
     }
 
     /// The kernels this layer was loaded with.
@@ -117,16 +150,23 @@ impl FrozenLinear {
         self.forward_act(x, None)
     }
 
-    /// `act(x W^T + b)`: on the CPU in f32, the bias and activation fused into one in-place pass
-    /// after the product; elsewhere candle's ops.
+    /// `act(x W^T + b)`: on the CPU in f32, the bias and activation fused into the product (bf16
+    /// products) or into one in-place pass after it; elsewhere candle's ops.
     pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let weight = match &self.product {
+            Product::Bf16(packed) => {
+                // The bias initialises the f32 result the product accumulates into.
+                let y = linear(x, packed, self.bias_host.as_deref())?;
+                return bias_act(y, None, act);
+            }
+            Product::Matmul(weight) => weight,
+        };
         let mut dims = x.dims().to_vec();
         let in_dim = *dims
             .last()
             .expect("linear input has at least one dimension");
         let rows = x.elem_count() / in_dim;
-        // The layer's one matrix product (where a CPU bf16 kernel would plug in).
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         let y = match (&self.bias, &self.bias_host) {
             (None, _) if self.kernels.fuse(&[&y]) => bias_act(y, None, act)?,
             (Some(_), Some(host)) if self.kernels.fuse(&[&y]) => bias_act(y, Some(host), act)?,

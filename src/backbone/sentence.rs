@@ -100,7 +100,13 @@ impl BertEncoder {
                 let vb = vb.pp(format!("encoder.layer.{i}"));
                 let attn = vb.pp("attention");
                 Ok(Layer {
-                    qkv: FrozenLinear::fused(["query", "key", "value"], d, true, attn.pp("self"))?,
+                    qkv: FrozenLinear::fused(
+                        &["query", "key", "value"],
+                        d,
+                        d,
+                        true,
+                        attn.pp("self"),
+                    )?,
                     attn_out: FrozenLinear::new(d, d, attn.pp("output").pp("dense"))?,
                     attn_norm: FrozenLayerNorm::new(d, eps, attn.pp("output").pp("LayerNorm"))?,
                     intermediate: FrozenLinear::new(d, ffn, vb.pp("intermediate").pp("dense"))?,

@@ -1,10 +1,12 @@
 //! What a GPU runs, proven on the CPU: a backbone loaded with [`Kernels::Generic`] (candle's
 //! device-generic ops, the only ones CUDA has) gives the outputs of the fused CPU kernels, and its
-//! bf16 and f16 forward passes stay close to f32. Shared by tests/backbones.rs and
+//! reduced-precision forward passes (bf16 products of f32 activations, as `--precision bf16` runs
+//! on the CPU; bf16 and f16 dtypes, as on CUDA) stay close to f32. Shared by tests/backbones.rs and
 //! tests/clip_blip.rs (included with `#[path]`).
 
 use candle_core::{D, DType, Device, Tensor};
 use multiclip::backbone::{self, Compute, OutputKind, Sample};
+use multiclip::bf16_gemm::Kernel;
 use multiclip::tensor_ops::{Kernels, Precision};
 
 /// Largest difference allowed between the generic and the fused path (f32).
@@ -86,13 +88,33 @@ pub fn assert_generic_equals_fused(spec: &str, samples: &[Sample]) {
     }
 }
 
-/// Every output row of `spec` in bf16 and in f16 has a cosine of at least [`PRECISION_COSINE`]
-/// with its f32 value (masks are equal).
+/// The reduced-precision paths a backbone runs: bf16 products of f32 activations on the CPU
+/// (`--precision bf16` there: the AVX512-BF16 kernel where this CPU has it, and the f32 fallback
+/// that runs everywhere), and bf16 and f16 in candle's dtypes (what CUDA runs).
+fn reduced_paths() -> Vec<(Precision, Kernels)> {
+    let mut paths = vec![
+        (Precision::Bf16, Kernels::FusedBf16(Kernel::F32Fallback)),
+        (Precision::Bf16, Kernels::Generic),
+        (Precision::F16, Kernels::Generic),
+    ];
+    if Kernel::Avx512Bf16.is_available() {
+        paths.insert(0, (Precision::Bf16, Kernels::FusedBf16(Kernel::Avx512Bf16)));
+    }
+    let cpu_bf16 = Compute::new(&Device::Cpu, Precision::Bf16).kernels;
+    assert_eq!(cpu_bf16, Kernels::FusedBf16(Kernel::detect()));
+    assert!(paths.contains(&(Precision::Bf16, cpu_bf16)));
+    paths
+}
+
+/// Every output row of `spec` on every reduced-precision path ([`reduced_paths`]) has a cosine of
+/// at least [`PRECISION_COSINE`] with its f32 value (masks are equal); the two bf16 product
+/// kernels agree within bf16 rounding.
 pub fn assert_reduced_precisions_close(spec: &str, samples: &[Sample]) {
     let model = backbone::load(spec, &Device::Cpu).unwrap();
     let reference = outputs(spec, Precision::F32, Kernels::Fused, samples);
-    for precision in [Precision::Bf16, Precision::F16] {
-        let got = outputs(spec, precision, Kernels::Fused, samples);
+    let mut products = Vec::new();
+    for (precision, kernels) in reduced_paths() {
+        let got = outputs(spec, precision, kernels, samples);
         for ((out, want), got) in model.outputs().iter().zip(&reference).zip(&got) {
             if out.kind == OutputKind::Mask {
                 assert_eq!(max_abs_diff(want, got), 0.0, "{spec} {}", out.name);
@@ -100,15 +122,35 @@ pub fn assert_reduced_precisions_close(spec: &str, samples: &[Sample]) {
             }
             let cosine = lowest_row_cosine(want, got);
             println!(
-                "{spec} {} {}: lowest row cosine to f32 {cosine:.6}",
+                "{spec} {} {} {kernels:?}: lowest row cosine to f32 {cosine:.6}",
                 out.name,
                 precision.name()
             );
             assert!(
                 cosine >= PRECISION_COSINE,
-                "{spec} {} in {}: cosine {cosine} to f32",
+                "{spec} {} in {} with {kernels:?}: cosine {cosine} to f32",
                 out.name,
                 precision.name()
+            );
+        }
+        if let Kernels::FusedBf16(kernel) = kernels {
+            products.push((kernel, got));
+        }
+    }
+    // The two kernels round the same operands and differ only in the order of their f32 sums:
+    // every output stays within one bf16 rounding (2^-8 relative) of the largest value.
+    if let [(_, a), (_, b)] = &products[..] {
+        for ((out, a), b) in model.outputs().iter().zip(a).zip(b) {
+            let diff = max_abs_diff(a, b);
+            let scale = max_abs_diff(a, &a.zeros_like().unwrap());
+            println!(
+                "{spec} {}: AVX512-BF16 vs f32 fallback max abs diff {diff:.2e} (max |x| {scale:.2e})",
+                out.name
+            );
+            assert!(
+                diff <= scale / 256.0,
+                "{spec} {}: the bf16 kernels differ by {diff} on values up to {scale}",
+                out.name
             );
         }
     }
