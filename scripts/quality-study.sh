@@ -195,7 +195,8 @@ ensembles() {
     best=$(awk -F, 'NR == 2 { print $2 }' "$SWEEP_OUT/sweep.csv")
     flags=$("$MC" sweep "$SWEEP_FILE" --list | awk -v run="$best" '$3 == run { $1 = $2 = $3 = ""; print }')
     eval "local best_flags=($flags)"
-    local base=(--cache "$TRAIN_CACHE" --data "$DATA" --split "$SPLIT" --seed "$SEED")
+    # The defaults: `train` needs a head; mlp is the documented default.
+    local base=(--cache "$TRAIN_CACHE" --data "$DATA" --split "$SPLIT" --seed "$SEED" --head mlp)
     for rows in all train; do
         kfold "best-5fold-$rows" "$rows" "${best_flags[@]}"
         kfold "default-5fold-$rows" "$rows" "${base[@]}"

@@ -235,5 +235,5 @@ fn kfold_from_the_command_line_through_evaluate_and_predict() {
         .output()
         .unwrap();
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is taken"));
 }

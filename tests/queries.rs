@@ -338,6 +338,19 @@ fn extracted_label_names_give_the_zero_shot_text_similarities() {
         );
     }
 
+    // gat and ml_decoder start from them through training (planned, trained, saved, loaded).
+    for head in [
+        "gat:queries=labels,hidden=8,heads=2",
+        "ml_decoder:queries=labels,input=text,d_model=8,heads=2,ffn=16",
+    ] {
+        request.head = head.parse().unwrap();
+        request.loss = "bce".parse().unwrap();
+        request.config.epochs = 1;
+        let report = train(&request).unwrap();
+        let model = Model::load(&report.checkpoint, &Device::Cpu).unwrap();
+        assert_eq!(model.head.predict(&x).unwrap().dims(), [40, 4], "{head}");
+    }
+
     // Without the names, the head says where to get them.
     std::fs::remove_file(cache.join("label-names.safetensors")).unwrap();
     request.name = Some("again".into());
