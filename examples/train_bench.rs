@@ -141,7 +141,7 @@ fn main() -> Result<()> {
     };
     let device = Device::Cpu;
     let varmap = VarMap::new();
-    let ctx = head_context(&reader, vocab.len(), None, config.seed);
+    let ctx = head_context(&reader, &vocab, None, config.seed, &device)?;
     let head = heads::build(
         &head_config,
         &ctx,

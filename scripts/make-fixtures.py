@@ -98,6 +98,7 @@ def make_dinov2_tiny() -> None:
         hidden = model(pixel_values=pixels).last_hidden_state
     expected["image"] = hidden[:, 0].numpy()
     expected["image_patch_mean"] = hidden[:, 1:].mean(1).numpy()
+    expected["last_hidden_state"] = hidden.numpy()  # `image_tokens=true`
     # PIL resampling alone, every supported filter, down and up.
     photo = Image.open(out / images["landscape"]).convert("RGB")
     for filt, code in [("bilinear", 2), ("bicubic", 3), ("lanczos", 1)]:
@@ -149,7 +150,8 @@ def make_minilm_tiny(wheel: Path) -> None:
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     text = torch.nn.functional.normalize(pooled, p=2, dim=1)
-    save_file({"text": text.numpy(), "input_ids": batch["input_ids"].numpy().astype(np.int64),
+    # `last_hidden_state` for `text_tokens=true` (padding rows as transformers leaves them).
+    save_file({"text": text.numpy(), "last_hidden_state": hidden.numpy(), "input_ids": batch["input_ids"].numpy().astype(np.int64),
                "attention_mask": batch["attention_mask"].numpy().astype(np.int64)},
               out / "expected.safetensors")
     (out / "captions.json").write_text(json.dumps(CAPTIONS, indent=1, ensure_ascii=False) + "\n")

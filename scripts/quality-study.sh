@@ -12,6 +12,11 @@
 #                                      # validation) with its top-3 ensemble, and 5-fold ensembles
 #                                      # of its best run and of the defaults, all scored on test
 #   scripts/quality-study.sh ensembles-table   # their markdown table
+#   scripts/quality-study.sh tokens    # issue 14: caches with DINOv2 patch tokens, MiniLM token
+#                                      # states and the label names (TOKEN_TRAIN_CACHE /
+#                                      # TOKEN_TEST_CACHE), then label-name initialisation (cosine
+#                                      # probe, gat, ml_decoder), zero-shot, and ml_decoder over
+#                                      # the tokens; rows in TOKEN_OUT/results.tsv
 #
 # Resumable: a run whose results row exists is skipped. One training process at a time.
 # MC (the multiclip binary, default target/release/multiclip), DATA, OUT, SWEEP_FILE (whose
@@ -33,6 +38,10 @@ SWEEP_FILE=${SWEEP_FILE:-sweeps/openclipart.toml}
 SWEEP_OUT=${SWEEP_OUT:-checkpoints/oc/sweep}
 JOBS=${JOBS:-1}
 ENSEMBLES=$OUT/ensembles.tsv
+TOKEN_BACKBONE=${TOKEN_BACKBONE:-dinov2:models/dinov2-small:image_tokens=true+sentence:models/all-MiniLM-L6-v2:text_tokens=true}
+TOKEN_TRAIN_CACHE=${TOKEN_TRAIN_CACHE:-cache/oc-train-tok}
+TOKEN_TEST_CACHE=${TOKEN_TEST_CACHE:-cache/oc-test-tok}
+TOKEN_OUT=${TOKEN_OUT:-checkpoints/oc/tokens}
 
 HEADS=(mlp mlp:hidden=0 router router+multistage "router:inputs=image+text" ensemble gat
     ml_decoder:input=text)
@@ -195,12 +204,36 @@ ensembles() {
     best=$(awk -F, 'NR == 2 { print $2 }' "$SWEEP_OUT/sweep.csv")
     flags=$("$MC" sweep "$SWEEP_FILE" --list | awk -v run="$best" '$3 == run { $1 = $2 = $3 = ""; print }')
     eval "local best_flags=($flags)"
-    local base=(--cache "$TRAIN_CACHE" --data "$DATA" --split "$SPLIT" --seed "$SEED")
+    # The defaults: `train` needs a head; mlp is the documented default.
+    local base=(--cache "$TRAIN_CACHE" --data "$DATA" --split "$SPLIT" --seed "$SEED" --head mlp)
     for rows in all train; do
         kfold "best-5fold-$rows" "$rows" "${best_flags[@]}"
         kfold "default-5fold-$rows" "$rows" "${base[@]}"
     done
     echo "== load after: $(uptime)"
+}
+
+# Label names and token sequences: the caches (resumable), then each run through `run` on them.
+tokens() {
+    "$MC" extract --data "$DATA" --part train --backbone "$TOKEN_BACKBONE" --out "$TOKEN_TRAIN_CACHE" \
+        --shard-rows 512 --on-error skip --label-names
+    "$MC" extract --data "$DATA" --part test --backbone "$TOKEN_BACKBONE" --out "$TOKEN_TEST_CACHE" \
+        --shard-rows 512 --on-error skip
+    du -sh "$TOKEN_TRAIN_CACHE" "$TOKEN_TEST_CACHE" "$TRAIN_CACHE" "$TEST_CACHE"
+    TRAIN_CACHE=$TOKEN_TRAIN_CACHE TEST_CACHE=$TOKEN_TEST_CACHE OUT=$TOKEN_OUT "$0" tokens-runs
+}
+
+tokens_runs() {
+    local probe="mlp:hidden=0,cosine=true,inputs=text"
+    local mld="ml_decoder:inputs=image_tokens+text_tokens,d_model=256,heads=4,ffn=512"
+    local short=(--epochs 12 --patience 4 --batch-size 64)
+    run zeroshot-cos-text "$probe,queries=labels" angular --epochs 0
+    run cos-text-labels "$probe,queries=labels" angular
+    run cos-text-random "$probe" angular
+    run gat-labels "gat:queries=labels" smoothing
+    run gat-random gat smoothing
+    run mld-tokens-random "$mld" smoothing "${short[@]}"
+    run mld-tokens-labels "$mld,queries=labels" smoothing "${short[@]}"
 }
 
 ensembles_table() {
@@ -227,6 +260,8 @@ table) table ;;
 one) shift && run "$@" ;;
 ensembles) ensembles ;;
 ensembles-table) ensembles_table ;;
+tokens) tokens ;;
+tokens-runs) tokens_runs ;;
 all) extract && grid && sweep && table ;;
-*) echo "usage: $0 [extract|grid|sweep|table|all|ensembles|ensembles-table|one NAME HEAD LOSS FLAGS...]" >&2 && exit 2 ;;
+*) echo "usage: $0 [extract|grid|sweep|table|all|ensembles|ensembles-table|tokens|one NAME HEAD LOSS FLAGS...]" >&2 && exit 2 ;;
 esac

@@ -19,13 +19,14 @@
 //! one shard.
 
 use crate::backbone::{Backbone, Prepared, Sample};
+use crate::cache::label_names;
 use crate::cache::manifest::{FORMAT_VERSION, describe_skipped};
 use crate::cache::verify::DatasetRows;
 use crate::cache::{
     CacheHeader, CacheWriter, CsvPart, DatasetFingerprint, ShardBuilder, SkippedRow, StoredDtype,
     StoredOutput, WorkerSlot,
 };
-use crate::data::{Dataset, Part, image::load_rgb};
+use crate::data::{Dataset, LabelVocab, Part, image::load_rgb};
 use crate::files::sha256_file;
 use crate::tensor_ops::Precision;
 use anyhow::{Context, Result, bail};
@@ -393,6 +394,52 @@ pub fn extract(
         forward,
         input_wait,
         index_file,
+    })
+}
+
+/// What [`extract_label_names`] stored.
+#[derive(Debug)]
+pub struct LabelNamesSummary {
+    pub labels: usize,
+    pub dim: usize,
+    /// The pooled output whose space the embeddings are in.
+    pub output: String,
+    pub file: PathBuf,
+}
+
+/// `extract --label-names`: embeds the name of every label of `data_dir`'s train.csv
+/// ([`label_names::label_texts`]) with the backbone's text encoder and stores them beside the
+/// cache that `extract` writes with the same `backbone`, `selected` rows and `options`.
+pub fn extract_label_names(
+    backbone: &dyn Backbone,
+    data_dir: &Path,
+    selected: &SelectedRows,
+    options: &ExtractOptions,
+) -> Result<LabelNamesSummary> {
+    let records = Dataset::open(data_dir)?.records(Part::Train)?;
+    let vocab = LabelVocab::from_records(&records).context("--label-names")?;
+    let names = label_names::label_texts(data_dir, &vocab)?;
+    let Some(embedded) = backbone.embed_texts(&names)? else {
+        bail!(
+            "--label-names: backbone {} has no text encoder to embed the label names with",
+            backbone.info().id
+        );
+    };
+    let fingerprint = cache_header(backbone, &selected.fingerprint, options).fingerprint();
+    label_names::save(
+        &options.out,
+        &fingerprint,
+        vocab.names(),
+        &names,
+        &embedded.output,
+        &embedded.values,
+    )?;
+    let (labels, dim) = embedded.values.dims2()?;
+    Ok(LabelNamesSummary {
+        labels,
+        dim,
+        output: embedded.output,
+        file: options.out.join(label_names::LABEL_NAMES_FILE),
     })
 }
 

@@ -317,3 +317,70 @@ fn real_weights_match_transformers() {
         samples.len()
     );
 }
+
+/// `image_tokens=true`: the final layer norm's every token, as transformers' last_hidden_state;
+/// its first row is the `image` output and the mean of the rest `image_patch_mean`.
+#[test]
+fn dinov2_image_tokens_are_the_last_hidden_state() {
+    let expected = expected(DINOV2);
+    let model =
+        backbone::load(&format!("dinov2:{DINOV2}:image_tokens=true"), &Device::Cpu).unwrap();
+    let outputs = model.outputs();
+    assert_eq!(outputs[2].name, "image_tokens");
+    // A 28-pixel crop in patches of 4: CLS + 7 x 7.
+    assert_eq!(outputs[2].shape, [50, 32]);
+    let samples = image_samples(DINOV2);
+    let got = model.forward(model.prepare(&samples).unwrap()).unwrap();
+    assert_eq!(got.len(), 3);
+    let tokens = &got[2];
+    assert_eq!(tokens.dims(), [samples.len(), 50, 32]);
+    let diff = max_abs_diff(tokens, &expected["last_hidden_state"]);
+    println!("dinov2-tiny image_tokens: max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "image_tokens: max abs diff {diff}");
+    let cls = tokens.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+    assert_eq!(max_abs_diff(&cls, &got[0]), 0.0);
+    let mean = tokens.narrow(1, 1, 49).unwrap().mean(1).unwrap();
+    assert!(max_abs_diff(&mean, &got[1]) <= 1e-6);
+    // The pooled outputs are those of the plain backbone.
+    let plain = backbone::load(&format!("dinov2:{DINOV2}"), &Device::Cpu).unwrap();
+    let pooled = plain.forward(plain.prepare(&samples).unwrap()).unwrap();
+    assert_eq!(max_abs_diff(&pooled[0], &got[0]), 0.0);
+    let err = backbone::load(&format!("dinov2:{DINOV2}:image_tokenz=true"), &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("image_tokenz"), "{err:#}");
+}
+
+/// `text_tokens=true`: the token states (last_hidden_state) of each caption, zero after its
+/// last token, with the attention mask; their masked mean, normalised, is the `text` output.
+#[test]
+fn sentence_text_tokens_are_the_last_hidden_state_with_their_mask() {
+    let expected = expected(MINILM);
+    let model =
+        backbone::load(&format!("sentence:{MINILM}:text_tokens=true"), &Device::Cpu).unwrap();
+    let names: Vec<String> = model.outputs().into_iter().map(|o| o.name).collect();
+    assert_eq!(names, ["text", "text_tokens", "text_mask"]);
+    assert_eq!(model.outputs()[1].shape, [16, 16]);
+    assert_eq!(model.outputs()[2].shape, [16]);
+    assert_eq!(model.outputs()[2].kind, backbone::OutputKind::Mask);
+    let captions = fixture_captions();
+    let got = model
+        .forward(model.prepare(&caption_samples(&captions)).unwrap())
+        .unwrap();
+    assert!(max_abs_diff(&got[0], &expected["text"]) <= 1e-4);
+    let mask = expected["attention_mask"]
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    assert_eq!(max_abs_diff(&got[2], &mask), 0.0);
+    // transformers' states where the mask is 1 (its padding rows are not zeroed).
+    let keep = mask.unsqueeze(2).unwrap();
+    let want = expected["last_hidden_state"].broadcast_mul(&keep).unwrap();
+    let diff = max_abs_diff(&got[1], &want);
+    println!("minilm-tiny text_tokens: max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "text_tokens: max abs diff {diff}");
+    let pooled = multiclip::tensor_ops::l2_normalize(
+        &multiclip::tensor_ops::masked_mean(&got[1], Some(&got[2])).unwrap(),
+    )
+    .unwrap();
+    assert!(max_abs_diff(&pooled, &got[0]) <= 1e-6);
+}

@@ -1,16 +1,23 @@
-//! Label-name queries (`queries=labels`): heads that start from label embeddings `[K, D]` (here
-//! a synthetic matrix; extraction will store real ones), checked by hand and through a
-//! checkpoint round trip; and a run of 0 epochs (validation and thresholds only).
+//! Label-name queries (`queries=labels`): heads that start from label embeddings `[K, D]` (a
+//! synthetic matrix), checked by hand and through a checkpoint round trip; a run of 0 epochs
+//! (validation and thresholds only); and the whole path from `extract --label-names` to the
+//! zero-shot scores of a 0-epoch cosine probe on the tiny MiniLM fixture.
 
 mod support;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use multiclip::cache::{CacheReader, Integrity};
+use multiclip::data::labels::LabelVocab;
+use multiclip::data::split::Split;
+use multiclip::data::{Dataset, Part};
 use multiclip::heads::{self, Head, HeadConfig, HeadContext, LabelCooccurrence};
 use multiclip::model::Model;
+use multiclip::train::TrainConfig;
 use multiclip::train::checkpoint::checkpoint_tensors;
-use multiclip::train::run::train;
+use multiclip::train::run::{TrainRequest, train};
 use std::collections::HashMap;
+use std::path::Path;
 use support::fixture::{fixture, request};
 
 const K: usize = 4;
@@ -200,4 +207,153 @@ fn zero_epochs_keep_the_initial_weights_with_validation_and_thresholds() {
     assert_eq!(scores.probabilities, outcome.validation.probabilities);
     // Its report renders without curves.
     multiclip::report::write(&report).unwrap();
+}
+
+const MINILM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm-tiny");
+const WORDS: [&str; 4] = ["blue_sky", "cat", "dog", "red_car"];
+
+/// 40 rows labelled with word tokens; the first four captions are the label names themselves.
+fn word_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let mut csv = String::from("ImageID,Labels,Caption\n");
+    for i in 0..40 {
+        image::RgbImage::from_pixel(8, 8, image::Rgb([i as u8, 0, 0]))
+            .save(dir.join("data").join(format!("{i}.png")))
+            .unwrap();
+        let caption = match i {
+            0..4 => WORDS[i].replace('_', " "),
+            _ => format!(
+                "a drawing of thing {i} and a {}",
+                WORDS[i % 4].replace('_', " ")
+            ),
+        };
+        let mut labels = WORDS[i % 4].to_string();
+        if i % 3 == 0 {
+            labels = format!("{labels} {}", WORDS[(i + 1) % 4]);
+        }
+        csv.push_str(&format!("{i}.png,{labels},\"{caption}\"\n"));
+    }
+    std::fs::write(dir.join("train.csv"), csv).unwrap();
+}
+
+/// `extract --label-names` then a cosine probe with `queries=labels` trained for 0 epochs: its
+/// scores are the cosines of each row's text feature with the label names' embeddings, which the
+/// backbone computes for captions equal to the names (a row whose caption is a name scores ~1).
+#[test]
+fn extracted_label_names_give_the_zero_shot_text_similarities() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, cache) = (dir.path().join("data"), dir.path().join("cache"));
+    word_dataset(&data);
+    let backbone = format!("sentence:{MINILM}");
+    let (data_s, cache_s) = (data.to_str().unwrap(), cache.to_str().unwrap());
+    let extract = [
+        "extract",
+        "--data",
+        data_s,
+        "--part",
+        "train",
+        "--backbone",
+        &backbone,
+        "--out",
+        cache_s,
+        "--threads",
+        "1",
+    ];
+    support::fixture::multiclip(&extract);
+    assert!(!cache.join("label-names.safetensors").exists());
+    // On the finished cache the same command with --label-names adds just the names.
+    let out = support::fixture::multiclip(&[&extract[..], &["--label-names"]].concat());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("label names  4 embedded"));
+    let info = support::fixture::multiclip(&["cache", "info", cache_s]);
+    let info = String::from_utf8_lossy(&info.stdout).to_string();
+    assert!(
+        info.contains("label names    4 embedded, 16-d in the space of `text`"),
+        "{info}"
+    );
+    assert!(info.contains("blue sky, cat, dog, red car"), "{info}");
+
+    let records = Dataset::open(&data).unwrap().records(Part::Train).unwrap();
+    let vocab = LabelVocab::from_records(&records).unwrap();
+    let split = dir.path().join("split.json");
+    Split::stratified(&records, &vocab, 0.25, 3)
+        .unwrap()
+        .save(&split)
+        .unwrap();
+    let mut request = TrainRequest {
+        cache: cache.clone(),
+        data: data.clone(),
+        split: split.clone(),
+        head: "mlp:hidden=0,cosine=true,queries=labels,inputs=text"
+            .parse()
+            .unwrap(),
+        loss: "angular".parse().unwrap(),
+        config: TrainConfig {
+            epochs: 0,
+            ..TrainConfig::default()
+        },
+        out_dir: dir.path().join("out"),
+        name: None,
+        device: Device::Cpu,
+        integrity: Integrity::Full,
+    };
+    let report = train(&request).unwrap();
+    let model = Model::load(&report.checkpoint, &Device::Cpu).unwrap();
+    let reader = CacheReader::open(&cache).unwrap();
+    let rows: Vec<usize> = (0..reader.len()).collect();
+    let text = reader.gather("text", &rows, &Device::Cpu).unwrap();
+    let x: heads::Inputs = HashMap::from([("text".to_string(), text.clone())]);
+    let scores = model.head.predict(&x).unwrap().to_vec2::<f32>().unwrap();
+
+    // The reference: the backbone's own text output for captions equal to the names.
+    let names: Vec<String> = WORDS.iter().map(|w| w.replace('_', " ")).collect();
+    let encoder = multiclip::backbone::load(&backbone, &Device::Cpu).unwrap();
+    let samples = multiclip::backbone::contract::caption_samples(&names);
+    let labels = encoder.forward(encoder.prepare(&samples).unwrap()).unwrap()[0]
+        .to_vec2::<f32>()
+        .unwrap();
+    let norm = |v: &[f32]| v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+    for (i, row) in text.to_vec2::<f32>().unwrap().iter().enumerate() {
+        for (k, label) in labels.iter().enumerate() {
+            let dot: f64 = row
+                .iter()
+                .zip(label)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let cosine = dot / (norm(row) * norm(label));
+            let got = f64::from(scores[i][k]);
+            assert!(
+                (got - cosine).abs() < 1e-5,
+                "row {i} label {k}: {got} vs {cosine}"
+            );
+        }
+    }
+    // A row whose caption is a name: cosine 1 with it, up to the cache's f16.
+    for (i, word) in WORDS.iter().enumerate() {
+        let row = reader.index_of(&format!("{i}.png")).unwrap();
+        let k = vocab.index(word).unwrap();
+        assert!(
+            (scores[row][k] - 1.0).abs() < 2e-3,
+            "{word}: {}",
+            scores[row][k]
+        );
+    }
+
+    // gat and ml_decoder start from them through training (planned, trained, saved, loaded).
+    for head in [
+        "gat:queries=labels,hidden=8,heads=2",
+        "ml_decoder:queries=labels,input=text,d_model=8,heads=2,ffn=16",
+    ] {
+        request.head = head.parse().unwrap();
+        request.loss = "bce".parse().unwrap();
+        request.config.epochs = 1;
+        let report = train(&request).unwrap();
+        let model = Model::load(&report.checkpoint, &Device::Cpu).unwrap();
+        assert_eq!(model.head.predict(&x).unwrap().dims(), [40, 4], "{head}");
+    }
+
+    // Without the names, the head says where to get them.
+    std::fs::remove_file(cache.join("label-names.safetensors")).unwrap();
+    request.name = Some("again".into());
+    let err = format!("{:#}", train(&request).err().unwrap());
+    assert!(err.contains("extract --label-names"), "{err}");
 }

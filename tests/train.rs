@@ -84,7 +84,7 @@ fn early_stopping_restores_the_best_epoch() {
         ..quick_config()
     };
     let varmap = VarMap::new();
-    let ctx = head_context(&reader, vocab.len(), None, config.seed);
+    let ctx = head_context(&reader, &vocab, None, config.seed, &Device::Cpu).unwrap();
     let head = heads::build(
         &"mlp".parse::<HeadConfig>().unwrap(),
         &ctx,
@@ -128,7 +128,7 @@ fn assert_checkpoint_round_trip(f: &Fixture, head_spec: &str) {
             .unwrap();
     let config: HeadConfig = head_spec.parse().unwrap();
     let varmap = VarMap::new();
-    let ctx = head_context(&reader, vocab.len(), Some(cooc), 11);
+    let ctx = head_context(&reader, &vocab, Some(cooc), 11, &Device::Cpu).unwrap();
     let head = heads::build(
         &config,
         &ctx,

@@ -32,8 +32,8 @@ use tokenizers::Tokenizer;
 use super::activation::Activation;
 use super::attention::Mask;
 use super::contract::{
-    Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample, in_passes,
-    rows_per_pass,
+    Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample, TextEmbeddings,
+    in_passes, rows_per_pass,
 };
 use super::layers::{FrozenLayerNorm, FrozenLinear, PatchEmbedding, PreNormLayer, VitEmbeddings};
 use super::options::Options;
@@ -512,6 +512,24 @@ impl Backbone for ClipBackbone {
                 .chain(tokens)
                 .collect())
         })
+    }
+
+    /// The `text` output of captions equal to `texts` (the caption template applied).
+    fn embed_texts(&self, texts: &[String]) -> Result<Option<TextEmbeddings>> {
+        let ids = texts
+            .iter()
+            .map(|text| Ok(encode(&self.tokenizer, &self.template.replace("{caption}", text))?.0))
+            .collect::<Result<Vec<_>>>()?;
+        let tokens = self.config.text_config.max_position_embeddings;
+        let per_pass = rows_per_pass(&self.device, tokens);
+        let values = in_passes(ids.len(), per_pass, |start, len| {
+            Ok(vec![self.model.text_features(&ids[start..start + len])?])
+        })?
+        .swap_remove(0);
+        Ok(Some(TextEmbeddings {
+            output: "text".into(),
+            values,
+        }))
     }
 }
 

@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use candle_core::Tensor;
 
-use super::contract::{Backbone, BackboneInfo, OutputSpec, Prepared, Sample};
+use super::contract::{Backbone, BackboneInfo, OutputSpec, Prepared, Sample, TextEmbeddings};
 
 pub struct CompositeBackbone {
     id: String,
@@ -85,5 +85,15 @@ impl Backbone for CompositeBackbone {
             outputs.extend(part.forward(batch)?);
         }
         Ok(outputs)
+    }
+
+    /// The first part's with a text encoder.
+    fn embed_texts(&self, texts: &[String]) -> Result<Option<TextEmbeddings>> {
+        for part in &self.parts {
+            if let Some(embeddings) = part.embed_texts(texts)? {
+                return Ok(Some(embeddings));
+            }
+        }
+        Ok(None)
     }
 }

@@ -157,6 +157,32 @@ pub trait Backbone: Send + Sync {
     /// output of [`Backbone::outputs`], each shaped `[batch, ...shape]`, rows in the order of the
     /// batch given to `prepare`, on the backbone's device.
     fn forward(&self, prepared: Prepared) -> Result<Vec<Tensor>>;
+    /// Embeddings of free texts (label names) by the backbone's text encoder, as its pooled text
+    /// output would hold them for captions equal to those texts; `None` for a backbone without
+    /// one (images only). On the backbone's device, f32.
+    fn embed_texts(&self, _texts: &[String]) -> Result<Option<TextEmbeddings>> {
+        Ok(None)
+    }
+}
+
+/// What [`Backbone::embed_texts`] gives: `[N, D]` f32 rows in the space of the pooled output
+/// called `output` (e.g. `text`).
+pub struct TextEmbeddings {
+    pub output: String,
+    pub values: Tensor,
+}
+
+/// Samples with these captions and no image (for a text encoder).
+pub fn caption_samples(texts: &[String]) -> Vec<Sample> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| Sample {
+            id: i.to_string(),
+            image: None,
+            caption: text.clone(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! larger), configured from `config.json`. Matches transformers: bicubic interpolation of the
 //! position grid (torch's `interpolate(mode="bicubic", align_corners=False)`), layer scale, exact
 //! GELU, final layer norm. Outputs the CLS token (`image`) and the mean patch token
-//! (`image_patch_mean`).
+//! (`image_patch_mean`); with option `image_tokens=true` also every token of the final layer norm
+//! (transformers' `last_hidden_state`, CLS first), `image_tokens` `[1 + patches, hidden]`, which
+//! needs the fixed image size of a center crop.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,6 +21,7 @@ use super::contract::{
 };
 use super::cpu_ops::residual_add;
 use super::layers::{FrozenLayerNorm, FrozenLinear};
+use super::options::Options;
 use super::preprocess::ImagePreprocess;
 use super::source::{ModelDir, Weights, load_weights};
 
@@ -239,13 +242,14 @@ impl Dinov2Model {
         1 + (height / p) * (width / p)
     }
 
-    /// (CLS token, mean patch token) of the final layer norm, each `[batch, hidden]` in f32.
-    pub fn embed(&self, pixels: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// (CLS token, mean patch token) of the final layer norm, each `[batch, hidden]` in f32, and
+    /// with `tokens` every token `[batch, 1 + patches, hidden]`.
+    pub fn embed(&self, pixels: &Tensor, tokens: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let hidden = self.forward(pixels)?.to_dtype(DType::F32)?;
         let seq = hidden.dim(1)?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         let patch_mean = hidden.narrow(1, 1, seq - 1)?.mean(1)?;
-        Ok((cls, patch_mean))
+        Ok((cls, patch_mean, tokens.then_some(hidden)))
     }
 }
 
@@ -303,15 +307,32 @@ pub struct Dinov2Backbone {
     id: String,
     model: Dinov2Model,
     preprocess: ImagePreprocess,
+    /// Tokens per image of the `image_tokens` output, when it is stored.
+    image_tokens: Option<usize>,
     weights_sha256: Vec<(String, String)>,
     device: Device,
 }
 
 impl Dinov2Backbone {
-    /// Loads `config.json`, `preprocessor_config.json` and the weights of `dir`.
-    pub fn load(id: &str, dir: &ModelDir, compute: &Compute) -> Result<Self> {
+    /// Loads `config.json`, `preprocessor_config.json` and the weights of `dir`; `options`:
+    /// `image_tokens=true|false`.
+    pub fn load(id: &str, dir: &ModelDir, options: &Options, compute: &Compute) -> Result<Self> {
+        options.check_known("dinov2 backbone", &["image_tokens"])?;
         let config: Config = dir.json("config.json")?;
         let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
+        let image_tokens = if options.flag("image_tokens")? {
+            let Some((h, w)) = preprocess.crop else {
+                bail!(
+                    "{}: image_tokens=true needs a fixed image size, but the preprocessor does no \
+                     center crop (do_center_crop), so the token count varies with the image",
+                    dir.location
+                );
+            };
+            let p = config.patch_size;
+            Some(1 + (h as usize / p) * (w as usize / p))
+        } else {
+            None
+        };
         let weights = load_weights(dir, compute, "embeddings.cls_token", &["dinov2"])?;
         let model = Dinov2Model::new(config, weights.vb)
             .with_context(|| format!("cannot build DINOv2 from {}", dir.location))?;
@@ -319,6 +340,7 @@ impl Dinov2Backbone {
             id: id.to_string(),
             model,
             preprocess,
+            image_tokens,
             weights_sha256: weights.sha256,
             device: compute.device.clone(),
         })
@@ -341,13 +363,19 @@ impl Backbone for Dinov2Backbone {
 
     fn outputs(&self) -> Vec<OutputSpec> {
         let d = self.model.hidden_size();
-        ["image", "image_patch_mean"]
-            .map(|name| OutputSpec {
-                name: name.into(),
-                shape: vec![d],
-                kind: OutputKind::Feature,
-            })
-            .into()
+        let feature = |name: &str, shape: Vec<usize>| OutputSpec {
+            name: name.into(),
+            shape,
+            kind: OutputKind::Feature,
+        };
+        let mut outputs = vec![
+            feature("image", vec![d]),
+            feature("image_patch_mean", vec![d]),
+        ];
+        if let Some(tokens) = self.image_tokens {
+            outputs.push(feature("image_tokens", vec![tokens, d]));
+        }
+        outputs
     }
 
     fn needs_images(&self) -> bool {
@@ -369,8 +397,10 @@ impl Backbone for Dinov2Backbone {
         let (n, _, h, w) = pixels.dims4()?;
         let per_pass = rows_per_pass(&self.device, self.model.tokens_per_image(h, w));
         in_passes(n, per_pass, |start, len| {
-            let (cls, patch_mean) = self.model.embed(&pixels.narrow(0, start, len)?)?;
-            Ok(vec![cls, patch_mean])
+            let pixels = pixels.narrow(0, start, len)?;
+            let (cls, patch_mean, tokens) =
+                self.model.embed(&pixels, self.image_tokens.is_some())?;
+            Ok([cls, patch_mean].into_iter().chain(tokens).collect())
         })
     }
 }

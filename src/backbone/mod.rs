@@ -24,7 +24,9 @@ pub mod sentence;
 pub mod source;
 pub mod text;
 
-pub use contract::{Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample};
+pub use contract::{
+    Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample, TextEmbeddings,
+};
 
 /// Loads a backbone from a spec: `family:location[:key=value,...]`, or several joined by `+`
 /// (`dinov2:models/dinov2-small+sentence:models/all-MiniLM-L6-v2`), whose outputs are combined.
@@ -70,14 +72,10 @@ fn load_one(
     Ok(match part.family.as_str() {
         "clip" => Box::new(clip::ClipBackbone::load(id, &dir, options, compute)?),
         "blip" => Box::new(blip::BlipBackbone::load(id, &dir, options, compute)?),
-        "dinov2" => {
-            options.check_known("dinov2 backbone", &[])?;
-            Box::new(dinov2::Dinov2Backbone::load(id, &dir, compute)?)
-        }
-        "sentence" => {
-            options.check_known("sentence backbone", &[])?;
-            Box::new(sentence::SentenceBackbone::load(id, &dir, compute)?)
-        }
+        "dinov2" => Box::new(dinov2::Dinov2Backbone::load(id, &dir, options, compute)?),
+        "sentence" => Box::new(sentence::SentenceBackbone::load(
+            id, &dir, options, compute,
+        )?),
         other => bail!("unknown backbone family `{other}` (known: clip, blip, dinov2, sentence)"),
     })
 }

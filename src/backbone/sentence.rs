@@ -1,7 +1,10 @@
 //! Sentence embeddings from BERT-family encoders in Hugging Face's `BertModel` layout, as
 //! sentence-transformers computes them (e.g. all-MiniLM-L6-v2): `tokenizer.json` without its fixed
 //! padding, the attention mask passed, masked mean pooling (or CLS, per `1_Pooling/config.json`),
-//! L2 normalisation when `modules.json` lists a `Normalize` module. Output: `text` [hidden].
+//! L2 normalisation when `modules.json` lists a `Normalize` module. Output: `text` [hidden]; with
+//! option `text_tokens=true` also the token states before pooling (transformers'
+//! `last_hidden_state`) `text_tokens` `[max_tokens, hidden]`, zero after each caption's last token,
+//! and their mask `text_mask` `[max_tokens]` (1 = a token of the caption).
 //!
 //! Captions are sorted by token length and run in sub-batches padded only to their own longest
 //! caption, so padding is (almost) never computed; rows come back in the original order.
@@ -16,8 +19,10 @@ use super::attention::{Mask, self_attention};
 use super::contract::{
     Backbone, BackboneInfo, Compute, OutputKind, OutputSpec, Prepared, Sample, rows_per_pass,
 };
+use super::contract::{TextEmbeddings, caption_samples};
 use super::cpu_ops::residual_add;
 use super::layers::{FrozenLayerNorm, FrozenLinear};
+use super::options::Options;
 use super::source::{ModelDir, Weights, load_weights};
 use super::text::{read_tokenizer, set_length};
 use crate::tensor_ops::{l2_normalize, masked_mean};
@@ -211,8 +216,17 @@ pub struct SentenceBackbone {
     max_tokens: usize,
     pooling: Pooling,
     normalize: bool,
+    /// Store the token states and their mask (`text_tokens=true`).
+    text_tokens: bool,
     weights_sha256: Vec<(String, String)>,
     device: Device,
+}
+
+/// One sub-batch's pooled sentence vectors `[g, D]` and, when asked for, its token states and
+/// mask padded to `max_tokens` (`[g, max_tokens, D]`, `[g, max_tokens]`).
+struct Embedded {
+    pooled: Tensor,
+    tokens: Option<(Tensor, Tensor)>,
 }
 
 /// Token ids of a batch, in the batch's order.
@@ -220,8 +234,10 @@ struct Tokenized(Vec<Vec<u32>>);
 
 impl SentenceBackbone {
     /// Loads `config.json`, `tokenizer.json`, the weights, and the sentence-transformers files
-    /// when present (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`).
-    pub fn load(id: &str, dir: &ModelDir, compute: &Compute) -> Result<Self> {
+    /// when present (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`);
+    /// `options`: `text_tokens=true|false`.
+    pub fn load(id: &str, dir: &ModelDir, options: &Options, compute: &Compute) -> Result<Self> {
+        options.check_known("sentence backbone", &["text_tokens"])?;
         let config: Config = dir.json("config.json")?;
         let tokenizer_path = dir.file("tokenizer.json")?;
         let mut tokenizer = read_tokenizer(&tokenizer_path)?;
@@ -272,13 +288,14 @@ impl SentenceBackbone {
             max_tokens,
             pooling,
             normalize,
+            text_tokens: options.flag("text_tokens")?,
             weights_sha256: weights.sha256,
             device: compute.device.clone(),
         })
     }
 
     /// Embeds token-id rows, padding them to the longest (masked) when their lengths differ.
-    fn embed_group(&self, rows: &[&[u32]]) -> Result<Tensor> {
+    fn embed_group(&self, rows: &[&[u32]]) -> Result<Embedded> {
         let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let padded = rows.iter().any(|r| r.len() != seq);
         let mut ids = Vec::with_capacity(rows.len() * seq);
@@ -299,11 +316,22 @@ impl SentenceBackbone {
             Pooling::Mean => masked_mean(&hidden, padded.then_some(&mask))?,
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
         };
-        if self.normalize {
-            Ok(l2_normalize(&pooled)?)
+        let pooled = if self.normalize {
+            l2_normalize(&pooled)?
         } else {
-            Ok(pooled)
-        }
+            pooled
+        };
+        let tokens = if self.text_tokens {
+            // Padding rows of the hidden states are zeroed, then every row padded to max_tokens.
+            let extra = self.max_tokens - seq;
+            let hidden = hidden
+                .broadcast_mul(&mask.unsqueeze(2)?)?
+                .pad_with_zeros(1, 0, extra)?;
+            Some((hidden, mask.pad_with_zeros(1, 0, extra)?))
+        } else {
+            None
+        };
+        Ok(Embedded { pooled, tokens })
     }
 }
 
@@ -326,11 +354,19 @@ impl Backbone for SentenceBackbone {
     }
 
     fn outputs(&self) -> Vec<OutputSpec> {
-        vec![OutputSpec {
-            name: "text".into(),
-            shape: vec![self.model.config.hidden_size],
-            kind: OutputKind::Feature,
-        }]
+        let d = self.model.config.hidden_size;
+        let spec = |name: &str, shape: Vec<usize>, kind| OutputSpec {
+            name: name.into(),
+            shape,
+            kind,
+        };
+        let mut outputs = vec![spec("text", vec![d], OutputKind::Feature)];
+        if self.text_tokens {
+            let t = self.max_tokens;
+            outputs.push(spec("text_tokens", vec![t, d], OutputKind::Feature));
+            outputs.push(spec("text_mask", vec![t], OutputKind::Mask));
+        }
+        outputs
     }
 
     fn needs_images(&self) -> bool {
@@ -378,13 +414,32 @@ impl Backbone for SentenceBackbone {
             pieces.push(self.embed_group(&group)?);
             start = end;
         }
-        let sorted = Tensor::cat(&pieces, 0)?;
-        // Row order[k] of the batch is row k of `sorted`: invert the permutation.
+        // Row order[k] of the batch is row k of the sorted pieces: invert the permutation.
         let mut inverse = vec![0u32; order.len()];
         for (k, &i) in order.iter().enumerate() {
             inverse[i] = k as u32;
         }
         let inverse = Tensor::from_vec(inverse, order.len(), &self.device)?;
-        Ok(vec![sorted.index_select(&inverse, 0)?])
+        let unsort = |parts: Vec<&Tensor>| -> Result<Tensor> {
+            Ok(Tensor::cat(&parts, 0)?.index_select(&inverse, 0)?)
+        };
+        let mut outputs = vec![unsort(pieces.iter().map(|p| &p.pooled).collect())?];
+        if self.text_tokens {
+            let tokens: Vec<&(Tensor, Tensor)> =
+                pieces.iter().filter_map(|p| p.tokens.as_ref()).collect();
+            outputs.push(unsort(tokens.iter().map(|(t, _)| t).collect())?);
+            outputs.push(unsort(tokens.iter().map(|(_, m)| m).collect())?);
+        }
+        Ok(outputs)
+    }
+
+    /// The `text` output of captions equal to `texts`.
+    fn embed_texts(&self, texts: &[String]) -> Result<Option<TextEmbeddings>> {
+        let prepared = self.prepare(&caption_samples(texts))?;
+        let values = self.forward(prepared)?.swap_remove(0);
+        Ok(Some(TextEmbeddings {
+            output: "text".into(),
+            values,
+        }))
     }
 }

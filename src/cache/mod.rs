@@ -7,6 +7,7 @@
 //!   manifest.json                 the index, written (atomically) once every shard exists
 //!   shard-00000.safetensors       dataset rows [0, N) of the selected rows
 //!   shard-00001.safetensors       rows [N, 2N) ...
+//!   label-names.safetensors       `extract --label-names` only: the label names embedded
 //!   parts/worker-0-of-3.json      multi-worker runs only: one worker's shards, until `cache merge`
 //!   writer.lock                   while a process writes (see [`lock`]); workers: worker-I-of-N.lock
 //! ```
@@ -37,11 +38,13 @@
 //! Modules: [`manifest`] (the JSON index), [`layout`] (file names, row partition, worker
 //! assignment), [`shard`] (encoding/decoding one shard), [`lock`] (writer locks), [`writer`]
 //! (resumable writing), `parts` (the per-worker manifests of a multi-worker run),
-//! [`integrity`] (the checks of a cache before it is trusted), [`reader`] (memory-mapped
+//! [`integrity`] (the checks of a cache before it is trusted), [`label_names`] (the label-name
+//! embeddings), [`reader`] (memory-mapped
 //! reading), [`batches`] (batch iteration), [`verify`] and [`merge`].
 
 pub mod batches;
 pub mod integrity;
+pub mod label_names;
 pub mod layout;
 pub mod lock;
 pub mod manifest;

@@ -2,13 +2,15 @@
 //!
 //! [`CacheReader::open`] maps every shard (nothing is read until touched) after checking the
 //! cache with [`super::integrity`]: the manifest, every shard's size, header and row ids, and
-//! (unless opened with [`Integrity::Headers`]) every shard's content hash. Rows are numbered
+//! (unless opened with [`Integrity::Headers`]) every shard's content hash, and the label-name
+//! embeddings when the cache has them ([`super::label_names`]). Rows are numbered
 //! `0..len()` over the stored rows of all shards in dataset order (skipped rows have no number).
 //! [`CacheReader::row_bytes`] is a zero-copy view of one stored row; [`CacheReader::gather`]
 //! copies just the requested rows into an f32 tensor, refusing non-finite values (which extract
 //! never stores) by shard, row and id; batch iteration is in [`super::batches`].
 
 use super::integrity::{Integrity, check_manifest, check_shard};
+use super::label_names::{self, LabelNames};
 use super::manifest::{Manifest, StoredDtype, StoredOutput};
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{Device, Tensor};
@@ -37,6 +39,7 @@ pub struct CacheReader {
     first_row: Vec<usize>,
     ids: Vec<String>,
     index: HashMap<String, usize>,
+    label_names: Option<LabelNames>,
 }
 
 impl CacheReader {
@@ -59,6 +62,10 @@ impl CacheReader {
             );
         }
         let mut problems = check_manifest(dir, &manifest);
+        let label_names = label_names::load(dir, &manifest.fingerprint).unwrap_or_else(|e| {
+            problems.push(format!("{e:#}"));
+            None
+        });
         let checked: Vec<_> = manifest
             .shards
             .par_iter()
@@ -105,7 +112,13 @@ impl CacheReader {
             first_row,
             ids,
             index,
+            label_names,
         })
+    }
+
+    /// The label-name embeddings stored by `extract --label-names`, if any.
+    pub fn label_names(&self) -> Option<&LabelNames> {
+        self.label_names.as_ref()
     }
 
     pub fn dir(&self) -> &Path {

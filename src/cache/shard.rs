@@ -77,10 +77,10 @@ pub fn encode(outputs: &[StoredOutput], meta: &ShardMeta, data: &[Vec<u8>]) -> R
 }
 
 /// A borrowed tensor for [`safetensors::serialize`].
-struct RawView<'a> {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: &'a [u8],
+pub(crate) struct RawView<'a> {
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
 }
 
 impl safetensors::View for RawView<'_> {

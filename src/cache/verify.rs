@@ -3,6 +3,7 @@
 //! Every problem names the file it is about; nothing stops at the first one.
 
 use super::integrity::{Integrity, check_manifest, check_shard};
+use super::label_names;
 use super::layout::{MANIFEST_FILE, PARTS_DIR, parse_shard_file_name};
 use super::manifest::{DatasetFingerprint, Manifest};
 use crate::files;
@@ -45,6 +46,9 @@ pub fn verify(dir: &Path, dataset: Option<&DatasetRows>) -> Result<VerifyReport>
         problems: check_manifest(dir, &manifest),
         ..VerifyReport::default()
     };
+    report
+        .problems
+        .extend(label_names::check(dir, &manifest.fingerprint));
     let stored: usize = manifest.shards.iter().map(|s| s.rows).sum();
 
     let results: Vec<(u64, Vec<String>, Vec<String>)> = manifest

@@ -9,7 +9,7 @@ use multiclip::backbone::OutputKind;
 use multiclip::cache::layout::{MANIFEST_FILE, PARTS_DIR};
 use multiclip::cache::merge::{MergeOutcome, merge};
 use multiclip::cache::verify::verify;
-use multiclip::cache::{Manifest, StoredDtype};
+use multiclip::cache::{Manifest, StoredDtype, label_names};
 use multiclip::extract::{PartSelection, SelectedRows};
 
 /// Show, verify or merge an embedding cache made by `multiclip extract`.
@@ -135,6 +135,20 @@ fn info(dir: &Path, max_skipped: usize) -> Result<()> {
         "  made by        multiclip {} (cache format {}), fingerprint {}",
         h.tool_version, h.format_version, m.fingerprint
     );
+    match label_names::load(dir, &m.fingerprint)? {
+        None => println!("  label names    none (`extract --label-names` adds them)"),
+        Some(names) => {
+            let (k, d) = names.dims();
+            let shown: Vec<String> = names.meta.names.iter().take(5).cloned().collect();
+            println!(
+                "  label names    {k} embedded, {d}-d in the space of `{}` ({}): {}{}",
+                names.meta.output,
+                label_names::LABEL_NAMES_FILE,
+                shown.join(", "),
+                if k > shown.len() { ", ..." } else { "" }
+            );
+        }
+    }
     if m.skipped_rows > 0 {
         println!("  skipped rows");
         let limit = if max_skipped == 0 {

@@ -11,7 +11,7 @@ use multiclip::cache::{StoredDtype, WorkerSlot};
 use multiclip::data::image::DEFAULT_MAX_PIXELS;
 use multiclip::extract::{
     DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS, ExtractOptions, OnError, PartSelection, SelectedRows,
-    extract,
+    extract, extract_label_names,
 };
 use multiclip::tensor_ops::{Precision, device_name};
 
@@ -91,6 +91,12 @@ pub struct ExtractArgs {
     /// Prepared batches queued ahead of the model.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = at_least_one_row())]
     prefetch: usize,
+    /// Also embed the label names of train.csv (the tokens, `_` read as a space, or the names of
+    /// DATA/label_names.csv `label,name`) with the backbone's text encoder and store them in the
+    /// cache (`label-names.safetensors`), for heads with `queries=labels`. On a finished cache
+    /// the same command adds just them.
+    #[arg(long)]
+    label_names: bool,
 }
 
 pub fn run(args: ExtractArgs) -> Result<()> {
@@ -159,6 +165,16 @@ pub fn run(args: ExtractArgs) -> Result<()> {
         );
     }
     println!("  index        {}", summary.index_file.display());
+    if args.label_names {
+        let names = extract_label_names(model.as_ref(), &args.data, &selected, &options)?;
+        println!(
+            "  label names  {} embedded, {}-d in the space of `{}`: {}",
+            names.labels,
+            names.dim,
+            names.output,
+            names.file.display()
+        );
+    }
     if !slot.is_single() {
         println!(
             "  next         when every worker has finished: multiclip cache merge {}",

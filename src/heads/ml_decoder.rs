@@ -1,6 +1,8 @@
 //! `ml_decoder`: Ridnik et al.'s ML-Decoder over a token sequence, computing only real tokens.
 //!
-//! Layout (one decoder layer, no self-attention): tokens -> Linear(D, d_model) + ReLU = M;
+//! Layout (one decoder layer, no self-attention): tokens -> Linear(D, d_model) + ReLU = M
+//! (with `inputs=a+b`, several token sequences, each through its own projection, side by side
+//! in one memory: image patches and caption tokens attended together);
 //! one FIXED query per class q (seeded N(0, 1), a buffer saved with the weights);
 //! t = LN1(q + dropout(q)); t = LN2(t + dropout(MHA(t, M, M))) with the key padding mask;
 //! t = LN3(t + dropout(FFN(t))), FFN = Linear(d_model, ffn) -> ReLU -> dropout -> Linear;
@@ -21,7 +23,8 @@
 //! a learned `query_proj` Linear(D, d_model), as ML-Decoder's zero-shot mode projects word
 //! vectors.
 //!
-//! Variables: `input_proj`, `attn.{q_proj,k_proj,v_proj,out_proj}` (no q/k for a pooled input,
+//! Variables: `input_proj` (`input_proj.<input>` each with `inputs`),
+//! `attn.{q_proj,k_proj,v_proj,out_proj}` (no q/k for a pooled input,
 //! `k_proj` without bias), `norm{1,2,3}`, `ffn.{fc1,fc2}`, `group_fc.{weight,bias}`,
 //! `query_proj` (with `queries=labels`); buffer: `buffers.queries` `[K, d_model]` (`[K, D]`).
 
@@ -40,8 +43,12 @@ use super::{Head, HeadContext, Inputs, LabelQueries, Queries, buffer};
 pub struct MlDecoderConfig {
     /// Token sequence `[T, D]` (or a pooled `[D]` vector, used as one token).
     pub input: String,
-    /// Mask output `[T]` (1 = real token); default `<stem>_mask` for `<stem>_tokens` when the
-    /// cache has it, else every token is real.
+    /// Several inputs attended together (instead of `input`), each with its default mask and
+    /// its own projection, e.g. `inputs=image_tokens+text_tokens`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    /// Mask output `[T]` of `input` (1 = real token); default `<stem>_mask` for
+    /// `<stem>_tokens` when the cache has it, else every token is real.
     pub mask: Option<String>,
     pub d_model: usize,
     pub heads: usize,
@@ -56,6 +63,7 @@ impl Default for MlDecoderConfig {
     fn default() -> Self {
         Self {
             input: "multimodal_tokens".into(),
+            inputs: Vec::new(),
             mask: None,
             d_model: 768,
             heads: 8,
@@ -69,6 +77,17 @@ impl Default for MlDecoderConfig {
 impl MlDecoderConfig {
     /// `d_model` at least 1 and a multiple of `heads`, `ffn` at least 1, `dropout` in [0, 1).
     pub fn validate(&self) -> anyhow::Result<()> {
+        if !self.inputs.is_empty() {
+            let default = Self::default();
+            if self.input != default.input || self.mask.is_some() {
+                bail!("give `inputs` (each with its default mask) or `input` and `mask`, not both");
+            }
+            for (i, name) in self.inputs.iter().enumerate() {
+                if self.inputs[..i].contains(name) {
+                    bail!("input `{name}` is listed twice");
+                }
+            }
+        }
         super::require_divisible("d_model", self.d_model, self.heads)?;
         super::require_positive("ffn", self.ffn)?;
         super::require_dropout(self.dropout)
@@ -79,14 +98,20 @@ impl MlDecoderConfig {
 /// gets a uniform mix of zero rows rather than NaN.
 const MASKED: f32 = -1e9;
 
-pub struct MlDecoderHead {
+/// One input sequence of the memory with its mask and projection.
+struct Source {
     input: String,
     mask: Option<String>,
-    heads: usize,
-    d_model: usize,
     /// Token positions per sample (1 for a pooled input).
     tokens: usize,
-    input_proj: Linear,
+    proj: Linear,
+}
+
+pub struct MlDecoderHead {
+    /// The inputs, in memory order.
+    sources: Vec<Source>,
+    heads: usize,
+    d_model: usize,
     /// Q and K projections; `None` for a pooled input (one key: nothing to attend between).
     query_key: Option<(Linear, Linear)>,
     v_proj: Linear,
@@ -124,26 +149,47 @@ impl MlDecoderHead {
         vb: VarBuilder,
     ) -> anyhow::Result<Self> {
         let (d, k) = (cfg.d_model, ctx.num_labels);
-        let shape = shape_of(ctx, &cfg.input)?;
-        let (in_dim, tokens, is_sequence) = match shape {
-            [dim] => (*dim, 1, false),
-            [tokens, dim] => (*dim, *tokens, true),
-            other => bail!(
-                "ml_decoder input `{}` has per-sample shape {other:?}; expected [T, D] or [D]",
-                cfg.input
-            ),
+        let several = !cfg.inputs.is_empty();
+        let names = if several {
+            cfg.inputs.clone()
+        } else {
+            vec![cfg.input.clone()]
         };
-        let mask = match &cfg.mask {
-            Some(name) => {
-                shape_of(ctx, name).context("ml_decoder mask")?;
-                Some(name.clone())
-            }
-            None if is_sequence => {
-                let name = default_mask_name(&cfg.input);
-                ctx.input_shapes.contains_key(&name).then_some(name)
-            }
-            None => None,
-        };
+        let mut sources = Vec::with_capacity(names.len());
+        let mut is_sequence = several;
+        for input in names {
+            let (in_dim, tokens, sequence) = match shape_of(ctx, &input)? {
+                [dim] => (*dim, 1, false),
+                [tokens, dim] => (*dim, *tokens, true),
+                other => bail!(
+                    "ml_decoder input `{input}` has per-sample shape {other:?}; expected [T, D] \
+                     or [D]"
+                ),
+            };
+            is_sequence |= sequence;
+            let mask = match &cfg.mask {
+                Some(name) => {
+                    shape_of(ctx, name).context("ml_decoder mask")?;
+                    Some(name.clone())
+                }
+                None if sequence => {
+                    let name = default_mask_name(&input);
+                    ctx.input_shapes.contains_key(&name).then_some(name)
+                }
+                None => None,
+            };
+            let proj_vb = if several {
+                vb.pp("input_proj").pp(&input)
+            } else {
+                vb.pp("input_proj")
+            };
+            sources.push(Source {
+                proj: Linear::new(in_dim, d, proj_vb)?,
+                input,
+                mask,
+                tokens,
+            });
+        }
         let p = cfg.dropout;
         let (queries_name, queries, query_proj) = match cfg.queries {
             Queries::Random => {
@@ -179,12 +225,9 @@ impl MlDecoderHead {
             Some(group.get_with_hints(k, "bias", candle_nn::init::ZERO)?)
         };
         Ok(Self {
-            input: cfg.input.clone(),
-            mask,
+            sources,
             heads: cfg.heads,
             d_model: d,
-            tokens,
-            input_proj: Linear::new(in_dim, d, vb.pp("input_proj"))?,
             query_key: if is_sequence {
                 Some((
                     Linear::new(d, d, attn.pp("q_proj"))?,
@@ -212,37 +255,46 @@ impl MlDecoderHead {
         })
     }
 
-    /// Project only the real tokens of the batch to keys and values.
+    /// Project only the real tokens of the batch to keys and values: each input's real tokens
+    /// through its projection, placed side by side (input after input) in each sample's memory.
     fn memory(&self, x: &Inputs) -> Result<Memory> {
-        let tokens = lookup(x, &self.input)?;
-        let tokens = match tokens.rank() {
-            2 => tokens.unsqueeze(1)?,
-            3 => tokens.clone(),
-            _ => candle_core::bail!(
-                "batch entry `{}` has shape {:?}; expected [B, T, D] or [B, D]",
-                self.input,
-                tokens.shape()
-            ),
-        };
-        let (b, t, dim) = tokens.dims3()?;
-        let dev = tokens.device();
-        let mask = match &self.mask {
-            Some(name) => Some(lookup(x, name)?),
-            None => None,
-        };
-        let Some(mask) = mask.filter(|_| t > 1) else {
-            let h = self.project(&tokens.reshape((b * t, dim))?)?;
-            let keys = match &self.query_key {
-                Some((_, k_proj)) => Some(k_proj.forward(&h)?.reshape((b, t, self.d_model))?),
-                None => None,
+        let mut packed = Vec::with_capacity(self.sources.len());
+        let mut layouts = Vec::with_capacity(self.sources.len());
+        let mut b = None;
+        for source in &self.sources {
+            let tokens = lookup(x, &source.input)?;
+            let tokens = match tokens.rank() {
+                2 => tokens.unsqueeze(1)?,
+                3 => tokens.clone(),
+                _ => candle_core::bail!(
+                    "batch entry `{}` has shape {:?}; expected [B, T, D] or [B, D]",
+                    source.input,
+                    tokens.shape()
+                ),
             };
-            let values = self.v_proj.forward(&h)?.reshape((b, t, self.d_model))?;
-            let bias = Tensor::zeros((b, 1, 1, t), DType::F32, dev)?;
-            return Ok(Memory { keys, values, bias });
-        };
-        let real = real_positions(mask, b, t)?;
-        let (tm, n) = (real.extent, real.source.len());
-        let bias = Tensor::from_vec(real.bias, (b, 1, 1, tm), dev)?;
+            let (rows, t, dim) = tokens.dims3()?;
+            if b.is_some_and(|b| b != rows) {
+                candle_core::bail!("the inputs of the batch have different numbers of rows");
+            }
+            b = Some(rows);
+            let mask = match &source.mask {
+                Some(name) if t > 1 => Some(lookup(x, name)?),
+                _ => None,
+            };
+            let mut real = real_positions(mask, rows, t)?;
+            if !real.source.is_empty() {
+                let positions = std::mem::take(&mut real.source);
+                let index = Tensor::from_vec(positions, real.target.len(), tokens.device())?;
+                let rows = tokens.reshape((rows * t, dim))?.index_select(&index, 0)?;
+                packed.push(source.proj.forward_relu(&rows.to_dtype(DType::F32)?)?);
+            }
+            layouts.push(real);
+        }
+        let b = b.unwrap_or(0);
+        let dev = &lookup(x, &self.sources[0].input)?.device().clone();
+        let (target, tm, bias) = side_by_side(layouts, b);
+        let n = target.len();
+        let bias = Tensor::from_vec(bias, (b, 1, 1, tm), dev)?;
         if n == 0 {
             let zeros = Tensor::zeros((b, tm, self.d_model), DType::F32, dev)?;
             return Ok(Memory {
@@ -251,10 +303,8 @@ impl MlDecoderHead {
                 bias,
             });
         }
-        let source = Tensor::from_vec(real.source, n, dev)?;
-        let target = Tensor::from_vec(real.target, n, dev)?;
-        let packed = tokens.reshape((b * t, dim))?.index_select(&source, 0)?;
-        let h = self.project(&packed)?;
+        let h = Tensor::cat(&packed, 0)?;
+        let target = Tensor::from_vec(target, n, dev)?;
         let scatter = |rows: Tensor| -> Result<Tensor> {
             Tensor::zeros((b * tm, self.d_model), DType::F32, dev)?
                 .index_add(&target, &rows, 0)?
@@ -268,11 +318,6 @@ impl MlDecoderHead {
             values: scatter(self.v_proj.forward(&h)?)?,
             bias,
         })
-    }
-
-    /// Input projection + ReLU of `[N, D]` token rows (any float dtype).
-    fn project(&self, rows: &Tensor) -> Result<Tensor> {
-        self.input_proj.forward_relu(&rows.to_dtype(DType::F32)?)
     }
 
     /// `[B, T', d]` -> `[B, heads, T', d / heads]`.
@@ -367,12 +412,16 @@ struct RealPositions {
     bias: Vec<f32>,
 }
 
-fn real_positions(mask: &Tensor, b: usize, t: usize) -> Result<RealPositions> {
-    let flags: Vec<u8> = mask
-        .ne(0f32)?
-        .reshape(b * t)?
-        .to_device(&Device::Cpu)?
-        .to_vec1()?;
+/// The real positions of `b` samples of `t` tokens under `mask` (every token without one).
+fn real_positions(mask: Option<&Tensor>, b: usize, t: usize) -> Result<RealPositions> {
+    let flags: Vec<u8> = match mask {
+        Some(mask) => mask
+            .ne(0f32)?
+            .reshape(b * t)?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?,
+        None => vec![1; b * t],
+    };
     if flags.len() != b * t {
         candle_core::bail!("mask has {} entries for {b} x {t} tokens", flags.len());
     }
@@ -399,6 +448,33 @@ fn real_positions(mask: &Tensor, b: usize, t: usize) -> Result<RealPositions> {
     })
 }
 
+/// The memory of several inputs side by side (each sample: the first input's T' positions, then
+/// the second's...): (the memory row of every real token, input after input, as their projected
+/// rows are concatenated; the extent; the `[B*T']` attention bias).
+fn side_by_side(parts: Vec<RealPositions>, b: usize) -> (Vec<u32>, usize, Vec<f32>) {
+    if parts.len() == 1 {
+        let one = parts.into_iter().next().expect("one part");
+        return (one.target, one.extent, one.bias);
+    }
+    let extent: usize = parts.iter().map(|p| p.extent).sum();
+    let mut bias = Vec::with_capacity(b * extent);
+    for i in 0..b {
+        for p in &parts {
+            bias.extend_from_slice(&p.bias[i * p.extent..(i + 1) * p.extent]);
+        }
+    }
+    let mut target = Vec::new();
+    let mut offset = 0;
+    for p in &parts {
+        target.extend(p.target.iter().map(|&row| {
+            let (i, j) = (row as usize / p.extent, row as usize % p.extent);
+            (i * extent + offset + j) as u32
+        }));
+        offset += p.extent;
+    }
+    (target, extent, bias)
+}
+
 impl Head for MlDecoderHead {
     fn micro_batch_rows(&self) -> usize {
         super::MICRO_BATCH_ROWS
@@ -409,8 +485,9 @@ impl Head for MlDecoderHead {
     }
 
     fn inputs(&self) -> Vec<String> {
-        std::iter::once(self.input.clone())
-            .chain(self.mask.clone())
+        self.sources
+            .iter()
+            .flat_map(|s| std::iter::once(s.input.clone()).chain(s.mask.clone()))
             .collect()
     }
 
@@ -418,8 +495,9 @@ impl Head for MlDecoderHead {
     /// (norms, attention, FFN) and the attention weights over the tokens.
     fn activation_values(&self, rows: usize) -> usize {
         let (k, d) = self.queries.dims2().unwrap_or((0, 0));
-        let tokens = 3 * self.tokens * d;
-        let queries = k * (8 * d + 2 * self.fc1.out_dim() + 2 * self.heads * self.tokens);
+        let t: usize = self.sources.iter().map(|s| s.tokens).sum();
+        let tokens = 3 * t * d;
+        let queries = k * (8 * d + 2 * self.fc1.out_dim() + 2 * self.heads * t);
         rows * (tokens + queries) + k * d
     }
 
@@ -501,7 +579,9 @@ mod tests {
     fn padded_memory(head: &MlDecoderHead, x: &Inputs) -> Result<Memory> {
         let tokens = &x["multimodal_tokens"];
         let mask = &x["multimodal_mask"];
-        let h = head.project(&tokens.reshape((B * T, DIM))?)?;
+        let h = head.sources[0]
+            .proj
+            .forward_relu(&tokens.reshape((B * T, DIM))?)?;
         let (_, k_proj) = head.query_key.as_ref().expect("sequence head");
         let d = head.d_model;
         let bias = ((mask.ne(0f32)?.to_dtype(DType::F32)? - 1.0)? * (-MASKED as f64))?
@@ -535,6 +615,68 @@ mod tests {
                 .iter()
                 .all(|v| v.is_finite())
         );
+        Ok(())
+    }
+
+    #[test]
+    fn several_inputs_are_one_memory_side_by_side() -> anyhow::Result<()> {
+        // Caption-like tokens with a mask beside image-like tokens (other width, no mask).
+        const T2: usize = 4;
+        const DIM2: usize = 6;
+        let mut ctx = context();
+        ctx.input_shapes.insert("patches".into(), vec![T2, DIM2]);
+        let cfg: MlDecoderConfig = serde_json::from_value(serde_json::json!({
+            "inputs": ["multimodal_tokens", "patches"], "d_model": 16, "heads": 4, "ffn": 24,
+            "dropout": 0.0
+        }))?;
+        cfg.validate()?;
+        let map = VarMap::new();
+        let head =
+            MlDecoderHead::new(&cfg, false, &ctx, seeded_var_builder(&map, 5, &Device::Cpu))?;
+        assert_eq!(
+            head.inputs(),
+            ["multimodal_tokens", "multimodal_mask", "patches"]
+        );
+        let mut x = batch(0.0)?;
+        let patches = Tensor::randn(0f32, 1.0, (B, T2, DIM2), &Device::Cpu)?;
+        x.insert("patches".into(), patches.clone());
+        // The padded memory by hand: both inputs projected, concatenated along the tokens.
+        let (a, b) = (&head.sources[0], &head.sources[1]);
+        let d = head.d_model;
+        let ha = a
+            .proj
+            .forward_relu(&x["multimodal_tokens"].reshape((B * T, DIM))?)?
+            .reshape((B, T, d))?;
+        let hb = b
+            .proj
+            .forward_relu(&patches.reshape((B * T2, DIM2))?)?
+            .reshape((B, T2, d))?;
+        let h = Tensor::cat(&[&ha, &hb], 1)?.reshape((B * (T + T2), d))?;
+        let mask_bias =
+            ((x["multimodal_mask"].ne(0f32)?.to_dtype(DType::F32)? - 1.0)? * (-MASKED as f64))?;
+        let bias = Tensor::cat(
+            &[
+                &mask_bias,
+                &Tensor::zeros((B, T2), DType::F32, &Device::Cpu)?,
+            ],
+            1,
+        )?
+        .reshape((B, 1, 1, T + T2))?;
+        let (_, k_proj) = head.query_key.as_ref().expect("keys");
+        let memory = Memory {
+            keys: Some(k_proj.forward(&h)?.reshape((B, T + T2, d))?),
+            values: head.v_proj.forward(&h)?.reshape((B, T + T2, d))?,
+            bias,
+        };
+        let want = head.decode(&memory, B, false)?;
+        let got = head.forward(&x, false)?;
+        // Every sample has real tokens here (the patches), the empty caption included.
+        assert!(max_diff(&got, &want)? < 1e-5, "{}", max_diff(&got, &want)?);
+        // `inputs` with `input` or `mask` is refused.
+        let both: MlDecoderConfig = serde_json::from_value(serde_json::json!({
+            "inputs": ["a", "b"], "mask": "m"
+        }))?;
+        assert!(both.validate().is_err());
         Ok(())
     }
 

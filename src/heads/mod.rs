@@ -427,12 +427,13 @@ impl LabelQueries {
     ) -> anyhow::Result<Self> {
         let scope = vb.pp(BUFFER_SCOPE);
         let buffer_name = scope.pp(buffer).prefix();
-        let embeddings = if scope.contains_tensor(buffer) {
-            scope
-                .get_unchecked(buffer)
-                .with_context(|| format!("buffer `{buffer_name}` in the checkpoint"))?
-        } else {
-            label_embeddings(ctx, head)?.clone()
+        // Built for training (or planned), the context holds them; loaded, the checkpoint does
+        // (checked against the head before). Neither: the error that names `--label-names`.
+        let saved = (ctx.label_embeddings.is_none() && scope.contains_tensor(buffer))
+            .then(|| scope.get_unchecked(buffer));
+        let embeddings = match saved {
+            Some(Ok(saved)) => saved,
+            _ => label_embeddings(ctx, head)?.clone(),
         };
         let (rows, dim) = embeddings.dims2()?;
         if rows != ctx.num_labels {

@@ -43,9 +43,28 @@ impl Planned {
 /// [`super::build`]). Fixed buffers are asked for like any tensor, so a `gat` plans without the
 /// label graph.
 pub fn plan(cfg: &HeadConfig, ctx: &HeadContext) -> anyhow::Result<Planned> {
+    plan_over(cfg, ctx, BTreeMap::new())
+}
+
+/// [`plan`] for a head read back from a file whose tensors have `shapes`: a tensor the head
+/// takes as saved, whatever its shape (label-name embeddings), has the shape the file gives it.
+pub fn plan_for_file(
+    cfg: &HeadConfig,
+    ctx: &HeadContext,
+    shapes: BTreeMap<String, Vec<usize>>,
+) -> anyhow::Result<Planned> {
+    plan_over(cfg, ctx, shapes)
+}
+
+fn plan_over(
+    cfg: &HeadConfig,
+    ctx: &HeadContext,
+    given: BTreeMap<String, Vec<usize>>,
+) -> anyhow::Result<Planned> {
     let asked = Arc::new(Mutex::new(BTreeMap::new()));
     let backend = Recorder {
         asked: asked.clone(),
+        given,
     };
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
     let head = super::build(cfg, ctx, vb)?;
@@ -60,6 +79,8 @@ pub fn plan(cfg: &HeadConfig, ctx: &HeadContext) -> anyhow::Result<Planned> {
 /// Records what is asked for; every tensor "exists" (so buffers are asked for, not made).
 struct Recorder {
     asked: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+    /// Shapes of the tensors asked for without one (from a file).
+    given: BTreeMap<String, Vec<usize>>,
 }
 
 impl SimpleBackend for Recorder {
@@ -78,8 +99,19 @@ impl SimpleBackend for Recorder {
         Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
-        candle_core::bail!("the head asked for tensor `{name}` without giving its shape")
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        match self.given.get(name) {
+            Some(shape) => self.get(
+                shape.as_slice().into(),
+                name,
+                candle_nn::Init::Const(0.0),
+                dtype,
+                dev,
+            ),
+            None => {
+                candle_core::bail!("the head asked for tensor `{name}` without giving its shape")
+            }
+        }
     }
 
     fn contains_tensor(&self, _name: &str) -> bool {

@@ -197,7 +197,12 @@ pub fn check_tensors(card: &ModelCard, weights: &[u8], path: &Path) -> Result<()
     let file = SafeTensors::deserialize(weights)
         .with_context(|| format!("{} is not a safetensors file", weights_path.display()))?;
     let ctx = card.inputs.head_context(card.labels.len(), card.seed);
-    let planned = shapes::plan(&card.head, &ctx)
+    let file_shapes = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect();
+    let planned = shapes::plan_for_file(&card.head, &ctx, file_shapes)
         .with_context(|| format!("the head of checkpoint {}", sidecar_path.display()))?;
     let mut problems = Vec::new();
     for (name, shape) in &planned.tensors {

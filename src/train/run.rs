@@ -68,15 +68,29 @@ pub struct TrainReport {
     pub val_ids: Vec<String>,
 }
 
-/// The context a head is trained in over `reader`'s cache: every output's per-row shape.
+/// The context a head is trained in over `reader`'s cache: every output's per-row shape, and
+/// the label-name embeddings in `vocab`'s order on `device` when the cache stores them
+/// (`extract --label-names`).
 pub fn head_context(
     reader: &CacheReader,
-    num_labels: usize,
+    vocab: &LabelVocab,
     label_cooccurrence: Option<LabelCooccurrence>,
     seed: u64,
-) -> HeadContext {
-    HeadContext {
-        num_labels,
+    device: &Device,
+) -> Result<HeadContext> {
+    let label_embeddings = match reader.label_names() {
+        None => None,
+        Some(names) => match names.for_vocab(vocab) {
+            Ok(rows) => Some(rows.to_device(device)?),
+            Err(e) => {
+                // Only heads with queries=labels need them: those fail, naming the cache.
+                tracing::warn!("{}: label names not usable: {e:#}", reader.dir().display());
+                None
+            }
+        },
+    };
+    Ok(HeadContext {
+        num_labels: vocab.len(),
         input_shapes: reader
             .outputs()
             .iter()
@@ -84,10 +98,8 @@ pub fn head_context(
             .collect(),
         label_cooccurrence,
         seed,
-        // The label-name embeddings enter here once the cache stores them
-        // (`extract --label-names`).
-        label_embeddings: None,
-    }
+        label_embeddings,
+    })
 }
 
 /// The label vocabulary written beside the split file (`labels.json`, by `multiclip dataset
@@ -180,10 +192,11 @@ pub fn build_head(
     let seed = request.config.seed;
     let ctx = head_context(
         &inputs.reader,
-        inputs.vocab.len(),
+        &inputs.vocab,
         Some(cooccurrence.clone()),
         seed,
-    );
+        &request.device,
+    )?;
     let planned = heads::shapes::plan(&config, &ctx)?;
     MemoryEstimate::of_run(
         &planned,
