@@ -11,7 +11,7 @@
 //!   numbers up to the order of the f32 sums.
 //!
 //! Other tensors (CUDA, f64 in tests) take candle's product whatever the precision; training
-//! refuses `--precision bf16` off the CPU before it starts (`TrainConfig::validate_for`).
+//! refuses `--precision bf16` off the CPU before it starts (`TrainRequest::check`).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
