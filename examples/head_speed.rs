@@ -91,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         label_cooccurrence: None,
         seed: 3407,
         label_embeddings: None,
+        precision: Default::default(),
     };
     let targets = Tensor::rand(0f32, 1.0, (batch, K), &dev)?
         .ge(0.8f32)?

@@ -22,9 +22,10 @@ use clap::Parser;
 use multiclip::cache::CacheReader;
 use multiclip::data::labels::LabelVocab;
 use multiclip::data::{Dataset, Part};
-use multiclip::heads::{self, HeadConfig, HeadKind};
+use multiclip::heads::{self, HeadConfig, HeadContext, HeadKind};
 use multiclip::labelled::Targets;
 use multiclip::loss::Loss;
+use multiclip::tensor_ops::Precision;
 use multiclip::train::run::head_context;
 use multiclip::train::schedule::ScheduleKind;
 use multiclip::train::{TrainConfig, TrainData, fit};
@@ -55,6 +56,9 @@ struct Args {
     /// Only write the synthetic cache (so that measured runs do not include writing it).
     #[arg(long)]
     prepare: bool,
+    /// The heads' matrix products: f32 or bf16 (`train --precision`).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 /// (RssAnon, VmHWM) of this process in MiB.
@@ -137,11 +141,19 @@ fn main() -> Result<()> {
         schedule: ScheduleKind::Constant,
         warmup_epochs: 0.0,
         clip_grad: None,
+        precision: match args.precision.as_str() {
+            "bf16" => Precision::Bf16,
+            "f32" => Precision::F32,
+            other => anyhow::bail!("--precision f32 or bf16, not {other}"),
+        },
         ..TrainConfig::default()
     };
     let device = Device::Cpu;
     let varmap = VarMap::new();
-    let ctx = head_context(&reader, &vocab, None, config.seed, &device)?;
+    let ctx = HeadContext {
+        precision: config.precision,
+        ..head_context(&reader, &vocab, None, config.seed, &device)?
+    };
     let head = heads::build(
         &head_config,
         &ctx,
@@ -182,11 +194,12 @@ fn main() -> Result<()> {
     seconds.sort_by(f64::total_cmp);
     let median = seconds[seconds.len() / 2];
     println!(
-        "SUMMARY head={} batch={} cache_rows={cache_rows} threads={threads} \
+        "SUMMARY head={} precision={} batch={} cache_rows={cache_rows} threads={threads} \
          median_train_s={median:.3} \
          samples_per_s={:.0} cpu_s_per_epoch={cpu_per_epoch:.2} rss_anon_mib={:.0} \
          (before training {:.0}) peak_rss_mib={:.0}",
         args.head,
+        args.precision,
         args.batch_size,
         data.train_rows.len() as f64 / median,
         after.0,

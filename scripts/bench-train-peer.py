@@ -4,7 +4,9 @@ same synthetic cache (its safetensors shards memory-mapped with numpy), so that 
 training speed can be compared on the same machine at the same moment.
 
 Usage: PY=$(scripts/python-env.sh); $PY scripts/bench-train-peer.py --cache DIR --head mlp \
-           --batch-size 256 --epochs 3 [--threads 2] [--scale 1]
+           --batch-size 256 --epochs 3 [--threads 2] [--scale 1] [--precision f32|bf16]
+--precision bf16 runs the forward pass and the loss under torch.autocast('cpu', dtype=torch.bfloat16)
+(f32 weights and optimizer, bf16 matrix products: PyTorch's one-switch mixed precision).
 Prints one line per epoch and a SUMMARY line (median training seconds per epoch, samples/s).
 """
 import argparse
@@ -113,6 +115,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scale", type=int, default=1)
     p.add_argument("--train-rows", type=int, default=None, help="train on the first N rows only")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(3407)
@@ -142,18 +145,21 @@ def main():
             idx = np.sort(order[b:b + a.batch_size])
             x = {n: gather(shards, n, idx) for n in names}
             y = torch.from_numpy(y_all[idx])
-            loss = loss_fn(model(x), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+                loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         seconds = time.perf_counter() - started
         times.append(seconds)
-        print(f"peer head={a.head} batch={a.batch_size} epoch={epoch + 1} train_s={seconds:.3f} "
+        print(f"peer head={a.head} precision={a.precision} batch={a.batch_size} epoch={epoch + 1} "
+              f"train_s={seconds:.3f} "
               f"samples_per_s={len(order) / seconds:.0f} loss={total / len(order):.4f}", flush=True)
     median = sorted(times)[len(times) // 2]
     cpu = (time.process_time() - cpu_started) / a.epochs
-    print(f"SUMMARY peer head={a.head} batch={a.batch_size} threads={a.threads} "
+    print(f"SUMMARY peer head={a.head} precision={a.precision} batch={a.batch_size} "
+          f"threads={a.threads} "
           f"median_train_s={median:.3f} samples_per_s={len(train_rows) / median:.0f} "
           f"cpu_s_per_epoch={cpu:.2f}")
 

@@ -10,6 +10,7 @@ use multiclip::heads::{
     self, Head, HeadConfig, HeadContext, HeadKind, Inputs, LabelCooccurrence,
     init::seeded_var_builder,
 };
+use multiclip::tensor_ops::Precision;
 use multiclip::train::checkpoint::checkpoint_tensors;
 use multiclip::train::grads::loss_and_grads;
 use rand::{RngExt, SeedableRng};
@@ -115,6 +116,7 @@ fn data(seed: u64) -> Result<Data> {
         ),
         seed: 3407,
         label_embeddings: None,
+        precision: Precision::F32,
     };
     Ok(Data {
         inputs,
@@ -233,11 +235,19 @@ fn logit_biases_start_at_the_label_prior() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// In f32 and with bf16 matrix products (`train --precision bf16`).
 #[test]
 fn every_head_overfits_a_tiny_set() -> Result<()> {
     let d = data(2)?;
-    for cfg in configs() {
-        let (map, head) = build(&cfg, &d.ctx);
+    for (cfg, precision) in configs()
+        .into_iter()
+        .flat_map(|c| [(c.clone(), Precision::F32), (c, Precision::Bf16)])
+    {
+        let ctx = HeadContext {
+            precision,
+            ..d.ctx.clone()
+        };
+        let (map, head) = build(&cfg, &ctx);
         let params = ParamsAdamW {
             lr: 1e-2,
             weight_decay: 0.0,
@@ -253,7 +263,7 @@ fn every_head_overfits_a_tiny_set() -> Result<()> {
                 break;
             }
         }
-        assert_eq!(f1, 1.0, "{cfg} reached micro-F1 {f1}");
+        assert_eq!(f1, 1.0, "{cfg} in {precision:?} reached micro-F1 {f1}");
     }
     Ok(())
 }

@@ -37,6 +37,7 @@ fn context(embeddings: Option<Tensor>) -> HeadContext {
         ),
         seed: 3,
         label_embeddings: embeddings,
+        precision: Default::default(),
     }
 }
 

@@ -1,17 +1,15 @@
 //! candle glue for [`super::gemm_bf16`]: products of CPU tensors (f32 or bf16) by packed
 //! operands, f32 results. These are what linear layers and heads call.
 
-use anyhow::{Context, Result, bail, ensure};
-use candle_core::{CpuStorage, Storage, Tensor};
+use anyhow::{Result, bail, ensure};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 use super::{Kernel, MatRef, PackedRhs, gemm_bf16};
 
 /// Runs `f` on a 2-D CPU tensor seen as a [`MatRef`] (its own strides: transposed views
 /// included).
 fn with_matrix<R>(t: &Tensor, f: impl FnOnce(MatRef) -> Result<R>) -> Result<R> {
-    let (rows, cols) = t
-        .dims2()
-        .context("bf16 product of a tensor that is not 2-D")?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         bail!(
@@ -19,16 +17,27 @@ fn with_matrix<R>(t: &Tensor, f: impl FnOnce(MatRef) -> Result<R>) -> Result<R> 
             t.device()
         )
     };
-    let (start, stride) = (layout.start_offset(), layout.stride());
-    let view = match cpu {
-        CpuStorage::F32(d) => MatRef::new(&d[start..], rows, cols, stride[0], stride[1])?,
-        CpuStorage::BF16(d) => MatRef::new(&d[start..], rows, cols, stride[0], stride[1])?,
-        _ => bail!(
-            "bf16 products take f32 or bf16 tensors, not {:?}",
-            t.dtype()
-        ),
+    f(view(cpu, layout)?)
+}
+
+/// A 2-D CPU tensor's storage (f32 or bf16) seen through its layout as a [`MatRef`]: what a
+/// candle custom op's `cpu_fwd` receives.
+pub fn view<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<MatRef<'a>> {
+    let [rows, cols] = *layout.dims() else {
+        bail!(
+            "bf16 product of a tensor that is not 2-D ({:?})",
+            layout.dims()
+        )
     };
-    f(view)
+    let (start, stride) = (layout.start_offset(), layout.stride());
+    match storage {
+        CpuStorage::F32(d) => MatRef::new(&d[start..], rows, cols, stride[0], stride[1]),
+        CpuStorage::BF16(d) => MatRef::new(&d[start..], rows, cols, stride[0], stride[1]),
+        other => bail!(
+            "bf16 products take f32 or bf16 tensors, not {:?}",
+            other.dtype()
+        ),
+    }
 }
 
 /// Packs a 2-D tensor `b` `[k, n]` (any strides: pass `w.t()?` for `W^T`) as the right operand

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use multiclip::heads::HeadConfig;
 use multiclip::loss::Loss;
+use multiclip::tensor_ops::Precision;
 use multiclip::train::TrainConfig;
 use multiclip::train::early_stop::Criterion;
 use multiclip::train::ensemble::EnsembleReport;
@@ -100,6 +101,11 @@ pub struct TrainArgs {
     /// members of a k-fold ensemble together).
     #[arg(long)]
     pub max_head_mb: Option<f64>,
+    /// Number type of the head's matrix products: f32, or bf16 (CPU: bf16 operands with f32
+    /// sums in the forward and backward products, on AVX512-BF16 where the CPU has it; weights,
+    /// optimiser state and loss stay f32). Recorded in the checkpoint.
+    #[arg(long, default_value = "f32", value_parser = one_of(&TrainConfig::PRECISIONS, Precision::name))]
+    pub precision: Precision,
     /// Train a k-fold ensemble: K members, each trained on K-1 stratified folds and validated on
     /// its own; thresholds tuned on the out-of-fold probabilities; the members' probabilities
     /// averaged. Members are saved as NAME.fold-I-of-K beside the ensemble's NAME.json.
@@ -163,6 +169,7 @@ fn request(args: &TrainArgs) -> Result<TrainRequest> {
         multistage: args.multistage,
         memory_limit: args.memory_limit,
         max_head_mb: args.max_head_mb,
+        precision: args.precision,
         ..defaults
     };
     Ok(TrainRequest {

@@ -77,7 +77,7 @@ pub fn build(
         experts.push(Expert {
             var_prefix: var_prefix(&evb),
             features: vec![i],
-            mlp: Mlp::new(f.dim, 0, k, 0.0, cosine, ctx.seed, evb)?,
+            mlp: Mlp::new(f.dim, 0, k, 0.0, cosine, ctx, evb)?,
             name,
         });
     }
@@ -87,14 +87,14 @@ pub fn build(
         name: "fused".into(),
         var_prefix: var_prefix(&fvb),
         features: (0..features.len()).collect(),
-        mlp: Mlp::new(fused_dim, cfg.hidden, k, cfg.dropout, cosine, ctx.seed, fvb)?,
+        mlp: Mlp::new(fused_dim, cfg.hidden, k, cfg.dropout, cosine, ctx, fvb)?,
     });
     Ok(Mixture::new(
         features,
         experts,
         cfg.hidden,
         cfg.dropout,
-        ctx.seed,
+        ctx,
         vb,
     )?)
 }

@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::features::{Feature, concat};
 use super::layers::{Linear, add_bias, l2_normalize_smooth, leaky_relu};
 use super::mlp::inputs_or_pooled;
+use super::products::matmul_nt;
 use super::{Head, HeadContext, Inputs, LabelQueries, Queries, buffer};
+use crate::tensor_ops::Precision;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -154,14 +156,14 @@ struct GatLayer {
 }
 
 impl GatLayer {
-    fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, heads: usize, precision: Precision, vb: VarBuilder) -> Result<Self> {
         let dh = dim / heads;
         let att_init = Init::Randn {
             mean: 0.0,
             stdev: (1.0 / dh as f64).sqrt(),
         };
         Ok(Self {
-            weight: Linear::without_bias(dim, dim, vb.clone())?,
+            weight: Linear::without_bias(dim, dim, precision, vb.clone())?,
             att_src: vb.get_with_hints((heads, 1, dh), "att_src", att_init)?,
             att_dst: vb.get_with_hints((heads, 1, dh), "att_dst", att_init)?,
             bias: vb.get_with_hints(dim, "bias", candle_nn::init::ZERO)?,
@@ -211,6 +213,7 @@ pub struct GatHead {
     adjacency: Tensor,
     log_adjacency: Tensor,
     label_bias: Option<Tensor>,
+    precision: Precision,
 }
 
 /// log A' with a large negative value where there is no edge.
@@ -247,7 +250,7 @@ impl GatHead {
         })?;
         let in_dim = features.iter().map(|f| f.dim).sum();
         let layers = (0..cfg.layers)
-            .map(|l| GatLayer::new(cfg.hidden, cfg.heads, vb.pp("layers").pp(l)))
+            .map(|l| GatLayer::new(cfg.hidden, cfg.heads, ctx.precision, vb.pp("layers").pp(l)))
             .collect::<Result<Vec<_>>>()?;
         let label_bias = if cosine {
             None
@@ -273,7 +276,7 @@ impl GatHead {
             )?),
         };
         Ok(Self {
-            proj: Linear::new(in_dim, cfg.hidden, vb.pp("proj"))?,
+            proj: Linear::new(in_dim, cfg.hidden, ctx.precision, vb.pp("proj"))?,
             label_nodes,
             layers,
             log_adjacency: log_adjacency(&adjacency)?,
@@ -281,6 +284,7 @@ impl GatHead {
             adjacency,
             label_bias,
             features,
+            precision: ctx.precision,
         })
     }
 
@@ -332,10 +336,13 @@ impl Head for GatHead {
         let sample = self.proj.forward(&concat(&parts)?)?;
         let classifiers = self.label_classifiers()?;
         match &self.label_bias {
-            Some(bias) => add_bias(&sample.matmul(&classifiers.t()?)?, bias),
-            None => l2_normalize_smooth(&sample)?
-                .matmul(&l2_normalize_smooth(&classifiers)?.t()?)?
-                .clamp(-1f32, 1f32),
+            Some(bias) => add_bias(&matmul_nt(&sample, &classifiers, self.precision)?, bias),
+            None => matmul_nt(
+                &l2_normalize_smooth(&sample)?,
+                &l2_normalize_smooth(&classifiers)?,
+                self.precision,
+            )?
+            .clamp(-1f32, 1f32),
         }
     }
 
@@ -379,7 +386,7 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let map = candle_nn::VarMap::new();
         let vb = crate::heads::init::seeded_var_builder(&map, 2, &dev);
-        let layer = GatLayer::new(8, 2, vb)?;
+        let layer = GatLayer::new(8, 2, Precision::F32, vb)?;
         // Two components: {0, 1} and {2}; node 2's output depends on node 2 only.
         let adj = Tensor::new(
             &[[0.8f32, 0.2, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]],

@@ -15,9 +15,9 @@ use candle_nn::{Init, Module, VarBuilder};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
-use super::fused;
 use super::init::stream;
-use crate::tensor_ops::is_cpu_f32;
+use super::{HeadContext, fused, products};
+use crate::tensor_ops::{Precision, is_cpu_f32};
 
 /// `x + b` over the last dimension (fused on the CPU: its bias gradient avoids candle's slow
 /// strided sum over rows).
@@ -29,17 +29,23 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A fully-connected layer `y = x W^T + b` on the last dimension of an input of any rank.
-/// Variables `weight` `[out, in]` (Kaiming normal) and `bias` `[out]` (uniform +-1/sqrt(in)),
-/// as in `candle_nn::linear`.
+/// A fully-connected layer `y = x W^T + b` on the last dimension of an input of any rank, its
+/// product in `precision` ([`products`]). Variables `weight` `[out, in]` (Kaiming normal) and
+/// `bias` `[out]` (uniform +-1/sqrt(in)), as in `candle_nn::linear`.
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    precision: Precision,
 }
 
 impl Linear {
-    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let mut linear = Self::without_bias(in_dim, out_dim, vb.clone())?;
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        precision: Precision,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let mut linear = Self::without_bias(in_dim, out_dim, precision, vb.clone())?;
         let bound = 1.0 / (in_dim as f64).sqrt();
         let init = Init::Uniform {
             lo: -bound,
@@ -49,11 +55,17 @@ impl Linear {
         Ok(linear)
     }
 
-    pub fn without_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn without_bias(
+        in_dim: usize,
+        out_dim: usize,
+        precision: Precision,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
         Ok(Self {
             weight: vb.get_with_hints((out_dim, in_dim), "weight", init)?,
             bias: None,
+            precision,
         })
     }
 }
@@ -70,12 +82,7 @@ impl Linear {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows = x.elem_count() / in_dim;
         let x = x.reshape((rows, in_dim))?;
-        // An input outside the autograd graph (cached features) needs no gradient.
-        let y = if is_cpu_f32(&x) && !x.track_op() && self.weight.track_op() {
-            fused::matmul_weight_grad_only(&x, &self.weight)?
-        } else {
-            x.matmul(&self.weight.t()?)?
-        };
+        let y = products::matmul_nt(&x, &self.weight, self.precision)?;
         let y = match &self.bias {
             Some(b) if relu && is_cpu_f32(&y) => fused::bias_relu(&y, b)?,
             Some(b) if relu => add_bias(&y, b)?.relu()?,
@@ -215,11 +222,20 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
 /// cos(theta) in [-1, 1] (no bias): the input the angular-margin loss expects.
 pub enum Classifier {
     Linear(Linear),
-    Cosine { weight: Tensor },
+    Cosine {
+        weight: Tensor,
+        precision: Precision,
+    },
 }
 
 impl Classifier {
-    pub fn new(in_dim: usize, out_dim: usize, cosine: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        cosine: bool,
+        precision: Precision,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if cosine {
             let weight = vb.get_with_hints(
                 (out_dim, in_dim),
@@ -229,9 +245,9 @@ impl Classifier {
                     stdev: 1.0,
                 },
             )?;
-            Ok(Self::Cosine { weight })
+            Ok(Self::Cosine { weight, precision })
         } else {
-            Ok(Self::Linear(Linear::new(in_dim, out_dim, vb)?))
+            Ok(Self::Linear(Linear::new(in_dim, out_dim, precision, vb)?))
         }
     }
 }
@@ -249,7 +265,7 @@ impl Classifier {
     pub fn cosine_weight(&self) -> Option<&Tensor> {
         match self {
             Self::Linear(_) => None,
-            Self::Cosine { weight } => Some(weight),
+            Self::Cosine { weight, .. } => Some(weight),
         }
     }
 }
@@ -258,8 +274,12 @@ impl Module for Classifier {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Linear(linear) => linear.forward(x),
-            Self::Cosine { weight } => {
-                let cos = l2_normalize_smooth(x)?.matmul(&l2_normalize_smooth(weight)?.t()?)?;
+            Self::Cosine { weight, precision } => {
+                let cos = products::matmul_nt(
+                    &l2_normalize_smooth(x)?,
+                    &l2_normalize_smooth(weight)?,
+                    *precision,
+                )?;
                 cos.clamp(-1f32, 1f32)
             }
         }
@@ -267,7 +287,8 @@ impl Module for Classifier {
 }
 
 /// Linear -> ReLU -> dropout -> classifier, or the classifier alone (a linear probe) when
-/// `hidden` is 0. Variables: `hidden.{weight,bias}` and `out.*`.
+/// `hidden` is 0, in the precision of `ctx` (whose seed draws the dropout masks). Variables:
+/// `hidden.{weight,bias}` and `out.*`.
 pub struct Mlp {
     hidden: Option<(Linear, Dropout)>,
     out: Classifier,
@@ -280,17 +301,17 @@ impl Mlp {
         out_dim: usize,
         dropout: f32,
         cosine: bool,
-        seed: u64,
+        ctx: &HeadContext,
         vb: VarBuilder,
     ) -> Result<Self> {
         let (hidden, out_in) = if hidden == 0 {
             (None, in_dim)
         } else {
-            let linear = Linear::new(in_dim, hidden, vb.pp("hidden"))?;
-            let drop = Dropout::new(dropout, seed, "hidden", &vb)?;
+            let linear = Linear::new(in_dim, hidden, ctx.precision, vb.pp("hidden"))?;
+            let drop = Dropout::new(dropout, ctx.seed, "hidden", &vb)?;
             (Some((linear, drop)), hidden)
         };
-        let out = Classifier::new(out_in, out_dim, cosine, vb.pp("out"))?;
+        let out = Classifier::new(out_in, out_dim, cosine, ctx.precision, vb.pp("out"))?;
         Ok(Self { hidden, out })
     }
 
@@ -303,7 +324,7 @@ impl Mlp {
     pub fn activation_values_per_row(&self) -> usize {
         let out = match &self.out {
             Classifier::Linear(linear) => linear.out_dim(),
-            Classifier::Cosine { weight } => weight.dims().first().copied().unwrap_or(0),
+            Classifier::Cosine { weight, .. } => weight.dims().first().copied().unwrap_or(0),
         };
         let hidden = self
             .hidden
@@ -411,7 +432,7 @@ mod tests {
         )?;
         // A linear layer on an untracked input: only the weight's gradient is computed.
         let input = Tensor::randn(0f32, 1.0, (150, 7), &dev)?;
-        let mut linear = Linear::without_bias(7, 7, vb.pp("lin"))?;
+        let mut linear = Linear::without_bias(7, 7, Precision::F32, vb.pp("lin"))?;
         let lw = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 7), &dev)?)?;
         linear.weight = lw.as_tensor().clone();
         let reference = input.matmul(&lw.as_tensor().t()?)?;
@@ -446,6 +467,7 @@ mod tests {
             let linear = Linear {
                 weight: w.as_tensor().clone(),
                 bias: Some(b.as_tensor().clone()),
+                precision: Precision::F32,
             };
             let norm = LayerNorm {
                 weight: g.as_tensor().clone(),
@@ -513,7 +535,7 @@ mod tests {
         let dev = Device::Cpu;
         let map = VarMap::new();
         let vb = seeded_var_builder(&map, 1, &dev);
-        let cls = Classifier::new(8, 5, true, vb)?;
+        let cls = Classifier::new(8, 5, true, Precision::F32, vb)?;
         let x = (Tensor::randn(0f32, 1.0, (16, 8), &dev)? * 100.0)?;
         let y = cls.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
         assert!(y.iter().all(|v| (-1.0..=1.0).contains(v)));

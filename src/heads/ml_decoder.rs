@@ -149,6 +149,7 @@ impl MlDecoderHead {
         vb: VarBuilder,
     ) -> anyhow::Result<Self> {
         let (d, k) = (cfg.d_model, ctx.num_labels);
+        let precision = ctx.precision;
         let several = !cfg.inputs.is_empty();
         let names = if several {
             cfg.inputs.clone()
@@ -184,7 +185,7 @@ impl MlDecoderHead {
                 vb.pp("input_proj")
             };
             sources.push(Source {
-                proj: Linear::new(in_dim, d, proj_vb)?,
+                proj: Linear::new(in_dim, d, precision, proj_vb)?,
                 input,
                 mask,
                 tokens,
@@ -230,19 +231,19 @@ impl MlDecoderHead {
             d_model: d,
             query_key: if is_sequence {
                 Some((
-                    Linear::new(d, d, attn.pp("q_proj"))?,
-                    Linear::without_bias(d, d, attn.pp("k_proj"))?,
+                    Linear::new(d, d, precision, attn.pp("q_proj"))?,
+                    Linear::without_bias(d, d, precision, attn.pp("k_proj"))?,
                 ))
             } else {
                 None
             },
-            v_proj: Linear::new(d, d, attn.pp("v_proj"))?,
-            out_proj: Linear::new(d, d, attn.pp("out_proj"))?,
+            v_proj: Linear::new(d, d, precision, attn.pp("v_proj"))?,
+            out_proj: Linear::new(d, d, precision, attn.pp("out_proj"))?,
             norm1: LayerNorm::new(d, vb.pp("norm1"))?,
             norm2: LayerNorm::new(d, vb.pp("norm2"))?,
             norm3: LayerNorm::new(d, vb.pp("norm3"))?,
-            fc1: Linear::new(d, cfg.ffn, ffn.pp("fc1"))?,
-            fc2: Linear::new(cfg.ffn, d, ffn.pp("fc2"))?,
+            fc1: Linear::new(d, cfg.ffn, precision, ffn.pp("fc1"))?,
+            fc2: Linear::new(cfg.ffn, d, precision, ffn.pp("fc2"))?,
             drop_query: Dropout::new(p, ctx.seed, "query", &vb)?,
             drop_attn: Dropout::new(p, ctx.seed, "attn", &vb)?,
             drop_ffn_hidden: Dropout::new(p, ctx.seed, "ffn_hidden", &vb)?,
@@ -536,6 +537,7 @@ mod tests {
             label_cooccurrence: None,
             seed: 11,
             label_embeddings: None,
+            precision: Default::default(),
         }
     }
 

@@ -77,7 +77,7 @@ impl MlpHead {
             ctx.num_labels,
             cfg.dropout,
             cosine,
-            ctx.seed,
+            ctx,
             vb,
         )?;
         if cfg.queries == Queries::Labels {

@@ -22,6 +22,7 @@ pub mod init;
 pub mod layers;
 pub mod ml_decoder;
 pub mod mlp;
+mod products;
 pub mod router;
 pub mod shapes;
 
@@ -60,6 +61,9 @@ pub struct HeadContext {
     /// `queries=labels`. Training fills it from the cache once extraction stores them; a
     /// checkpoint does not need it (what the head took from it is saved with the weights).
     pub label_embeddings: Option<Tensor>,
+    /// The number type of the head's matrix products (`train --precision`; a head loaded from a
+    /// checkpoint computes in f32): bf16 operands with f32 sums, or f32 ([`products`]).
+    pub precision: crate::tensor_ops::Precision,
 }
 
 /// Where a head's per-label starting points come from: `ml_decoder`'s class queries, `gat`'s
@@ -445,7 +449,7 @@ impl LabelQueries {
         Ok(Self {
             buffer_name,
             embeddings,
-            proj: layers::Linear::new(dim, width, vb.pp(projection))?,
+            proj: layers::Linear::new(dim, width, ctx.precision, vb.pp(projection))?,
         })
     }
 

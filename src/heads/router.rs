@@ -72,7 +72,7 @@ impl Mixture {
         experts: Vec<Expert>,
         router_hidden: usize,
         dropout: f32,
-        seed: u64,
+        ctx: &HeadContext,
         vb: VarBuilder,
     ) -> Result<Self> {
         let in_dim = features.iter().map(|f| f.dim).sum();
@@ -82,7 +82,7 @@ impl Mixture {
             experts.len(),
             dropout,
             false,
-            seed,
+            ctx,
             vb.pp("router"),
         )?;
         Ok(Self {
@@ -203,7 +203,7 @@ pub fn build(
                     ctx.num_labels,
                     cfg.dropout,
                     cosine,
-                    ctx.seed,
+                    ctx,
                     evb,
                 )?,
             })
@@ -214,7 +214,7 @@ pub fn build(
         experts,
         cfg.router_hidden,
         cfg.dropout,
-        ctx.seed,
+        ctx,
         vb,
     )?)
 }

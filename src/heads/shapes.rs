@@ -142,6 +142,7 @@ mod tests {
             ),
             label_embeddings: None,
             seed: 1,
+            precision: Default::default(),
         };
         for spec in [
             "mlp:hidden=7",

@@ -5,6 +5,7 @@
 use crate::backbone::BackboneInfo;
 use crate::cache::{CacheReader, StoredDtype};
 use crate::heads::HeadContext;
+use crate::tensor_ops::Precision;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +60,8 @@ impl InputSignature {
             label_cooccurrence: None,
             seed,
             label_embeddings: None,
+            // The weights are f32 whatever precision trained them: a loaded head computes in f32.
+            precision: Precision::F32,
         }
     }
 

@@ -28,6 +28,7 @@ use crate::labelled::Targets;
 use crate::loss::Loss;
 use crate::metrics::{self, LabelMetrics, Metrics, TuneObjective};
 use crate::model::score::{SCORE_BATCH_ROWS, batch_inputs, score_rows};
+use crate::tensor_ops::Precision;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -73,6 +74,12 @@ pub struct TrainConfig {
     /// weights exceed this many MB (`budget`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_head_mb: Option<f64>,
+    /// The number type of the head's matrix products (`--precision`, one of
+    /// [`TrainConfig::PRECISIONS`]): f32, or bf16 operands with f32 sums in the forward and
+    /// backward products (CPU only). Master weights, optimiser state and loss are f32 either
+    /// way (`heads::products`).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -93,11 +100,15 @@ impl Default for TrainConfig {
             plateau_gain: 0.01,
             memory_limit: memory::MemoryLimit::default(),
             max_head_mb: None,
+            precision: Precision::F32,
         }
     }
 }
 
 impl TrainConfig {
+    /// The precisions a head trains in (`--precision`).
+    pub const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
+
     /// Checks every setting, naming the flag that sets it (`--lr`, ...): a learning rate that is
     /// not a positive finite number, a zero batch size or epoch count, negative decay or clipping
     /// (NaN included) are refused rather than trained with. Every problem is listed at once.
@@ -156,6 +167,13 @@ impl TrainConfig {
         require(
             positive(a.eps),
             format!("adamw.eps must be a finite number above 0 (got {})", a.eps),
+        );
+        require(
+            Self::PRECISIONS.contains(&self.precision),
+            format!(
+                "--precision must be f32 or bf16 for training (got {})",
+                self.precision.name()
+            ),
         );
         if problems.is_empty() {
             Ok(())

@@ -18,6 +18,7 @@ use crate::labelled::{Targets, labelled_records, rows_for_ids};
 use crate::loss::Loss;
 use crate::model::checkpoint::FORMAT_VERSION;
 use crate::model::{InputSignature, ModelCard};
+use crate::tensor_ops::Precision;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use candle_nn::VarMap;
@@ -50,6 +51,13 @@ impl TrainRequest {
     /// with it; pipelines run it for every stage before running any.
     pub fn check(&self) -> Result<HeadConfig> {
         self.config.validate()?;
+        if self.config.precision == Precision::Bf16 && !self.device.is_cpu() {
+            bail!(
+                "--precision bf16 trains on the CPU (the AVX512-BF16 products); on {} use \
+                 --precision f32",
+                crate::tensor_ops::device_name(&self.device)
+            );
+        }
         self.loss.validate()?;
         self.head.validate()?;
         head_for_loss(&self.head, &self.loss)
@@ -99,6 +107,8 @@ pub fn head_context(
         label_cooccurrence,
         seed,
         label_embeddings,
+        // f32 products; `build_head` sets the run's precision.
+        precision: Precision::F32,
     })
 }
 
@@ -190,13 +200,16 @@ pub fn build_head(
     )?;
     let config = head_for_loss(&request.head, &request.loss)?;
     let seed = request.config.seed;
-    let ctx = head_context(
-        &inputs.reader,
-        &inputs.vocab,
-        Some(cooccurrence.clone()),
-        seed,
-        &request.device,
-    )?;
+    let ctx = HeadContext {
+        precision: request.config.precision,
+        ..head_context(
+            &inputs.reader,
+            &inputs.vocab,
+            Some(cooccurrence.clone()),
+            seed,
+            &request.device,
+        )?
+    };
     let planned = heads::shapes::plan(&config, &ctx)?;
     MemoryEstimate::of_run(
         &planned,
