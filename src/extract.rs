@@ -505,36 +505,34 @@ pub fn shard_windows(
         .collect()
 }
 
-/// Loads the rows of `window` in parallel and prepares those that loaded.
-fn prepare_window(
-    backbone: &dyn Backbone,
+/// The rows of a window that loaded: (dataset position, sample).
+pub type LoadedRows = Vec<(usize, Sample)>;
+
+/// Loads the rows at `window` of `selected` in parallel: (position, sample) of those that loaded,
+/// and those that did not as skipped rows with `on_error` skip (an error naming the row with
+/// fail). Shared by extract and the live path (`predict --data`, serve's rows).
+pub fn load_window(
     selected: &SelectedRows,
-    options: &ExtractOptions,
-    shard: usize,
     window: &[usize],
-) -> Result<PreparedWindow> {
-    let (needs_images, needs_text) = (backbone.needs_images(), backbone.needs_text());
-    let loaded: Vec<(usize, Result<Sample, String>)> = window
+    (needs_images, needs_text): (bool, bool),
+    max_pixels: u64,
+    on_error: OnError,
+) -> Result<(LoadedRows, Vec<SkippedRow>)> {
+    let results: Vec<(usize, Result<Sample, String>)> = window
         .par_iter()
         .map(|&position| {
             let row = &selected.rows[position];
-            (
-                position,
-                load_sample(row, needs_images, needs_text, options.max_pixels),
-            )
+            let sample = load_sample(row, needs_images, needs_text, max_pixels);
+            (position, sample)
         })
         .collect();
-    let mut rows = Vec::new();
-    let mut samples = Vec::new();
+    let mut loaded = Vec::new();
     let mut skipped = Vec::new();
-    for (position, sample) in loaded {
+    for (position, result) in results {
         let row = &selected.rows[position];
-        match sample {
-            Ok(sample) => {
-                rows.push((position, row.id.clone()));
-                samples.push(sample);
-            }
-            Err(reason) if options.on_error == OnError::Skip => skipped.push(SkippedRow {
+        match result {
+            Ok(sample) => loaded.push((position, sample)),
+            Err(reason) if on_error == OnError::Skip => skipped.push(SkippedRow {
                 row: position,
                 id: row.id.clone(),
                 reason,
@@ -547,6 +545,29 @@ fn prepare_window(
             ),
         }
     }
+    Ok((loaded, skipped))
+}
+
+/// Loads the rows of `window` in parallel and prepares those that loaded.
+fn prepare_window(
+    backbone: &dyn Backbone,
+    selected: &SelectedRows,
+    options: &ExtractOptions,
+    shard: usize,
+    window: &[usize],
+) -> Result<PreparedWindow> {
+    let needs = (backbone.needs_images(), backbone.needs_text());
+    let (loaded, skipped) = load_window(
+        selected,
+        window,
+        needs,
+        options.max_pixels,
+        options.on_error,
+    )?;
+    let (rows, samples): (Vec<(usize, String)>, Vec<Sample>) = loaded
+        .into_iter()
+        .map(|(position, sample)| ((position, selected.rows[position].id.clone()), sample))
+        .unzip();
     let prepared = if samples.is_empty() {
         None
     } else {

@@ -9,13 +9,11 @@
 
 use super::Classifier;
 use crate::backbone::Sample;
-use crate::cache::SkippedRow;
 use crate::extract::{self, OnError, SelectedRows};
 use crate::heads::Inputs;
 use crate::predict::Predictions;
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
-use rayon::prelude::*;
 
 /// How to label rows.
 #[derive(Clone, Debug)]
@@ -55,7 +53,13 @@ pub fn label_rows(
         );
         let mut block_rows = Vec::new();
         for window in windows {
-            let (loaded, window_skipped) = load_window(classifier, selected, &window, options)?;
+            let (loaded, window_skipped) = extract::load_window(
+                selected,
+                &window,
+                (classifier.needs_images(), classifier.needs_text()),
+                options.max_pixels,
+                options.on_error,
+            )?;
             skipped.extend(window_skipped);
             if loaded.is_empty() {
                 continue;
@@ -89,48 +93,6 @@ pub fn label_rows(
         decisions,
         skipped,
     })
-}
-
-/// The rows of a window that loaded: (dataset position, sample).
-type Loaded = Vec<(usize, Sample)>;
-
-/// Loads the rows at `window` in parallel: (position, sample) of those that loaded, and the
-/// skipped ones (an error with `--on-error fail`).
-fn load_window(
-    classifier: &Classifier,
-    selected: &SelectedRows,
-    window: &[usize],
-    options: &RowOptions,
-) -> Result<(Loaded, Vec<SkippedRow>)> {
-    let (needs_images, needs_text) = (classifier.needs_images(), classifier.needs_text());
-    let results: Vec<(usize, Result<Sample, String>)> = window
-        .par_iter()
-        .map(|&position| {
-            let row = &selected.rows[position];
-            let sample = extract::load_sample(row, needs_images, needs_text, options.max_pixels);
-            (position, sample)
-        })
-        .collect();
-    let mut loaded = Vec::new();
-    let mut skipped = Vec::new();
-    for (position, result) in results {
-        let row = &selected.rows[position];
-        match result {
-            Ok(sample) => loaded.push((position, sample)),
-            Err(reason) if options.on_error == OnError::Skip => skipped.push(SkippedRow {
-                row: position,
-                id: row.id.clone(),
-                reason,
-            }),
-            Err(reason) => bail!(
-                "row {position} (id {}, {}): {reason}. Fix the input, or pass --on-error skip to \
-                 leave such rows out and list them",
-                row.id,
-                row.source
-            ),
-        }
-    }
-    Ok((loaded, skipped))
 }
 
 fn describe(samples: &[Sample]) -> String {
