@@ -138,9 +138,9 @@ for level in $LEVELS; do
   wait "$sampler" 2>/dev/null || true
   batches=$(awk -v a="$batches0" -v b="$(metric multiclip_batch_size_count)" 'BEGIN { print b - a }')
   mean_batch=$(awk -v a="$rows0" -v b="$(metric multiclip_batch_size_sum)" -v n="$batches" \
-    'BEGIN { printf "%.1f", (b - a) / n }')
+    'BEGIN { if (n > 0) printf "%.1f", (b - a) / n; else printf "none" }')
   mean_forward=$(awk -v a="$forward0" -v b="$(metric multiclip_forward_seconds_sum)" -v n="$batches" \
-    'BEGIN { printf "%.0f ms", 1000 * (b - a) / n }')
+    'BEGIN { if (n > 0) printf "%.0f ms", 1000 * (b - a) / n; else printf "none" }')
   requests=$(awk '/requests in/ { print $1 }' "$WORK/wrk-$c.txt")
   bad=$(awk '/Non-2xx/ { print $NF }' "$WORK/wrk-$c.txt")
   rate=$(awk '/^Requests\/sec/ { printf "%.2f", $2 }' "$WORK/wrk-$c.txt")
