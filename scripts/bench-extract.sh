@@ -7,6 +7,11 @@
 # runs in every precision of PRECISIONS (multiclip `--precision P`; the peer in f32, or in bf16
 # with `model.to(torch.bfloat16)`), and a bf16 row also gives its ratio to the f32 peer. Also the
 # peak RSS of multiclip extract (f32) at two dataset sizes (N and 4N rows).
+# Workloads: DINOv2-S image (the N images), MiniLM text (the captions of TEXT_DATA), CLIP ViT-B/32
+# (the N images and their captions; full-size random weights in the Hub layout, made once by
+# scripts/make-clip-blip-fixtures.py: weights do not change the speed). multiclip's `clip`
+# backbone always computes both towers (image and text), so its rows have two peers: image + text
+# (the same work) and image only (`get_image_features` alone, a lower bound for the ratio).
 #
 # Usage: scripts/bench-extract.sh [N_IMAGES]        (default 256)
 # Env:   BIN      multiclip binary (default /tmp/mc-bench: copy target/release/multiclip there,
@@ -15,6 +20,8 @@
 #        TEXT_DATA  dataset whose captions (train + test) the text runs embed (default $DATA)
 #        WORK     scratch folder (default /tmp/mc-bench-runs)
 #        THREADS  2;  IMAGE_BATCHES "1 8 32";  TEXT_BATCHES "32 256";  PRECISIONS "f32 bf16"
+#        CLIP_BATCHES "32" ("" skips CLIP);  CLIP  the CLIP-B/32 directory (default
+#                 models/random-clip-b32, made there when missing)
 #        MEMORY   1 (0 skips the memory runs; they need 4N rows in $DATA/train.csv)
 #        MAX_LOAD wait (up to MAX_WAIT s, default 120) before each pair until the 1-minute load
 #                 average is below this (default: no waiting)
@@ -32,6 +39,8 @@ THREADS=${THREADS:-2}
 IMAGE_BATCHES=${IMAGE_BATCHES:-1 8 32}
 TEXT_BATCHES=${TEXT_BATCHES:-32 256}
 PRECISIONS=${PRECISIONS:-f32 bf16}
+CLIP_BATCHES=${CLIP_BATCHES-32}
+CLIP=${CLIP:-models/random-clip-b32}
 MEMORY=${MEMORY:-1}
 MAX_LOAD=${MAX_LOAD:-}
 MAX_WAIT=${MAX_WAIT:-120}
@@ -43,6 +52,10 @@ export TOKENIZERS_PARALLELISM=false
 for m in models/dinov2-small models/all-MiniLM-L6-v2; do
   [ -d "$m" ] || { echo "missing $m: run scripts/fetch-weights.sh" >&2; exit 1; }
 done
+if [ -n "$CLIP_BATCHES" ] && [ ! -f "$CLIP/model.safetensors" ]; then
+  echo "making $CLIP (random CLIP ViT-B/32)" >&2
+  PYTHONPATH=$(scripts/python-env.sh --pillow-lt13) "$PY" scripts/make-clip-blip-fixtures.py full clip-b32 "$CLIP" >&2
+fi
 mkdir -p "$WORK"
 RESULTS=$WORK/results.md
 
@@ -123,6 +136,22 @@ for b in $IMAGE_BATCHES; do
     read -r pr pm pc <<<"$(peer "peer-dinov2-$p-b$b" image "$images" "$b" "$p")"
     [ "$p" = f32 ] && peer_f32=$pr
     echo "| DINOv2-S image, e2e | $b | $p | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
+      tee -a "$RESULTS"
+  done
+done
+
+for b in $CLIP_BATCHES; do
+  peer_f32= image_f32=
+  for p in $PRECISIONS; do
+    wait_quiet
+    before=$(load)
+    read -r mr mm mc <<<"$(multiclip "clip-$p-b$b" "$images" "clip:$CLIP" "$b" "$p")"
+    read -r pr pm pc <<<"$(peer "peer-clip-$p-b$b" clip "$images" "$b" "$p" "--model=$CLIP")"
+    read -r ir im ic <<<"$(peer "peer-clip-image-$p-b$b" clip "$images" "$b" "$p" "--model=$CLIP" --image-only)"
+    [ "$p" = f32 ] && peer_f32=$pr image_f32=$ir
+    echo "| CLIP-B/32 image + text, e2e (peer image + text) | $b | $p | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
+      tee -a "$RESULTS"
+    echo "| CLIP-B/32 image + text, e2e (peer image only) | $b | $p | $N | $mr img/s | $ir img/s | $(ratio "$mr" "$ir")$(vs_f32 "$p" "$mr" "$image_f32") | $mm MiB | $im MiB | $mc / $ic | $before |" |
       tee -a "$RESULTS"
   done
 done
