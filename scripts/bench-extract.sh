@@ -118,6 +118,16 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 # "(R vs peer f32)" for a reduced-precision row, given its rate and the f32 peer's ("" for f32)
 vs_f32() { [ "$1" = f32 ] || [ -z "$3" ] || echo " ($(ratio "$2" "$3") vs peer f32)"; }
 
+# row WORKLOAD UNIT BATCH PRECISION ITEMS MULTICLIP PEER PEER_F32_RATE LOAD_BEFORE: one table row
+# (MULTICLIP and PEER as `multiclip` and `peer` print them)
+row() {
+  local mr mm mc pr pm pc
+  read -r mr mm mc <<<"$6"
+  read -r pr pm pc <<<"$7"
+  echo "| $1 | $3 | $4 | $5 | $mr $2/s | $pr $2/s | $(ratio "$mr" "$pr")$(vs_f32 "$4" "$mr" "$8") | $mm MiB | $pm MiB | $mc / $pc | $9 |" |
+    tee -a "$RESULTS"
+}
+
 images=$(subset "$N")
 {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs);" \
@@ -132,11 +142,10 @@ for b in $IMAGE_BATCHES; do
   for p in $PRECISIONS; do
     wait_quiet
     before=$(load)
-    read -r mr mm mc <<<"$(multiclip "dinov2-$p-b$b" "$images" dinov2:models/dinov2-small "$b" "$p")"
-    read -r pr pm pc <<<"$(peer "peer-dinov2-$p-b$b" image "$images" "$b" "$p")"
-    [ "$p" = f32 ] && peer_f32=$pr
-    echo "| DINOv2-S image, e2e | $b | $p | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
-      tee -a "$RESULTS"
+    ours=$(multiclip "dinov2-$p-b$b" "$images" dinov2:models/dinov2-small "$b" "$p")
+    theirs=$(peer "peer-dinov2-$p-b$b" image "$images" "$b" "$p")
+    [ "$p" = f32 ] && peer_f32=${theirs%% *}
+    row "DINOv2-S image, e2e" img "$b" "$p" "$N" "$ours" "$theirs" "$peer_f32" "$before"
   done
 done
 
@@ -145,14 +154,12 @@ for b in $CLIP_BATCHES; do
   for p in $PRECISIONS; do
     wait_quiet
     before=$(load)
-    read -r mr mm mc <<<"$(multiclip "clip-$p-b$b" "$images" "clip:$CLIP" "$b" "$p")"
-    read -r pr pm pc <<<"$(peer "peer-clip-$p-b$b" clip "$images" "$b" "$p" "--model=$CLIP")"
-    read -r ir im ic <<<"$(peer "peer-clip-image-$p-b$b" clip "$images" "$b" "$p" "--model=$CLIP" --image-only)"
-    [ "$p" = f32 ] && peer_f32=$pr image_f32=$ir
-    echo "| CLIP-B/32 image + text, e2e (peer image + text) | $b | $p | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
-      tee -a "$RESULTS"
-    echo "| CLIP-B/32 image + text, e2e (peer image only) | $b | $p | $N | $mr img/s | $ir img/s | $(ratio "$mr" "$ir")$(vs_f32 "$p" "$mr" "$image_f32") | $mm MiB | $im MiB | $mc / $ic | $before |" |
-      tee -a "$RESULTS"
+    ours=$(multiclip "clip-$p-b$b" "$images" "clip:$CLIP" "$b" "$p")
+    theirs=$(peer "peer-clip-$p-b$b" clip "$images" "$b" "$p" "--model=$CLIP")
+    image=$(peer "peer-clip-image-$p-b$b" clip "$images" "$b" "$p" "--model=$CLIP" --image-only)
+    [ "$p" = f32 ] && peer_f32=${theirs%% *} image_f32=${image%% *}
+    row "CLIP-B/32 image + text, e2e (peer image + text)" img "$b" "$p" "$N" "$ours" "$theirs" "$peer_f32" "$before"
+    row "CLIP-B/32 image + text, e2e (peer image only)" img "$b" "$p" "$N" "$ours" "$image" "$image_f32" "$before"
   done
 done
 
@@ -166,14 +173,12 @@ for b in $TEXT_BATCHES; do
   for p in $PRECISIONS; do
     wait_quiet
     before=$(load)
-    read -r mr mm mc <<<"$(multiclip "minilm-$p-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b" "$p")"
-    read -r pr pm pc <<<"$(peer "peer-minilm-$p-b$b" text "$texts" "$b" "$p")"
-    read -r sr sm sc <<<"$(peer "peer-minilm-sorted-$p-b$b" text "$texts" "$b" "$p" --sorted)"
-    [ "$p" = f32 ] && peer_f32=$pr sorted_f32=$sr
-    echo "| MiniLM-L6 text, e2e (peer padded per batch) | $b | $p | $n_texts | $mr texts/s | $pr texts/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
-      tee -a "$RESULTS"
-    echo "| MiniLM-L6 text, e2e (peer sorted by length) | $b | $p | $n_texts | $mr texts/s | $sr texts/s | $(ratio "$mr" "$sr")$(vs_f32 "$p" "$mr" "$sorted_f32") | $mm MiB | $sm MiB | $mc / $sc | $before |" |
-      tee -a "$RESULTS"
+    ours=$(multiclip "minilm-$p-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b" "$p")
+    theirs=$(peer "peer-minilm-$p-b$b" text "$texts" "$b" "$p")
+    sorted=$(peer "peer-minilm-sorted-$p-b$b" text "$texts" "$b" "$p" --sorted)
+    [ "$p" = f32 ] && peer_f32=${theirs%% *} sorted_f32=${sorted%% *}
+    row "MiniLM-L6 text, e2e (peer padded per batch)" texts "$b" "$p" "$n_texts" "$ours" "$theirs" "$peer_f32" "$before"
+    row "MiniLM-L6 text, e2e (peer sorted by length)" texts "$b" "$p" "$n_texts" "$ours" "$sorted" "$sorted_f32" "$before"
   done
 done
 
