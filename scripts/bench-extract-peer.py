@@ -7,14 +7,20 @@ one warm-up batch (model loading is not timed, as multiclip's rows/s does not co
 
 Usage: "$PY" scripts/bench-extract-peer.py image DATASET_DIR BATCH OUT.npy [--bf16]
        "$PY" scripts/bench-extract-peer.py text  DATASET_DIR BATCH OUT.npy [--sorted] [--bf16]
+       "$PY" scripts/bench-extract-peer.py clip  DATASET_DIR BATCH OUT.npy --model=DIR [--image-only] [--bf16]
        "$PY" scripts/bench-extract-peer.py padding DATASET_DIR BATCH
 `--bf16` runs the model in bf16 (`model.to(torch.bfloat16)`, inputs cast to it, pooling in f32).
+`clip`: a CLIPModel directory in the Hub layout (its CLIPImageProcessorPil and tokenizer), the
+projected, L2-normalised image and text embeddings of each row (`get_image_features`,
+`get_text_features` on the captions padded to the batch's longest, at most 77 tokens), as
+multiclip's `clip` backbone outputs them; `--image-only` skips the text tower.
 Prints one line: `peer <kind> batch B: N items in S s = R items/s, peak RSS M MiB`; `padding`
 prints instead the token positions the text encoder computes (and the attention work, sum of
 rows x length^2) when batches are padded in dataset order, globally sorted by token length, or
 formed as multiclip does (each shard's rows sorted by caption length in characters, windows of
 B, each split into sub-batches of at most 4096 padded tokens), against none padded.
-Models come from models/dinov2-small and models/all-MiniLM-L6-v2 beside this script's repo.
+DINOv2 and MiniLM come from models/dinov2-small and models/all-MiniLM-L6-v2 beside this script's
+repo.
 """
 
 import csv
@@ -26,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BertModel, Dinov2Model
+from transformers import AutoTokenizer, BertModel, CLIPModel, Dinov2Model
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +105,27 @@ def text_run(dataset, batch, by_length, dtype):
     return captions, run
 
 
+def clip_run(dataset, batch, model_dir, image_only, dtype):
+    processor = CLIPImageProcessorPil.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = CLIPModel.from_pretrained(model_dir).eval().to(dtype)
+    rows = rows_of(dataset)
+    normalize = lambda t: torch.nn.functional.normalize(t.pooler_output.float(), dim=-1)
+
+    def embed(chunk):
+        images = [rgb_over_white(dataset / "data" / i) for i, _ in chunk]
+        pixels = processor(images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            out = [normalize(model.get_image_features(pixel_values=pixels.to(dtype)))]
+            if not image_only:
+                enc = tok([c for _, c in chunk], padding=True, truncation=True, max_length=77, return_tensors="pt")
+                out.append(normalize(model.get_text_features(**enc)))
+            return torch.cat(out, dim=1).half().numpy()
+
+    embed(rows[:batch])  # warm-up
+    return rows, lambda: np.concatenate([embed(rows[i:i + batch]) for i in range(0, len(rows), batch)])
+
+
 def padded_work(batches):
     """(token positions, attention work) of running `batches` of token lengths, each padded."""
     return (sum(len(b) * max(b) for b in batches), sum(len(b) * max(b) ** 2 for b in batches))
@@ -146,6 +174,10 @@ def main():
     if kind == "image":
         items, run = image_run(dataset, batch, dtype)
         unit = "img"
+    elif kind == "clip":
+        model_dir = next(Path(f.split("=", 1)[1]) for f in flags if f.startswith("--model="))
+        items, run = clip_run(dataset, batch, model_dir, "--image-only" in flags, dtype)
+        unit = "img"
     else:
         items, run = text_run(dataset, batch, "--sorted" in flags, dtype)
         unit = "texts"
@@ -153,7 +185,7 @@ def main():
     np.save(out, run())
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    label = kind + (" sorted" if "--sorted" in flags else "") + (" bf16" if "--bf16" in flags else "")
+    label = " ".join([kind] + [f[2:] for f in flags if f in ("--sorted", "--image-only", "--bf16")])
     print(f"peer {label} batch {batch}: {len(items)} items in {seconds:.1f} s = "
           f"{len(items) / seconds:.2f} {unit}/s, peak RSS {peak:.0f} MiB")
 

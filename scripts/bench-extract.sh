@@ -7,6 +7,11 @@
 # runs in every precision of PRECISIONS (multiclip `--precision P`; the peer in f32, or in bf16
 # with `model.to(torch.bfloat16)`), and a bf16 row also gives its ratio to the f32 peer. Also the
 # peak RSS of multiclip extract (f32) at two dataset sizes (N and 4N rows).
+# Workloads: DINOv2-S image (the N images), MiniLM text (the captions of TEXT_DATA), CLIP ViT-B/32
+# (the N images and their captions; full-size random weights in the Hub layout, made once by
+# scripts/make-clip-blip-fixtures.py: weights do not change the speed). multiclip's `clip`
+# backbone always computes both towers (image and text), so its rows have two peers: image + text
+# (the same work) and image only (`get_image_features` alone, a lower bound for the ratio).
 #
 # Usage: scripts/bench-extract.sh [N_IMAGES]        (default 256)
 # Env:   BIN      multiclip binary (default /tmp/mc-bench: copy target/release/multiclip there,
@@ -15,6 +20,8 @@
 #        TEXT_DATA  dataset whose captions (train + test) the text runs embed (default $DATA)
 #        WORK     scratch folder (default /tmp/mc-bench-runs)
 #        THREADS  2;  IMAGE_BATCHES "1 8 32";  TEXT_BATCHES "32 256";  PRECISIONS "f32 bf16"
+#        CLIP_BATCHES "32" ("" skips CLIP);  CLIP  the CLIP-B/32 directory (default
+#                 models/random-clip-b32, made there when missing)
 #        MEMORY   1 (0 skips the memory runs; they need 4N rows in $DATA/train.csv)
 #        MAX_LOAD wait (up to MAX_WAIT s, default 120) before each pair until the 1-minute load
 #                 average is below this (default: no waiting)
@@ -32,6 +39,8 @@ THREADS=${THREADS:-2}
 IMAGE_BATCHES=${IMAGE_BATCHES:-1 8 32}
 TEXT_BATCHES=${TEXT_BATCHES:-32 256}
 PRECISIONS=${PRECISIONS:-f32 bf16}
+CLIP_BATCHES=${CLIP_BATCHES-32}
+CLIP=${CLIP:-models/random-clip-b32}
 MEMORY=${MEMORY:-1}
 MAX_LOAD=${MAX_LOAD:-}
 MAX_WAIT=${MAX_WAIT:-120}
@@ -43,6 +52,10 @@ export TOKENIZERS_PARALLELISM=false
 for m in models/dinov2-small models/all-MiniLM-L6-v2; do
   [ -d "$m" ] || { echo "missing $m: run scripts/fetch-weights.sh" >&2; exit 1; }
 done
+if [ -n "$CLIP_BATCHES" ] && [ ! -f "$CLIP/model.safetensors" ]; then
+  echo "making $CLIP (random CLIP ViT-B/32)" >&2
+  PYTHONPATH=$(scripts/python-env.sh --pillow-lt13) "$PY" scripts/make-clip-blip-fixtures.py full clip-b32 "$CLIP" >&2
+fi
 mkdir -p "$WORK"
 RESULTS=$WORK/results.md
 
@@ -105,6 +118,16 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 # "(R vs peer f32)" for a reduced-precision row, given its rate and the f32 peer's ("" for f32)
 vs_f32() { [ "$1" = f32 ] || [ -z "$3" ] || echo " ($(ratio "$2" "$3") vs peer f32)"; }
 
+# row WORKLOAD UNIT BATCH PRECISION ITEMS MULTICLIP PEER PEER_F32_RATE LOAD_BEFORE: one table row
+# (MULTICLIP and PEER as `multiclip` and `peer` print them)
+row() {
+  local mr mm mc pr pm pc
+  read -r mr mm mc <<<"$6"
+  read -r pr pm pc <<<"$7"
+  echo "| $1 | $3 | $4 | $5 | $mr $2/s | $pr $2/s | $(ratio "$mr" "$pr")$(vs_f32 "$4" "$mr" "$8") | $mm MiB | $pm MiB | $mc / $pc | $9 |" |
+    tee -a "$RESULTS"
+}
+
 images=$(subset "$N")
 {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs);" \
@@ -119,11 +142,24 @@ for b in $IMAGE_BATCHES; do
   for p in $PRECISIONS; do
     wait_quiet
     before=$(load)
-    read -r mr mm mc <<<"$(multiclip "dinov2-$p-b$b" "$images" dinov2:models/dinov2-small "$b" "$p")"
-    read -r pr pm pc <<<"$(peer "peer-dinov2-$p-b$b" image "$images" "$b" "$p")"
-    [ "$p" = f32 ] && peer_f32=$pr
-    echo "| DINOv2-S image, e2e | $b | $p | $N | $mr img/s | $pr img/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
-      tee -a "$RESULTS"
+    ours=$(multiclip "dinov2-$p-b$b" "$images" dinov2:models/dinov2-small "$b" "$p")
+    theirs=$(peer "peer-dinov2-$p-b$b" image "$images" "$b" "$p")
+    [ "$p" = f32 ] && peer_f32=${theirs%% *}
+    row "DINOv2-S image, e2e" img "$b" "$p" "$N" "$ours" "$theirs" "$peer_f32" "$before"
+  done
+done
+
+for b in $CLIP_BATCHES; do
+  peer_f32= image_f32=
+  for p in $PRECISIONS; do
+    wait_quiet
+    before=$(load)
+    ours=$(multiclip "clip-$p-b$b" "$images" "clip:$CLIP" "$b" "$p")
+    theirs=$(peer "peer-clip-$p-b$b" clip "$images" "$b" "$p" "--model=$CLIP")
+    image=$(peer "peer-clip-image-$p-b$b" clip "$images" "$b" "$p" "--model=$CLIP" --image-only)
+    [ "$p" = f32 ] && peer_f32=${theirs%% *} image_f32=${image%% *}
+    row "CLIP-B/32 image + text, e2e (peer image + text)" img "$b" "$p" "$N" "$ours" "$theirs" "$peer_f32" "$before"
+    row "CLIP-B/32 image + text, e2e (peer image only)" img "$b" "$p" "$N" "$ours" "$image" "$image_f32" "$before"
   done
 done
 
@@ -137,14 +173,12 @@ for b in $TEXT_BATCHES; do
   for p in $PRECISIONS; do
     wait_quiet
     before=$(load)
-    read -r mr mm mc <<<"$(multiclip "minilm-$p-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b" "$p")"
-    read -r pr pm pc <<<"$(peer "peer-minilm-$p-b$b" text "$texts" "$b" "$p")"
-    read -r sr sm sc <<<"$(peer "peer-minilm-sorted-$p-b$b" text "$texts" "$b" "$p" --sorted)"
-    [ "$p" = f32 ] && peer_f32=$pr sorted_f32=$sr
-    echo "| MiniLM-L6 text, e2e (peer padded per batch) | $b | $p | $n_texts | $mr texts/s | $pr texts/s | $(ratio "$mr" "$pr")$(vs_f32 "$p" "$mr" "$peer_f32") | $mm MiB | $pm MiB | $mc / $pc | $before |" |
-      tee -a "$RESULTS"
-    echo "| MiniLM-L6 text, e2e (peer sorted by length) | $b | $p | $n_texts | $mr texts/s | $sr texts/s | $(ratio "$mr" "$sr")$(vs_f32 "$p" "$mr" "$sorted_f32") | $mm MiB | $sm MiB | $mc / $sc | $before |" |
-      tee -a "$RESULTS"
+    ours=$(multiclip "minilm-$p-b$b" "$texts" sentence:models/all-MiniLM-L6-v2 "$b" "$p")
+    theirs=$(peer "peer-minilm-$p-b$b" text "$texts" "$b" "$p")
+    sorted=$(peer "peer-minilm-sorted-$p-b$b" text "$texts" "$b" "$p" --sorted)
+    [ "$p" = f32 ] && peer_f32=${theirs%% *} sorted_f32=${sorted%% *}
+    row "MiniLM-L6 text, e2e (peer padded per batch)" texts "$b" "$p" "$n_texts" "$ours" "$theirs" "$peer_f32" "$before"
+    row "MiniLM-L6 text, e2e (peer sorted by length)" texts "$b" "$p" "$n_texts" "$ours" "$sorted" "$sorted_f32" "$before"
   done
 done
 
