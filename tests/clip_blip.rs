@@ -270,6 +270,20 @@ fn clip_outputs_follow_options() -> Result<()> {
     // Same images, other text.
     assert!(max_abs_diff(&got[0], &expected(&dir)?["image"])? <= TOLERANCE);
     assert!(max_abs_diff(&got[1], &expected(&dir)?["text"])? > 1e-3);
+    let image_only = backbone::load(
+        &format!(
+            "clip:\"{}\":image_only=true,image_tokens=true",
+            dir.display()
+        ),
+        &Device::Cpu,
+    )?;
+    let names: Vec<String> = image_only.outputs().into_iter().map(|o| o.name).collect();
+    assert_eq!(names, ["image", "image_tokens"]);
+    assert!(!image_only.needs_text());
+    let got = image_only.forward(image_only.prepare(&samples(&dir)?)?)?;
+    assert_eq!(got.len(), 2);
+    assert!(max_abs_diff(&got[0], &expected(&dir)?["image"])? <= TOLERANCE);
+    assert!(max_abs_diff(&got[1], &expected(&dir)?["image_tokens"])? <= TOLERANCE);
     let bad = backbone::load(
         &format!("clip:\"{}\":colour=red", dir.display()),
         &Device::Cpu,

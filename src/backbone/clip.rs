@@ -20,7 +20,8 @@
 //! mean/std); captions through a template (option `template`, default `{caption}`; the original
 //! wrote spaCy noun phrases into "The photo contains ...", which a template replaces) and
 //! `tokenizer.json`, truncated to 77 tokens keeping the end token. Option `image_tokens=true`
-//! adds the `image_tokens` output.
+//! adds the `image_tokens` output; `image_only=true` runs the vision tower alone (no `text`
+//! output, captions not needed; the text tower still embeds label names).
 
 use std::path::Path;
 
@@ -392,7 +393,8 @@ impl ClipModel {
     }
 }
 
-/// The `clip` backbone: outputs `image`, `text` and, with `image_tokens=true`, `image_tokens`.
+/// The `clip` backbone: outputs `image`, `text` (unless `image_only=true`) and, with
+/// `image_tokens=true`, `image_tokens`.
 pub struct ClipBackbone {
     id: String,
     model: ClipModel,
@@ -401,11 +403,12 @@ pub struct ClipBackbone {
     tokenizer: Tokenizer,
     template: String,
     image_tokens: bool,
+    image_only: bool,
     weights_sha256: Vec<(String, String)>,
     device: Device,
 }
 
-/// A batch prepared by [`ClipBackbone::prepare`].
+/// A batch prepared by [`ClipBackbone::prepare`] (no token ids with `image_only=true`).
 struct ClipBatch {
     pixels: Tensor,
     ids: Vec<Vec<u32>>,
@@ -414,7 +417,7 @@ struct ClipBatch {
 impl ClipBackbone {
     /// Loads `config.json`, `preprocessor_config.json`, `tokenizer.json` and the weights.
     pub fn load(id: &str, dir: &ModelDir, options: &Options, compute: &Compute) -> Result<Self> {
-        options.check_known("clip", &["template", "image_tokens"])?;
+        options.check_known("clip", &["template", "image_tokens", "image_only"])?;
         let config = ClipConfig::from_file(&dir.file("config.json")?)?;
         let preprocess = ImagePreprocess::from_hf_config(&dir.file("preprocessor_config.json")?)?;
         let weights = load_weights(
@@ -438,6 +441,7 @@ impl ClipBackbone {
             tokenizer,
             template: options.template("{caption}")?,
             image_tokens: options.flag("image_tokens")?,
+            image_only: options.flag("image_only")?,
             weights_sha256: weights.sha256,
             device: compute.device.clone(),
         })
@@ -469,7 +473,10 @@ impl Backbone for ClipBackbone {
             kind: OutputKind::Feature,
         };
         let p = self.config.projection_dim;
-        let mut outputs = vec![feature("image", vec![p]), feature("text", vec![p])];
+        let mut outputs = vec![feature("image", vec![p])];
+        if !self.image_only {
+            outputs.push(feature("text", vec![p]));
+        }
         if self.image_tokens {
             let v = &self.config.vision_config;
             let tokens = (v.image_size / v.patch_size).pow(2) + 1;
@@ -483,11 +490,15 @@ impl Backbone for ClipBackbone {
     }
 
     fn needs_text(&self) -> bool {
-        true
+        !self.image_only
     }
 
     fn prepare(&self, batch: &[Sample]) -> Result<Prepared> {
         let pixels = self.preprocess.batch(batch, &self.device)?;
+        if self.image_only {
+            let ids = Vec::new();
+            return Ok(Box::new(ClipBatch { pixels, ids }));
+        }
         let ids = batch
             .iter()
             .map(|s| {
@@ -503,14 +514,15 @@ impl Backbone for ClipBackbone {
             anyhow::anyhow!("clip forward got a batch prepared by another backbone")
         })?;
         let per_pass = rows_per_pass(&self.device, self.model.image_tokens());
-        in_passes(batch.ids.len(), per_pass, |start, len| {
+        in_passes(batch.pixels.dim(0)?, per_pass, |start, len| {
             let pixels = batch.pixels.narrow(0, start, len)?;
             let (image, tokens) = self.model.image_features(&pixels, self.image_tokens)?;
-            let text = self.model.text_features(&batch.ids[start..start + len])?;
-            Ok(std::iter::once(image)
-                .chain(std::iter::once(text))
-                .chain(tokens)
-                .collect())
+            let text = if self.image_only {
+                None
+            } else {
+                Some(self.model.text_features(&batch.ids[start..start + len])?)
+            };
+            Ok(std::iter::once(image).chain(text).chain(tokens).collect())
         })
     }
 
