@@ -29,7 +29,11 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the bits of 1.5 * 2^23 + 127 + n (exact: n is a whole number in -126..=128), whose
+    // low eight bits are n's biased exponent. `n as i32` would not vectorise (Rust's saturating
+    // float-to-int conversion is scalar code per lane).
+    let biased = (n + (12_582_912.0 + 127.0)).to_bits();
+    e * f32::from_bits(biased << 23)
 }
 
 /// erf(x) (Abramowitz & Stegun 7.1.26: absolute error 1.5e-7, below 3e-7 in f32).
