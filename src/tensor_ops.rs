@@ -33,8 +33,9 @@ pub enum Kernels {
     Fused,
     /// The fused CPU kernels with every linear layer's matrix product in bf16 x bf16 -> f32 on
     /// this [`bf16_gemm::Kernel`] (its weights packed once, at load; its input rounded to bf16 at
-    /// each product): `--precision bf16` on the CPU. Everything else (activations, accumulation,
-    /// layer norms, softmax, GELU, the attention's products) stays in f32.
+    /// each product): `--precision bf16` on the CPU, which rounds the operands of the attention's
+    /// two products to bf16 the same way. Everything else (activations, accumulation, layer
+    /// norms, softmax, GELU) stays in f32.
     FusedBf16(bf16_gemm::Kernel),
     /// candle's device-generic ops everywhere: what runs on CUDA, forced on the CPU by the tests
     /// that prove the two paths equal.
@@ -62,11 +63,11 @@ impl Kernels {
         }
     }
 
-    /// The bf16 product kernel of a linear layer whose weight is `weight`: that of
-    /// [`Kernels::FusedBf16`] when the weight is an f32 CPU tensor.
-    pub fn bf16_products(self, weight: &Tensor) -> Option<bf16_gemm::Kernel> {
+    /// The bf16 product kernel of a product of `operand` (a linear layer's weight, the attention's
+    /// inputs): that of [`Kernels::FusedBf16`] when `operand` is an f32 CPU tensor.
+    pub fn bf16_products(self, operand: &Tensor) -> Option<bf16_gemm::Kernel> {
         match self {
-            Self::FusedBf16(kernel) if is_cpu_f32(weight) => Some(kernel),
+            Self::FusedBf16(kernel) if is_cpu_f32(operand) => Some(kernel),
             _ => None,
         }
     }

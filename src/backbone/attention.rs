@@ -6,6 +6,10 @@
 //! transposes, the 1/sqrt(d) scale applied by the matrix product), takes the softmax of its score
 //! block while it is still in cache, and writes the weighted values into the merged `[B, T, D]`
 //! output. The scores of a whole batch (`[B, H, T, T]`, 50 MB for 32 ViT images) never exist.
+//! With [`Kernels::FusedBf16`] (`--precision bf16` on the CPU) both products run in bf16 x bf16 ->
+//! f32 through [`crate::bf16_gemm`] (the keys and the values packed per head as they are used,
+//! the scale applied in the softmax, which stays f32, as do the scores and the probabilities
+//! until they enter the second product).
 //! Other devices and dtypes (and [`Kernels::Generic`]) run the same maths with candle ops: the
 //! products in the forward's dtype, the mask and softmax in f32 as transformers' CLIP attention
 //! and PyTorch's fused attention do (a masked key adds `f32::MIN`, which only f32 can hold).
@@ -15,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_ops::softmax_row;
+use crate::bf16_gemm::{self, MatRef, PackedRhs, gemm_bf16};
 use crate::tensor_ops::Kernels;
 
 /// Which keys a query may attend to.
@@ -73,10 +78,12 @@ pub fn attention(
             Some(Mask::Keys(m)) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
             _ => None,
         };
+        let bf16 = kernels.bf16_products(q);
         let op = FusedAttention {
             heads,
             causal,
             keep,
+            bf16,
         };
         return Ok(q.apply_op3_no_bwd(k, v, &op)?);
     }
@@ -136,6 +143,8 @@ struct FusedAttention {
     causal: bool,
     /// `[B * Tk]` key flags (1 keep, 0 padding).
     keep: Option<Vec<f32>>,
+    /// Both products in bf16 x bf16 -> f32 on this kernel ([`Kernels::FusedBf16`]), else f32.
+    bf16: Option<bf16_gemm::Kernel>,
 }
 
 /// A `[B, T, D]` f32 input as its data and strides (elements); the last dimension contiguous.
@@ -192,49 +201,77 @@ impl CustomOp3 for FusedAttention {
         let mut out = vec![0f32; b * tq * d];
         let dst = Output(out.as_mut_ptr());
         let dst = &dst;
-        (0..b * heads)
-            .into_par_iter()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+        let softmax = |scores: &mut [f32], s: usize, scale: f32| {
+            let keep = self.keep.as_deref().map(|m| &m[s * tk..(s + 1) * tk]);
+            for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
+                if self.causal {
+                    softmax_row(&mut row[..=i], None, scale);
+                    row[i + 1..].fill(0.0);
+                } else {
+                    softmax_row(row, keep, scale);
+                }
+            }
+        };
+        (0..b * heads).into_par_iter().try_for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(scores, context): &mut (Vec<f32>, Vec<f32>), task| {
                 let (s, h) = (task / heads, task % heads);
                 scores.resize(tq * tk, 0.0);
                 let q = &q.data[s * q.batch_stride + h * dh..];
                 let k = &k.data[s * k.batch_stride + h * dh..];
                 let v = &v.data[s * v.batch_stride + h * dh..];
-                // SAFETY (both products): every index they touch lies inside its slice: rows
-                // < tq (tk) times the row stride plus columns < dh, as the layouts were checked to
-                // be [B, T, D] with a contiguous last dimension; `dst` rows are d apart and this
-                // task's columns h * dh .. (h + 1) * dh belong to it alone.
-                unsafe {
-                    // scores = scale * q k^T  [tq, tk]
-                    product(
-                        (tq, tk, dh),
-                        (scores.as_mut_ptr(), tk as isize),
-                        (q.as_ptr(), q_rs, 1),
-                        (k.as_ptr(), 1, k_rs),
-                        scale,
-                    );
-                }
-                let keep = self.keep.as_deref().map(|m| &m[s * tk..(s + 1) * tk]);
-                for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
-                    if self.causal {
-                        softmax_row(&mut row[..=i], None);
-                        row[i + 1..].fill(0.0);
-                    } else {
-                        softmax_row(row, keep);
+                let Some(kernel) = self.bf16 else {
+                    // SAFETY (both products): every index they touch lies inside its slice: rows
+                    // < tq (tk) times the row stride plus columns < dh, as the layouts were
+                    // checked to be [B, T, D] with a contiguous last dimension; `dst` rows are d
+                    // apart and this task's columns h * dh .. (h + 1) * dh belong to it alone.
+                    unsafe {
+                        // scores = scale * q k^T  [tq, tk]
+                        product(
+                            (tq, tk, dh),
+                            (scores.as_mut_ptr(), tk as isize),
+                            (q.as_ptr(), q_rs, 1),
+                            (k.as_ptr(), 1, k_rs),
+                            scale,
+                        );
+                    }
+                    softmax(scores, s, 1.0);
+                    // SAFETY: as above.
+                    unsafe {
+                        // out[s, :, h] = scores v  [tq, dh]
+                        product(
+                            (tq, dh, tk),
+                            (dst.0.add(s * tq * d + h * dh), d as isize),
+                            (scores.as_ptr(), tk as isize, 1),
+                            (v.as_ptr(), v_rs, 1),
+                            1.0,
+                        );
+                    }
+                    return candle_core::Result::Ok(());
+                };
+                let bf16 = |e: anyhow::Error| candle_core::Error::msg(format!("attention: {e:#}"));
+                // scores = q k^T  [tq, tk] (the scale goes into the softmax)
+                let q = MatRef::new(q, tq, dh, q_rs as usize, 1).map_err(bf16)?;
+                let kt = MatRef::new(k, dh, tk, 1, k_rs as usize).map_err(bf16)?;
+                let kt = PackedRhs::for_kernel(kt, kernel).map_err(bf16)?;
+                gemm_bf16(q, &kt, scores, tk, false).map_err(bf16)?;
+                softmax(scores, s, scale);
+                // context = scores v  [tq, dh], then into out[s, :, h]
+                context.resize(tq * dh, 0.0);
+                let vm = MatRef::new(v, tk, dh, v_rs as usize, 1).map_err(bf16)?;
+                let vm = PackedRhs::for_kernel(vm, kernel).map_err(bf16)?;
+                let probs = MatRef::row_major(scores.as_slice(), tq, tk).map_err(bf16)?;
+                gemm_bf16(probs, &vm, context, dh, false).map_err(bf16)?;
+                for (i, row) in context.chunks_exact(dh).enumerate() {
+                    // SAFETY: row i of this task's block of `dst` (see above) lies inside `out`.
+                    unsafe {
+                        let at = dst.0.add((s * tq + i) * d + h * dh);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), at, dh);
                     }
                 }
-                // SAFETY: as above.
-                unsafe {
-                    // out[s, :, h] = scores v  [tq, dh]
-                    product(
-                        (tq, dh, tk),
-                        (dst.0.add(s * tq * d + h * dh), d as isize),
-                        (scores.as_ptr(), tk as isize, 1),
-                        (v.as_ptr(), v_rs, 1),
-                        1.0,
-                    );
-                }
-            });
+                Ok(())
+            },
+        )?;
         Ok((CpuStorage::F32(out), Shape::from((b, tq, d))))
     }
 }
@@ -280,6 +317,7 @@ unsafe fn product(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bf16_gemm::Kernel;
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -315,10 +353,19 @@ mod tests {
             ],
             &dev,
         )?;
+        let mut bf16 = vec![Kernels::FusedBf16(Kernel::F32Fallback)];
+        if Kernel::Avx512Bf16.is_available() {
+            bf16.push(Kernels::FusedBf16(Kernel::Avx512Bf16));
+        }
         for mask in [None, Some(Mask::Causal), Some(Mask::Keys(&keep))] {
             let fused = attention(&q, &k, &v, heads, mask, Kernels::Fused)?;
             let ops = attention_ops(&q, &k, &v, heads, mask)?;
             assert!(max_diff(&fused, &ops) < 1e-6, "{mask:?}");
+            // bf16 operands (8 bits of mantissa) on values of about 1.
+            for &kernels in &bf16 {
+                let diff = max_diff(&attention(&q, &k, &v, heads, mask, kernels)?, &ops);
+                assert!(diff < 2e-2, "{mask:?} {kernels:?}: {diff}");
+            }
         }
         let context = Tensor::randn(0f32, 1.0, (b, 3, 2 * d), &dev)?;
         let (ck, cv) = (context.narrow(2, 0, d)?, context.narrow(2, d, d)?);

@@ -29,7 +29,11 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from the bits of 1.5 * 2^23 + 127 + n (exact: n is a whole number in -126..=128), whose
+    // low eight bits are n's biased exponent. `n as i32` would not vectorise (Rust's saturating
+    // float-to-int conversion is scalar code per lane).
+    let biased = (n + (12_582_912.0 + 127.0)).to_bits();
+    e * f32::from_bits(biased << 23)
 }
 
 /// erf(x) (Abramowitz & Stegun 7.1.26: absolute error 1.5e-7, below 3e-7 in f32).
@@ -144,9 +148,10 @@ fn lanes_reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     acc.iter().fold(tail, |a, &v| f(a, v))
 }
 
-/// Softmax of one row in place; entries whose `keep` flag is 0 get probability 0.
+/// Softmax of `scale` times one row, in place (`scale` > 0); entries whose `keep` flag is 0 get
+/// probability 0.
 #[inline(always)]
-fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>) {
+fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
     if let Some(keep) = keep {
         row.iter_mut()
             .zip(keep)
@@ -158,7 +163,7 @@ fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>) {
         row.fill(1.0 / row.len() as f32);
         return;
     }
-    row.iter_mut().for_each(|v| *v = exp(*v - max));
+    row.iter_mut().for_each(|v| *v = exp((*v - max) * scale));
     if let Some(keep) = keep {
         row.iter_mut().zip(keep).for_each(|(v, &k)| *v *= k);
     }
@@ -172,8 +177,8 @@ fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>) {
 /// As [`bias_act_rows_avx2`]: the CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32], keep: Option<&[f32]>) {
-    softmax_row_impl(row, keep)
+unsafe fn softmax_row_avx2(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
+    softmax_row_impl(row, keep, scale)
 }
 
 /// Whether this CPU has AVX2 and FMA (the `_avx2` variants may run).
@@ -184,14 +189,15 @@ fn has_avx2_fma() -> bool {
     false
 }
 
-/// Softmax of one row in place (`keep`: optional 1/0 flags, 0 = probability 0).
-pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>) {
+/// Softmax of `scale` (> 0) times one row, in place (`keep`: optional 1/0 flags, 0 = probability
+/// 0).
+pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports the enabled features (checked just above).
-        return unsafe { softmax_row_avx2(row, keep) };
+        return unsafe { softmax_row_avx2(row, keep, scale) };
     }
-    softmax_row_impl(row, keep)
+    softmax_row_impl(row, keep, scale)
 }
 
 /// `act(y + bias)` with `bias` (as a host slice) broadcast over the last dimension, in place on a
@@ -296,15 +302,17 @@ mod tests {
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{act:?}: {diff}");
         }
-        let want = candle_nn::ops::softmax_last_dim(&x)?.to_vec2::<f32>()?;
-        for (mut row, want) in x.to_vec2::<f32>()?.into_iter().zip(want) {
-            softmax_row(&mut row, None);
-            let diff = row
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-6, "softmax: {diff}");
+        for scale in [1.0, 0.125] {
+            let want = candle_nn::ops::softmax_last_dim(&(&x * scale as f64)?)?;
+            for (mut row, want) in x.to_vec2::<f32>()?.into_iter().zip(want.to_vec2::<f32>()?) {
+                softmax_row(&mut row, None, scale);
+                let diff = row
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-6, "softmax of {scale} x: {diff}");
+            }
         }
         let got = residual_add(&x, b.broadcast_as((37, 24))?.contiguous()?, Kernels::Fused)?;
         let want = x.broadcast_add(&b)?;

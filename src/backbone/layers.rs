@@ -150,14 +150,13 @@ impl FrozenLinear {
         self.forward_act(x, None)
     }
 
-    /// `act(x W^T + b)`: on the CPU in f32, the bias and activation fused into the product (bf16
-    /// products) or into one in-place pass after it; elsewhere candle's ops.
+    /// `act(x W^T + b)`: on the CPU in f32 (whether the product is f32 or bf16), the bias and
+    /// activation in one in-place pass after the product; elsewhere candle's ops.
     pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let weight = match &self.product {
             Product::Bf16(packed) => {
-                // The bias initialises the f32 result the product accumulates into.
-                let y = linear(x, packed, self.bias_host.as_deref())?;
-                return bias_act(y, None, act);
+                let y = linear(x, packed, None)?;
+                return bias_act(y, self.bias_host.as_deref(), act);
             }
             Product::Matmul(weight) => weight,
         };
