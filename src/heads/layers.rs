@@ -154,7 +154,11 @@ impl Dropout {
                 .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        if is_cpu_f32(x) {
+            fused::mul_by_mask(x, &mask)
+        } else {
+            x.mul(&mask)
+        }
     }
 }
 
@@ -523,6 +527,13 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
         let eval = Dropout::new(0.3, 5, "d", &vb)?.forward(&x, false)?;
         assert_eq!(eval.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
+        // The gradient of sum(w * dropout(x)) is w times the mask (the output for x = 1).
+        let x = candle_core::Var::from_tensor(&x)?;
+        let w = Tensor::randn(0f32, 1.0, (100, 100), &dev)?;
+        let y = Dropout::new(0.3, 5, "d", &vb)?.forward(x.as_tensor(), true)?;
+        let grads = (&y * &w)?.sum_all()?.backward()?;
+        let grad = grads.get(x.as_tensor()).expect("gradient of x");
+        assert_eq!(grad.to_vec2::<f32>()?, (&w * &a)?.to_vec2::<f32>()?);
         Ok(())
     }
 
