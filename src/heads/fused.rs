@@ -97,18 +97,34 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(s1, l1, self.name())?;
-        let y = contiguous_f32(s2, l2, self.name())?;
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-            .for_each(|(o, (g, y))| {
-                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                    *o = if y > 0.0 { g } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        zip_map(self.name(), (s1, l1), (s2, l2), |g, y| {
+            if y > 0.0 { g } else { 0.0 }
+        })
     }
+}
+
+/// `f(a, b)` element by element of two contiguous f32 operands of one shape (`a`'s), as an f32
+/// tensor's storage: one parallel pass.
+fn zip_map(
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let a = contiguous_f32(s1, l1, name)?;
+    let b = contiguous_f32(s2, l2, name)?;
+    if a.len() != b.len() {
+        candle_core::bail!("{name}: operands of {} and {} elements", a.len(), b.len());
+    }
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
 fn bias_op(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
@@ -145,17 +161,7 @@ impl CustomOp2 for MaskMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let mask = contiguous_f32(s2, l2, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
-            .for_each(|(o, (x, m))| {
-                for ((o, &x), &m) in o.iter_mut().zip(x).zip(m) {
-                    *o = x * m;
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        zip_map(self.name(), (s1, l1), (s2, l2), |x, m| x * m)
     }
 
     fn bwd(
