@@ -9,8 +9,9 @@
 //! [`layer_norm`] (normalise the last dimension, scale, shift; one pass forward, one backward),
 //! [`matmul_weight_grad_only`] (x W^T for an input that needs no gradient: candle's matmul
 //! backward always computes the input's gradient too, a third of an MLP's work on cached
-//! features) and [`normalize_rows_untracked`] (unit-norm rows of cached features in one pass
-//! instead of four). CPU and f32 only; callers fall back to basic ops elsewhere. Row loops run on
+//! features), [`normalize_rows_untracked`] (unit-norm rows of cached features in one pass
+//! instead of four) and [`mul_by_mask`] (dropout's `x * mask`: candle's product backward also
+//! computes the mask's gradient). CPU and f32 only; callers fall back to basic ops elsewhere. Row loops run on
 //! rayon's pool.
 
 use candle_core::{
@@ -96,18 +97,34 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(s1, l1, self.name())?;
-        let y = contiguous_f32(s2, l2, self.name())?;
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-            .for_each(|(o, (g, y))| {
-                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                    *o = if y > 0.0 { g } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        zip_map(self.name(), (s1, l1), (s2, l2), |g, y| {
+            if y > 0.0 { g } else { 0.0 }
+        })
     }
+}
+
+/// `f(a, b)` element by element of two contiguous f32 operands of one shape (`a`'s), as an f32
+/// tensor's storage: one parallel pass.
+fn zip_map(
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let a = contiguous_f32(s1, l1, name)?;
+    let b = contiguous_f32(s2, l2, name)?;
+    if a.len() != b.len() {
+        candle_core::bail!("{name}: operands of {} and {} elements", a.len(), b.len());
+    }
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
 fn bias_op(x: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
@@ -127,6 +144,48 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `max(x + b, 0)`: the bias add and the ReLU in one pass each way (CPU, f32).
 pub fn bias_relu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     bias_op(x, b, true)
+}
+
+/// `x * mask`, elementwise; the mask gets no gradient.
+struct MaskMul;
+
+impl CustomOp2 for MaskMul {
+    fn name(&self) -> &'static str {
+        "mask-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        zip_map(self.name(), (s1, l1), (s2, l2), |x, m| x * m)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(mask, self)?), None))
+    }
+}
+
+/// `x * mask` for a `mask` of the same shape that needs no gradient (a dropout mask): one pass
+/// each way (CPU, f32).
+pub fn mul_by_mask(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if x.dims() != mask.dims() || x.dtype() != DType::F32 || mask.dtype() != DType::F32 {
+        candle_core::bail!(
+            "mask-mul: mask {:?} for input {:?}",
+            mask.shape(),
+            x.shape()
+        );
+    }
+    x.contiguous()?.apply_op2(&mask.contiguous()?, MaskMul)
 }
 
 struct LayerNormOp {

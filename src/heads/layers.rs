@@ -78,23 +78,19 @@ impl Linear {
 
     /// `y = x W^T + b`, followed by a ReLU when `relu` (fused with the bias add on the CPU).
     fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let dims = x.dims();
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let rows = x.elem_count() / in_dim;
-        let x = x.reshape((rows, in_dim))?;
-        let y = products::matmul_nt(&x, &self.weight, self.precision)?;
-        let y = match &self.bias {
-            Some(b) if relu && is_cpu_f32(&y) => fused::bias_relu(&y, b)?,
-            Some(b) if relu => add_bias(&y, b)?.relu()?,
-            Some(b) => add_bias(&y, b)?,
-            None if relu => y.relu()?,
-            None => y,
-        };
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = out_dim;
+        match x.rank() {
+            0 => candle_core::bail!("a linear layer's input needs at least one dimension"),
+            1 => return self.forward_act(&x.unsqueeze(0)?, relu)?.squeeze(0),
+            _ => {}
         }
-        y.reshape(out_dims)
+        let y = products::matmul_nt(x, &self.weight, self.precision)?;
+        match &self.bias {
+            Some(b) if relu && is_cpu_f32(&y) => fused::bias_relu(&y, b),
+            Some(b) if relu => add_bias(&y, b)?.relu(),
+            Some(b) => add_bias(&y, b),
+            None if relu => y.relu(),
+            None => Ok(y),
+        }
     }
 
     /// `relu(x W^T + b)`.
@@ -158,7 +154,11 @@ impl Dropout {
                 .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        if is_cpu_f32(x) {
+            fused::mul_by_mask(x, &mask)
+        } else {
+            x.mul(&mask)
+        }
     }
 }
 
@@ -527,6 +527,13 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
         let eval = Dropout::new(0.3, 5, "d", &vb)?.forward(&x, false)?;
         assert_eq!(eval.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
+        // The gradient of sum(w * dropout(x)) is w times the mask (the output for x = 1).
+        let x = candle_core::Var::from_tensor(&x)?;
+        let w = Tensor::randn(0f32, 1.0, (100, 100), &dev)?;
+        let y = Dropout::new(0.3, 5, "d", &vb)?.forward(x.as_tensor(), true)?;
+        let grads = (&y * &w)?.sum_all()?.backward()?;
+        let grad = grads.get(x.as_tensor()).expect("gradient of x");
+        assert_eq!(grad.to_vec2::<f32>()?, (&w * &a)?.to_vec2::<f32>()?);
         Ok(())
     }
 

@@ -211,7 +211,15 @@ impl MlDecoderHead {
                 (name, queries, None)
             }
             Queries::Labels => {
-                let named = LabelQueries::new("ml_decoder", ctx, &vb, "queries", "query_proj", d)?;
+                let named = LabelQueries::new(
+                    "ml_decoder",
+                    ctx,
+                    &vb,
+                    "queries",
+                    "query_proj",
+                    d,
+                    precision,
+                )?;
                 (named.buffer_name, named.embeddings, Some(named.proj))
             }
         };

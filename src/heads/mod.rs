@@ -420,7 +420,8 @@ pub(crate) struct LabelQueries {
 }
 
 impl LabelQueries {
-    /// The buffer `buffer` and the projection `projection` (to `width`) of `head` under `vb`.
+    /// The buffer `buffer` and the projection `projection` (to `width`, its product in
+    /// `precision`) of `head` under `vb`.
     pub(crate) fn new(
         head: &str,
         ctx: &HeadContext,
@@ -428,6 +429,7 @@ impl LabelQueries {
         buffer: &str,
         projection: &str,
         width: usize,
+        precision: crate::tensor_ops::Precision,
     ) -> anyhow::Result<Self> {
         let scope = vb.pp(BUFFER_SCOPE);
         let buffer_name = scope.pp(buffer).prefix();
@@ -449,7 +451,7 @@ impl LabelQueries {
         Ok(Self {
             buffer_name,
             embeddings,
-            proj: layers::Linear::new(dim, width, ctx.precision, vb.pp(projection))?,
+            proj: layers::Linear::new(dim, width, precision, vb.pp(projection))?,
         })
     }
 

@@ -13,26 +13,55 @@
 //! Other tensors (CUDA, f64 in tests) take candle's product whatever the precision; training
 //! refuses `--precision bf16` off the CPU before it starts (`TrainRequest::check`).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, D, Layout, Result, Shape, Tensor};
 
 use super::fused;
 use crate::bf16_gemm::{self, Kernel, gemm_bf16};
 use crate::tensor_ops::{Precision, is_cpu_f32};
 
-/// `a b^T` for `a` `[m, k]` and `b` `[n, k]`, as `[m, n]`, in `precision`.
+/// `a b^T` for `a` `[.., k]` (any rank from 2) and `b` `[n, k]`, as `[.., n]`, in `precision`.
+///
+/// The bf16 product takes the leading dimensions as rows inside the op; the others flatten a
+/// rank-3 or higher `a` to `[rows, k]` and back (each reshape is one more node of the backward
+/// pass, a zero-filled gradient and an add over the whole tensor).
 pub fn matmul_nt(a: &Tensor, b: &Tensor, precision: Precision) -> Result<Tensor> {
     if precision == Precision::Bf16 && is_cpu_f32(a) && is_cpu_f32(b) {
-        a.apply_op2(
+        let a = if a.rank() > 2 {
+            a.contiguous()?
+        } else {
+            a.clone()
+        };
+        return a.apply_op2(
             b,
             Bf16MatmulNt {
                 kernel: Kernel::detect(),
             },
-        )
-    } else if is_cpu_f32(a) && !a.track_op() && b.track_op() {
+        );
+    }
+    if a.rank() > 2 {
+        let (k, mut dims) = (a.dim(D::Minus1)?, a.dims().to_vec());
+        let rows = a.elem_count() / k.max(1);
+        let y = matmul_nt(&a.reshape((rows, k))?, b, precision)?;
+        if let Some(last) = dims.last_mut() {
+            *last = b.dim(0)?;
+        }
+        return y.reshape(dims);
+    }
+    if is_cpu_f32(a) && !a.track_op() && b.track_op() {
         fused::matmul_weight_grad_only(a, b)
     } else {
         a.matmul(&b.t()?)
     }
+}
+
+/// `x` `[.., k]` as `[rows, k]`: itself when 2-D, else flattened (no copy: the bf16 op's
+/// operand of rank 3 or higher is contiguous).
+fn rows(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 2 {
+        return Ok(x.clone());
+    }
+    let k = x.dim(D::Minus1)?;
+    x.detach().reshape((x.elem_count() / k.max(1), k))
 }
 
 /// `a b^T` with bf16 operands and f32 sums, forward and backward, on `kernel`.
@@ -57,13 +86,25 @@ impl CustomOp2 for Bf16MatmulNt {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let a = bf16_gemm::tensor::view(s1, l1).map_err(candle_error)?;
+        // `a` `[.., k]` of rank 3 or more is contiguous (`matmul_nt`): its rows are `[rows, k]`.
+        let mut dims = l1.dims().to_vec();
+        let k = dims.last().copied().unwrap_or(0);
+        let flat = (dims.len() > 2).then(|| {
+            Layout::contiguous_with_offset(
+                (l1.shape().elem_count() / k.max(1), k),
+                l1.start_offset(),
+            )
+        });
+        let a = bf16_gemm::tensor::view(s1, flat.as_ref().unwrap_or(l1)).map_err(candle_error)?;
         let b = bf16_gemm::tensor::view(s2, l2).map_err(candle_error)?;
         let (m, n) = (a.rows(), b.rows());
         let packed = bf16_gemm::PackedRhs::for_kernel(b.t(), self.kernel).map_err(candle_error)?;
         let mut out = vec![0f32; m * n];
         gemm_bf16(a, &packed, &mut out, n, false).map_err(candle_error)?;
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(
@@ -75,13 +116,15 @@ impl CustomOp2 for Bf16MatmulNt {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         use bf16_gemm::tensor::{matmul, pack};
         let kernel = self.kernel;
+        let grad = rows(grad)?;
         let grad_a = if a.track_op() {
-            Some(matmul(grad, &pack(b, kernel).map_err(candle_error)?).map_err(candle_error)?)
+            let g = matmul(&grad, &pack(b, kernel).map_err(candle_error)?).map_err(candle_error)?;
+            Some(g.reshape(a.dims())?)
         } else {
             None
         };
         let grad_b = if b.track_op() {
-            let packed = pack(a, kernel).map_err(candle_error)?;
+            let packed = pack(&rows(a)?, kernel).map_err(candle_error)?;
             Some(matmul(&grad.t()?, &packed).map_err(candle_error)?)
         } else {
             None
@@ -206,6 +249,33 @@ mod tests {
                     "{kernel:?} operand {which}[{index}]: {} vs {numeric}",
                     grad[index]
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// A rank-3 left operand gives the same product and gradients as its `[rows, k]`
+    /// flattening, in both precisions.
+    #[test]
+    fn leading_dimensions_are_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 7), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (2, 5, 3), &dev)?;
+        for precision in [Precision::F32, Precision::Bf16] {
+            let y = matmul_nt(a.as_tensor(), b.as_tensor(), precision)?;
+            assert_eq!(y.dims(), [2, 5, 3]);
+            let grads = (&y * &w)?.sum_all()?.backward()?;
+            let flat = matmul_nt(&a.as_tensor().reshape((10, 7))?, b.as_tensor(), precision)?;
+            let flat_grads = (&flat * &w.reshape((10, 3))?)?.sum_all()?.backward()?;
+            assert_eq!(values(&y), values(&flat), "{precision:?}");
+            for (v, dims) in [(&a, &[2usize, 5, 7][..]), (&b, &[3, 7][..])] {
+                let (g, f) = (
+                    grads.get(v).expect("grad"),
+                    flat_grads.get(v).expect("grad"),
+                );
+                assert_eq!(g.dims(), dims);
+                assert_eq!(values(g), values(f), "{precision:?}");
             }
         }
         Ok(())
