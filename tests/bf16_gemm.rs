@@ -1,11 +1,12 @@
 //! The bf16 matrix product (`multiclip::bf16_gemm`) against f64 references: the product of the
 //! bf16-rounded inputs within f32 accumulation error, the exact product within bf16's rounding,
 //! on odd and tiny sizes, strided and transposed operands, both kernels (the AVX512-BF16 one
-//! where this CPU has it), the candle glue, and bitwise-equal results for any number of threads.
+//! where this CPU has it), the product into fresh memory, the candle glue, and bitwise-equal
+//! results for any number of threads.
 
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
-use multiclip::bf16_gemm::{Kernel, MatRef, PackedRhs, gemm_bf16, tensor};
+use multiclip::bf16_gemm::{Kernel, MatRef, PackedRhs, gemm_bf16, gemm_bf16_new, tensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -132,6 +133,13 @@ fn row_major_times_linear_weight() {
             )
             .unwrap();
             check(&c, n, &r, &vec![0.0; m * n], (m, k, n));
+            // The same product into fresh memory that no one filled first.
+            let fresh = gemm_bf16_new(MatRef::row_major(&a, m, k).unwrap(), &packed).unwrap();
+            assert_eq!(
+                fresh.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                c.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "gemm_bf16_new on {m} x {k} x {n}, {kernel:?}"
+            );
         }
     }
 }

@@ -27,7 +27,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{Data, MatRef};
+use super::{Data, MatRef, SharedC};
 
 /// Rows of the micro-kernel's tile.
 const MR: usize = 14;
@@ -324,18 +324,6 @@ unsafe fn kernel<const PAIR_MAJOR: bool>(
     }
 }
 
-/// `C`'s base pointer, shared by tasks that write disjoint tiles.
-struct SharedC(*mut f32);
-
-// SAFETY: the tasks of `gemm` write disjoint tiles of C through it.
-unsafe impl Sync for SharedC {}
-
-impl SharedC {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Columns of `C` per task for an inner dimension `k`: a multiple of `NR` whose panels of
 /// packed `B` fill about [`B_BLOCK_BYTES`].
 fn task_columns(k: usize) -> usize {
@@ -347,7 +335,8 @@ fn panel_len(k: usize) -> usize {
     MR * k.div_ceil(KC) * KC
 }
 
-/// `C (+)= A B` with `B` from [`pack_rhs`] (`n` columns); `C` checked by the caller.
+/// `C (+)= A B` with `B` from [`pack_rhs`] (`n` columns); `C` (an `m x n` matrix with row
+/// stride `ldc`, read only when `accumulate`) checked by the caller.
 ///
 /// A row-major `A` is converted micro-panel by micro-panel inside each task, where the panel
 /// stays in L1; a pair-major one ([`pair_major`]: its rows are strided) is packed whole first,
@@ -356,7 +345,7 @@ pub(super) fn gemm(
     a: &MatRef,
     packed: &[u16],
     n: usize,
-    c: &mut [f32],
+    c: &SharedC,
     ldc: usize,
     accumulate: bool,
 ) {
@@ -378,7 +367,6 @@ pub(super) fn gemm(
         }
         lhs
     });
-    let c = SharedC(c.as_mut_ptr());
     let task = |t: usize| {
         let at = ((t / nblocks) * MC, (t % nblocks) * nc);
         // SAFETY: the CPU was checked when `packed` was made; task t writes only its MC rows and

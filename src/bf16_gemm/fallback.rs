@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::MatRef;
+use super::{MatRef, SharedC};
 
 /// Rows of `A` per task.
 const ROWS: usize = 256;
@@ -48,48 +48,47 @@ pub(super) fn pack_rhs(b: &MatRef) -> Rounded {
     rounded(b, 0..b.rows)
 }
 
-/// `C (+)= A B` with `B` from [`pack_rhs`] (`n` columns); `C` checked by the caller.
+/// `C (+)= A B` with `B` from [`pack_rhs`] (`n` columns); `C` (an `m x n` matrix with row
+/// stride `c_row_stride`, read only when `accumulate`) checked by the caller.
 pub(super) fn gemm(
     a: &MatRef,
     b: &Rounded,
     n: usize,
-    c: &mut [f32],
+    c: &SharedC,
     c_row_stride: usize,
     accumulate: bool,
 ) {
-    let (m, k) = (a.rows, a.cols);
-    let c = &mut c[..(m - 1) * c_row_stride + n];
-    c.par_chunks_mut(ROWS * c_row_stride)
-        .enumerate()
-        .for_each(|(block, c_block)| {
-            let i0 = block * ROWS;
-            let rows = ROWS.min(m - i0);
-            let lhs = rounded(a, i0..i0 + rows);
-            // SAFETY: lhs (rows x k) and b (k x n) address their elements through their own
-            // strides; the destination is rows x n with row stride c_row_stride, inside `c_block`
-            // (whose last row needs only n elements, which `c` was cut to).
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    k,
-                    c_block.as_mut_ptr(),
-                    1,
-                    c_row_stride as isize,
-                    accumulate,
-                    lhs.data.as_ptr(),
-                    lhs.col_stride as isize,
-                    lhs.row_stride as isize,
-                    b.data.as_ptr(),
-                    b.col_stride as isize,
-                    b.row_stride as isize,
-                    if accumulate { 1.0 } else { 0.0 },
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            }
-        });
+    let m = a.rows;
+    (0..m.div_ceil(ROWS)).into_par_iter().for_each(|block| {
+        let i0 = block * ROWS;
+        let rows = ROWS.min(m - i0);
+        let lhs = rounded(a, i0..i0 + rows);
+        // SAFETY: lhs (rows x k) and b (k x n) address their elements through their own
+        // strides; the destination, rows i0.. of C (rows x n, row stride c_row_stride), lies
+        // inside C and no other task writes it; the gemm crate reads it only when
+        // `accumulate` (read_dst).
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                a.cols,
+                c.get().add(i0 * c_row_stride),
+                1,
+                c_row_stride as isize,
+                accumulate,
+                lhs.data.as_ptr(),
+                lhs.col_stride as isize,
+                lhs.row_stride as isize,
+                b.data.as_ptr(),
+                b.col_stride as isize,
+                b.row_stride as isize,
+                if accumulate { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
 }

@@ -293,10 +293,54 @@ pub fn gemm_bf16(
         }
         return Ok(());
     }
+    // SAFETY: `c` holds the m x n result with its row stride (checked above).
+    unsafe { run(&a, b, c.as_mut_ptr(), c_row_stride, accumulate) };
+    Ok(())
+}
+
+/// `C = A B` as a new row-major `m x n` vector: [`gemm_bf16`] into memory that is written once,
+/// by the product, rather than zero-filled first.
+pub fn gemm_bf16_new(a: MatRef, b: &PackedRhs) -> Result<Vec<f32>> {
+    let (m, k, n) = (a.rows, a.cols, b.n);
+    if a.cols != b.k {
+        bail!("cannot multiply {m} x {k} by {} x {n}", b.k);
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the capacity holds the m x n result (row stride n); without `accumulate` both
+    // kernels write every element of C and read none, so all m * n are initialised before
+    // `set_len`.
+    unsafe {
+        run(&a, b, c.as_mut_ptr(), n, false);
+        c.set_len(m * n);
+    }
+    Ok(c)
+}
+
+/// The kernel of `b` on `C` at `c`.
+///
+/// # Safety
+/// `c` must address an `m x n` matrix with row stride `ldc` (`m, n, k > 0`, `A` `m x k`, `B`
+/// `k x n`); with `accumulate` its elements must be initialised.
+unsafe fn run(a: &MatRef, b: &PackedRhs, c: *mut f32, ldc: usize, accumulate: bool) {
+    let c = SharedC(c);
     match &b.packed {
         #[cfg(target_arch = "x86_64")]
-        Packed::Avx512(packed) => avx512::gemm(&a, packed, n, c, c_row_stride, accumulate),
-        Packed::F32(packed) => fallback::gemm(&a, packed, n, c, c_row_stride, accumulate),
+        Packed::Avx512(packed) => avx512::gemm(a, packed, b.n, &c, ldc, accumulate),
+        Packed::F32(packed) => fallback::gemm(a, packed, b.n, &c, ldc, accumulate),
     }
-    Ok(())
+}
+
+/// `C`'s base pointer, shared by the tasks of a product, which write disjoint tiles.
+struct SharedC(*mut f32);
+
+// SAFETY: the tasks of a product write disjoint tiles of C through it.
+unsafe impl Sync for SharedC {}
+
+impl SharedC {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
 }

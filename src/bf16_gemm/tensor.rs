@@ -5,7 +5,7 @@ use anyhow::{Result, bail, ensure};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
-use super::{Kernel, MatRef, PackedRhs, gemm_bf16};
+use super::{Kernel, MatRef, PackedRhs, gemm_bf16, gemm_bf16_new};
 
 /// Runs `f` on a 2-D CPU tensor seen as a [`MatRef`] (its own strides: transposed views
 /// included).
@@ -54,8 +54,7 @@ pub fn pack_linear_weight(weight: &Tensor, kernel: Kernel) -> Result<PackedRhs> 
 /// `a b` for a 2-D tensor `a` `[m, k]` (any strides: `g.t()?` gives `g^T`), as an f32 `[m, n]`.
 pub fn matmul(a: &Tensor, b: &PackedRhs) -> Result<Tensor> {
     let (m, _) = a.dims2()?;
-    let mut out = vec![0f32; m * b.n()];
-    with_matrix(a, |view| gemm_bf16(view, b, &mut out, b.n(), false))?;
+    let out = with_matrix(a, |view| gemm_bf16_new(view, b))?;
     Ok(Tensor::from_vec(out, (m, b.n()), a.device())?)
 }
 
@@ -76,13 +75,14 @@ pub fn linear(x: &Tensor, weight: &PackedRhs, bias: Option<&[f32]>) -> Result<Te
         ensure!(bias.len() == n, "bias of {} for {n} outputs", bias.len());
     }
     let rows = dims.iter().product::<usize>();
-    let mut out = match bias {
-        Some(bias) => bias.repeat(rows),
-        None => vec![0f32; rows * n],
-    };
     let x2 = x.reshape((rows, in_dim))?.contiguous()?;
-    with_matrix(&x2, |view| {
-        gemm_bf16(view, weight, &mut out, n, bias.is_some())
+    let out = with_matrix(&x2, |view| match bias {
+        Some(bias) => {
+            let mut out = bias.repeat(rows);
+            gemm_bf16(view, weight, &mut out, n, true)?;
+            Ok(out)
+        }
+        None => gemm_bf16_new(view, weight),
     })?;
     dims.push(n);
     Ok(Tensor::from_vec(out, dims, x.device())?)

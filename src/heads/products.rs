@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp2, D, Layout, Result, Shape, Tensor};
 
 use super::fused;
-use crate::bf16_gemm::{self, Kernel, gemm_bf16};
+use crate::bf16_gemm::{self, Kernel, gemm_bf16_new};
 use crate::tensor_ops::{Precision, is_cpu_f32};
 
 /// `a b^T` for `a` `[.., k]` (any rank from 2) and `b` `[n, k]`, as `[.., n]`, in `precision`.
@@ -97,10 +97,9 @@ impl CustomOp2 for Bf16MatmulNt {
         });
         let a = bf16_gemm::tensor::view(s1, flat.as_ref().unwrap_or(l1)).map_err(candle_error)?;
         let b = bf16_gemm::tensor::view(s2, l2).map_err(candle_error)?;
-        let (m, n) = (a.rows(), b.rows());
+        let n = b.rows();
         let packed = bf16_gemm::PackedRhs::for_kernel(b.t(), self.kernel).map_err(candle_error)?;
-        let mut out = vec![0f32; m * n];
-        gemm_bf16(a, &packed, &mut out, n, false).map_err(candle_error)?;
+        let out = gemm_bf16_new(a, &packed).map_err(candle_error)?;
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
