@@ -5,8 +5,10 @@
 //! as much as a fifth of a ViT forward.
 //!
 //! Activations use vectorisable polynomial approximations of exp and erf (errors ~1e-7 absolute,
-//! far below the 1e-4 parity tolerance). Only f32 CPU tensors reach these kernels (the callers
-//! check [`Kernels::fuse`]); other devices and dtypes go through candle's own ops.
+//! far below the 1e-4 parity tolerance), compiled three times (portable, AVX2 + FMA, AVX-512) and
+//! picked at run time: the same code, so the same values, only the vector width differs. Only f32
+//! CPU tensors reach these kernels (the callers check [`Kernels::fuse`]); other devices and dtypes
+//! go through candle's own ops.
 
 use anyhow::Result;
 use candle_core::{CpuStorage, Layout, Tensor};
@@ -102,7 +104,22 @@ unsafe fn bias_act_rows_avx2(rows: &mut [f32], bias: Option<&[f32]>, act: Option
     bias_act_rows(rows, bias, act)
 }
 
+/// [`bias_act_rows`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA (check with [`has_avx512`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn bias_act_rows_avx512(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>) {
+    bias_act_rows(rows, bias, act)
+}
+
 fn bias_act_dispatch(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports the enabled features (checked just above).
+        return unsafe { bias_act_rows_avx512(rows, bias, act) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports the enabled features (checked just above).
@@ -181,6 +198,24 @@ unsafe fn softmax_row_avx2(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
     softmax_row_impl(row, keep, scale)
 }
 
+/// [`softmax_row_impl`] compiled for AVX-512.
+///
+/// # Safety
+/// As [`bias_act_rows_avx512`]: the CPU must support AVX-512F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_row_avx512(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
+    softmax_row_impl(row, keep, scale)
+}
+
+/// Whether this CPU has AVX-512F, AVX2 and FMA (the `_avx512` variants may run).
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512f") && has_avx2_fma();
+    #[allow(unreachable_code)]
+    false
+}
+
 /// Whether this CPU has AVX2 and FMA (the `_avx2` variants may run).
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -192,6 +227,11 @@ fn has_avx2_fma() -> bool {
 /// Softmax of `scale` (> 0) times one row, in place (`keep`: optional 1/0 flags, 0 = probability
 /// 0).
 pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports the enabled features (checked just above).
+        return unsafe { softmax_row_avx512(row, keep, scale) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports the enabled features (checked just above).
