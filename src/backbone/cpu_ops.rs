@@ -1,6 +1,7 @@
 //! Fused, in-place, multi-threaded element-wise kernels for the CPU inference path of the
 //! transformer backbones: `y = act(y + bias)` right after a matrix product, `x += y` for
-//! residuals, and the row softmax of the fused attention ([`super::attention`]). candle runs each
+//! residuals, layer normalisation, and the row softmax of the fused attention
+//! ([`super::attention`]). candle runs each
 //! of these as separate single-threaded passes that allocate a new tensor; on two cores that costs
 //! as much as a fifth of a ViT forward.
 //!
@@ -16,6 +17,52 @@ use rayon::prelude::*;
 
 use super::activation::Activation;
 use crate::tensor_ops::{CHUNK, Kernels, contiguous_f32, contiguous_f32_mut};
+
+/// `fn NAME(args)` that runs `IMPL(args)` compiled for AVX-512, else for AVX2 + FMA, else
+/// portably, as this CPU allows (checked at run time): the same code, so the same values.
+macro_rules! simd_variants {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident => $imp:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $imp($($arg),*)
+                }
+                if has_avx512() {
+                    // SAFETY: the CPU has the features `avx512` was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if has_avx2_fma() {
+                    // SAFETY: the CPU has the features `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $imp($($arg),*)
+        }
+    };
+}
+
+/// Whether this CPU has AVX-512F, AVX2 and FMA.
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512f") && has_avx2_fma();
+    #[allow(unreachable_code)]
+    false
+}
+
+/// Whether this CPU has AVX2 and FMA.
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[allow(unreachable_code)]
+    false
+}
 
 /// exp(x) for f32 (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp).
 #[inline(always)]
@@ -93,39 +140,9 @@ fn bias_act_rows(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>
     }
 }
 
-/// [`bias_act_rows`] compiled for AVX2 and FMA.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA (check with [`has_avx2_fma`]): running it elsewhere is
-/// undefined behaviour (an illegal instruction at best).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bias_act_rows_avx2(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>) {
-    bias_act_rows(rows, bias, act)
-}
-
-/// [`bias_act_rows`] compiled for AVX-512.
-///
-/// # Safety
-/// The CPU must support AVX-512F, AVX2 and FMA (check with [`has_avx512`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn bias_act_rows_avx512(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>) {
-    bias_act_rows(rows, bias, act)
-}
-
-fn bias_act_dispatch(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU supports the enabled features (checked just above).
-        return unsafe { bias_act_rows_avx512(rows, bias, act) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the enabled features (checked just above).
-        return unsafe { bias_act_rows_avx2(rows, bias, act) };
-    }
-    bias_act_rows(rows, bias, act)
+simd_variants! {
+    /// [`bias_act_rows`] for this CPU.
+    fn bias_act_dispatch => bias_act_rows(rows: &mut [f32], bias: Option<&[f32]>, act: Option<Activation>)
 }
 
 struct BiasAct<'a> {
@@ -188,56 +205,86 @@ fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// [`softmax_row_impl`] compiled for AVX2 and FMA.
-///
-/// # Safety
-/// As [`bias_act_rows_avx2`]: the CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
-    softmax_row_impl(row, keep, scale)
+simd_variants! {
+    /// Softmax of `scale` (> 0) times one row, in place (`keep`: optional 1/0 flags, 0 =
+    /// probability 0).
+    pub fn softmax_row => softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>, scale: f32)
 }
 
-/// [`softmax_row_impl`] compiled for AVX-512.
-///
-/// # Safety
-/// As [`bias_act_rows_avx512`]: the CPU must support AVX-512F, AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn softmax_row_avx512(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
-    softmax_row_impl(row, keep, scale)
-}
-
-/// Whether this CPU has AVX-512F, AVX2 and FMA (the `_avx512` variants may run).
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx512f") && has_avx2_fma();
-    #[allow(unreachable_code)]
-    false
-}
-
-/// Whether this CPU has AVX2 and FMA (the `_avx2` variants may run).
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-    #[allow(unreachable_code)]
-    false
-}
-
-/// Softmax of `scale` (> 0) times one row, in place (`keep`: optional 1/0 flags, 0 = probability
-/// 0).
-pub fn softmax_row(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU supports the enabled features (checked just above).
-        return unsafe { softmax_row_avx512(row, keep, scale) };
+/// The sum of `g(v)` over `x` in [`LANES`] independent partial sums (so that it vectorises).
+#[inline(always)]
+fn lanes_sum(x: &[f32], g: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| g(v)).sum();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += g(v);
+        }
     }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the enabled features (checked just above).
-        return unsafe { softmax_row_avx2(row, keep, scale) };
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Layer normalisation of each row of `x` (rows of `weight.len()`) into `out`: the mean, then
+/// the mean squared deviation from it (two passes, as PyTorch's CPU kernel), then
+/// `(v - mean) / sqrt(var + eps) * weight + bias`.
+#[inline(always)]
+fn layer_norm_rows(x: &[f32], out: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let d = weight.len();
+    for (x, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = lanes_sum(x, |v| v) / d as f32;
+        let var = lanes_sum(x, |v| (v - mean) * (v - mean)) / d as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+            *o = (v - mean) * rstd * w + b;
+        }
     }
-    softmax_row_impl(row, keep, scale)
+}
+
+simd_variants! {
+    /// [`layer_norm_rows`] for this CPU.
+    fn layer_norm_dispatch => layer_norm_rows(x: &[f32], out: &mut [f32], weight: &[f32], bias: &[f32], eps: f32)
+}
+
+struct LayerNorm<'a> {
+    weight: &'a [f32],
+    bias: &'a [f32],
+    eps: f32,
+}
+
+impl candle_core::CustomOp1 for LayerNorm<'_> {
+    fn name(&self) -> &'static str {
+        "multiclip-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let d = self.weight.len();
+        if layout.dims().last() != Some(&d) || self.bias.len() != d {
+            candle_core::bail!(
+                "layer norm of {} weights and {} biases over {:?}",
+                d,
+                self.bias.len(),
+                layout.dims()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        let chunk = (CHUNK / d).max(1) * d;
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(out, x)| layer_norm_dispatch(x, out, self.weight, self.bias, self.eps));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// Layer normalisation over the last dimension of a contiguous f32 CPU `x` (checked with
+/// [`Kernels::fuse`]), `weight` and `bias` as host slices: multi-threaded, vectorised, f32.
+pub fn layer_norm(x: &Tensor, weight: &[f32], bias: &[f32], eps: f32) -> Result<Tensor> {
+    Ok(x.apply_op1_no_bwd(&LayerNorm { weight, bias, eps })?)
 }
 
 /// `act(y + bias)` with `bias` (as a host slice) broadcast over the last dimension, in place on a
@@ -354,6 +401,31 @@ mod tests {
                 assert!(diff < 1e-6, "softmax of {scale} x: {diff}");
             }
         }
+        for d in [24, 37, 384] {
+            // An offset far from zero, as a residual stream has: the two-pass statistics keep it.
+            let x = (Tensor::randn(0f32, 3.0, (5, 7, d), &dev)? + 40.0)?;
+            let w = Tensor::randn(1f32, 0.5, d, &dev)?;
+            let b = Tensor::randn(0f32, 1.0, d, &dev)?;
+            let (wv, bv): (Vec<f32>, Vec<f32>) = (w.to_vec1()?, b.to_vec1()?);
+            let got = layer_norm(&x, &wv, &bv, 1e-6)?;
+            assert_eq!(got.dims(), x.dims());
+            // Against the statistics in f64 (candle's one-pass variance loses digits here).
+            let rows = x.flatten_to(1)?.to_vec2::<f32>()?;
+            let got_rows = got.flatten_to(1)?.to_vec2::<f32>()?;
+            for (row, got) in rows.iter().zip(&got_rows) {
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                for (i, (&v, &g)) in row.iter().zip(got).enumerate() {
+                    let want =
+                        (v as f64 - mean) / (var + 1e-6).sqrt() * wv[i] as f64 + bv[i] as f64;
+                    assert!(
+                        (g as f64 - want).abs() < 2e-5,
+                        "layer norm over {d}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+        assert!(layer_norm(&x, &host[..23], &host[..23], 1e-5).is_err());
         let got = residual_add(&x, b.broadcast_as((37, 24))?.contiguous()?, Kernels::Fused)?;
         let want = x.broadcast_add(&b)?;
         assert_eq!(

@@ -17,11 +17,11 @@ use candle_core::{D, DType, Tensor};
 
 use super::activation::Activation;
 use super::attention::{Mask, attention};
-use super::cpu_ops::{bias_act, residual_add};
+use super::cpu_ops::{bias_act, layer_norm, residual_add};
 use super::source::Weights;
 use crate::bf16_gemm::PackedRhs;
 use crate::bf16_gemm::tensor::{linear, pack_linear_weight};
-use crate::tensor_ops::Kernels;
+use crate::tensor_ops::{Kernels, is_cpu_f32};
 
 /// A dense layer `y = x W^T + b` with loaded (frozen) weights over the last dimension of any-rank
 /// input, optionally followed by an activation in the same pass.
@@ -191,6 +191,8 @@ pub struct FrozenLayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f32,
+    /// `weight` and `bias` on the host, when the fused CPU kernel runs (f32 CPU weights).
+    host: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl FrozenLayerNorm {
@@ -203,16 +205,30 @@ impl FrozenLayerNorm {
                 .find(|n| vb.contains_tensor(n))
                 .unwrap_or(names[0])
         };
+        let weight = vb.get(dim, name(["weight", "gamma"]))?;
+        let bias = vb.get(dim, name(["bias", "beta"]))?;
+        let host = match vb.kernels().fuse(&[&weight, &bias]) {
+            true => Some((weight.to_vec1()?, bias.to_vec1()?)),
+            false => None,
+        };
         Ok(Self {
-            weight: vb.get(dim, name(["weight", "gamma"]))?,
-            bias: vb.get(dim, name(["bias", "beta"]))?,
+            weight,
+            bias,
             eps: eps as f32,
+            host,
         })
     }
 
-    /// Statistics in f32 whatever the dtype (candle's CPU and CUDA kernels both accumulate in
-    /// f32, as PyTorch does for bf16 and f16), output in the input's dtype.
+    /// Statistics in f32 whatever the dtype (the fused CPU kernel and candle's CPU and CUDA
+    /// kernels all accumulate in f32, as PyTorch does for bf16 and f16), output in the input's
+    /// dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some((weight, bias)) = &self.host {
+            let x = x.contiguous()?;
+            if is_cpu_f32(&x) {
+                return layer_norm(&x, weight, bias, self.eps);
+            }
+        }
         Ok(candle_nn::ops::layer_norm(
             &x.contiguous()?,
             &self.weight,
