@@ -21,6 +21,17 @@ use std::path::Path;
 use support::fixture::{fixture, request};
 
 const K: usize = 4;
+
+/// The cosine of two vectors, computed in f64.
+fn cosine_f64(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
 const D: usize = 6;
 const T: usize = 3;
 const B: usize = 5;
@@ -88,15 +99,9 @@ fn a_cosine_probe_on_label_embeddings_scores_by_text_similarity() {
     // cos(feature, label embedding), by hand in f64.
     let image = x["image"].to_vec2::<f32>().unwrap();
     let labels = embeddings.to_vec2::<f32>().unwrap();
-    let norm = |v: &[f32]| v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
     for (i, row) in image.iter().enumerate() {
         for (k, label) in labels.iter().enumerate() {
-            let dot: f64 = row
-                .iter()
-                .zip(label)
-                .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                .sum();
-            let cosine = dot / (norm(row) * norm(label));
+            let cosine = cosine_f64(row, label);
             let got = f64::from(scores[i * K + k]);
             assert!(
                 (got - cosine).abs() < 1e-5,
@@ -312,15 +317,9 @@ fn extracted_label_names_give_the_zero_shot_text_similarities() {
     let labels = encoder.forward(encoder.prepare(&samples).unwrap()).unwrap()[0]
         .to_vec2::<f32>()
         .unwrap();
-    let norm = |v: &[f32]| v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
     for (i, row) in text.to_vec2::<f32>().unwrap().iter().enumerate() {
         for (k, label) in labels.iter().enumerate() {
-            let dot: f64 = row
-                .iter()
-                .zip(label)
-                .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                .sum();
-            let cosine = dot / (norm(row) * norm(label));
+            let cosine = cosine_f64(row, label);
             let got = f64::from(scores[i][k]);
             assert!(
                 (got - cosine).abs() < 1e-5,
