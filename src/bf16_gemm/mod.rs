@@ -273,10 +273,7 @@ pub fn gemm_bf16(
     c_row_stride: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let (m, k, n) = (a.rows, a.cols, b.n);
-    if a.cols != b.k {
-        bail!("cannot multiply {m} x {k} by {} x {n}", b.k);
-    }
+    let (m, k, n) = product_shape(&a, b)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -301,10 +298,7 @@ pub fn gemm_bf16(
 /// `C = A B` as a new row-major `m x n` vector: [`gemm_bf16`] into memory that is written once,
 /// by the product, rather than zero-filled first.
 pub fn gemm_bf16_new(a: MatRef, b: &PackedRhs) -> Result<Vec<f32>> {
-    let (m, k, n) = (a.rows, a.cols, b.n);
-    if a.cols != b.k {
-        bail!("cannot multiply {m} x {k} by {} x {n}", b.k);
-    }
+    let (m, k, n) = product_shape(&a, b)?;
     if m == 0 || n == 0 || k == 0 {
         return Ok(vec![0.0; m * n]);
     }
@@ -317,6 +311,15 @@ pub fn gemm_bf16_new(a: MatRef, b: &PackedRhs) -> Result<Vec<f32>> {
         c.set_len(m * n);
     }
     Ok(c)
+}
+
+/// `(m, k, n)` of `A B`; an error when the inner dimensions differ.
+fn product_shape(a: &MatRef, b: &PackedRhs) -> Result<(usize, usize, usize)> {
+    let (m, k, n) = (a.rows, a.cols, b.n);
+    if k != b.k {
+        bail!("cannot multiply {m} x {k} by {} x {n}", b.k);
+    }
+    Ok((m, k, n))
 }
 
 /// The kernel of `b` on `C` at `c`.
