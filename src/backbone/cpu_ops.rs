@@ -169,14 +169,16 @@ impl candle_core::InplaceOp1 for BiasAct<'_> {
 /// serial dependency chain the compiler may not reorder, eight independent ones vectorise.
 const LANES: usize = 8;
 
+/// `f` folded over `g(v)` for every `v` of `x`, from `init`, in [`LANES`] independent
+/// accumulators (so that it vectorises), then over the accumulators.
 #[inline(always)]
-fn lanes_reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+fn lanes_reduce(x: &[f32], init: f32, g: impl Fn(f32) -> f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; LANES];
     let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, v));
+    let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, g(v)));
     for chunk in chunks {
         for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a = f(*a, v);
+            *a = f(*a, g(v));
         }
     }
     acc.iter().fold(tail, |a, &v| f(a, v))
@@ -191,7 +193,7 @@ fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
             .zip(keep)
             .for_each(|(v, &k)| *v = if k != 0.0 { *v } else { f32::MIN });
     }
-    let max = lanes_reduce(row, f32::MIN, |a, v| if v > a { v } else { a });
+    let max = lanes_reduce(row, f32::MIN, |v| v, |a, v| if v > a { v } else { a });
     if keep.is_some() && max == f32::MIN {
         // Every entry masked: uniform, as transformers' additive most-negative mask gives.
         row.fill(1.0 / row.len() as f32);
@@ -201,7 +203,7 @@ fn softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>, scale: f32) {
     if let Some(keep) = keep {
         row.iter_mut().zip(keep).for_each(|(v, &k)| *v *= k);
     }
-    let inv = 1.0 / lanes_reduce(row, 0.0, |a, v| a + v);
+    let inv = 1.0 / lanes_reduce(row, 0.0, |v| v, |a, v| a + v);
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
@@ -211,20 +213,6 @@ simd_variants! {
     pub fn softmax_row => softmax_row_impl(row: &mut [f32], keep: Option<&[f32]>, scale: f32)
 }
 
-/// The sum of `g(v)` over `x` in [`LANES`] independent partial sums (so that it vectorises).
-#[inline(always)]
-fn lanes_sum(x: &[f32], g: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().map(|&v| g(v)).sum();
-    for chunk in chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a += g(v);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Layer normalisation of each row of `x` (rows of `weight.len()`) into `out`: the mean, then
 /// the mean squared deviation from it (two passes, as PyTorch's CPU kernel), then
 /// `(v - mean) / sqrt(var + eps) * weight + bias`.
@@ -232,8 +220,8 @@ fn lanes_sum(x: &[f32], g: impl Fn(f32) -> f32) -> f32 {
 fn layer_norm_rows(x: &[f32], out: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     let d = weight.len();
     for (x, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let mean = lanes_sum(x, |v| v) / d as f32;
-        let var = lanes_sum(x, |v| (v - mean) * (v - mean)) / d as f32;
+        let mean = lanes_reduce(x, 0.0, |v| v, |a, v| a + v) / d as f32;
+        let var = lanes_reduce(x, 0.0, |v| (v - mean) * (v - mean), |a, v| a + v) / d as f32;
         let rstd = 1.0 / (var + eps).sqrt();
         for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
             *o = (v - mean) * rstd * w + b;
