@@ -207,9 +207,10 @@ impl FrozenLayerNorm {
         };
         let weight = vb.get(dim, name(["weight", "gamma"]))?;
         let bias = vb.get(dim, name(["bias", "beta"]))?;
-        let host = match vb.kernels().fuse(&[&weight, &bias]) {
-            true => Some((weight.to_vec1()?, bias.to_vec1()?)),
-            false => None,
+        let host = if vb.kernels().fuse(&[&weight, &bias]) {
+            Some((weight.to_vec1()?, bias.to_vec1()?))
+        } else {
+            None
         };
         Ok(Self {
             weight,
